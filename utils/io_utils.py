@@ -53,6 +53,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "float32"), ("numpy", "float64"), ("numpy", "int64"), ("numpy", "int32"),
         ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
         ("builtins", "frozenset"), ("builtins", "str"), ("builtins", "int"), ("builtins", "float"),
