@@ -1,0 +1,94 @@
+"""Audio encoders: the baseline's CNN14 (PANNs architecture) with a linear projection.
+
+Module names follow the DCASE 2023 Task 6B baseline exactly (`bn0`, `cnn.<i>`, `fc.1`, `fc2`),
+so the baseline's released `audio_encoder.pth` and our `CNN14_300.pth` load with strict=True.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_CHANNELS = (64, 128, 256, 512, 1024, 2048)
+N_MELS = 64
+LAYERS_PER_BLOCK = 8  # conv, bn, relu, conv, bn, relu, avgpool, dropout
+
+
+def conv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
+    """One CNN14 block as a flat list of 8 layers (flat so the indices match the baseline)."""
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(),
+        nn.Conv2d(out_ch, out_ch, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(),
+        nn.AvgPool2d(kernel_size=2),
+        nn.Dropout(p=0.2),
+    ]
+
+
+def init_layer(module: nn.Module) -> None:
+    """The baseline's init: kaiming-normal conv/linear weights, zero biases, BN as identity."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class CNN14Encoder(nn.Module):
+    """PANNs CNN14 trunk + projection: log-mels `[B, T, 64]` -> embeddings `[B, out_dim]`.
+
+    Shapes through `forward` (C = channels[-1], 2048 by default):
+    `[B, T, 64]` -> bn0 over the 64 mel bins -> `[B, 1, T, 64]` -> six conv blocks, each halving
+    time and frequency -> `[B, C, T/64, 1]` -> mean over frequency -> `[B, C, T/64]`
+    -> max + mean over time -> `[B, C]` -> fc (dropout, Linear C->C, ReLU, dropout) -> fc2 -> `[B, out_dim]`.
+
+    Six 2x2 poolings need T >= 64 frames (1.28 s at a 20 ms hop). Shorter inputs are padded
+    to 64 frames *after* bn0 with zeros, i.e. with each mel bin at its normalised mean level:
+    zeros before bn0 would be log(1), a loud frame, not a neutral one.
+    """
+
+    def __init__(self, out_dim: int = 300, channels: Sequence[int] = DEFAULT_CHANNELS):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != 6 or min(channels) < 1:
+            raise ValueError(f"CNN14Encoder needs 6 positive channel widths, got {channels}")
+        self.out_dim = int(out_dim)
+        self.channels = channels
+        self.bn0 = nn.BatchNorm2d(N_MELS)
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for out_ch in channels:
+            layers += conv_block(in_ch, out_ch)
+            in_ch = out_ch
+        self.cnn = nn.Sequential(*layers)
+        width = channels[-1]
+        self.fc = nn.Sequential(nn.Dropout(p=0.5), nn.Linear(width, width), nn.ReLU(), nn.Dropout(p=0.5))
+        self.fc2 = nn.Linear(width, self.out_dim)
+        self.apply(init_layer)
+
+    @property
+    def min_frames(self) -> int:
+        return 2 ** (len(self.channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`: float `[B, T, 64]` log-mels -> `[B, out_dim]` (not normalised)."""
+        if x.dim() != 3 or x.shape[-1] != N_MELS:
+            raise ValueError(f"CNN14Encoder expects [batch, frames, {N_MELS}] log-mels, got {list(x.shape)}")
+        x = x.unsqueeze(1)            # [B, 1, T, F]
+        x = x.transpose(1, 3)         # [B, F, T, 1]: bn0 normalises each mel bin
+        x = self.bn0(x)
+        x = x.transpose(1, 3)         # [B, 1, T, F]
+        if x.shape[2] < self.min_frames:
+            x = F.pad(x, (0, 0, 0, self.min_frames - x.shape[2]))
+        x = self.cnn(x)               # [B, C, T/64, F/64]
+        x = torch.mean(x, dim=3)      # [B, C, T']
+        x = torch.amax(x, dim=2) + torch.mean(x, dim=2)  # [B, C]
+        x = self.fc(x)
+        return self.fc2(x)            # [B, out_dim]
