@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def read_torch_file(path: str | Path) -> object:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain (non-torch) pickle triggers a protocol warning before the real error below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if refused:
