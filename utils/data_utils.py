@@ -1,0 +1,376 @@
+"""Reading the feature files of steps 01–03 for training and evaluation.
+
+- `{split}_text.csv` (step 01): one row per caption, columns `tid,fid,fname,raw_text,text,tokens`.
+- `{split}_audio_logmels.hdf5` (step 02): one float32 dataset `[frames, 64]` per fid.
+- `sbert_embeds.pkl` (step 03): `{tid: float32 vector [D]}`; it becomes one frozen table
+  `[N, D]` inside the text encoder, and datasets hand out row ids into it (cheap to batch,
+  nothing large travels through DataLoader workers).
+
+The HDF5 files are opened lazily, once per process: an open h5py handle can neither be pickled
+to DataLoader workers nor shared safely across a fork.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from utils.errors import UserError
+from utils.io_utils import load_pickle
+
+STEP_01 = "preprocessing/01_clotho_dataset.py"
+STEP_02 = "preprocessing/02_audio_logmel.py"
+STEP_03 = "preprocessing/03_sbert_embeddings.py"
+TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")
+N_MELS = 64
+
+
+# --------------------------------------------------------------------------- files
+
+def text_csv_path(dataset_dir: str | Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_text.csv"
+
+
+def logmels_path(dataset_dir: str | Path, split: str) -> Path:
+    return Path(dataset_dir) / f"{split}_audio_logmels.hdf5"
+
+
+def read_text_csv(dataset_dir: str | Path, split: str) -> pd.DataFrame:
+    """The captions of `split`, every column as str (a caption "null" or "NA" stays text)."""
+    path = text_csv_path(dataset_dir, split)
+    if not path.is_file():
+        raise UserError(f"{path}: not found — run {STEP_01}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable caption CSV ({str(e).splitlines()[0]}) — "
+                        f"rerun {STEP_01}") from None
+    missing = [c for c in TEXT_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} — rerun {STEP_01}")
+    if df.empty:
+        raise UserError(f"{path}: no captions — rerun {STEP_01}")
+    return df
+
+
+def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
+                    ) -> tuple[torch.Tensor, dict[str, int]]:
+    """All caption embeddings as one float32 table `[N, D]` and the tid -> row mapping.
+
+    Rows follow the file's order (deterministic: step 03 writes tids in CSV order).
+    """
+    path = Path(dataset_dir) / filename
+    if not path.is_file():
+        raise UserError(f"{path}: not found — run {STEP_03}")
+    embeds = load_pickle(path)
+    if not isinstance(embeds, dict) or not embeds:
+        raise UserError(f"{path}: expected a non-empty {{tid: vector}} dict — rerun {STEP_03}")
+    tid2row: dict[str, int] = {}
+    rows = []
+    dim = None
+    for tid, vec in embeds.items():
+        vec = np.asarray(vec, dtype=np.float32)
+        if vec.ndim != 1 or (dim is not None and vec.shape[0] != dim):
+            raise UserError(f"{path}: tid {tid}: vector of shape {list(vec.shape)}, expected "
+                            f"[{dim if dim is not None else 'D'}] like the others — rerun {STEP_03}")
+        dim = vec.shape[0]
+        tid2row[str(tid)] = len(rows)
+        rows.append(vec)
+    table = torch.from_numpy(np.stack(rows))  # [N, D]
+    if not torch.isfinite(table).all():
+        bad = next(t for t, r in tid2row.items() if not torch.isfinite(table[r]).all())
+        raise UserError(f"{path}: tid {bad}: embedding has NaN/inf values — rerun {STEP_03}")
+    return table, tid2row
+
+
+def open_logmels(dataset_dir: str | Path, split: str) -> h5py.File:
+    """The log-mel HDF5 of `split`, opened read-only (the caller closes it)."""
+    path = logmels_path(dataset_dir, split)
+    if not path.is_file():
+        raise UserError(f"{path}: not found — run {STEP_02}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]}) — "
+                        f"rerun {STEP_02}") from None
+
+
+def logmel_lengths(dataset_dir: str | Path, split: str, fids: Sequence[str]) -> np.ndarray:
+    """Frames per clip `[C]` (int64), in the order of `fids`; a fid absent from the HDF5 raises."""
+    with open_logmels(dataset_dir, split) as h5:
+        check_fids_in_hdf5(h5, fids, logmels_path(dataset_dir, split))
+        lengths = np.empty(len(fids), dtype=np.int64)
+        for i, fid in enumerate(fids):
+            shape = h5[fid].shape
+            if len(shape) != 2 or shape[1] != N_MELS or shape[0] < 1:
+                raise UserError(f"{logmels_path(dataset_dir, split)}: fid {fid}: dataset of shape "
+                                f"{list(shape)}, expected [frames, {N_MELS}] — rerun {STEP_02}")
+            lengths[i] = shape[0]
+    return lengths
+
+
+def check_fids_in_hdf5(h5: h5py.File, fids: Sequence[str], path: Path,
+                       csv_path: Path | None = None, rows: Sequence[int] | None = None) -> None:
+    """Raise a UserError naming the first fid (and its CSV row) that has no log-mels."""
+    names = set(h5.keys())
+    for i, fid in enumerate(fids):
+        if fid not in names:
+            where = f"{csv_path}: row {rows[i]}: " if csv_path is not None and rows is not None else ""
+            n_missing = sum(f not in names for f in set(fids))
+            raise UserError(f"{where}fid {fid} has no log-mels in {path} ({n_missing} clip(s) "
+                            f"missing) — rerun {STEP_02} for this split")
+
+
+def _split_clips(df: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
+    """Unique clips in order of first appearance: (fids [C], fnames [C], caption_clip [Q])."""
+    fid_index: dict[str, int] = {}
+    fnames: list[str] = []
+    caption_clip = np.empty(len(df), dtype=np.int64)
+    for q, (fid, fname) in enumerate(zip(df["fid"], df["fname"])):
+        if fid not in fid_index:
+            fid_index[fid] = len(fid_index)
+            fnames.append(fname)
+        caption_clip[q] = fid_index[fid]
+    return list(fid_index), fnames, caption_clip
+
+
+def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, int] | None,
+                 embeddings_name: str = "sbert_embeds.pkl") -> None:
+    """Every caption's fid has log-mels and every tid a sentence embedding (else UserError)."""
+    csv_path = text_csv_path(dataset_dir, split)
+    if tid2row is not None:
+        for row, tid in enumerate(df["tid"], start=2):  # row 1 is the header
+            if tid not in tid2row:
+                raise UserError(f"{csv_path}: row {row}: tid {tid} has no sentence embedding in "
+                                f"{Path(dataset_dir) / embeddings_name} — rerun {STEP_03}")
+    with open_logmels(dataset_dir, split) as h5:
+        check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
+                           csv_path, list(range(2, len(df) + 2)))
+
+
+# --------------------------------------------------------------------------- datasets
+
+class _LazyHDF5:
+    """Opens the HDF5 file on first use in each process (DataLoader workers included)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+
+    def get(self) -> h5py.File:
+        # A handle inherited through fork is not safe to use: reopen in the new process.
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._h5
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5, self._pid = None, None
+
+    def __getstate__(self):
+        return {"path": self.path, "_h5": None, "_pid": None}
+
+
+def _read_clip(h5: h5py.File, fid: str, max_frames: int, train: bool) -> torch.Tensor:
+    """`[T, 64]` float32; with max_frames > 0 a longer clip is cropped (random if `train`)."""
+    ds = h5[fid]
+    n = ds.shape[0]
+    if max_frames > 0 and n > max_frames:
+        if train:
+            # torch's RNG: seeded per worker by the DataLoader, restored on resume when workers=0.
+            start = int(torch.randint(0, n - max_frames + 1, ()).item())
+        else:
+            start = (n - max_frames) // 2
+        x = ds[start:start + max_frames]
+    else:
+        x = ds[()]
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+class CaptionDataset(Dataset):
+    """One item per caption of `split`: (log-mels `[T, 64]`, text row id, clip index).
+
+    Clip indices number the split's clips in order of first appearance in the CSV
+    (the same order as `SplitEmbeddings.fids`); they identify "same clip" pairs in the loss.
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str, tid2row: dict[str, int],
+                 max_frames: int = 0, train: bool = False):
+        self.dataset_dir, self.split = Path(dataset_dir), split
+        self.max_frames, self.train = int(max_frames), bool(train)
+        df = read_text_csv(dataset_dir, split)
+        _check_split(dataset_dir, split, df, tid2row)
+        self.fids, self.fnames, self.caption_clip = _split_clips(df)
+        self.tids = list(df["tid"])
+        self.rows = np.array([tid2row[t] for t in self.tids], dtype=np.int64)
+        self._h5 = _LazyHDF5(logmels_path(dataset_dir, split))
+
+    def __len__(self) -> int:
+        return len(self.tids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        clip = int(self.caption_clip[i])
+        x = _read_clip(self._h5.get(), self.fids[clip], self.max_frames, self.train)
+        return x, int(self.rows[i]), clip
+
+    def close(self) -> None:
+        self._h5.close()
+
+
+class ClipDataset(Dataset):
+    """One item per clip: (log-mels `[T, 64]`, clip index into `fids`)."""
+
+    def __init__(self, dataset_dir: str | Path, split: str, fids: Sequence[str]):
+        self.dataset_dir, self.split, self.fids = Path(dataset_dir), split, list(fids)
+        self.lengths = logmel_lengths(dataset_dir, split, self.fids)  # [C], also validates fids
+        self._h5 = _LazyHDF5(logmels_path(dataset_dir, split))
+
+    def __len__(self) -> int:
+        return len(self.fids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return _read_clip(self._h5.get(), self.fids[i], 0, False), int(i)
+
+    def close(self) -> None:
+        self._h5.close()
+
+
+def collate_pad(batch: Sequence[tuple]) -> tuple[torch.Tensor, ...]:
+    """Zero-pad log-mels to the longest clip in the batch (as the baseline).
+
+    `[(x [T_i, 64], id, ...), ...]` -> `(audio [B, T_max, 64], ids LongTensor [B], ...)`: for
+    CaptionDataset items that is (audio, text rows, clip ids); for ClipDataset (audio, clip ids).
+    """
+    xs = [item[0] for item in batch]
+    t_max = max(x.shape[0] for x in xs)
+    audio = xs[0].new_zeros((len(xs), t_max, xs[0].shape[1]))
+    for b, x in enumerate(xs):
+        audio[b, :x.shape[0]] = x
+    rest = tuple(torch.tensor([item[k] for item in batch], dtype=torch.long)
+                 for k in range(1, len(batch[0])))
+    return (audio, *rest)
+
+
+def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices whose clips have exactly the same length (longest first).
+
+    Evaluation encodes each clip without padding, so a clip's embedding never depends on
+    which other clips share its batch (zero frames are loud frames to the CNN).
+    """
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(int(n), []).append(i)
+    batches = []
+    for n in sorted(by_length, reverse=True):
+        idx = by_length[n]
+        batches += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    return batches
+
+
+# --------------------------------------------------------------------------- encoding
+
+@dataclass
+class SplitEmbeddings:
+    """Every clip and caption of one split, each encoded once.
+
+    fids, fnames: `[C]`; audio: float32 `[C, E]`; tids, captions (raw_text): `[Q]`;
+    caption_clip: int64 `[Q]`, the index into `fids` of each caption's clip; text: float32 `[Q, E]`.
+    """
+    split: str
+    fids: list[str]
+    fnames: list[str]
+    audio: np.ndarray
+    tids: list[str]
+    captions: list[str]
+    caption_clip: np.ndarray
+    text: np.ndarray
+
+
+def relevance(emb: SplitEmbeddings) -> np.ndarray:
+    """bool `[Q, C]`: True where clip c is the one caption q describes."""
+    rel = np.zeros((len(emb.tids), len(emb.fids)), dtype=bool)
+    rel[np.arange(len(emb.tids)), emb.caption_clip] = True
+    return rel
+
+
+def inference_autocast(device: torch.device | str, amp: str = "auto"):
+    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; nothing on CPU or amp=off."""
+    device = torch.device(device)
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
+                 num_workers: int = 0, amp: str = "auto") -> np.ndarray:
+    """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`."""
+    device = torch.device(device)
+    loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, batch_size),
+                        collate_fn=collate_pad, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    out: np.ndarray | None = None
+    with _eval_mode(model):
+        for audio, clip_ids in loader:
+            with inference_autocast(device, amp):
+                emb = model.audio_branch(audio.to(device, non_blocking=True))
+            emb = emb.float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(dataset), emb.shape[1]), dtype=np.float32)
+            out[clip_ids.numpy()] = emb
+    dataset.close()
+    return out
+
+
+@torch.no_grad()
+def encode_text_rows(model: torch.nn.Module, rows: np.ndarray, batch_size: int, device,
+                     amp: str = "auto") -> np.ndarray:
+    """`model.text_branch` on table rows `[Q]` -> float32 `[Q, E]`."""
+    device = torch.device(device)
+    parts = []
+    with _eval_mode(model):
+        for s in range(0, len(rows), batch_size):
+            ids = torch.as_tensor(rows[s:s + batch_size], dtype=torch.long, device=device)
+            with inference_autocast(device, amp):
+                parts.append(model.text_branch(ids).float().cpu().numpy())
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
+                 tid2row: dict[str, int], batch_size: int, device, num_workers: int = 0,
+                 amp: str = "auto") -> SplitEmbeddings:
+    """Embed each clip and each caption of `split` once (eval mode, no grad, AMP on GPU)."""
+    df = read_text_csv(dataset_dir, split)
+    _check_split(dataset_dir, split, df, tid2row)
+    fids, fnames, caption_clip = _split_clips(df)
+    tids = list(df["tid"])
+    rows = np.array([tid2row[t] for t in tids], dtype=np.int64)
+    audio = encode_audio(model, ClipDataset(dataset_dir, split, fids), batch_size, device,
+                         num_workers, amp)
+    text = encode_text_rows(model, rows, batch_size, device, amp)
+    return SplitEmbeddings(split=split, fids=fids, fnames=fnames, audio=audio, tids=tids,
+                           captions=list(df["raw_text"]), caption_clip=caption_clip, text=text)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode for the block, then the mode the model was in (training resumes correctly)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
