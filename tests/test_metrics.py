@@ -1,0 +1,132 @@
+"""Retrieval metrics against a per-query loop written from the definition (stable sort on -score)."""
+import numpy as np
+import pytest
+import torch
+
+from utils.metrics import rank_of_first_relevant, recall_curve, relevant_ranks, retrieval_metrics
+
+
+def reference(scores, relevant, max_k=10):
+    """Plain loop: stable sort on -score (ties -> lower index first), then count."""
+    out = {"mAP@10": [], "R@1": [], "R@5": [], "R@10": []}
+    curve, first = [], []
+    for s, rel in zip(scores, relevant):
+        order = np.argsort(-s, kind="stable")
+        hits = rel[order]
+        n_rel = rel.sum()
+        for k in (1, 5, 10):
+            out[f"R@{k}"].append(hits[:k].sum() / n_rel)
+        ap, found = 0.0, 0
+        for r in range(1, 11):
+            if r <= len(hits) and hits[r - 1]:
+                found += 1
+                ap += found / r
+        out["mAP@10"].append(ap / n_rel)
+        curve.append([hits[:k].sum() / n_rel for k in range(1, max_k + 1)])
+        first.append(int(np.flatnonzero(hits)[0]) + 1)
+    return ({k: float(np.mean(v)) for k, v in out.items()}, np.mean(curve, axis=0), np.array(first))
+
+
+def clotho_like(seed, n_clips=10, per_clip=5, integer=False):
+    """Captions x clips scores; caption i belongs to clip i // per_clip."""
+    rng = np.random.default_rng(seed)
+    n_caps = n_clips * per_clip
+    scores = rng.integers(0, 4, (n_caps, n_clips)).astype(np.float32) if integer \
+        else rng.standard_normal((n_caps, n_clips)).astype(np.float32)
+    relevant = np.zeros((n_caps, n_clips), dtype=bool)
+    relevant[np.arange(n_caps), np.arange(n_caps) // per_clip] = True
+    return scores, relevant
+
+
+def assert_matches(scores, relevant):
+    want, want_curve, want_first = reference(scores, relevant)
+    got = retrieval_metrics(scores, relevant)
+    assert list(got) == ["mAP@10", "R@1", "R@5", "R@10"]
+    for k in want:
+        assert isinstance(got[k], float)
+        assert abs(got[k] - want[k]) < 1e-9, (k, got[k], want[k])
+    assert np.allclose(recall_curve(scores, relevant), want_curve, atol=1e-9, rtol=0)
+    assert np.array_equal(rank_of_first_relevant(scores, relevant), want_first)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_text_to_audio_one_relevant(seed):
+    assert_matches(*clotho_like(seed))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_audio_to_text_five_relevant(seed):
+    scores, relevant = clotho_like(seed)
+    assert_matches(scores.T.copy(), relevant.T.copy())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_many_ties_follow_the_stable_order(seed):
+    scores, relevant = clotho_like(seed, n_clips=30, integer=True)
+    assert_matches(scores, relevant)
+    assert_matches(scores.T.copy(), relevant.T.copy())
+
+
+def test_all_scores_equal_ranks_by_index():
+    scores = np.zeros((2, 6))
+    relevant = np.zeros((2, 6), dtype=bool)
+    relevant[0, 4] = True
+    relevant[1, [1, 3]] = True
+    q, r = relevant_ranks(scores, relevant)
+    assert q.tolist() == [0, 1, 1] and r.tolist() == [5, 2, 4]
+    assert_matches(scores, relevant)
+
+
+def test_hand_worked_example():
+    # query 0: order c2, c0, c1, c3 (c1 and c3 tie, c1 first); relevant c0, c3 -> ranks 2 and 4
+    # query 1: order c1, c3, c0, c2; relevant c1 -> rank 1
+    scores = np.array([[0.5, 0.1, 0.9, 0.1],
+                       [0.2, 0.8, 0.1, 0.3]])
+    relevant = np.array([[True, False, False, True],
+                         [False, True, False, False]])
+    got = retrieval_metrics(scores, relevant)
+    ap0 = (1 / 2 + 2 / 4) / 2
+    assert got["mAP@10"] == pytest.approx((ap0 + 1.0) / 2, abs=1e-12)
+    assert got["R@1"] == pytest.approx((0 + 1) / 2, abs=1e-12)
+    assert got["R@5"] == pytest.approx(1.0) and got["R@10"] == pytest.approx(1.0)
+    assert np.allclose(recall_curve(scores, relevant, max_k=4), [0.5, 0.75, 0.75, 1.0])
+    assert rank_of_first_relevant(scores, relevant).tolist() == [2, 1]
+
+
+def test_relevant_beyond_top10_counts_in_denominator():
+    scores = -np.arange(20, dtype=np.float64)[None, :]  # candidate j ranked j + 1
+    relevant = np.zeros((1, 20), dtype=bool)
+    relevant[0, [0, 15]] = True
+    got = retrieval_metrics(scores, relevant)
+    assert got["mAP@10"] == pytest.approx(0.5) and got["R@10"] == pytest.approx(0.5)
+
+
+def test_torch_input_and_chunking(monkeypatch):
+    import utils.metrics as m
+
+    scores, relevant = clotho_like(11, n_clips=40)
+    want = retrieval_metrics(scores, relevant)
+    monkeypatch.setattr(m, "CHUNK_ELEMENTS", 7)  # forces one pair per chunk
+    assert retrieval_metrics(torch.from_numpy(scores), torch.from_numpy(relevant)) \
+        == retrieval_metrics(scores, relevant) == want
+    # bf16 scores (AMP) are accepted; rounding creates ties, ranked like their float32 copy.
+    half = torch.from_numpy(scores).to(torch.bfloat16)
+    assert retrieval_metrics(half, relevant) == retrieval_metrics(half.float().numpy(), relevant)
+
+
+def test_query_without_relevant_item_is_an_error():
+    scores, relevant = clotho_like(0)
+    relevant[3] = False
+    with pytest.raises(ValueError, match=r"1 queries have no relevant candidate \(query index 3\)"):
+        retrieval_metrics(scores, relevant)
+
+
+def test_shape_dtype_and_nan_errors():
+    scores, relevant = clotho_like(0)
+    with pytest.raises(ValueError, match="must match"):
+        retrieval_metrics(scores, relevant[:, :5])
+    with pytest.raises(ValueError, match="boolean"):
+        retrieval_metrics(scores, relevant.astype(int))
+    scores[2, 1] = np.nan
+    with pytest.raises(ValueError, match="query 2 contain NaN"):
+        retrieval_metrics(scores, relevant)
