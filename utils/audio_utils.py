@@ -156,6 +156,8 @@ def _torch_mel_basis(sr: int, n_fft: int, n_mels: int, device):
 
 def resolve_device(device: str) -> str:
     """features.device: cpu | cuda | auto (cuda when available)."""
+    if device == "cpu":
+        return device  # without importing torch (seconds)
     import torch
 
     if device == "auto":

@@ -1,0 +1,275 @@
+"""Step 02 (utils.audio_utils, utils.features, preprocessing/02_audio_logmel.py): wavs -> log-mels."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from utils import audio_utils
+from utils.audio_utils import AudioError, load_audio, log_mel, log_mel_torch, n_frames, stft_params
+from utils.clotho import make_fid, prepare_clotho, read_skipped
+from utils.config import load_config
+from utils.errors import UserError
+from utils.features import compute_logmels, logmel_path, parts_dir
+from wav_fixtures import (make_clotho, signal as make_signal, write_header_only, write_text_as_wav,
+                          write_truncated, write_wav, write_zero_length)
+
+
+def run_step(repo, dataset_dir, *overrides, popen=False):
+    cmd = [sys.executable, "preprocessing/02_audio_logmel.py", "--conf", str(repo / "conf.yaml"),
+           "--set", f"paths.dataset_dir={dataset_dir}", *overrides]
+    if popen:
+        return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+
+
+def config(repo, dataset_dir, *overrides):
+    return load_config(repo / "conf.yaml", [f"paths.dataset_dir={dataset_dir}", *overrides])
+
+
+def dataset(tmp_path, clips, seconds=0.3, sr=44100):
+    """A Clotho-layout dataset that went through step 01."""
+    rows = make_clotho(tmp_path, clips, seconds=seconds, sr=sr)
+    prepare_clotho(tmp_path, list(clips))
+    return rows
+
+
+def assert_hdf5_matches_wavs(dataset_dir, split, fnames):
+    with h5py.File(logmel_path(dataset_dir, split), "r") as f:
+        assert set(f.keys()) == {make_fid(split, n) for n in fnames}
+        for fname in fnames:
+            y, sr = load_audio(dataset_dir / split / fname.lstrip(" "))
+            stored = f[make_fid(split, fname)]
+            assert stored.dtype == np.float32 and stored.attrs["fname"] == fname and stored.attrs["sr"] == sr
+            np.testing.assert_array_equal(stored[()], log_mel(y, sr))
+
+
+# ---------------------------------------------------------------------------------------------
+# log_mel
+
+def test_log_mel_defaults_are_conf_yaml(repo):
+    features = load_config(repo / "conf.yaml")["features"]
+    assert (audio_utils.WINDOW_S, audio_utils.HOP_S, audio_utils.N_MELS) == \
+        (features["window_s"], features["hop_s"], features["n_mels"])
+
+
+@pytest.mark.parametrize("sr, win, hop, n_fft", [(44100, 1764, 882, 2048), (48000, 1920, 960, 2048),
+                                                  (16000, 640, 320, 1024), (22050, 882, 441, 1024)])
+def test_stft_params(sr, win, hop, n_fft):
+    assert stft_params(sr) == (win, hop, n_fft)
+
+
+@pytest.mark.parametrize("sr, seconds", [(44100, 1.0), (44100, 0.23), (48000, 0.5), (16000, 0.7)])
+def test_log_mel_is_librosa_and_has_the_expected_shape(sr, seconds):
+    y = make_signal(seconds, sr, seed=sr)
+    out = log_mel(y, sr)
+    win, hop, n_fft = stft_params(sr)
+    assert out.dtype == np.float32 and out.shape == (1 + len(y) // hop, 64) == (n_frames(len(y), sr), 64)
+    mel = librosa.feature.melspectrogram(y=y.astype(np.float64), sr=sr, n_fft=n_fft, hop_length=hop,
+                                         win_length=win, n_mels=64)
+    np.testing.assert_allclose(out, np.log(mel + np.spacing(1)).T, rtol=1e-6, atol=1e-5)
+    # the float32 computation the baseline ran agrees closely on noise
+    mel32 = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=n_fft, hop_length=hop, win_length=win, n_mels=64)
+    assert np.abs(out - np.log(mel32 + np.spacing(1)).T).max() < 1e-3
+
+
+@pytest.mark.parametrize("kind, sr, seconds", [("noise", 44100, 0.6), ("tone", 44100, 0.5), ("quiet", 44100, 0.4),
+                                               ("tone", 48000, 0.3), ("noise", 16000, 0.8), ("tone", 22050, 0.25)])
+def test_torch_path_matches_librosa_on_cpu(kind, sr, seconds):
+    y = make_signal(seconds, sr, kind=kind, seed=1, freq=997.0)
+    ref = log_mel(y, sr)
+    out = log_mel_torch(y, sr, "cpu")
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and tuple(out.shape) == ref.shape
+    assert np.abs(out.numpy() - ref).max() <= 1e-3
+
+
+def test_torch_path_batch_and_silence():
+    sr = 44100
+    batch = np.stack([make_signal(0.3, sr, seed=s) for s in range(3)] + [np.zeros(int(0.3 * sr), np.float32)])
+    out = log_mel_torch(torch.from_numpy(batch), sr, "cpu")
+    assert tuple(out.shape) == (4, n_frames(batch.shape[1], sr), 64)
+    for row, y in zip(out, batch):
+        assert np.abs(row.numpy() - log_mel(y, sr)).max() <= 1e-3
+    assert np.allclose(out[3].numpy(), np.log(np.spacing(1)))  # digital silence is log(eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_audio
+
+def test_load_16bit(tmp_path):
+    path = write_wav(tmp_path / "a.wav", seconds=0.3, sr=44100, subtype="PCM_16")
+    y, sr = load_audio(path)
+    assert sr == 44100 and y.dtype == np.float32 and y.shape == (13230,)
+    np.testing.assert_allclose(y, make_signal(0.3, 44100), atol=1 / 2 ** 15)
+
+
+def test_load_stereo_is_downmixed_by_mean(tmp_path):
+    path = write_wav(tmp_path / "s.wav", seconds=0.2, sr=22050, channels=2, kind="tone", subtype="FLOAT")
+    y, sr = load_audio(path)
+    stereo = make_signal(0.2, 22050, channels=2, kind="tone")
+    assert sr == 22050 and y.ndim == 1
+    np.testing.assert_allclose(y, stereo.mean(axis=1), atol=1e-7)
+
+
+def test_load_48k_stereo_24bit_keeps_native_rate(tmp_path):
+    path = write_wav(tmp_path / "s.wav", seconds=0.25, sr=48000, channels=2, subtype="PCM_24")
+    y, sr = load_audio(path)
+    assert sr == 48000 and y.shape == (12000,) and y.dtype == np.float32
+    np.testing.assert_allclose(y, make_signal(0.25, 48000, channels=2).mean(axis=1), atol=1 / 2 ** 22)
+    assert log_mel(y, sr).shape == (1 + 12000 // 960, 64)
+
+
+def test_load_float_wav(tmp_path):
+    path = write_wav(tmp_path / "f.wav", seconds=0.2, sr=16000, subtype="FLOAT")
+    y, sr = load_audio(path)
+    assert sr == 16000 and sf.info(str(path)).subtype == "FLOAT"
+    np.testing.assert_array_equal(y, make_signal(0.2, 16000))
+
+
+@pytest.mark.parametrize("maker, reason", [
+    (lambda p: p, "missing"),
+    (write_zero_length, "empty"),
+    (write_truncated, "unreadable"),
+    (write_header_only, "unreadable"),
+    (write_text_as_wav, "unreadable"),
+])
+def test_load_bad_audio_raises_audio_error(tmp_path, maker, reason):
+    path = tmp_path / "bad.wav"
+    maker(path)
+    with pytest.raises(AudioError) as e:
+        load_audio(path)
+    assert e.value.reason == reason and "bad.wav" in str(e.value)
+    assert isinstance(e.value, UserError)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+def test_step_writes_every_clip_and_skips_a_complete_split(repo, tmp_path):
+    rows = dataset(tmp_path, {"development": 4, "validation": 2})
+    cfg = config(repo, tmp_path, "data.splits=[development, validation]", "features.workers=2",
+                 "features.flush_every=1")
+    results = compute_logmels(cfg, log=lambda *a: None)
+    assert [(r.split, r.computed, r.skipped_existing) for r in results] == \
+        [("development", 4, False), ("validation", 2, False)]
+    for split in ("development", "validation"):
+        assert_hdf5_matches_wavs(tmp_path, split, list(rows[split]))
+        assert not parts_dir(tmp_path, split).exists()
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        assert f.attrs["window_s"] == 0.04 and f.attrs["hop_s"] == 0.02 and f.attrs["n_mels"] == 64
+        assert f.attrs["eps"] == np.spacing(1) and json.loads(f.attrs["skipped_fids"]) == []
+    assert all(r.skipped_existing for r in compute_logmels(cfg, log=lambda *a: None))
+
+
+def test_changed_parameters_or_clips_update_the_file(repo, tmp_path):
+    rows = dataset(tmp_path, {"development": 3})
+    cfg = config(repo, tmp_path, "data.splits=[development]", "features.workers=1")
+    compute_logmels(cfg, log=lambda *a: None)
+    # a new clip after a rerun of step 01: only it is computed
+    write_wav(tmp_path / "development" / "new.wav", seconds=0.2, seed=9)
+    with open(tmp_path / "clotho_captions_development.csv", "a", encoding="utf-8") as f:
+        f.write("new.wav,a,b,c,d,e\n")
+    prepare_clotho(tmp_path, ["development"])
+    messages = []
+    [r] = compute_logmels(cfg, log=messages.append)
+    assert (r.computed, r.reused) == (1, 3) and "outdated" in messages[0]
+    assert_hdf5_matches_wavs(tmp_path, "development", [*rows["development"], "new.wav"])
+    # other feature parameters: everything is recomputed
+    [r] = compute_logmels(config(repo, tmp_path, "data.splits=[development]", "features.n_mels=32"),
+                          log=messages.append)
+    assert (r.computed, r.reused) == (4, 0)
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        assert f.attrs["n_mels"] == 32 and all(ds.shape[1] == 32 for ds in f.values())
+
+
+def test_leftover_temporaries_are_never_taken_for_output(repo, tmp_path):
+    rows = dataset(tmp_path, {"development": 2})
+    final = logmel_path(tmp_path, "development")
+    leftover = final.parent / f".{final.name}.abc123.tmp"  # what a kill during the merge leaves
+    leftover.write_bytes(b"partial")
+    parts = parts_dir(tmp_path, "development")
+    parts.mkdir()
+    (parts / ".shard-00000.h5.xyz.tmp").write_bytes(b"partial")
+    (parts / "shard-00001.h5").write_bytes(b"not hdf5")  # e.g. a disk error
+    compute_logmels(config(repo, tmp_path, "data.splits=[development]"), log=lambda *a: None)
+    assert not leftover.exists() and not parts.exists()
+    assert_hdf5_matches_wavs(tmp_path, "development", list(rows["development"]))
+
+
+@pytest.mark.parametrize("maker, reason", [
+    (lambda p: p.unlink(), "missing"),
+    (write_zero_length, "empty"),
+    (write_truncated, "unreadable"),
+    (write_text_as_wav, "unreadable"),
+])
+def test_bad_audio_at_step_02(repo, tmp_path, maker, reason):
+    rows = dataset(tmp_path, {"development": 3})
+    bad = list(rows["development"])[1]
+    maker(tmp_path / "development" / bad)  # broken after step 01 ran
+    cfg = config(repo, tmp_path, "data.splits=[development]", "features.flush_every=1")
+    with pytest.raises(UserError, match=rf"development: 1 unusable audio file \({reason}: {bad}\).*skip_bad_audio"):
+        compute_logmels(cfg, log=lambda *a: None)
+    assert not logmel_path(tmp_path, "development").exists()
+    assert len(list(parts_dir(tmp_path, "development").glob("shard-*.h5"))) == 2  # the good clips are kept
+
+    cfg = config(repo, tmp_path, "data.splits=[development]", "data.skip_bad_audio=true")
+    [r] = compute_logmels(cfg, log=lambda *a: None)
+    assert (r.computed, r.reused) == (0, 2) and [b[0] for b in r.bad] == [bad]
+    assert [f for f, _ in read_skipped(tmp_path / "development_skipped_audio.csv")] == [bad]
+    good = [n for n in rows["development"] if n != bad]
+    assert_hdf5_matches_wavs(tmp_path, "development", good)
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        assert json.loads(f.attrs["skipped_fids"]) == [make_fid("development", bad)]
+    # skipping again is a no-op; without skipping, the skipped clip is retried (and still fails)
+    [r] = compute_logmels(cfg, log=lambda *a: None)
+    assert r.skipped_existing
+    with pytest.raises(UserError, match="unusable audio"):
+        compute_logmels(config(repo, tmp_path, "data.splits=[development]"), log=lambda *a: None)
+
+
+def test_missing_dataset_dir(repo, tmp_path):
+    proc = run_step(repo, tmp_path / "nowhere")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'paths.dataset_dir'")
+
+
+def test_missing_audio_info(repo, tmp_path):
+    with pytest.raises(UserError, match=r"audio_info.pkl: not found \(run preprocessing/01"):
+        compute_logmels(config(repo, tmp_path), log=lambda *a: None)
+
+
+def test_kill_midway_then_resume(repo, tmp_path):
+    """SIGKILL a real run once some shards are on disk: nothing looks complete; a rerun finishes
+    with every clip, recomputing only the unfinished ones."""
+    rows = dataset(tmp_path, {"development": 60}, seconds=4.0, sr=44100)
+    final, parts = logmel_path(tmp_path, "development"), parts_dir(tmp_path, "development")
+    args = ("data.splits=[development]", "features.workers=1", "features.flush_every=2")
+    proc = run_step(repo, tmp_path, *args, popen=True)
+    deadline = time.monotonic() + 240
+    while not (parts.is_dir() and any(parts.glob("shard-*.h5"))):
+        assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not final.exists() and not any(final.parent.glob("*.hdf5"))
+    shards = list(parts.glob("shard-*.h5"))
+    with h5py.File(shards[0], "r") as f:
+        assert len(f) == 2
+
+    proc = run_step(repo, tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    reused = int(proc.stdout.split("resuming, ")[1].split(" of 60")[0])
+    assert 2 <= reused < 60 and f"{60 - reused} computed, {reused} reused" in proc.stdout
+    assert final.exists() and not parts.exists()
+    assert_hdf5_matches_wavs(tmp_path, "development", list(rows["development"]))
+    assert (tmp_path / "config.02_audio_logmel.yaml").is_file()
