@@ -147,8 +147,10 @@ def test_bad_settings_are_user_errors():
 
 def test_refuses_to_overwrite_real_clotho(tmp_path):
     (tmp_path / "clotho_captions_development.csv").write_text(",".join(CAPTION_HEADER) + "\n")
+    (tmp_path / "audio_info.pkl").write_text("not ours")
     with pytest.raises(UserError, match="not written by the demo generator"):
         generate_dataset(tmp_path, TINY, progress=False)
+    assert (tmp_path / "audio_info.pkl").exists() and not (tmp_path / MARKER).exists()
 
 
 def test_regeneration_removes_stale_clips_and_derived_files(tmp_path):
@@ -156,11 +158,14 @@ def test_regeneration_removes_stale_clips_and_derived_files(tmp_path):
     generate_dataset(tmp_path, bigger, progress=False)
     (tmp_path / "development_text.csv").write_text("stale")
     (tmp_path / "evaluation_audio_logmels.hdf5").write_text("stale")
+    (tmp_path / "validation_audio_logmels.parts").mkdir()
+    (tmp_path / "validation_audio_logmels.parts" / "shard-0.hdf5").write_text("stale")
     result = generate_dataset(tmp_path, TINY, progress=False)
     assert result.regenerated and len(result.removed) >= 5
     assert len(list((tmp_path / "development").glob("*.wav"))) == 6
     assert not (tmp_path / "development_text.csv").exists()
     assert not (tmp_path / "evaluation_audio_logmels.hdf5").exists()
+    assert not (tmp_path / "validation_audio_logmels.parts").exists()
 
 
 def test_interrupted_generation_is_redone(tiny, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ MIN_CLIP_SECONDS = 1.5
 # is regenerated with other settings (same file names, hence same fids, but other content).
 DERIVED_PATTERNS = ("audio_info.pkl", "vocab_info.pkl", "sbert_embeds.pkl", "*_text.csv",
                     "*_audio_logmels.hdf5", "*_skipped_audio.csv", "config.0[1-9]_*.yaml")
+DERIVED_DIRS = ("*_audio_logmels.parts",)  # step 02's resumable work in progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,12 +602,12 @@ def _write_marker(dataset_dir: Path, settings: DemoSettings, complete: bool) -> 
 
 
 def _check_target(dataset_dir: Path) -> None:
-    """Refuse to write over a dataset this generator did not write (a real Clotho copy)."""
-    if (dataset_dir / MARKER).exists():
+    """Write only into an empty directory or one this generator owns (its marker is there):
+    never over a real Clotho copy or anything else, since stale files get deleted."""
+    if (dataset_dir / MARKER).exists() or not any(dataset_dir.iterdir()):
         return
-    if any((dataset_dir / f"clotho_captions_{s}.csv").exists() for s in SPLITS):
-        raise UserError(f"{dataset_dir}: holds Clotho caption files not written by the demo generator; "
-                        "set paths.dataset_dir to another directory")
+    raise UserError(f"{dataset_dir}: not empty and not written by the demo generator (no {MARKER}); "
+                    "set paths.dataset_dir to a new directory")
 
 
 def _remove_stale(dataset_dir: Path, keep: set[Path]) -> list[Path]:
@@ -620,6 +622,11 @@ def _remove_stale(dataset_dir: Path, keep: set[Path]) -> list[Path]:
         for path in sorted(dataset_dir.glob(pattern)):
             if path.is_file():
                 path.unlink()
+                removed.append(path)
+    for pattern in DERIVED_DIRS:
+        for path in sorted(dataset_dir.glob(pattern)):
+            if path.is_dir():
+                shutil.rmtree(path)
                 removed.append(path)
     return removed
 
