@@ -1,0 +1,67 @@
+"""Train the CNN14 + Sentence-BERT dual encoder with InfoNCE (DCASE 2023 Task 6B baseline).
+
+New run:   python main.py [--conf conf.yaml] [--set key=value ...] [--name NAME]
+Resume:    python main.py --resume outputs/<run> [--set training.epochs=100 ...]
+Multi-GPU: torchrun --nproc_per_node=N main.py ...   (training.batch_size is the global batch)
+
+Writes <paths.output_dir>/<run>/: config.yaml, checkpoints/{best,last}.pt, metrics.jsonl and
+the wandb run. A run stopped at any moment (Ctrl-C, kill, crash) continues with --resume from
+its last finished epoch.
+"""
+from pathlib import Path
+
+from utils import cli, dist_utils, train_utils
+from utils.config import load_config, save_config
+from utils.runs import checkpoint_path, new_run_dir
+
+
+def main() -> None:
+    parser = cli.make_parser(__doc__)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from checkpoints/last.pt")
+    parser.add_argument("--name", help="run directory name (default: <experiment>-<timestamp>)")
+    args = parser.parse_args()
+    if args.resume and args.name:
+        parser.error("--name names a new run; it cannot be combined with --resume")
+    if args.resume:
+        cfg = train_utils.resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.conf, args.overrides)
+    train_utils.check_training_config(cfg)
+    state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
+
+    with dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
+        data = train_utils.load_training_data(cfg)
+        if state is not None:
+            train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
+                                       data.embeddings_path)
+        if args.resume:
+            run_dir = Path(args.resume)
+            if args.overrides:
+                dist_utils.on_master(ctx, lambda: save_config(cfg, run_dir))
+        else:
+            run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name))
+        if ctx.is_master:
+            start = f"resuming after epoch {state['epoch']}" if state else "starting"
+            print(f"{start}: {run_dir} on {device}"
+                  + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
+        result = train_utils.fit(cfg, run_dir, data, ctx, device, state)
+
+    if ctx.is_master:
+        best = f"{result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}" \
+            if result.best_metric is not None else "no epoch finished"
+        print(f"trained {result.epochs_done}/{cfg['training']['epochs']} epochs"
+              + (" (stopped early)" if result.stopped_early else "") + f"; best {best}")
+        if ctx.enabled:
+            print(f"DDP: weights identical on {ctx.world_size} ranks (checksum {result.checksum})")
+        for path in result.written:
+            print(f"wrote {path}")
+
+
+def _new_run(cfg: dict, name: str | None) -> Path:
+    run_dir = new_run_dir(cfg, name)
+    save_config(cfg, run_dir)
+    return run_dir
+
+
+if __name__ == "__main__":
+    cli.run(main)

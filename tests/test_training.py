@@ -1,0 +1,247 @@
+"""main.py and utils.train_utils on tiny data: a run, its files, and every bad input."""
+from __future__ import annotations
+
+import os
+import pickle
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.tiny_data import REPO, make_tiny_features, tiny_config
+from utils import train_utils as tu
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config, save_config
+from utils.dist_utils import DistContext
+from utils.runs import new_run_dir
+from utils.errors import UserError
+from utils.tracking import read_jsonl
+
+RECORD_KEYS = {"epoch", "train_loss", "val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5",
+               "val_t2a_R@10", "lr", "seconds"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric",
+                   "best_epoch", "config", "rng", "text_embed_dim"}
+
+
+# --------------------------------------------------------------------------- helpers (also used
+# by test_resume.py and test_ddp.py)
+
+def script_env() -> dict:
+    """One thread per process: tests share few cores, and OpenMP oversubscription is slow."""
+    return dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1")
+
+
+def run_main(*args, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The user-facing error: exit 2 and exactly one line on stderr (no traceback)."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def main_in_process(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
+    """Run main.py's __main__ inside pytest (no interpreter start-up): exit code and output."""
+    monkeypatch.setattr(sys, "argv", ["main.py", *map(str, args)])
+    monkeypatch.chdir(REPO)
+    torch.set_num_threads(1)
+    capsys.readouterr()
+    code = 0
+    try:
+        runpy.run_path(str(REPO / "main.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    out = tmp_path / "outputs"
+    return sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
+
+
+def train_in_process(conf: Path, name: str, overrides=()) -> tu.FitResult:
+    """What main.py does for a new run, without a subprocess's import time."""
+    cfg = load_config(conf, overrides)
+    tu.check_training_config(cfg)
+    data = tu.load_training_data(cfg)
+    run_dir = new_run_dir(cfg, name)
+    save_config(cfg, run_dir)
+    torch.set_num_threads(1)
+    return tu.fit(cfg, run_dir, data, DistContext(), torch.device("cpu"))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    make_tiny_features(tmp_path / "data")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- a run
+
+def test_tiny_run_with_sweep_overrides_and_two_workers(tiny):
+    """What a wandb sweep agent runs: `main.py --set key=value key=value`."""
+    conf = tiny_config(tiny, {"training": {"epochs": 2, "num_workers": 2, "max_frames": 48}})
+    sweep = yaml.safe_load((REPO / "sweep.yaml").read_text())
+    assert sweep["command"] == ["${env}", "${interpreter}", "${program}", "--set", "${args_no_hyphens}"]
+    assert sweep["metric"] == {"name": "val_t2a_mAP@10", "goal": "maximize"}
+    cfg = load_config(conf)
+    for key in sweep["parameters"]:  # every swept key exists in the schema
+        section, name = key.split(".")
+        assert name in cfg[section]
+    proc = run_main("--conf", conf, "--name", "sweep1", "--set", "training.lr=0.0005",
+                    "criterion.temperature=0.05")
+    assert proc.returncode == 0, proc.stderr
+    run = tiny / "outputs" / "sweep1"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["training"]["lr"] == 0.0005 and saved["criterion"]["temperature"] == 0.05
+    assert saved["training"]["num_workers"] == 2
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(set(r) == RECORD_KEYS for r in records)
+    assert all(np.isfinite(r["train_loss"]) and 0 <= r["val_t2a_mAP@10"] <= 1 for r in records)
+    assert records[0]["lr"] == 0.0005
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert set(last) == CHECKPOINT_KEYS and last["epoch"] == 2 and last["text_embed_dim"] == 16
+    assert not any("table" in k for k in last["model"])  # the caption table is not saved
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == last["best_epoch"]
+    assert f"wrote {run / 'checkpoints' / 'last.pt'}" in proc.stdout
+    model, cfg2, tid2row = tu.load_trained_model(run, "last")
+    assert not model.training and cfg2["training"]["lr"] == 0.0005 and len(tid2row) == 120
+    torch.testing.assert_close(model.state_dict()["text_enc.fc.weight"], last["model"]["text_enc.fc.weight"])
+
+
+def test_early_stopping(tiny):
+    # R@10 over 6 validation clips is always 1.0: it can never improve after epoch 1
+    conf = tiny_config(tiny, {"training": {"epochs": 5, "early_stopping": 1, "monitor": "val_t2a_R@10"},
+                              "data": {"train_split": "validation"}})
+    result = train_in_process(conf, "es")
+    assert result.stopped_early and result.epochs_done == 2 and result.best_epoch == 1
+    assert [r["epoch"] for r in read_jsonl(tiny / "outputs" / "es" / "metrics.jsonl")] == [1, 2]
+    assert load_checkpoint(tiny / "outputs" / "es" / "checkpoints" / "best.pt")["epoch"] == 1
+
+
+def test_improved_direction():
+    assert tu.improved("val_loss", 1.0, None) and tu.improved("val_loss", 1.0, 2.0)
+    assert not tu.improved("val_loss", 2.0, 1.0)
+    assert tu.improved("val_t2a_mAP@10", 0.3, 0.2) and not tu.improved("val_t2a_R@1", 0.2, 0.2)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def test_unknown_config_key_fails_before_data(tmp_path):
+    # the dataset directory does not even exist: the config error must come first
+    proc = run_main("--conf", tiny_config(tmp_path), "--set", "training.epoch=3")
+    assert "unknown config key 'training.epoch'" in error_line(proc)
+    assert run_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("training.lr=fast", "config key 'training.lr': expected float"),
+    ("training.monitor=accuracy", "config key 'training.monitor'"),
+    ("training.epochs=0", "config key 'training.epochs' must be > 0"),
+    ("training.device=tpu", "config key 'training.device'"),
+])
+def test_bad_config_values(tmp_path, override, needle):
+    with pytest.raises(UserError, match=needle):
+        tu.check_training_config(load_config(tiny_config(tmp_path), [override]))
+
+
+@pytest.mark.parametrize("victim,step", [
+    ("development_audio_logmels.hdf5", "02_audio_logmel"),
+    ("sbert_embeds.pkl", "03_sbert_embeddings"),
+    ("validation_text.csv", "01_clotho_dataset"),
+])
+def test_missing_feature_file_names_the_step(tiny, victim, step):
+    (tiny / "data" / victim).unlink()
+    with pytest.raises(UserError, match=f"{victim}: not found — run preprocessing/{step}"):
+        tu.load_training_data(load_config(tiny_config(tiny)))
+
+
+def test_missing_features_via_main_create_no_run_dir(tiny, monkeypatch, capsys):
+    (tiny / "data" / "validation_audio_logmels.hdf5").unlink()
+    proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tiny))
+    assert "02_audio_logmel" in error_line(proc)
+    assert run_dirs(tiny) == []  # no half-made run for postprocessing to pick up
+
+
+def test_caption_fid_not_in_hdf5(tiny):
+    with h5py.File(tiny / "data" / "validation_audio_logmels.hdf5", "a") as h5:
+        fid = sorted(h5.keys())[0]
+        del h5[fid]
+    with pytest.raises(UserError, match=f"fid {fid} has no log-mels in .*validation_audio_logmels.hdf5"):
+        tu.load_training_data(load_config(tiny_config(tiny)))
+
+
+def test_existing_run_directory_is_refused(tiny, monkeypatch, capsys):
+    run = tiny / "outputs" / "taken"
+    run.mkdir(parents=True)
+    (run / "keep.txt").write_text("mine")
+    proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tiny), "--name", "taken")
+    assert "already exists" in error_line(proc)
+    assert (run / "keep.txt").read_text() == "mine" and list(run.iterdir()) == [run / "keep.txt"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch, capsys):
+    train_in_process(tiny_config(tiny, {"training": {"epochs": 1}}), "nan")
+    last = tiny / "outputs" / "nan" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with h5py.File(tiny / "data" / "development_audio_logmels.hdf5", "a") as h5:
+        fid = sorted(h5.keys())[3]
+        x = h5[fid][()]
+        x[5, 7] = np.nan
+        h5[fid][...] = x
+    proc = main_in_process(monkeypatch, capsys, "--resume", tiny / "outputs" / "nan",
+                           "--set", "training.epochs=3")
+    line = error_line(proc)
+    assert "epoch 2, step" in line and "training loss is nan" in line
+    assert fid in line and "02_audio_logmel" in line
+    assert last.read_bytes() == before  # the last good checkpoint is untouched
+    assert [r["epoch"] for r in read_jsonl(tiny / "outputs" / "nan" / "metrics.jsonl")] == [1]
+
+
+def test_resume_refuses_model_changes(tiny):
+    conf = tiny_config(tiny)
+    run = tiny / "outputs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config(conf)))
+    assert tu.resume_config(run, ["training.epochs=5"])["training"]["epochs"] == 5
+    with pytest.raises(UserError, match="criterion.temperature.*cannot change"):
+        tu.resume_config(run, ["criterion.temperature=0.1"])
+    with pytest.raises(UserError, match="not a run directory"):
+        tu.resume_config(tiny / "data")
+
+
+def test_embedding_size_mismatch_on_resume_and_load(tiny, monkeypatch, capsys):
+    run = train_in_process(tiny_config(tiny, {"training": {"epochs": 1}}), "dim").run_dir
+    pkl = tiny / "data" / "sbert_embeds.pkl"
+    with open(pkl, "rb") as f:
+        embeds = pickle.load(f)
+    with open(pkl, "wb") as f:
+        pickle.dump({t: np.zeros(12, np.float32) for t in embeds}, f)
+    proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
+    line = error_line(proc)
+    assert "sbert_embeds.pkl" in line and "12-d" in line and "16-d" in line and "last.pt" in line
+    with pytest.raises(UserError, match="sbert_embeds.pkl: sentence embeddings are 12-d .* 16-d"):
+        tu.load_trained_model(run, "best")
+
+
+def test_load_trained_model_without_checkpoint(tiny):
+    run = tiny / "outputs" / "empty"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config(tiny_config(tiny))))
+    with pytest.raises(UserError, match="no checkpoint — train with main.py"):
+        tu.load_trained_model(run)

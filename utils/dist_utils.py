@@ -1,0 +1,163 @@
+"""Multi-GPU (DDP) helpers: one process per device, started by torchrun.
+
+`torchrun --nproc_per_node=N main.py ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
+everything below degrades to a single process and costs nothing. Rank 0 (the master) is the
+only one that validates, logs and writes files; the others wait for what it decides.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def launched_with_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> this process's GPU if there is one, else the CPU; `cuda` without a GPU is an error."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"config key 'training.device' is '{setting}' but no CUDA device is "
+                            "available; use auto or cpu")
+        return torch.device("cuda", local_rank) if setting == "cuda" else torch.device(setting)
+    if setting != "cpu":
+        raise UserError(f"config key 'training.device': {setting!r} is not one of auto, cpu, cuda")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def distributed(device_setting: str) -> Iterator[tuple[DistContext, torch.device]]:
+    """Join the process group if launched by torchrun (nccl on GPUs, gloo on CPU); leave it after."""
+    if not launched_with_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        yield DistContext(), resolve_device(device_setting)
+        return
+    ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                      int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_setting, ctx.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=60))
+    try:
+        yield ctx, device
+    finally:
+        dist.destroy_process_group()
+
+
+def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """`[B, ...]` on each rank -> `[world*B, ...]` (rank order), differentiable w.r.t. the local part.
+
+    The backward pass sums every rank's gradient for this rank's slice. Every rank computes the
+    same global-batch loss, so the summed gradient is world_size x the true one, which DDP's
+    gradient averaging then divides back out: the update equals a single-process step on the
+    global batch.
+    """
+    if not ctx.enabled:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """All ranks' `[B, ...]` tensors concatenated (no gradient), e.g. clip ids."""
+    if not ctx.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def on_master(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and hand its result to every rank.
+
+    A UserError on rank 0 is re-raised on every rank, so no rank is left waiting in a collective.
+    """
+    if not ctx.enabled:
+        return fn()
+    payload: list = [None]
+    if ctx.is_master:
+        try:
+            payload[0] = ("ok", fn())
+        except UserError as e:
+            payload[0] = ("error", str(e))
+        except BaseException as e:
+            payload[0] = ("crash", f"rank 0 failed: {type(e).__name__}: {e}")
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "ok":
+        return value
+    if status == "error" or not ctx.is_master:
+        raise UserError(value)
+    raise RuntimeError(value)
+
+
+def sync_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's persistent buffers (BatchNorm statistics) to every rank.
+
+    DDP runs with broadcast_buffers=False so the frozen caption table (a large non-persistent
+    buffer) is not broadcast every step; the running statistics are synced here once an epoch,
+    so every rank ends the epoch with identical weights.
+    """
+    if not ctx.enabled:
+        return
+    persistent = set(module.state_dict().keys())
+    for name, buf in module.named_buffers():
+        if name in persistent:
+            dist.broadcast(buf, src=0)
+
+
+def weights_checksum(module: torch.nn.Module, ctx: DistContext) -> str:
+    """A checksum of the state dict, checked to be identical on every rank (else RuntimeError).
+
+    Cheap (one small all-gather); it catches any divergence between ranks before a checkpoint
+    written by rank 0 is taken to stand for all of them.
+    """
+    sums = torch.tensor([[t.double().sum().item(), t.double().abs().sum().item()]
+                         for t in module.state_dict().values() if t.is_floating_point()],
+                        dtype=torch.float64)
+    checksum = f"{sums.abs().sum().item():.10e}"
+    if ctx.enabled:
+        device = next(module.parameters()).device
+        mine = sums.to(device)
+        parts = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, mine)
+        differing = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
+        if differing:
+            raise RuntimeError(f"DDP ranks {differing} ended with weights different from rank 0's")
+    return checksum
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()

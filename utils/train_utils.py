@@ -1,0 +1,487 @@
+"""Training the dual encoder: the pieces main.py puts together, and loading a trained run.
+
+One epoch = a pass over the training captions (InfoNCE on shuffled batches), the loss over the
+validation captions, and text -> audio retrieval metrics on the validation split (each clip
+encoded once). Everything needed to continue lives in one checkpoint dict (CONTRIBUTING.md),
+written atomically at the end of each epoch, so a run killed at any moment resumes from its
+last finished epoch and ends exactly as an uninterrupted run would (on CPU, workers = 0).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import random
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from models.core import build_model
+from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.config import CONFIG_NAME, ConfigError, load_config
+from utils.criterion_utils import LogSoftmaxLoss
+from utils.data_utils import (CaptionDataset, collate_pad, encode_split, load_text_table,
+                              logmels_path, relevance)
+from utils.dist_utils import (DistContext, gather, gather_with_grad, on_master, sync_buffers,
+                              weights_checksum)
+from utils.errors import UserError
+from utils.metrics import retrieval_metrics
+from utils.runs import checkpoint_path, is_run_dir
+from utils.tracking import Tracker
+
+MONITORS = ("val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5", "val_t2a_R@10")
+# Sections that define the trained model and its loss: a resumed run must keep them.
+FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
+
+
+# --------------------------------------------------------------------------- config
+
+def check_training_config(cfg: dict) -> None:
+    """Value checks the schema's types cannot express; run before any data is read."""
+    t = cfg["training"]
+    positive = {"epochs": t["epochs"], "batch_size": t["batch_size"], "lr": t["lr"],
+                "log_every": t["log_every"]}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config key 'training.{key}' must be > 0, got {value!r}")
+    for key in ("max_frames", "num_workers", "early_stopping", "weight_decay"):
+        if t[key] < 0:
+            raise ConfigError(f"config key 'training.{key}' must be >= 0, got {t[key]!r}")
+    if t["monitor"] not in MONITORS:
+        raise ConfigError(f"config key 'training.monitor': {t['monitor']!r} is not one of "
+                          f"{', '.join(MONITORS)}")
+    if not (t["device"] in ("auto", "cpu", "cuda") or t["device"].startswith("cuda:")):
+        raise ConfigError(f"config key 'training.device': {t['device']!r} is not one of auto, cpu, cuda")
+    if not cfg["eval"]["batch_size"] > 0:
+        raise ConfigError(f"config key 'eval.batch_size' must be > 0, got {cfg['eval']['batch_size']!r}")
+    if not 0 < t["scheduler"]["factor"] < 1:
+        raise ConfigError(f"config key 'training.scheduler.factor' must be in (0, 1), "
+                          f"got {t['scheduler']['factor']!r}")
+
+
+def resume_config(run_dir: str | Path, overrides=()) -> dict:
+    """The config of run `run_dir` plus `overrides`, which may not touch the model or the loss."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
+    saved = load_config(run_dir / CONFIG_NAME)
+    cfg = load_config(run_dir / CONFIG_NAME, overrides)
+    for section in FROZEN_ON_RESUME:
+        for key in sorted(set(saved[section]) | set(cfg[section])):
+            if saved[section].get(key) != cfg[section].get(key):
+                raise UserError(f"--set {section}.{key}: {run_dir} was trained with "
+                                f"{saved[section].get(key)!r}; model and loss keys cannot change "
+                                "on --resume (start a new run instead)")
+    return cfg
+
+
+# --------------------------------------------------------------------------- devices, seeds
+
+def amp_mode(setting: str, device: torch.device) -> str:
+    """`bf16`, `fp16` or `off`: auto is bf16 where the GPU supports it, else fp16; always off on CPU."""
+    if device.type != "cuda" or setting == "off":
+        return "off"
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if setting == "auto":
+        return "bf16" if bf16_ok else "fp16"
+    if setting == "bf16" and not bf16_ok:
+        raise UserError("config key 'training.amp' is bf16 but this GPU does not support it; use auto or fp16")
+    return setting
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class TrainingData:
+    table: torch.Tensor                 # [N, D] every caption's sentence embedding
+    tid2row: dict
+    train_set: CaptionDataset
+    val_set: CaptionDataset
+    embeddings_path: Path
+
+
+def load_training_data(cfg: dict) -> TrainingData:
+    """The caption table and both datasets, validated against each other (UserError if not)."""
+    dataset_dir = Path(cfg["paths"]["dataset_dir"])
+    table, tid2row = load_text_table(dataset_dir, cfg["text_encoder"]["embeddings"])
+    train_set = CaptionDataset(dataset_dir, cfg["data"]["train_split"], tid2row,
+                               max_frames=cfg["training"]["max_frames"], train=True)
+    val_set = CaptionDataset(dataset_dir, cfg["data"]["val_split"], tid2row)  # whole clips
+    return TrainingData(table, tid2row, train_set, val_set,
+                        dataset_dir / cfg["text_encoder"]["embeddings"])
+
+
+class EpochSeeded:
+    """Shuffling that depends only on (seed, epoch): a resumed run sees the same batches."""
+
+    def __init__(self, dataset, seed: int, ctx: DistContext):
+        self.seed = seed
+        self.generator = torch.Generator()
+        self.sampler = (DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                           shuffle=True, seed=seed, drop_last=False)
+                        if ctx.enabled else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+
+def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
+                      ) -> tuple[DataLoader, EpochSeeded]:
+    """Shuffled batches of `training.batch_size` captions in total (split evenly over ranks)."""
+    batch_size = cfg["training"]["batch_size"]
+    if batch_size % ctx.world_size:
+        raise ConfigError(f"config key 'training.batch_size' ({batch_size}) must be divisible by "
+                          f"the number of processes ({ctx.world_size}): it is the global batch")
+    workers = cfg["training"]["num_workers"]
+    seeding = EpochSeeded(dataset, cfg["seed"], ctx)
+    loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size,
+                        shuffle=seeding.sampler is None, sampler=seeding.sampler,
+                        generator=seeding.generator, num_workers=workers, collate_fn=collate_pad,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        drop_last=False)
+    return loader, seeding
+
+
+def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, device) -> DataLoader:
+    """Validation batches in one fixed shuffled order.
+
+    Fixed, so the loss is comparable from epoch to epoch; shuffled, because in CSV order a
+    batch would hold the five captions of a few clips and the loss would mask most pairs.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
+                      shuffle=False, num_workers=num_workers, collate_fn=collate_pad,
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+# --------------------------------------------------------------------------- model & optimiser
+
+@dataclass
+class Trainer:
+    model: torch.nn.Module              # the DualEncoderModel (never the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler | None
+    criterion: LogSoftmaxLoss
+    device: torch.device
+    amp: str
+    epoch: int = 0                      # last finished epoch
+    best_metric: float | None = None
+    best_epoch: int = 0
+    text_embed_dim: int = 0
+    train_model: torch.nn.Module | None = field(default=None)  # DDP wrapper or the model
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def build_trainer(cfg: dict, table: torch.Tensor, device: torch.device, fresh: bool = True) -> Trainer:
+    """Model (prior weights only for a fresh run), Adam, ReduceLROnPlateau, loss, AMP scaler."""
+    build_cfg = cfg if fresh else _random_init(cfg)  # weights come from the checkpoint instead
+    model = build_model(build_cfg, text_in_dim=table.shape[1], table=table).to(device)
+    t = cfg["training"]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=t["lr"], weight_decay=t["weight_decay"])
+    s = t["scheduler"]
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=s["factor"], patience=s["patience"],
+        threshold=s["threshold"], threshold_mode=s["threshold_mode"], min_lr=s["min_lr"])
+    amp = amp_mode(t["amp"], device)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # bf16 needs no scaling
+    criterion = LogSoftmaxLoss(cfg["criterion"]["temperature"], cfg["criterion"]["dist"])
+    return Trainer(model, optimizer, scheduler, scaler, criterion, device, amp,
+                   text_embed_dim=int(table.shape[1]), train_model=model)
+
+
+def _random_init(cfg: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["audio_encoder"]["init"] = "random"
+    return cfg
+
+
+def checkpoint_dict(tr: Trainer, cfg: dict) -> dict:
+    return {
+        "model": tr.model.state_dict(),  # the caption table is a non-persistent buffer: not saved
+        "optimizer": tr.optimizer.state_dict(),
+        "scheduler": tr.scheduler.state_dict(),
+        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+        "epoch": tr.epoch,
+        "best_metric": tr.best_metric,
+        "best_epoch": tr.best_epoch,
+        "config": cfg,
+        "rng": rng_state(),
+        "text_embed_dim": tr.text_embed_dim,
+    }
+
+
+def read_resume_checkpoint(run_dir: str | Path) -> dict | None:
+    """`checkpoints/last.pt` of a run, or None if it was stopped before its first epoch ended."""
+    path = checkpoint_path(run_dir, "last")
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "epoch", "rng", "text_embed_dim") if k not in state]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}; it cannot resume a run")
+    return state
+
+
+def check_text_dim(state: dict, ckpt: Path, table: torch.Tensor, embeddings_path: Path) -> None:
+    if int(state["text_embed_dim"]) != table.shape[1]:
+        raise UserError(f"{embeddings_path}: sentence embeddings are {table.shape[1]}-d but "
+                        f"{ckpt} was trained on {int(state['text_embed_dim'])}-d ones; use the "
+                        f"embeddings file the run was trained with")
+
+
+def restore(tr: Trainer, state: dict, ckpt: Path, restore_rng: bool = True) -> None:
+    """Put a trainer back in the state saved at the end of epoch `state['epoch']`."""
+    try:
+        tr.model.load_state_dict(state["model"])
+        tr.optimizer.load_state_dict(state["optimizer"])
+        tr.scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{ckpt}: does not fit the model of this run's config "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    if tr.scaler is not None and state.get("scaler"):
+        tr.scaler.load_state_dict(state["scaler"])
+    tr.epoch, tr.best_epoch = int(state["epoch"]), int(state["best_epoch"])
+    tr.best_metric = state["best_metric"]
+    if restore_rng:
+        set_rng_state(state["rng"])
+
+
+def improved(monitor: str, value: float, best: float | None) -> bool:
+    """val_loss: lower is better; the retrieval metrics: higher is better."""
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+# --------------------------------------------------------------------------- one epoch
+
+def nonfinite_loss_error(epoch: int, step: int, value: float, audio: torch.Tensor,
+                         clip_ids: torch.Tensor, dataset: CaptionDataset) -> UserError:
+    """A one-line error that says where the loss broke and the likeliest cause."""
+    bad = ~torch.isfinite(audio.float()).flatten(1).all(dim=1)
+    if bad.any():
+        fids = sorted({dataset.fids[int(c)] for c in clip_ids[bad.cpu()].tolist()})
+        cause = (f"the log-mels of fid {', '.join(fids[:3])} in "
+                 f"{logmels_path(dataset.dataset_dir, dataset.split)} contain NaN/inf — rerun "
+                 "preprocessing/02_audio_logmel.py")
+    else:
+        cause = "the inputs are finite: try a lower training.lr, or training.amp=off"
+    return UserError(f"epoch {epoch}, step {step}: training loss is {value}; stopped without "
+                     f"saving ({cause}); the last good checkpoint is kept")
+
+
+def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContext,
+                    log_every: int = 50, on_log: Callable[[dict], None] | None = None) -> float:
+    """One pass over the training captions -> the mean of its batch losses.
+
+    Under DDP each rank encodes its share of the batch; embeddings and clip ids are gathered so
+    the negatives span the global batch, and every rank computes the same global loss.
+    """
+    tr.train_model.train()
+    total, n, window = 0.0, 0, []
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not ctx.is_master, leave=False,
+               dynamic_ncols=True)
+    for step, (audio, rows, clips) in enumerate(bar, start=1):
+        audio = audio.to(tr.device, non_blocking=True)
+        rows = rows.to(tr.device, non_blocking=True)
+        clips = clips.to(tr.device, non_blocking=True)
+        with autocast(tr.device, tr.amp):
+            audio_emb, text_emb = tr.train_model(audio, rows)
+        audio_emb = gather_with_grad(audio_emb.float(), ctx)
+        text_emb = gather_with_grad(text_emb.float(), ctx)
+        loss = tr.criterion(audio_emb, text_emb, gather(clips, ctx))  # [global B] clip ids
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.scaler is not None:
+            tr.scaler.scale(loss).backward()
+            tr.scaler.step(tr.optimizer)
+            tr.scaler.update()
+        else:
+            loss.backward()
+            tr.optimizer.step()
+        value = loss.item()  # one sync per step: the price of stopping at the first bad batch
+        if not math.isfinite(value):
+            raise nonfinite_loss_error(epoch, step, value, audio, clips, loader.dataset)
+        total, n = total + value, n + 1
+        window.append(value)
+        bar.set_postfix(loss=f"{total / n:.4f}")
+        if on_log is not None and step % log_every == 0:
+            on_log({"train/loss": sum(window) / len(window), "train/epoch": epoch - 1 + step / len(loader),
+                    "train/lr": tr.lr})
+            window = []
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def validation_loss(tr: Trainer, loader: DataLoader) -> float:
+    """Mean InfoNCE over the validation batches, eval mode (single process, unwrapped model)."""
+    model = tr.model
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for audio, rows, clips in loader:
+        with autocast(tr.device, tr.amp):
+            audio_emb, text_emb = model(audio.to(tr.device), rows.to(tr.device))
+        total += tr.criterion(audio_emb.float(), text_emb.float(), clips.to(tr.device)).item()
+        n += 1
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
+    """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split."""
+    val_loss = validation_loss(tr, val_loader)
+    emb = encode_split(tr.model, cfg["paths"]["dataset_dir"], cfg["data"]["val_split"], tid2row,
+                       cfg["eval"]["batch_size"], tr.device, cfg["training"]["num_workers"], tr.amp)
+    if not (np.isfinite(emb.audio).all() and np.isfinite(emb.text).all()):
+        raise UserError(f"validation ({cfg['data']['val_split']}): the model gives NaN/inf "
+                        "embeddings; check the validation log-mels or lower training.lr")
+    metrics = retrieval_metrics(emb.text @ emb.audio.T, relevance(emb))  # [Q, C]
+    return {"val_loss": val_loss, **{f"val_t2a_{k}": v for k, v in metrics.items()}}
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    epochs_done: int
+    best_epoch: int
+    best_metric: float | None
+    monitor: str
+    stopped_early: bool
+    written: list[Path]
+    checksum: str
+
+
+def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: torch.device,
+        resume_state: dict | None = None) -> FitResult:
+    """Train epochs `resume_state['epoch'] + 1 .. training.epochs` (all of them for a new run)."""
+    t = cfg["training"]
+    seed_everything(cfg["seed"] + ctx.rank)
+    tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
+    if resume_state is not None:
+        # Rank 0 continues its saved RNG streams; the others get fresh, distinct ones.
+        restore(tr, resume_state, checkpoint_path(run_dir, "last"), restore_rng=ctx.is_master)
+        if not ctx.is_master:
+            seed_everything(cfg["seed"] + ctx.rank + 1_000_003 * tr.epoch)
+    if ctx.enabled:
+        tr.train_model = torch.nn.parallel.DistributedDataParallel(
+            tr.model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
+    val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
+    tracker = Tracker(cfg, run_dir) if ctx.is_master else None
+    if tracker is not None:
+        tracker.rewind(tr.epoch)  # drop records of an epoch that finished after the checkpoint
+    monitor, patience = t["monitor"], t["early_stopping"]
+    last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
+    stopped_early = patience > 0 and tr.epoch - tr.best_epoch >= patience and tr.epoch > 0
+
+    try:
+        for epoch in range(tr.epoch + 1, t["epochs"] + 1):
+            if stopped_early:
+                break
+            start = time.time()
+            seeding.set_epoch(epoch)
+            train_loss = train_one_epoch(tr, loader, epoch, ctx, t["log_every"],
+                                         tracker.log if tracker is not None else None)
+            sync_buffers(tr.model, ctx)
+            lr = tr.lr
+            record = on_master(ctx, lambda: validate(tr, cfg, data.tid2row, val_loader))
+            tr.scheduler.step(record["val_loss"])
+            tr.epoch = epoch
+            is_best = improved(monitor, record[monitor], tr.best_metric)
+            if is_best:
+                tr.best_metric, tr.best_epoch = float(record[monitor]), epoch
+            record = {"epoch": epoch, "train_loss": train_loss, **record, "lr": lr,
+                      "seconds": time.time() - start}
+            on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last))
+            if patience > 0 and epoch - tr.best_epoch >= patience:
+                stopped_early = True
+                if ctx.is_master:
+                    tqdm.write(f"early stopping: {monitor} has not improved for {patience} epochs "
+                               f"(best {tr.best_metric:.4f} at epoch {tr.best_epoch})")
+        checksum = weights_checksum(tr.model, ctx)
+        if tracker is not None:
+            tracker.summary({"best_epoch": tr.best_epoch, f"best_{monitor}": tr.best_metric})
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    written = [p for p in (run_dir / CONFIG_NAME, last, best, tracker.jsonl if tracker else None)
+               if p is not None and p.exists()]
+    return FitResult(run_dir, tr.epoch, tr.best_epoch, tr.best_metric, monitor, stopped_early,
+                     written, checksum)
+
+
+def _end_of_epoch(tr: Trainer, cfg: dict, tracker: Tracker, record: dict, is_best: bool,
+                  best: Path, last: Path) -> None:
+    """Log, then `best`, then `last`: whatever moment a kill comes, resuming from `last`
+    redoes exactly the epochs whose records or `best` weights might not have been written."""
+    tracker.log_epoch(record)
+    state = checkpoint_dict(tr, cfg)
+    if is_best:
+        save_checkpoint(best, state)
+    save_checkpoint(last, state)
+    tqdm.write(format_epoch(record, cfg["training"]["epochs"], is_best))
+
+
+def format_epoch(r: dict, epochs: int, is_best: bool) -> str:
+    return (f"epoch {r['epoch']}/{epochs}  train_loss {r['train_loss']:.4f}  val_loss "
+            f"{r['val_loss']:.4f}  t2a mAP@10 {r['val_t2a_mAP@10']:.4f}  R@1 {r['val_t2a_R@1']:.4f}  "
+            f"R@10 {r['val_t2a_R@10']:.4f}  lr {r['lr']:.2e}  {r['seconds']:.1f}s"
+            + ("  *best" if is_best else ""))
+
+
+# --------------------------------------------------------------------------- trained runs
+
+def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", overrides=()
+                       ) -> tuple[torch.nn.Module, dict, dict]:
+    """A trained run's model in eval mode, its config, and the tid -> table-row mapping.
+
+    The config is read back from the run directory (plus `overrides`, e.g. a moved
+    paths.dataset_dir); the caption table is rebuilt from its `text_encoder.embeddings` file.
+    """
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
+    cfg = load_config(run_dir / CONFIG_NAME, overrides)
+    path = checkpoint_path(run_dir, which)
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {path})")
+    state = load_checkpoint(path)
+    table, tid2row = load_text_table(cfg["paths"]["dataset_dir"], cfg["text_encoder"]["embeddings"])
+    embeddings_path = Path(cfg["paths"]["dataset_dir"]) / cfg["text_encoder"]["embeddings"]
+    if "text_embed_dim" in state:
+        check_text_dim(state, path, table, embeddings_path)
+    model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: does not fit the model of {run_dir / CONFIG_NAME} "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    return model.to(device).eval(), cfg, tid2row
