@@ -28,6 +28,8 @@ def test_overrides_are_yaml_parsed(repo):
 def test_keys_containing_dots_can_be_overridden(repo):
     cfg = load_config(repo / "conf.yaml", ["download.clotho_files.clotho_captions_evaluation.csv=abc"])
     assert cfg["download"]["clotho_files"]["clotho_captions_evaluation.csv"] == "abc"
+    cfg = load_config(repo / "conf.yaml", ["download.panns_files.Cnn14_mAP=0.431.pth=abc"])
+    assert cfg["download"]["panns_files"]["Cnn14_mAP=0.431.pth"] == "abc"
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -85,14 +85,25 @@ def _split_dotted(cfg: dict, dotted: str) -> list[str]:
         rest, node = rest[len(str(match)) + 1:], node[match]
 
 
+def _split_assignment(cfg: dict, item: str) -> tuple[str, str]:
+    """Split `key=value` at the first `=` whose left side is a known key (keys may hold `=`)."""
+    positions = [i for i, ch in enumerate(item) if ch == "="]
+    for i in positions:
+        try:
+            _split_dotted(cfg, item[:i].strip().lstrip("-"))
+        except ConfigError:
+            continue
+        return item[:i].strip().lstrip("-"), item[i + 1:]
+    return item[:positions[0]].strip().lstrip("-"), item[positions[0] + 1:]
+
+
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     """Apply `dotted.key=value` strings; each value is parsed as YAML (`2`, `true`, `[a, b]`)."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-        dotted, raw = item.split("=", 1)
-        dotted = dotted.strip().lstrip("-")
+        dotted, raw = _split_assignment(cfg, item)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
