@@ -1,0 +1,119 @@
+"""--resume: a run killed with SIGKILL mid-epoch ends exactly as an uninterrupted one."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.test_training import error_line, main_in_process, script_env, train_in_process
+from tests.tiny_data import REPO, make_tiny_features, tiny_config
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config, save_config
+from utils.runs import new_run_dir
+from utils.tracking import read_jsonl
+
+EPOCHS = 3
+
+
+@pytest.fixture
+def conf(tmp_path):
+    # 32 training clips x 5 captions / batch 8 = 20 steps an epoch: long enough to kill mid-epoch
+    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))
+    return tiny_config(tmp_path, {"training": {"epochs": EPOCHS, "num_workers": 0, "max_frames": 80}})
+
+
+def _epoch_of(path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "outputs"
+    # the reference run goes on alongside the one we kill
+    reference = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "ref"],
+                                 cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "killed"],
+                              cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    last = out / "killed" / "checkpoints" / "last.pt"
+    started = time.time()
+    try:
+        while not last.exists():
+            assert victim.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() - started < 120, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        first_epoch = time.time() - started  # start-up + one epoch: > half an epoch
+        time.sleep(min(first_epoch / 4, 3.0))
+        assert victim.poll() is None, "the run finished before it could be killed"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    killed_at = _epoch_of(last)
+    assert 1 <= killed_at < EPOCHS
+
+    resumed = main_in_process(monkeypatch, capsys, "--resume", out / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {killed_at}" in resumed.stdout
+    _, ref_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, ref_err
+
+    records = read_jsonl(out / "killed" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))  # each epoch exactly once
+    state = load_checkpoint(last)
+    ref = load_checkpoint(out / "ref" / "checkpoints" / "last.pt")
+    assert state["epoch"] == ref["epoch"] == EPOCHS
+    # Same seed, workers = 0, CPU: the resumed run is the uninterrupted run, bit for bit.
+    for key, value in ref["model"].items():
+        torch.testing.assert_close(state["model"][key], value, rtol=0, atol=1e-5, msg=key)
+    ref_records = read_jsonl(out / "ref" / "metrics.jsonl")
+    for a, b in zip(records, ref_records):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert state["best_epoch"] == ref["best_epoch"]
+    assert state["best_metric"] == pytest.approx(ref["best_metric"], abs=1e-6)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(conf, tmp_path, monkeypatch, capsys):
+    cfg = load_config(conf, ["training.epochs=1"])
+    run = new_run_dir(cfg, "early")  # what a run killed during epoch 1 leaves behind
+    save_config(cfg, run)
+    proc = main_in_process(monkeypatch, capsys, "--resume", run)
+    assert proc.returncode == 0, proc.stderr
+    assert _epoch_of(run / "checkpoints" / "last.pt") == 1
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_resume_of_a_finished_run_trains_nothing_more(conf, tmp_path, monkeypatch, capsys):
+    run = train_in_process(conf, "done", ["training.epochs=1"]).run_dir
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    proc = main_in_process(monkeypatch, capsys, "--resume", run)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained 1/1 epochs" in proc.stdout
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    # ... and more epochs may be asked for; the saved config follows
+    proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert _epoch_of(run / "checkpoints" / "last.pt") == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 2
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "text"])
+def test_corrupt_checkpoint_is_refused_and_kept(conf, tmp_path, monkeypatch, capsys, corruption):
+    run = train_in_process(conf, "c", ["training.epochs=1"]).run_dir
+    last = run / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    bad = data[: len(data) // 2] if corruption == "truncated" else b"not a checkpoint\n"
+    last.write_bytes(bad)
+    files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = main_in_process(monkeypatch, capsys, "--resume", run)
+    assert f"{last}: not a readable checkpoint" in error_line(proc)
+    assert last.read_bytes() == bad  # nothing deleted or rewritten
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
