@@ -72,19 +72,37 @@ def distributed(device_setting: str) -> Iterator[tuple[DistContext, torch.device
         dist.destroy_process_group()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the sum of all ranks' gradients for its slice.
+
+    (An all-reduce of the gathered gradient, then this rank's slice: works on every backend.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """`[B, ...]` on each rank -> `[world*B, ...]` (rank order), differentiable w.r.t. the local part.
 
     The backward pass sums every rank's gradient for this rank's slice. Every rank computes the
     same global-batch loss, so the summed gradient is world_size x the true one, which DDP's
     gradient averaging then divides back out: the update equals a single-process step on the
-    global batch.
+    global batch (tests/test_ddp.py checks this). Every rank must pass the same B.
     """
     if not ctx.enabled:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 def gather(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -125,7 +143,7 @@ def on_master(ctx: DistContext, fn: Callable[[], T]) -> T:
 def sync_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
     """Copy rank 0's persistent buffers (BatchNorm statistics) to every rank.
 
-    DDP runs with broadcast_buffers=False so the frozen caption table (a large non-persistent
+    DDP runs with forward_sync_buffers=False so the frozen caption table (a large non-persistent
     buffer) is not broadcast every step; the running statistics are synced here once an epoch,
     so every rank ends the epoch with identical weights.
     """

@@ -392,7 +392,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     if ctx.enabled:
         tr.train_model = torch.nn.parallel.DistributedDataParallel(
             tr.model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
     tracker = Tracker(cfg, run_dir) if ctx.is_master else None
