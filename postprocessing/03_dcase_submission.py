@@ -1,0 +1,64 @@
+"""DCASE challenge submission: rank an unlabelled retrieval set's clips for every caption.
+
+Input: a folder of wavs (--audio-dir) and a CSV with a `caption` column (--captions, like the
+challenge's retrieval_captions.csv). Log-mels are computed as preprocessing/02 does, captions
+embedded with the run's sbert.model as preprocessing/03 does, both encoded by the trained model.
+Output: `caption,file_name_1,...,file_name_10` (default <run>/submission.csv). Unreadable wavs
+stop the step (all listed) unless data.skip_bad_audio, which skips them and lists them in
+<output>.skipped_audio.csv.
+"""
+from pathlib import Path
+
+import utils.cli
+from utils import evaluation
+from utils.errors import UserError
+from utils.runs import load_run_config, resolve_run_dir
+from utils.train_utils import load_trained_model
+
+
+def setting(cli_value, key: str, *cfgs) -> str:
+    """--option, else eval.submission.<key> of the run config, else of --conf."""
+    if cli_value:
+        return cli_value
+    for cfg in cfgs:
+        value = cfg.get("eval", {}).get("submission", {}).get(key)
+        if value:
+            return value
+    raise UserError(f"pass --{key.replace('_', '-')} (or set eval.submission.{key})")
+
+
+def main():
+    parser = utils.cli.make_parser(__doc__)
+    parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
+    parser.add_argument("--audio-dir", help="folder with the retrieval set's audio files")
+    parser.add_argument("--captions", help="CSV with a `caption` column")
+    parser.add_argument("--out", help="output CSV (default: <run>/submission.csv)")
+    args, conf_cfg = utils.cli.parse(parser)
+    run_dir = resolve_run_dir(args.run, conf_cfg)
+    cfg = load_run_config(run_dir, args.overrides)
+    audio_dir = Path(setting(args.audio_dir, "audio_dir", cfg, conf_cfg))
+    captions_csv = Path(setting(args.captions, "captions", cfg, conf_cfg))
+    out = Path(args.out) if args.out else Path(run_dir) / "submission.csv"
+
+    # cheap input checks before any model is loaded
+    captions = evaluation.read_caption_csv(captions_csv)
+    files = evaluation.list_audio_files(audio_dir)
+    device = evaluation.resolve_device(cfg["eval"].get("device", "auto"))
+    model, cfg, _ = load_trained_model(run_dir, cfg["eval"]["checkpoint"], device, args.overrides)
+
+    audio = evaluation.encode_audio_files(model, files, cfg["features"], device,
+                                          skip_bad=cfg["data"]["skip_bad_audio"],
+                                          amp=cfg["training"]["amp"])
+    text = evaluation.embed_texts(cfg, model, captions, device)
+    top, _ = evaluation.rank_clips(text, audio.embeds, cfg["eval"]["top_k"])
+    evaluation.write_retrieval_csv(out, captions, audio.fnames, top, cfg["eval"]["top_k"])
+    print(f"ranked {len(audio.fnames)} clips for {len(captions)} captions")
+    print(f"wrote {out}")
+    if audio.bad:
+        report = out.with_name(out.name + ".skipped_audio.csv")
+        evaluation.write_skipped_report(report, audio.bad)
+        print(f"skipped {len(audio.bad)} unusable audio file(s); wrote {report}")
+
+
+if __name__ == "__main__":
+    utils.cli.run(main)

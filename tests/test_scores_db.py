@@ -1,0 +1,199 @@
+"""utils.scores_db: schema, atomic split writes, exact round trips, indexes, run identity."""
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from utils import evaluation, scores_db
+from utils.errors import UserError
+from utils.metrics import rank_of_first_relevant
+
+NASTY = [
+    "Robert'); DROP TABLE scores;--",
+    'a "quoted" dog; barks',
+    "SELECT * FROM captions WHERE 1=1 OR ''='",
+    "semi;colons;;and 'single' quotes",
+    "unicode: café – 鳥のさえずり \\ backslash\nnewline",
+    "   leading and trailing spaces   ",
+]
+META = {"schema_version": scores_db.SCHEMA_VERSION, "run": "run-a", "config_sha1": "c1",
+        "checkpoint": "best", "checkpoint_epoch": "3", "checkpoint_sha1": "k1"}
+
+
+def make_split(split="evaluation", n_clips=4, per_clip=3, seed=0, captions=None) -> scores_db.ScoredSplit:
+    rng = np.random.default_rng(seed)
+    q = n_clips * per_clip
+    caption_clip = np.repeat(np.arange(n_clips), per_clip)
+    caps = captions or [f"caption {i}" for i in range(q)]
+    caps = (caps * q)[:q]
+    return scores_db.ScoredSplit(
+        split=split, fids=[f"fid{i}" for i in range(n_clips)], fnames=[f"clip {i}.wav" for i in range(n_clips)],
+        tids=[f"tid{i}" for i in range(q)], captions=caps, caption_clip=caption_clip,
+        scores=rng.standard_normal((q, n_clips)).astype(np.float32))
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "scores.db"
+    conn = scores_db.open_for_write(path, META)
+    yield path, conn
+    conn.close()
+
+
+def count(conn, table, split=None):
+    if split is None:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    return conn.execute(f"SELECT count(*) FROM {table} JOIN splits USING (split_id) WHERE split = ?",
+                        (split,)).fetchone()[0]
+
+
+def test_roundtrip_exact_with_nasty_captions(db):
+    path, conn = db
+    s = make_split(captions=NASTY)
+    scores_db.write_split(conn, s)
+    back = scores_db.read_split(conn, "evaluation")
+    assert back.captions == s.captions  # byte-exact, quotes/semicolons/SQL included
+    assert back.fnames == s.fnames and back.fids == s.fids and back.tids == s.tids
+    np.testing.assert_array_equal(back.caption_clip, s.caption_clip)
+    np.testing.assert_array_equal(back.scores, s.scores)  # float32 exact
+    assert {"scores", "clips", "captions", "splits", "meta", "t2a_ranks"} <= {
+        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    # every pair is a row, equal to the matrix entry
+    rows = conn.execute("SELECT caption, clip, score FROM scores").fetchall()
+    assert len(rows) == s.scores.size
+    for q, c, v in rows:
+        assert np.float32(v) == s.scores[q, c]
+    raw = conn.execute("SELECT raw_text FROM captions ORDER BY caption").fetchall()
+    assert [r[0] for r in raw] == s.captions
+
+
+def test_rerun_replaces_split_and_keeps_others(db):
+    path, conn = db
+    scores_db.write_split(conn, make_split("validation", seed=1))
+    scores_db.write_split(conn, make_split("evaluation", seed=2))
+    before = {t: count(conn, t) for t in ("scores", "clips", "captions", "splits")}
+    new = make_split("evaluation", seed=3)
+    scores_db.write_split(conn, new)
+    assert {t: count(conn, t) for t in before} == before
+    np.testing.assert_array_equal(scores_db.read_matrix(conn, "evaluation"), new.scores)
+    np.testing.assert_array_equal(scores_db.read_matrix(conn, "validation"), make_split("validation", seed=1).scores)
+    assert scores_db.stored_splits(conn) == ["validation", "evaluation"]
+
+
+def test_failed_write_leaves_previous_split(db):
+    path, conn = db
+    old = make_split(seed=1)
+    scores_db.write_split(conn, old)
+    bad = make_split(seed=2)
+    bad.captions = bad.captions[:-1] + [None]  # NOT NULL violation in the middle of the insert
+    with pytest.raises(sqlite3.IntegrityError):
+        scores_db.write_split(conn, bad)
+    np.testing.assert_array_equal(scores_db.read_matrix(conn, "evaluation"), old.scores)
+    assert count(conn, "scores") == old.scores.size
+
+
+def test_lookups_use_indexes(db):
+    path, conn = db
+    scores_db.write_split(conn, make_split("validation"))
+    scores_db.write_split(conn, make_split("evaluation", n_clips=6))
+    conn.close()
+    conn = sqlite3.connect(path)  # a fresh reader, as a user would open it
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "scores_by_clip" in names
+    per_clip = " ".join(r[3] for r in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT caption, score FROM scores WHERE split_id = ? AND clip = ?", (2, 1)))
+    per_caption = " ".join(r[3] for r in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT clip, score FROM scores WHERE split_id = ? AND caption = ?", (2, 1)))
+    assert "USING INDEX scores_by_clip (split_id=? AND clip=?)" in per_clip
+    assert "USING PRIMARY KEY (split_id=? AND caption=?)" in per_caption
+    s = make_split("evaluation", n_clips=6)
+    assert [v for _, v in scores_db.clip_scores(conn, "evaluation", 2)] == pytest.approx(s.scores[:, 2].tolist())
+    assert [v for _, v in scores_db.caption_scores(conn, "evaluation", 5)] == pytest.approx(s.scores[5].tolist())
+    conn.close()
+
+
+def test_other_run_is_detected_and_overwrite_replaces(db, tmp_path):
+    path, conn = db
+    scores_db.write_split(conn, make_split())
+    conn.close()
+    other = dict(META, run="run-b")
+    with pytest.raises(UserError, match="another run.*remove it or pass --overwrite"):
+        scores_db.open_for_write(path, other)
+    with pytest.raises(UserError, match="does not belong"):
+        scores_db.open_for_read(path, dict(META, checkpoint_sha1="k2"))
+    conn = scores_db.open_for_write(path, other, overwrite=True)
+    assert scores_db.stored_splits(conn) == []
+    assert scores_db.read_meta(conn, path)["run"] == "run-b"
+    conn.close()
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "scores.db"
+    path.write_text("not a database at all")
+    with pytest.raises(UserError, match="not a scores database"):
+        scores_db.open_for_write(path, META)
+
+
+def test_empty_split_and_missing_split(db):
+    path, conn = db
+    with pytest.raises(UserError, match="split 'evaluation': 0 captions and 0 clips"):
+        scores_db.write_split(conn, scores_db.ScoredSplit("evaluation", [], [], [], [],
+                                                          np.zeros(0, np.int64), np.zeros((0, 0), np.float32)))
+    with pytest.raises(UserError, match="split 'development' was not scored"):
+        scores_db.read_split(conn, "development")
+
+
+def test_non_finite_scores_refused(db):
+    path, conn = db
+    s = make_split()
+    s.scores[1, 2] = np.nan
+    with pytest.raises(UserError, match="non-finite"):
+        scores_db.write_split(conn, s)
+
+
+def test_wide_split_uses_several_statements(db, monkeypatch):
+    path, conn = db
+    monkeypatch.setattr(scores_db, "MAX_ROW_BLOCK", 3)  # 7 clips -> blocks of 3, 3, 1
+    s = make_split(n_clips=7, per_clip=2)
+    scores_db.write_split(conn, s)
+    np.testing.assert_array_equal(scores_db.read_matrix(conn, "evaluation"), s.scores)
+
+
+def test_t2a_ranks_table(db):
+    path, conn = db
+    s = make_split(captions=NASTY)
+    scores_db.write_split(conn, s)
+    ranks = rank_of_first_relevant(s.scores, s.relevance())
+    scores_db.write_t2a_ranks(conn, "evaluation", ranks)
+    scores_db.write_t2a_ranks(conn, "evaluation", ranks)  # rerun replaces
+    rows = conn.execute("SELECT caption, tid, fname, rank FROM t2a_ranks ORDER BY caption").fetchall()
+    assert [r[3] for r in rows] == ranks.tolist()
+    assert [r[2] for r in rows] == [s.fnames[c] for c in s.caption_clip]
+    named = conn.execute("SELECT raw_text FROM t2a_ranks_named ORDER BY caption").fetchall()
+    assert [r[0] for r in named] == s.captions
+
+
+def test_top_k_agrees_with_rank_rule_under_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(40, 25)).astype(np.float32)  # many ties
+    top = evaluation.top_k_indices(scores, 10)
+    ref = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(top, ref)
+    rel = np.zeros_like(scores, dtype=bool)
+    rel[np.arange(40), rng.integers(0, 25, 40)] = True
+    ranks = rank_of_first_relevant(scores, rel)
+    full = np.argsort(-scores, axis=1, kind="stable")
+    for q in range(40):
+        assert full[q, ranks[q] - 1] == np.flatnonzero(rel[q])[0]
+    assert evaluation.top_k_indices(scores[:, :4], 10).shape == (40, 4)
+
+
+def test_config_hash_ignores_eval_and_wandb():
+    cfg = {"seed": 0, "paths": {"dataset_dir": "d", "output_dir": "o"}, "eval": {"splits": ["a"]},
+           "wandb": {"mode": "auto"}}
+    same = {"seed": 0, "paths": {"dataset_dir": "d", "output_dir": "elsewhere"},
+            "eval": {"splits": ["b"]}, "wandb": {"mode": "disabled"}}
+    assert scores_db.config_sha1(cfg) == scores_db.config_sha1(same)
+    assert scores_db.config_sha1(cfg) != scores_db.config_sha1(dict(cfg, seed=1))
