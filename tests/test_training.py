@@ -1,6 +1,7 @@
 """main.py and utils.train_utils on tiny data: a run, its files, and every bad input."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import runpy
@@ -52,15 +53,26 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Like the subprocesses (OMP_NUM_THREADS=1), then back to the suite's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main_in_process(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
     """Run main.py's __main__ inside pytest (no interpreter start-up): exit code and output."""
     monkeypatch.setattr(sys, "argv", ["main.py", *map(str, args)])
     monkeypatch.chdir(REPO)
-    torch.set_num_threads(1)
     capsys.readouterr()
     code = 0
     try:
-        runpy.run_path(str(REPO / "main.py"), run_name="__main__")
+        with one_thread():
+            runpy.run_path(str(REPO / "main.py"), run_name="__main__")
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
@@ -79,8 +91,8 @@ def train_in_process(conf: Path, name: str, overrides=()) -> tu.FitResult:
     data = tu.load_training_data(cfg)
     run_dir = new_run_dir(cfg, name)
     save_config(cfg, run_dir)
-    torch.set_num_threads(1)
-    return tu.fit(cfg, run_dir, data, DistContext(), torch.device("cpu"))
+    with one_thread():
+        return tu.fit(cfg, run_dir, data, DistContext(), torch.device("cpu"))
 
 
 @pytest.fixture

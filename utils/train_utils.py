@@ -283,9 +283,9 @@ def improved(monitor: str, value: float, best: float | None) -> bool:
 def nonfinite_loss_error(epoch: int, step: int, value: float, audio: torch.Tensor,
                          clip_ids: torch.Tensor, dataset: CaptionDataset) -> UserError:
     """A one-line error that says where the loss broke and the likeliest cause."""
-    bad = ~torch.isfinite(audio.float()).flatten(1).all(dim=1)
+    bad = (~torch.isfinite(audio.float()).flatten(1).all(dim=1)).cpu()  # [B]
     if bad.any():
-        fids = sorted({dataset.fids[int(c)] for c in clip_ids[bad.cpu()].tolist()})
+        fids = sorted({dataset.fids[int(c)] for c in clip_ids.cpu()[bad].tolist()})
         cause = (f"the log-mels of fid {', '.join(fids[:3])} in "
                  f"{logmels_path(dataset.dataset_dir, dataset.split)} contain NaN/inf — rerun "
                  "preprocessing/02_audio_logmel.py")
@@ -383,6 +383,9 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     """Train epochs `resume_state['epoch'] + 1 .. training.epochs` (all of them for a new run)."""
     t = cfg["training"]
     seed_everything(cfg["seed"] + ctx.rank)
+    # Cropped clips give one input shape, which cuDNN's autotuner pays off on; whole clips of
+    # varying length would make it re-tune for every new length.
+    torch.backends.cudnn.benchmark = device.type == "cuda" and t["max_frames"] > 0
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
     if resume_state is not None:
         # Rank 0 continues its saved RNG streams; the others get fresh, distinct ones.
