@@ -1,0 +1,89 @@
+"""The whole chain through the real scripts, as `make demo` runs it, on a tiny generated dataset.
+
+00_make_demo_dataset -> run.sh stages 1..7 (01 captions, 02 log-mels, 03 sentence embeddings,
+04 transfer (nothing to do: init random), main.py, postprocessing 01 scores, 02 metrics).
+"""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+
+from utils.io_utils import load_pickle
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("development", "validation", "evaluation")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    conf = tmp / "tiny_demo.yaml"
+    conf.write_text(yaml.safe_dump({
+        "base": str(REPO / "conf_demo.yaml"),
+        "paths": {"dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "outputs"),
+                  "pretrained_dir": str(tmp / "pretrained")},
+        "demo": {"sizes": {"development": 8, "validation": 4, "evaluation": 4},
+                 "min_seconds": 1.5, "max_seconds": 2.0, "workers": 1},
+        "features": {"workers": 1},
+        "audio_encoder": {"channels": [4, 8, 8, 16, 16, 16]},
+        "training": {"epochs": 1, "batch_size": 8, "num_workers": 0},
+        "wandb": {"mode": "disabled"},
+    }))
+    env = {**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "disabled"}
+    steps = [
+        [sys.executable, "preprocessing/00_make_demo_dataset.py", "--conf", str(conf)],
+        ["bash", "run.sh", "--conf", str(conf), "--stage", "1", "--stop-stage", "7"],
+    ]
+    outputs = []
+    for cmd in steps:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        outputs.append(proc.stdout)
+    runs = [p for p in (tmp / "outputs").iterdir() if p.is_dir()]
+    assert len(runs) == 1
+    return tmp / "data", runs[0], "\n".join(outputs)
+
+
+def test_preprocessing_writes_every_file_between_steps(pipeline):
+    data, _, _ = pipeline
+    info = load_pickle(data / "audio_info.pkl")
+    assert set(info["audio_fid2fname"]) == set(SPLITS)
+    embeds = load_pickle(data / "sbert_embeds.pkl")
+    for split, n_clips in zip(SPLITS, (8, 4, 4)):
+        assert len(info["audio_fid2fname"][split]) == n_clips
+        text = (data / f"{split}_text.csv").read_text(encoding="utf-8").splitlines()
+        assert text[0] == "tid,fid,fname,raw_text,text,tokens" and len(text) == 1 + 5 * n_clips
+        with h5py.File(data / f"{split}_audio_logmels.hdf5", "r") as h5:
+            assert set(h5) == set(info["audio_fid2fname"][split])
+            assert all(h5[fid].shape[1] == 64 and h5[fid].dtype == "float32" for fid in h5)
+    assert len(embeds) == 5 * 16 and next(iter(embeds.values())).shape == (384,)
+    assert (data / "vocab_info.pkl").is_file()
+    for step in ("00_make_demo_dataset", "01_clotho_dataset", "02_audio_logmel", "03_sbert_embeddings"):
+        assert (data / f"config.{step}.yaml").is_file(), step
+
+
+def test_training_and_evaluation_write_the_run_directory(pipeline):
+    _, run, stdout = pipeline
+    for name in ("config.yaml", "checkpoints/best.pt", "checkpoints/last.pt", "metrics.jsonl",
+                 "scores.db", "metrics.json", "validation.t2a_retrieval.csv",
+                 "evaluation.t2a_retrieval.csv", "evaluation.t2a_ranks.csv"):
+        assert (run / name).is_file(), name
+    assert list((run / "plots").glob("*.png"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"validation", "evaluation"}
+    for split in metrics.values():
+        for direction in ("t2a", "a2t"):
+            assert set(split[direction]) == {"mAP@10", "R@1", "R@5", "R@10"}
+            assert all(0.0 <= v <= 1.0 for v in split[direction].values())
+    with sqlite3.connect(run / "scores.db") as db:
+        (pairs,) = db.execute("SELECT COUNT(*) FROM scores").fetchone()
+    assert pairs == 4 * 20 * 2  # clips x captions, validation + evaluation
+    header = (run / "evaluation.t2a_retrieval.csv").read_text().splitlines()[0]
+    assert header == "caption," + ",".join(f"file_name_{i}" for i in range(1, 11))
+    assert "mAP@10" in stdout  # the metrics table is printed
