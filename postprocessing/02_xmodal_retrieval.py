@@ -29,18 +29,19 @@ def main():
     meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
     db_path = Path(run_dir) / SCORES_DB
     conn = scores_db.open_for_read(db_path, meta)
-    metrics, curves, written = {}, {}, []
+    metrics, chance, curves, written = {}, {}, {}, []
     try:
         for split in cfg["eval"]["splits"]:
             s = scores_db.read_split(conn, split, db_path)
             r = evaluation.evaluate_split(s, top_k=top_k)
             metrics[split], curves[split] = r.metrics, r.curves
+            chance[split] = evaluation.split_chance(s)
             scores_db.write_t2a_ranks(conn, split, r.ranks)
             written += evaluation.write_split_files(run_dir, s, r, top_k)
     finally:
         scores_db.close(conn)
     written.append(evaluation.write_metrics_json(Path(run_dir) / METRICS_JSON, metrics))
-    print(evaluation.format_table(metrics))
+    print(evaluation.format_table(metrics, chance))
 
     plots = Path(run_dir) / "plots"
     if (Path(run_dir) / METRICS_JSONL).is_file():

@@ -130,3 +130,18 @@ def test_shape_dtype_and_nan_errors():
     scores[2, 1] = np.nan
     with pytest.raises(ValueError, match="query 2 contain NaN"):
         retrieval_metrics(scores, relevant)
+
+
+def test_chance_metrics_match_the_average_over_random_rankings():
+    from utils.metrics import chance_metrics, retrieval_metrics
+
+    rng = np.random.default_rng(3)
+    n_clips, per_clip = 12, 5
+    clip_of = np.repeat(np.arange(n_clips), per_clip)
+    t2a = clip_of[:, None] == np.arange(n_clips)[None, :]
+    for relevant in (t2a, t2a.T.copy()):
+        runs = [retrieval_metrics(rng.random(relevant.shape), relevant) for _ in range(3000)]
+        expected = chance_metrics(relevant)
+        for name, value in expected.items():
+            assert abs(np.mean([r[name] for r in runs]) - value) < 0.01, name
+    assert chance_metrics(t2a)["R@10"] == 10 / 12

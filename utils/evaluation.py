@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.io_utils import atomic_open, atomic_path
-from utils.metrics import METRIC_NAMES, rank_of_first_relevant, recall_curve, retrieval_metrics
+from utils.metrics import (METRIC_NAMES, chance_metrics, rank_of_first_relevant, recall_curve,
+                           retrieval_metrics)
 from utils.scores_db import ScoredSplit, file_sha1
 
 DIRECTIONS = ("t2a", "a2t")
@@ -94,12 +95,22 @@ def t2a_ranks(s: ScoredSplit) -> np.ndarray:
     return rank_of_first_relevant(s.scores, s.relevance())
 
 
-def format_table(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A plain-text table: one line per split and direction."""
+def split_chance(s: ScoredSplit) -> dict[str, dict[str, float]]:
+    """The chance level of each direction (expected metrics of a random ranking)."""
+    rel = s.relevance()
+    return {"t2a": chance_metrics(rel), "a2t": chance_metrics(rel.T)}
+
+
+def format_table(metrics: dict[str, dict[str, dict[str, float]]],
+                 chance: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
+    """A plain-text table: one line per split and direction (plus its chance level if given)."""
     lines = [f"{'split':<12} {'dir':<4} " + " ".join(f"{m:>7}" for m in METRIC_NAMES)]
     for split, by_dir in metrics.items():
         for d in DIRECTIONS:
             lines.append(f"{split:<12} {d:<4} " + " ".join(f"{by_dir[d][m]:7.4f}" for m in METRIC_NAMES))
+            if chance and split in chance:
+                lines.append(f"{'  (chance)':<12} {d:<4} "
+                             + " ".join(f"{chance[split][d][m]:7.4f}" for m in METRIC_NAMES))
     return "\n".join(lines)
 
 

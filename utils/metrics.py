@@ -123,3 +123,22 @@ def rank_of_first_relevant(scores, relevant) -> np.ndarray:
     best = np.full(n_queries, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(best, q_idx, ranks)
     return best
+
+
+def chance_metrics(relevant) -> dict[str, float]:
+    """Expected `retrieval_metrics` under a uniformly random ranking (the chance level).
+
+    For a query with m relevant among C candidates, the item at rank r is relevant with
+    probability m/C, and then the expected hits up to r are 1 + (r - 1)(m - 1)/(C - 1).
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    n_cand = relevant.shape[1]
+    m = relevant.sum(axis=1).astype(np.float64)  # [Q]
+    if (m == 0).any():
+        raise ValueError("every query needs at least one relevant candidate")
+    out = {f"R@{k}": min(k, n_cand) / n_cand for k in (1, 5, 10)}
+    r = np.arange(1, min(10, n_cand) + 1, dtype=np.float64)[None, :]  # [1, R]
+    others = (r - 1) * (m[:, None] - 1) / max(n_cand - 1, 1)
+    ap = ((1.0 + others) / r).sum(axis=1) / n_cand  # [Q]
+    out["mAP@10"] = float(ap.mean())
+    return {name: out[name] for name in METRIC_NAMES}
