@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import random
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
