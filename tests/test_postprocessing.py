@@ -28,6 +28,7 @@ from utils.data_utils import encode_split, relevance
 from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path
 from utils.train_utils import load_trained_model
+from tests.cli_helpers import error_line
 
 SCORES = "postprocessing/01_xmodal_scores.py"
 RETRIEVAL = "postprocessing/02_xmodal_retrieval.py"
@@ -74,15 +75,6 @@ def run_script(script: str, *args, subproc: bool = False, monkeypatch=None, caps
         code = e.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """A user error: exit 2, exactly one `error:` line on stderr, no traceback."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models.core import build_model
-from tests.test_postprocessing import error_line, make_run, run_script
+from tests.cli_helpers import error_line
+from tests.test_postprocessing import make_run, run_script
 from utils import evaluation
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from tests.test_training import error_line, main_in_process, script_env, train_in_process
+from tests.cli_helpers import error_line
+from tests.test_training import main_in_process, script_env, train_in_process
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config, save_config

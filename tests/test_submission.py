@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_postprocessing import error_line, make_run, run_script
+from tests.cli_helpers import error_line
+from tests.test_postprocessing import make_run, run_script
 from tests.wav_fixtures import write_text_as_wav, write_wav, write_zero_length
 
 SUBMISSION = "postprocessing/03_dcase_submission.py"

@@ -23,6 +23,7 @@ from utils.dist_utils import DistContext
 from utils.runs import new_run_dir
 from utils.errors import UserError
 from utils.tracking import read_jsonl
+from tests.cli_helpers import error_line
 
 RECORD_KEYS = {"epoch", "train_loss", "val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5",
                "val_t2a_R@10", "lr", "seconds"}
@@ -42,15 +43,6 @@ def script_env() -> dict:
 def run_main(*args, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=script_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The user-facing error: exit 2 and exactly one line on stderr (no traceback)."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 @contextlib.contextmanager

@@ -78,9 +78,14 @@ def load_pickle(path: str | Path):
         raise UserError(f"{path}: not a valid pickle of plain data ({e})") from None
 
 
-def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def file_digest(path: str | Path, algorithm: str = "md5", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file, read in chunks (archives and checkpoints are large)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def md5sum(path: str | Path) -> str:
+    return file_digest(path, "md5")

@@ -4,7 +4,6 @@ Rendered with matplotlib's Agg backend (no display needed), written atomically a
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,34 +15,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from utils.errors import UserError  # noqa: E402
 from utils.io_utils import atomic_path  # noqa: E402
+from utils.tracking import read_jsonl  # noqa: E402
 
 DIRECTIONS = {"t2a": "text → audio", "a2t": "audio → text"}
 
 
 def read_metrics_jsonl(path: str | Path) -> list[dict]:
-    """The per-epoch records of a run's metrics.jsonl, in file order.
-
-    A line that is not a JSON object is skipped only if it is the last one (an epoch being
-    written when the run was killed); anywhere else it is an error naming the line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    records = []
-    for k, (lineno, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError:
-            if k == len(numbered) - 1:
-                break  # truncated last line of an interrupted run
-            raise UserError(f"{path}, line {lineno}: not a JSON object") from None
-        records.append(record)
+    """The per-epoch records of a run's metrics.jsonl (a truncated last line is skipped)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: file not found")
+    records = read_jsonl(path)
     if not records:
         raise UserError(f"{path}: no epoch records to plot (is the run's first epoch finished?)")
     return records
@@ -72,6 +53,15 @@ def _save(fig, out_png: str | Path) -> Path:
     return out_png
 
 
+def _finish_axes(ax) -> None:
+    """Grid, and a legend, or "no data" on a panel with nothing drawn."""
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
 def plot_training_curves(metrics_jsonl_path: str | Path, out_png: str | Path) -> Path:
     """Two panels from a run's metrics.jsonl: train/val loss per epoch, and validation
     text -> audio mAP@10 per epoch. Missing keys leave gaps. Returns the PNG path."""
@@ -91,11 +81,7 @@ def plot_training_curves(metrics_jsonl_path: str | Path, out_png: str | Path) ->
     ax_map.set(title="Validation text → audio mAP@10", xlabel="epoch", ylabel="mAP@10")
     ax_map.set_ylim(0.0, 1.0)
     for ax in (ax_loss, ax_map):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        _finish_axes(ax)
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -116,10 +102,6 @@ def plot_recall_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], out_
                         clip_on=False)  # points at exactly 0 or 1 stay whole
         ax.set(title=f"{title}: recall@k", xlabel="k", ylabel="recall@k")
         ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        _finish_axes(ax)
     fig.tight_layout()
     return _save(fig, out_png)

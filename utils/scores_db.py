@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.io_utils import file_digest
 
 SCHEMA_VERSION = "1"
 PAGE_SIZE = 65536      # fewer, larger B-tree pages: ~15% faster bulk inserts than 4096
@@ -110,12 +111,8 @@ def config_sha1(cfg: dict) -> str:
     return hashlib.sha1(blob).hexdigest()
 
 
-def file_sha1(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_sha1(path: str | Path) -> str:
+    return file_digest(path, "sha1")
 
 
 def expected_meta(run_dir: str | Path, cfg: dict, checkpoint: str, checkpoint_file: str | Path,

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import uuid
 from pathlib import Path
 
+from utils.errors import UserError
 from utils.runs import METRICS_JSONL, WANDB_ID_FILE
 
 
@@ -32,16 +34,29 @@ def wandb_mode(configured: str) -> str:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a jsonl file; a last line cut short by a crash is ignored."""
+    """The records of a jsonl file in file order ([] if it is missing or empty).
+
+    A line that is not a JSON object is skipped only if it is the last one (written when the run
+    was killed); anywhere else it is an error naming the line."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
         return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for k, (lineno, line) in enumerate(numbered):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if k == len(numbered) - 1:
+                break  # truncated last line of an interrupted run
+            raise UserError(f"{path}, line {lineno}: not a JSON object") from None
+        records.append(record)
     return records
 
 
@@ -58,7 +73,7 @@ class Tracker:
         import wandb  # imported only when used: it is slow to import
 
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             project=cfg["wandb"]["project"], entity=cfg["wandb"]["entity"], id=run_id,
