@@ -77,9 +77,9 @@ def _problem():
 
 def test_gathered_loss_gradient_equals_single_process_global_batch(tmp_path):
     result = tmp_path / "rank0.pt"
-    # fork: the workers need no fresh interpreter (and no second import of torch)
+    # spawn, not fork: forking a process whose OpenMP pool is running can deadlock the child
     mp.start_processes(_gradient_worker, args=(2, free_port(), str(result)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
     got = torch.load(result, weights_only=True)
     x, clip_ids, lin = _problem()
     audio = torch.nn.functional.normalize(lin(x), dim=-1)
