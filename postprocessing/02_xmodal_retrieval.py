@@ -41,7 +41,6 @@ def main():
     finally:
         scores_db.close(conn)
     written.append(evaluation.write_metrics_json(Path(run_dir) / METRICS_JSON, metrics))
-    print(evaluation.format_table(metrics, chance))
 
     plots = Path(run_dir) / "plots"
     if (Path(run_dir) / METRICS_JSONL).is_file():
@@ -57,6 +56,7 @@ def main():
     print(f"updated {db_path} (table t2a_ranks)")
     for path in written:
         print(f"wrote {path}")
+    print(evaluation.format_table(metrics, chance))  # last: what a person looks for
 
 
 if __name__ == "__main__":

@@ -58,7 +58,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf, tmp_path,
     killed_at = _epoch_of(last)
     assert 1 <= killed_at < EPOCHS
 
+    stale = out / "killed" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # a save cut by the kill
+    stale.write_bytes(b"half a checkpoint")
     resumed = main_in_process(monkeypatch, capsys, "--resume", out / "killed")
+    assert not stale.exists()
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {killed_at}" in resumed.stdout
     _, ref_err = reference.communicate(timeout=300)

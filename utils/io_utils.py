@@ -30,6 +30,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temporary files `atomic_path` left in `directory` when a process was killed
+    mid-write (call only when nothing else writes there, e.g. before resuming a run)."""
+    stale = sorted(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:

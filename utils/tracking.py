@@ -79,10 +79,16 @@ class Tracker:
             project=cfg["wandb"]["project"], entity=cfg["wandb"]["entity"], id=run_id,
             resume="allow", dir=str(self.run_dir), config=cfg, mode=self.mode,
             name=self.run_dir.name, tags=cfg["wandb"]["tags"], job_type=job_type)
+        # under `wandb agent` the sweep chooses the id: store the one actually used
+        id_file.write_text(self.run.id + "\n")
         self.run.define_metric("epoch")
         self.run.define_metric("val_*", step_metric="epoch")
         self.run.define_metric("train_loss", step_metric="epoch")
         self.run.define_metric("lr", step_metric="epoch")
+        # a sweep compares runs by the summary: the best epoch, not the last one
+        self.run.define_metric("val_loss", step_metric="epoch", summary="min")
+        for name in ("mAP@10", "R@1", "R@5", "R@10"):
+            self.run.define_metric(f"val_t2a_{name}", step_metric="epoch", summary="max")
 
     def rewind(self, epoch: int) -> None:
         """Forget local records after `epoch` (written before a crash, not in the checkpoint)."""

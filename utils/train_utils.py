@@ -31,6 +31,7 @@ from utils.data_utils import (CaptionDataset, collate_pad, encode_split, load_te
 from utils.dist_utils import (DistContext, gather, gather_with_grad, on_master, sync_buffers,
                               weights_checksum)
 from utils.errors import UserError
+from utils.io_utils import remove_stale_temps
 from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path, is_run_dir
 from utils.tracking import Tracker
@@ -238,6 +239,7 @@ def checkpoint_dict(tr: Trainer, cfg: dict) -> dict:
 def read_resume_checkpoint(run_dir: str | Path) -> dict | None:
     """`checkpoints/last.pt` of a run, or None if it was stopped before its first epoch ended."""
     path = checkpoint_path(run_dir, "last")
+    remove_stale_temps(path.parent)  # half-written saves of the killed process
     if not path.exists():
         return None
     state = load_checkpoint(path)
