@@ -46,7 +46,7 @@ from tqdm import tqdm
 from utils.audio_utils import EPS, AudioError, limit_threads, load_audio, log_mel, log_mel_torch, resolve_device
 from utils.clotho import bad_audio_error, format_bad_audio, read_skipped, resolve_wav, write_skipped
 from utils.errors import UserError
-from utils.io_utils import atomic_path, load_pickle
+from utils.io_utils import atomic_path, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
 FLUSH_SECONDS = 60.0  # also flush a shard after this long, so slow machines keep their work
@@ -123,13 +123,6 @@ def _compute(clip: Clip) -> Result:
 # ---------------------------------------------------------------------------------------------
 # Shards
 
-def _clean_temporaries(folder: Path, prefix: str = ".") -> None:
-    """Remove temporary files a killed run left (atomic_path names them .<name>.<random>.tmp)."""
-    if folder.is_dir():
-        for tmp in folder.glob(f"{prefix}*.tmp"):
-            tmp.unlink(missing_ok=True)
-
-
 def scan_parts(folder: Path, params: dict, log: Callable = print) -> dict[str, tuple[Path, int]]:
     """{fid: (shard path, wav size)} for every finished clip in `folder` with these params.
 
@@ -138,7 +131,7 @@ def scan_parts(folder: Path, params: dict, log: Callable = print) -> dict[str, t
     done: dict[str, tuple[Path, int]] = {}
     if not folder.is_dir():
         return done
-    _clean_temporaries(folder)
+    remove_stale_temps(folder)
     for shard in sorted(folder.glob("shard-*.h5")):
         try:
             with h5py.File(shard, "r") as f:
@@ -267,7 +260,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     folder = parts_dir(dataset_dir, split)
     fids = list(fid2fname)
     out = SplitFeatures(split, final, len(fids))
-    _clean_temporaries(final.parent, f".{final.name}.")
+    remove_stale_temps(final.parent, f"{final.name}.")
     if final.exists():
         complete, why = final_is_complete(final, params, fids, skip_bad_audio)
         if complete:

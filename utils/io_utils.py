@@ -30,10 +30,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Delete the temporary files `atomic_path` left in `directory` when a process was killed
-    mid-write (call only when nothing else writes there, e.g. before resuming a run)."""
-    stale = sorted(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
+def remove_stale_temps(directory: str | Path, name: str = "") -> list[Path]:
+    """Delete the temporary files `atomic_path` left in `directory` (for target `name`, or all)
+    when a process was killed mid-write. Call only when nothing else writes there."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(f".{name}*.tmp")) if directory.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
