@@ -247,15 +247,6 @@ def write_text_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def read_text_csv(path: str | Path) -> list[dict]:
-    """Rows of a `{split}_text.csv` written by step 01, as dicts of strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: not found (run preprocessing/01_clotho_dataset.py first)")
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: bool = False) -> list[SplitSummary]:
     """Step 01 for every split; nothing is written unless every split is usable."""
     dataset_dir = Path(dataset_dir)

@@ -14,15 +14,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
+from utils.data_utils import STEP_01, read_text_csv, text_csv_path
 from utils.errors import UserError
 from utils.io_utils import save_pickle
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = ("all-MiniLM-L6-v2",)
-STEP_01 = "preprocessing/01_clotho_dataset.py"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -119,17 +118,8 @@ def read_captions(dataset_dir: str | Path, splits: list[str]) -> tuple[list[str]
     tids, texts = [], []
     seen: dict[str, Path] = {}
     for split in splits:
-        path = dataset_dir / f"{split}_text.csv"
-        if not path.is_file():
-            raise UserError(f"{path}: not found — run {STEP_01} first")
-        try:  # as strings: captions such as "null" or "NA" must not become NaN
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}) — "
-                            f"rerun {STEP_01}") from None
-        missing = [c for c in ("tid", "raw_text") if c not in df.columns]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(missing)} — rerun {STEP_01}")
+        df = read_text_csv(dataset_dir, split)
+        path = text_csv_path(dataset_dir, split)
         for row, tid in enumerate(df["tid"], start=2):  # row 1 is the header
             if tid in seen:
                 raise UserError(f"{path}: row {row}: tid {tid} already in {seen[tid]} — rerun {STEP_01}")
