@@ -12,6 +12,7 @@ from utils import evaluation, scores_db
 from utils.data_utils import encode_split
 from utils.runs import SCORES_DB, checkpoint_path, load_run_config, resolve_run_dir
 from utils.train_utils import load_trained_model
+from utils.devices import resolve_device
 
 
 def main():
@@ -23,7 +24,7 @@ def main():
     run_dir = resolve_run_dir(args.run, cfg)
     cfg = load_run_config(run_dir, args.overrides)
     which = cfg["eval"]["checkpoint"]
-    device = evaluation.resolve_device(cfg["eval"].get("device", "auto"))
+    device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
     ckpt = checkpoint_path(run_dir, which)
     model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
     meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))

@@ -14,6 +14,7 @@ from utils import evaluation
 from utils.errors import UserError
 from utils.runs import load_run_config, resolve_run_dir
 from utils.train_utils import load_trained_model
+from utils.devices import resolve_device
 
 
 def setting(cli_value, key: str, *cfgs) -> str:
@@ -43,7 +44,7 @@ def main():
     # cheap input checks before any model is loaded
     captions = evaluation.read_caption_csv(captions_csv)
     files = evaluation.list_audio_files(audio_dir)
-    device = evaluation.resolve_device(cfg["eval"].get("device", "auto"))
+    device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
     model, cfg, _ = load_trained_model(run_dir, cfg["eval"]["checkpoint"], device, args.overrides)
 
     audio = evaluation.encode_audio_files(model, files, cfg["features"], device,

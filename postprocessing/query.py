@@ -12,6 +12,7 @@ from utils.data_utils import encode_split
 from utils.errors import UserError
 from utils.runs import checkpoint_path, load_run_config, resolve_run_dir
 from utils.train_utils import load_trained_model
+from utils.devices import resolve_device
 
 
 def main():
@@ -29,7 +30,7 @@ def main():
     run_dir = resolve_run_dir(args.run, cfg)
     cfg = load_run_config(run_dir, args.overrides)
     which = cfg["eval"]["checkpoint"]
-    device = evaluation.resolve_device(cfg["eval"].get("device", "auto"))
+    device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
     model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
     key = evaluation.checkpoint_key(checkpoint_path(run_dir, which))
 

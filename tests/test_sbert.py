@@ -195,7 +195,5 @@ def test_load_pickle_refuses_code(tmp_path, payload):
 
 
 def test_bad_device():
-    from utils.sbert import resolve_device
-
     with pytest.raises(UserError, match="sbert.device"):
-        resolve_device("tpu")
+        load_sentence_model(BUNDLED, device="tpu")

@@ -154,19 +154,6 @@ def _torch_mel_basis(sr: int, n_fft: int, n_mels: int, device):
     return _MEL_CACHE[key]
 
 
-def resolve_device(device: str) -> str:
-    """features.device: cpu | cuda | auto (cuda when available)."""
-    if device == "cpu":
-        return device  # without importing torch (seconds)
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("config key 'features.device': cuda requested but no CUDA device is available")
-    return device
-
-
 def log_mel_torch(y_or_batch, sr: int, device: str = "cpu", window_s: float = WINDOW_S,
                   hop_s: float = HOP_S, n_mels: int = N_MELS):
     """The same log-mel as `log_mel`, with torch.stft (GPU-capable).

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
+from utils.devices import resolve_device
 from utils.errors import UserError
 
 T = TypeVar("T")
@@ -39,29 +40,21 @@ def launched_with_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> this process's GPU if there is one, else the CPU; `cuda` without a GPU is an error."""
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"config key 'training.device' is '{setting}' but no CUDA device is "
-                            "available; use auto or cpu")
-        return torch.device("cuda", local_rank) if setting == "cuda" else torch.device(setting)
-    if setting != "cpu":
-        raise UserError(f"config key 'training.device': {setting!r} is not one of auto, cpu, cuda")
-    return torch.device("cpu")
+def torch_device(setting: str, local_rank: int = 0) -> torch.device:
+    """training.device -> this process's device (its own GPU under torchrun)."""
+    name = resolve_device(setting, "training.device")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 @contextlib.contextmanager
 def distributed(device_setting: str) -> Iterator[tuple[DistContext, torch.device]]:
     """Join the process group if launched by torchrun (nccl on GPUs, gloo on CPU); leave it after."""
     if not launched_with_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        yield DistContext(), resolve_device(device_setting)
+        yield DistContext(), torch_device(device_setting)
         return
     ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                       int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_setting, ctx.local_rank)
+    device = torch_device(device_setting, ctx.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_open, atomic_path
 from utils.metrics import (METRIC_NAMES, chance_metrics, rank_of_first_relevant, recall_curve,
@@ -27,17 +28,6 @@ CHUNK_ELEMENTS = 1 << 22  # matrix elements handled at once by top_k_indices
 
 
 # --------------------------------------------------------------------------- devices, model
-
-def resolve_device(device: str = "auto") -> str:
-    """eval.device: auto (cuda when available) | cpu | cuda."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"config key 'eval.device': {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("config key 'eval.device': cuda requested but no GPU is available")
-    return device
-
 
 def checkpoint_epoch(path: str | Path) -> int | None:
     """The `epoch` entry of a checkpoint, read without loading its tensors (mmap)."""

@@ -43,8 +43,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from utils.audio_utils import EPS, AudioError, limit_threads, load_audio, log_mel, log_mel_torch, resolve_device
+from utils.audio_utils import EPS, AudioError, limit_threads, load_audio, log_mel, log_mel_torch
 from utils.clotho import bad_audio_error, format_bad_audio, read_skipped, resolve_wav, write_skipped
+from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_path, load_pickle, remove_stale_temps
 
@@ -253,7 +254,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     to compute in this process. Raises UserError listing every unusable wav unless `skip_bad_audio`.
     """
     params = feature_params(features_cfg)
-    device = resolve_device(features_cfg.get("device", "cpu"))
+    device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
     if pool is None:
         _init_worker(worker_params(features_cfg, device))
     final = logmel_path(dataset_dir, split)
@@ -352,7 +353,7 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
         if split not in fid2fname:
             raise UserError(f"{info_path}: no split '{split}' (rerun preprocessing/01_clotho_dataset.py)")
     features_cfg = cfg["features"]
-    device = resolve_device(features_cfg.get("device", "cpu"))
+    device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
     params = worker_params(features_cfg, device)
     _warm_up(params)
     workers = int(features_cfg.get("workers", 1))

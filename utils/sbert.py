@@ -17,25 +17,13 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.data_utils import STEP_01, read_text_csv, text_csv_path
+from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import save_pickle
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = ("all-MiniLM-L6-v2",)
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """`auto` -> cuda if available else cpu; `cuda` without a GPU is a UserError."""
-    import torch
-
-    if device not in DEVICES:
-        raise UserError(f"config key 'sbert.device': {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("config key 'sbert.device': cuda requested but no GPU is available")
-    return device
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:
@@ -65,7 +53,7 @@ def load_sentence_model(name: str, device: str = "auto"):
     """
     from sentence_transformers import SentenceTransformer
 
-    device = resolve_device(device)
+    device = resolve_device(device, "sbert.device")
     target, local = resolve_model_path(name)
     try:
         if local:

@@ -1,0 +1,19 @@
+"""One rule for every `device` key in the config (features, sbert, training, eval)."""
+from utils.errors import UserError
+
+
+def resolve_device(setting: str, key: str) -> str:
+    """`auto` -> "cuda" when a GPU is present, else "cpu"; `cpu`; `cuda` (or `cuda:N`) only with
+    a GPU. `key` names the config key in errors, e.g. "eval.device"."""
+    if setting == "cpu":
+        return setting  # without importing torch (seconds)
+    if setting != "auto" and setting != "cuda" and not str(setting).startswith("cuda:"):
+        raise UserError(f"config key '{key}': {setting!r} is not one of auto, cpu, cuda")
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise UserError(f"config key '{key}' is '{setting}' but no CUDA device is available; "
+                        "use auto or cpu")
+    return setting
