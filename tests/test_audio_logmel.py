@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 
 from utils import audio_utils
+from utils import features as features_mod
 from utils.audio_utils import AudioError, load_audio, log_mel, log_mel_torch, n_frames, stft_params
 from utils.clotho import make_fid, prepare_clotho, read_skipped, resolve_wav
 from utils.config import load_config
@@ -303,6 +304,30 @@ def test_parent_transform_route_writes_the_same_features(repo, tmp_path):
         with h5py.File(shards[clip.fid], "r") as f:
             y, sr = load_audio(clip.path)
             assert np.abs(f[clip.fid][()] - log_mel(y, sr)).max() <= 1e-3
+
+
+def test_a_worker_killed_midway_is_a_clear_error_and_the_rerun_resumes(repo, tmp_path, monkeypatch):
+    rows = dataset(tmp_path, {"development": 6})
+    victim = list(rows["development"])[-1]
+    real_compute = features_mod._compute
+
+    def dying(clip):  # the forked workers inherit this: the one given the last clip is killed
+        if clip.fname == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_compute(clip)
+
+    monkeypatch.setattr(features_mod, "_compute", dying)
+    cfg = config(repo, tmp_path, "data.splits=[development]", "features.workers=2", "features.flush_every=1")
+    parts = parts_dir(tmp_path, "development")
+    with pytest.raises(UserError, match=rf"^development: a features.workers process died .* kept in {parts}, rerun"):
+        compute_logmels(cfg, log=lambda *a: None)
+    assert not logmel_path(tmp_path, "development").exists()
+    assert len(list(parts.glob("shard-*.h5"))) >= 4  # chunks 1-4 finished before the last one started
+
+    monkeypatch.setattr(features_mod, "_compute", real_compute)
+    [r] = compute_logmels(cfg, log=lambda *a: None)
+    assert r.reused >= 4 and r.reused + r.computed == 6
+    assert_hdf5_matches_wavs(tmp_path, "development", list(rows["development"]))
 
 
 def test_missing_dataset_dir(repo, tmp_path):

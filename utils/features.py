@@ -20,7 +20,7 @@ Crash safety and resuming — why the final file can always be trusted:
    renamed into the parts folder as one more shard (so no outdated final survives a crash, and
    its clips that are still valid are reused like any shard's).
 
-Workers: `features.workers` processes (a multiprocessing Pool) each take a chunk, read and
+Workers: `features.workers` processes (a ProcessPoolExecutor) each take a chunk, read and
 transform its wavs and write its shard; the parent only keeps the books and merges. (Writing in
 the workers matters: sending every log-mel back to one parent that writes them all cost that
 parent ~5 ms of CPU per clip, taken from the two workers on a 2-core machine.) With
@@ -37,6 +37,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -155,14 +157,15 @@ def _compute_chunk(chunk: Chunk) -> ChunkDone:
 def _cpu_chunks(chunks: list[Chunk], pool) -> Iterable[ChunkDone]:
     if pool is None:
         return map(_compute_chunk, chunks)
-    return pool.imap_unordered(_compute_chunk, chunks, chunksize=1)
+    # submitted in order, so the big chunks go first; reported as they finish
+    return (future.result() for future in as_completed([pool.submit(_compute_chunk, c) for c in chunks]))
 
 
 def _gpu_chunks(chunks: list[Chunk], pool, device: str) -> Iterator[ChunkDone]:
     """The pool (or this process) reads the wavs; the log-mels are computed here on `device`."""
     p = _WORKER_PARAMS
     clips = [clip for chunk in chunks for clip in chunk.clips]
-    loaded = pool.imap(_compute, clips) if pool is not None else map(_compute, clips)  # chunk order
+    loaded = pool.map(_compute, clips) if pool is not None else map(_compute, clips)  # chunk order
     for chunk in chunks:
         results = [next(loaded) for _ in chunk.clips]
         for r in results:
@@ -303,7 +306,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
                   skip_bad_audio: bool = False, log: Callable = print, pool=None) -> SplitFeatures:
     """Log-mels of every clip of a split into `{split}_audio_logmels.hdf5` (see module docstring).
 
-    `pool`: a multiprocessing pool initialised with `_init_worker(worker_params(...))`, or None
+    `pool`: a ProcessPoolExecutor initialised with `_init_worker(worker_params(...))`, or None
     to compute in this process. Raises UserError listing every unusable wav unless `skip_bad_audio`.
     """
     params = feature_params(features_cfg)
@@ -347,12 +350,17 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     workers = int(features_cfg.get("workers", 1)) if pool is not None else 1
     chunks = make_chunks(todo, folder, first, max(1, int(features_cfg.get("flush_every", 64))), workers)
     finished = _cpu_chunks(chunks, pool) if device == "cpu" else _gpu_chunks(chunks, pool, device)
-    with tqdm(total=len(todo), desc=f"{split} log-mels", unit="clip") as progress:
-        for chunk in finished:  # shards already on disk: a kill or Ctrl-C from here keeps them
-            bad += chunk.bad
-            done.update((fid, (chunk.shard, size)) for fid, size in chunk.sizes.items())
-            out.computed += len(chunk.sizes)
-            progress.update(chunk.clips)
+    try:
+        with tqdm(total=len(todo), desc=f"{split} log-mels", unit="clip") as progress:
+            for chunk in finished:  # shards already on disk: a kill or Ctrl-C from here keeps them
+                bad += chunk.bad
+                done.update((fid, (chunk.shard, size)) for fid, size in chunk.sizes.items())
+                out.computed += len(chunk.sizes)
+                progress.update(chunk.clips)
+    except BrokenProcessPool:  # a worker was killed (out of memory, a signal); the pool is unusable
+        raise UserError(f"{split}: a features.workers process died (killed, out of memory?); the "
+                        f"{len(done)} clips finished are kept in {folder}, rerun to resume "
+                        f"(fewer workers need less memory)") from None
 
     if bad:
         order = {fname: i for i, fname in enumerate(fid2fname.values())}
@@ -390,15 +398,14 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     params = worker_params(features_cfg, device)
     _warm_up(params)
     workers = int(features_cfg.get("workers", 1))
-    pool = _pool_context().Pool(workers, _init_worker, (params,)) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, _pool_context(), _init_worker, (params,)) if workers > 1 else None
     try:
         return [compute_split(dataset_dir, split, fid2fname[split], features_cfg,
                               cfg["data"]["skip_bad_audio"], log, pool)
                 for split in cfg["data"]["splits"]]
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def worker_params(features_cfg: dict, device: str) -> dict:
