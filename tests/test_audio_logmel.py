@@ -31,7 +31,9 @@ def run_step(repo, dataset_dir, *overrides, popen=False):
     cmd = [sys.executable, "preprocessing/02_audio_logmel.py", "--conf", str(repo / "conf.yaml"),
            "--set", f"paths.dataset_dir={dataset_dir}", *overrides]
     if popen:
-        return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # own process group, so a test can Ctrl-C it (and its workers) as a terminal would
+        return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
 
 
@@ -304,6 +306,30 @@ def test_parent_transform_route_writes_the_same_features(repo, tmp_path):
         with h5py.File(shards[clip.fid], "r") as f:
             y, sr = load_audio(clip.path)
             assert np.abs(f[clip.fid][()] - log_mel(y, sr)).max() <= 1e-3
+
+
+def test_ctrl_c_stops_the_workers_keeps_their_shards_and_the_rerun_resumes(repo, tmp_path):
+    rows = dataset(tmp_path, {"development": 40}, seconds=4.0)
+    parts = parts_dir(tmp_path, "development")
+    args = ("data.splits=[development]", "features.workers=2", "features.flush_every=2")
+    proc = run_step(repo, tmp_path, *args, popen=True)
+    deadline = time.monotonic() + 240
+    while not (parts.is_dir() and any(parts.glob("shard-*.h5"))):
+        assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: finished work is kept")
+    assert not logmel_path(tmp_path, "development").exists()
+    kept = len(list(parts.glob("shard-*.h5")))
+    assert kept >= 1
+
+    proc = run_step(repo, tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout + proc.stderr
+    assert_hdf5_matches_wavs(tmp_path, "development", list(rows["development"]))
 
 
 def test_a_worker_killed_midway_is_a_clear_error_and_the_rerun_resumes(repo, tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ Crash safety and resuming — why the final file can always be trusted:
 1. Work in progress lives in `<dataset_dir>/{split}_audio_logmels.parts/`. The clips to compute
    are cut into chunks of at most `features.flush_every`; each chunk is computed and written as
    one small HDF5 shard `shard-NNNNN.h5`, to a temporary name renamed into place
-   (utils.io_utils.atomic_path), so a shard that exists is whole. A kill or Ctrl-C loses at most
-   the chunks in progress (`workers` x `flush_every` clips).
+   (utils.io_utils.atomic_path), so a shard that exists is whole. A kill loses at most the
+   chunks in progress (`workers` x `flush_every` clips); on Ctrl-C the workers first finish and
+   save the chunks they started.
 2. A rerun opens every shard, keeps the clips whose feature parameters and wav size match, and
    computes only the missing clips. Leftover temporary files from a kill are removed.
 3. When every clip is in a shard, the shards are merged, in audio_info.pkl order, into a
@@ -37,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -127,6 +129,13 @@ def _init_worker(params: dict) -> None:
     keep_freed_memory()  # reuse the per-clip buffers instead of page-faulting them in anew
     _WORKER_PARAMS.clear()
     _WORKER_PARAMS.update(params)
+
+
+def _init_pool_worker(params: dict) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it, and the workers
+    # finish (and save) the chunks they started instead of dying with a traceback each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(params)
 
 
 def _compute(clip: Clip) -> Result:
@@ -306,7 +315,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
                   skip_bad_audio: bool = False, log: Callable = print, pool=None) -> SplitFeatures:
     """Log-mels of every clip of a split into `{split}_audio_logmels.hdf5` (see module docstring).
 
-    `pool`: a ProcessPoolExecutor initialised with `_init_worker(worker_params(...))`, or None
+    `pool`: a ProcessPoolExecutor initialised with `_init_pool_worker(worker_params(...))`, or None
     to compute in this process. Raises UserError listing every unusable wav unless `skip_bad_audio`.
     """
     params = feature_params(features_cfg)
@@ -398,11 +407,15 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     params = worker_params(features_cfg, device)
     _warm_up(params)
     workers = int(features_cfg.get("workers", 1))
-    pool = ProcessPoolExecutor(workers, _pool_context(), _init_worker, (params,)) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, _pool_context(), _init_pool_worker, (params,)) if workers > 1 else None
     try:
         return [compute_split(dataset_dir, split, fid2fname[split], features_cfg,
                               cfg["data"]["skip_bad_audio"], log, pool)
                 for split in cfg["data"]["splits"]]
+    except KeyboardInterrupt:
+        if pool is not None:
+            log("interrupted: the workers save the chunks they started, then stop (Ctrl-C again to stop now)")
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
