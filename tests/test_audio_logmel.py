@@ -37,6 +37,18 @@ def run_step(repo, dataset_dir, *overrides, popen=False):
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
 
 
+def start_step_until_a_shard_exists(repo, dataset_dir, *overrides):
+    """Start step 02 (development split) and return its Popen once a first shard is on disk."""
+    parts = parts_dir(dataset_dir, "development")
+    proc = run_step(repo, dataset_dir, *overrides, popen=True)
+    deadline = time.monotonic() + 240
+    while not (parts.is_dir() and any(parts.glob("shard-*.h5"))):
+        assert proc.poll() is None, f"finished before a shard was written: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return proc
+
+
 def config(repo, dataset_dir, *overrides):
     return load_config(repo / "conf.yaml", [f"paths.dataset_dir={dataset_dir}", *overrides])
 
@@ -312,12 +324,7 @@ def test_ctrl_c_stops_the_workers_keeps_their_shards_and_the_rerun_resumes(repo,
     rows = dataset(tmp_path, {"development": 40}, seconds=4.0)
     parts = parts_dir(tmp_path, "development")
     args = ("data.splits=[development]", "features.workers=2", "features.flush_every=2")
-    proc = run_step(repo, tmp_path, *args, popen=True)
-    deadline = time.monotonic() + 240
-    while not (parts.is_dir() and any(parts.glob("shard-*.h5"))):
-        assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_step_until_a_shard_exists(repo, tmp_path, *args)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -373,12 +380,7 @@ def test_kill_midway_then_resume(repo, tmp_path):
     rows = dataset(tmp_path, {"development": 60}, seconds=4.0, sr=44100)
     final, parts = logmel_path(tmp_path, "development"), parts_dir(tmp_path, "development")
     args = ("data.splits=[development]", "features.workers=1", "features.flush_every=2")
-    proc = run_step(repo, tmp_path, *args, popen=True)
-    deadline = time.monotonic() + 240
-    while not (parts.is_dir() and any(parts.glob("shard-*.h5"))):
-        assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()}"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_step_until_a_shard_exists(repo, tmp_path, *args)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
