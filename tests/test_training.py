@@ -249,3 +249,26 @@ def test_load_trained_model_without_checkpoint(tiny):
     (run / "config.yaml").write_text(yaml.safe_dump(load_config(tiny_config(tiny))))
     with pytest.raises(UserError, match="no checkpoint — train with main.py"):
         tu.load_trained_model(run)
+
+
+def test_an_epochs_random_crops_do_not_depend_on_earlier_epochs(tmp_path):
+    """--resume restarts at an epoch boundary in a new process: with DataLoader workers, epoch 2
+    must crop and shuffle as it would have after epoch 1 in the same process."""
+    make_tiny_features(tmp_path / "data", frames=(64, 100))
+    cfg = load_config(tiny_config(tmp_path, {"training": {"num_workers": 2, "max_frames": 40}}))
+    data = tu.load_training_data(cfg)
+
+    def epoch_batches(loader, seeding, epoch):
+        seeding.set_epoch(epoch)
+        return [(audio, rows) for audio, rows, _ in loader]
+
+    loader, seeding = tu.make_train_loader(data.train_set, cfg, torch.device("cpu"), DistContext())
+    epoch_batches(loader, seeding, 1)
+    continued = epoch_batches(loader, seeding, 2)
+    loader, seeding = tu.make_train_loader(data.train_set, cfg, torch.device("cpu"), DistContext())
+    resumed = epoch_batches(loader, seeding, 2)  # as after --resume: a new loader, epoch 2 first
+    assert len(continued) == len(resumed) > 1
+    for (a_audio, a_rows), (b_audio, b_rows) in zip(continued, resumed):
+        assert torch.equal(a_rows, b_rows)
+        assert torch.equal(a_audio, b_audio)
+    data.train_set.close()

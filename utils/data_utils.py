@@ -188,7 +188,8 @@ def _read_clip(h5: h5py.File, fid: str, max_frames: int, train: bool) -> torch.T
     n = ds.shape[0]
     if max_frames > 0 and n > max_frames:
         if train:
-            # torch's RNG: seeded per worker by the DataLoader, restored on resume when workers=0.
+            # torch's RNG: in DataLoader workers seeded anew each epoch from (seed, epoch) (see
+            # train_utils.make_train_loader); in the main process restored on resume.
             start = int(torch.randint(0, n - max_frames + 1, ()).item())
         else:
             start = (n - max_frames) // 2

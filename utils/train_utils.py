@@ -4,7 +4,8 @@ One epoch = a pass over the training captions (InfoNCE on shuffled batches), the
 validation captions, and text -> audio retrieval metrics on the validation split (each clip
 encoded once). Everything needed to continue lives in one checkpoint dict (CONTRIBUTING.md),
 written atomically at the end of each epoch, so a run killed at any moment resumes from its
-last finished epoch and ends exactly as an uninterrupted run would (on CPU, workers = 0).
+last finished epoch and ends exactly as an uninterrupted run would (on CPU; an epoch's batches
+and random crops depend only on the seed and the epoch, with or without DataLoader workers).
 """
 from __future__ import annotations
 
@@ -158,7 +159,10 @@ def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
     loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size,
                         shuffle=seeding.sampler is None, sampler=seeding.sampler,
                         generator=seeding.generator, num_workers=workers, collate_fn=collate_pad,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        # fresh workers each epoch, seeded from the epoch's generator: their
+                        # random crops then depend on (seed, epoch) only, so a resumed run crops
+                        # as the uninterrupted one (persistent workers carry their RNG across epochs)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
                         drop_last=False)
     return loader, seeding
 
