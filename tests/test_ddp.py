@@ -37,7 +37,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert len(runs) == 1  # rank 0 made it and the other rank used it
     run = runs[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2
+    # each rank's own RNG streams are saved, so a resume continues every one of them
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]  # logged once
     assert proc.stdout.count("epoch 2/2") == 1
     # every rank's final state dict was compared (bit for bit) before exiting 0

@@ -17,7 +17,7 @@ import yaml
 
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import train_utils as tu
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, rng_state, set_rng_state
 from utils.config import load_config, save_config
 from utils.dist_utils import DistContext
 from utils.runs import new_run_dir
@@ -272,3 +272,29 @@ def test_an_epochs_random_crops_do_not_depend_on_earlier_epochs(tmp_path):
         assert torch.equal(a_rows, b_rows)
         assert torch.equal(a_audio, b_audio)
     data.train_set.close()
+
+
+def test_each_rank_continues_its_own_saved_rng_streams(tmp_path):
+    cfg = {"seed": 7}
+    saved = []
+    for rank in range(2):  # two ranks' states at the end of an epoch, and what each drew next
+        torch.manual_seed(100 + rank)
+        saved.append(rng_state())
+    expected = []
+    for state in saved:
+        set_rng_state(state)
+        expected.append(torch.rand(3))
+    assert not torch.equal(expected[0], expected[1])
+
+    state = {"rng": saved, "epoch": 4}
+    for rank in range(2):
+        tu.restore_rng_of_rank(state, DistContext(rank, 2, rank), cfg)
+        assert torch.equal(torch.rand(3), expected[rank])
+    # a checkpoint of rank 0 only (older version, or fewer processes): rank 0 goes on, rank 1
+    # gets a fresh stream of its own
+    for old in ({"rng": saved[0], "epoch": 4}, {"rng": saved[:1], "epoch": 4}):
+        tu.restore_rng_of_rank(old, DistContext(0, 2, 0), cfg)
+        assert torch.equal(torch.rand(3), expected[0])
+        tu.restore_rng_of_rank(old, DistContext(1, 2, 1), cfg)
+        fresh = torch.rand(3)
+        assert not torch.equal(fresh, expected[0]) and not torch.equal(fresh, expected[1])

@@ -107,6 +107,15 @@ def gather(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_objects(obj: T, ctx: DistContext) -> list[T]:
+    """Every rank's picklable `obj`, in rank order ([obj] without DDP). A collective: all ranks call it."""
+    if not ctx.enabled:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def on_master(ctx: DistContext, fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only and hand its result to every rank.
 

@@ -29,7 +29,7 @@ from utils.config import CONFIG_NAME, ConfigError, load_config
 from utils.criterion_utils import LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, load_text_table,
                               logmels_path, relevance)
-from utils.dist_utils import (DistContext, gather, gather_with_grad, on_master, sync_buffers,
+from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum)
 from utils.errors import UserError
 from utils.io_utils import remove_stale_temps
@@ -225,7 +225,8 @@ def _random_init(cfg: dict) -> dict:
     return cfg
 
 
-def checkpoint_dict(tr: Trainer, cfg: dict) -> dict:
+def checkpoint_dict(tr: Trainer, cfg: dict, rng_states: list[dict] | None = None) -> dict:
+    """`rng_states`: every rank's generator states, in rank order (default: this process's)."""
     return {
         "model": tr.model.state_dict(),  # the caption table is a non-persistent buffer: not saved
         "optimizer": tr.optimizer.state_dict(),
@@ -235,7 +236,7 @@ def checkpoint_dict(tr: Trainer, cfg: dict) -> dict:
         "best_metric": tr.best_metric,
         "best_epoch": tr.best_epoch,
         "config": cfg,
-        "rng": rng_state(),
+        "rng": rng_states if rng_states is not None else [rng_state()],  # one per rank
         "text_embed_dim": tr.text_embed_dim,
     }
 
@@ -260,7 +261,7 @@ def check_text_dim(state: dict, ckpt: Path, table: torch.Tensor, embeddings_path
                         f"embeddings file the run was trained with")
 
 
-def restore(tr: Trainer, state: dict, ckpt: Path, restore_rng: bool = True) -> None:
+def restore(tr: Trainer, state: dict, ckpt: Path) -> None:
     """Put a trainer back in the state saved at the end of epoch `state['epoch']`."""
     try:
         tr.model.load_state_dict(state["model"])
@@ -273,8 +274,17 @@ def restore(tr: Trainer, state: dict, ckpt: Path, restore_rng: bool = True) -> N
         tr.scaler.load_state_dict(state["scaler"])
     tr.epoch, tr.best_epoch = int(state["epoch"]), int(state["best_epoch"])
     tr.best_metric = state["best_metric"]
-    if restore_rng:
-        set_rng_state(state["rng"])
+
+
+def restore_rng_of_rank(state: dict, ctx: DistContext, cfg: dict) -> None:
+    """Continue this rank's saved RNG streams. Where the checkpoint has none for this rank (it
+    was written with fewer processes, or by a version that kept rank 0's only), seed a fresh,
+    distinct stream: the run goes on correctly but no longer repeats an uninterrupted one."""
+    states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(states) == ctx.world_size or ctx.is_master:
+        set_rng_state(states[ctx.rank])
+    else:
+        seed_everything(cfg["seed"] + ctx.rank + 1_000_003 * int(state["epoch"]))
 
 
 def improved(monitor: str, value: float, best: float | None) -> bool:
@@ -394,10 +404,8 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     torch.backends.cudnn.benchmark = device.type == "cuda" and t["max_frames"] > 0
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
     if resume_state is not None:
-        # Rank 0 continues its saved RNG streams; the others get fresh, distinct ones.
-        restore(tr, resume_state, checkpoint_path(run_dir, "last"), restore_rng=ctx.is_master)
-        if not ctx.is_master:
-            seed_everything(cfg["seed"] + ctx.rank + 1_000_003 * tr.epoch)
+        restore(tr, resume_state, checkpoint_path(run_dir, "last"))
+        restore_rng_of_rank(resume_state, ctx, cfg)
     if ctx.enabled:
         tr.train_model = torch.nn.parallel.DistributedDataParallel(
             tr.model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -429,7 +437,8 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
                 tr.best_metric, tr.best_epoch = float(record[monitor]), epoch
             record = {"epoch": epoch, "train_loss": train_loss, **record, "lr": lr,
                       "seconds": time.time() - start}
-            on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last))
+            rng_states = gather_objects(rng_state(), ctx)  # every rank's, for an exact resume
+            on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states))
             if patience > 0 and epoch - tr.best_epoch >= patience:
                 stopped_early = True
                 if ctx.is_master:
@@ -448,11 +457,11 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
 
 
 def _end_of_epoch(tr: Trainer, cfg: dict, tracker: Tracker, record: dict, is_best: bool,
-                  best: Path, last: Path) -> None:
+                  best: Path, last: Path, rng_states: list[dict]) -> None:
     """Log, then `best`, then `last`: whatever moment a kill comes, resuming from `last`
     redoes exactly the epochs whose records or `best` weights might not have been written."""
     tracker.log_epoch(record)
-    state = checkpoint_dict(tr, cfg)
+    state = checkpoint_dict(tr, cfg, rng_states)
     if is_best:
         save_checkpoint(best, state)
     save_checkpoint(last, state)
