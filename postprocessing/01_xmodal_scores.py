@@ -34,7 +34,7 @@ def main():
     try:
         for split in cfg["eval"]["splits"]:
             emb = encode_split(model, cfg["paths"]["dataset_dir"], split, tid2row,
-                               cfg["eval"]["batch_size"], device, amp=cfg["training"]["amp"])
+                               cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
             s = evaluation.scored_split(emb)
             print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")
             scores_db.write_split(conn, s, progress=True)

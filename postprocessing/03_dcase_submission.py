@@ -49,7 +49,7 @@ def main():
 
     audio = evaluation.encode_audio_files(model, files, cfg["features"], device,
                                           skip_bad=cfg["data"]["skip_bad_audio"],
-                                          amp=cfg["training"]["amp"])
+                                          amp=cfg["eval"]["amp"])
     text = evaluation.embed_texts(cfg, model, captions, device)
     top, _ = evaluation.rank_clips(text, audio.embeds, cfg["eval"]["top_k"])
     evaluation.write_retrieval_csv(out, captions, audio.fnames, top, cfg["eval"]["top_k"])

@@ -37,7 +37,7 @@ def main():
     cached = evaluation.load_clip_cache(run_dir, args.split, key)
     if cached is None:
         emb = encode_split(model, cfg["paths"]["dataset_dir"], args.split, tid2row,
-                           cfg["eval"]["batch_size"], device, amp=cfg["training"]["amp"])
+                           cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
         path = evaluation.save_clip_cache(run_dir, args.split, emb.fnames, emb.fids, emb.audio, key)
         fnames, clip_embeds = emb.fnames, emb.audio
         print(f"cached {len(fnames)} clip embeddings in {path}")

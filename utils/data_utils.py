@@ -305,8 +305,9 @@ def relevance(emb: SplitEmbeddings) -> np.ndarray:
     return rel
 
 
-def inference_autocast(device: torch.device | str, amp: str = "auto"):
-    """bf16 (or fp16 where bf16 is unsupported) autocast on CUDA; nothing on CPU or amp=off."""
+def inference_autocast(device: torch.device | str, amp: str = "off"):
+    """Autocast for inference (config key eval.amp): off (fp32, the default, as the original
+    code) or bf16/fp16/auto (bf16 where supported, else fp16) on CUDA; nothing on CPU."""
     device = torch.device(device)
     if device.type != "cuda" or amp == "off":
         return contextlib.nullcontext()
@@ -317,7 +318,7 @@ def inference_autocast(device: torch.device | str, amp: str = "auto"):
 
 @torch.no_grad()
 def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
-                 num_workers: int = 0, amp: str = "auto") -> np.ndarray:
+                 num_workers: int = 0, amp: str = "off") -> np.ndarray:
     """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`."""
     device = torch.device(device)
     loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, batch_size),
@@ -338,7 +339,7 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
 
 @torch.no_grad()
 def encode_text_rows(model: torch.nn.Module, rows: np.ndarray, batch_size: int, device,
-                     amp: str = "auto") -> np.ndarray:
+                     amp: str = "off") -> np.ndarray:
     """`model.text_branch` on table rows `[Q]` -> float32 `[Q, E]`."""
     device = torch.device(device)
     parts = []
@@ -352,8 +353,8 @@ def encode_text_rows(model: torch.nn.Module, rows: np.ndarray, batch_size: int, 
 
 def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
                  tid2row: dict[str, int], batch_size: int, device, num_workers: int = 0,
-                 amp: str = "auto") -> SplitEmbeddings:
-    """Embed each clip and each caption of `split` once (eval mode, no grad, AMP on GPU)."""
+                 amp: str = "off") -> SplitEmbeddings:
+    """Embed each clip and each caption of `split` once (eval mode, no grad; fp32 unless `amp`)."""
     df = read_text_csv(dataset_dir, split)
     _check_split(dataset_dir, split, df, tid2row)
     fids, fnames, caption_clip = _split_clips(df)

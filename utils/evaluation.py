@@ -271,7 +271,7 @@ class EncodedAudio:
 
 @torch.no_grad()
 def encode_audio_files(model, files: Sequence[Path], features_cfg: dict, device: str,
-                       skip_bad: bool, amp: str = "auto") -> EncodedAudio:
+                       skip_bad: bool, amp: str = "off") -> EncodedAudio:
     """Log-mel every file (utils.audio_utils, as preprocessing 02) and run audio_branch on it.
 
     All files are read first: unusable ones (missing, empty, unreadable) stop with one line

@@ -372,7 +372,8 @@ def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> d
     """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split."""
     val_loss = validation_loss(tr, val_loader)
     emb = encode_split(tr.model, cfg["paths"]["dataset_dir"], cfg["data"]["val_split"], tid2row,
-                       cfg["eval"]["batch_size"], tr.device, cfg["training"]["num_workers"], tr.amp)
+                       cfg["eval"]["batch_size"], tr.device, cfg["training"]["num_workers"],
+                       cfg["eval"]["amp"])
     if not (np.isfinite(emb.audio).all() and np.isfinite(emb.text).all()):
         raise UserError(f"validation ({cfg['data']['val_split']}): the model gives NaN/inf "
                         "embeddings; check the validation log-mels or lower training.lr")
