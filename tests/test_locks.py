@@ -1,0 +1,87 @@
+"""utils.locks.exclusive: one holder at a time, a named refusal, no stale lock after kill -9."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from utils.errors import UserError
+from utils.locks import exclusive, read_holder
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from utils.locks import exclusive
+    with exclusive(sys.argv[1], "thing"):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.fixture
+def holder(tmp_path, repo):
+    """A separate process holding the lock on tmp_path/x.lock until killed."""
+    lock = tmp_path / "x.lock"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), "--some-arg"], cwd=repo,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield proc, lock
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def test_second_process_is_refused_with_the_holder_named(holder):
+    proc, lock = holder
+    with pytest.raises(UserError) as e:
+        with exclusive(lock, "run outputs/x"):
+            pytest.fail("the lock was granted twice")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("run outputs/x is in use by pid %d on host %s" % (proc.pid, socket.gethostname()))
+    assert "--some-arg" in msg  # the holder's command line
+    assert f"kill {proc.pid}" in msg
+    assert str(lock) in msg
+
+
+def test_the_advice_works_kill_releases_the_lock(holder):
+    """kill -9 of the holder: the kernel drops the flock; the file left behind is no obstacle."""
+    proc, lock = holder
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert lock.exists()
+    with exclusive(lock, "thing"):
+        record = read_holder(lock)
+        assert record["pid"] == os.getpid()
+        assert record["host"] == socket.gethostname()
+        assert "since" in record and "command" in record
+
+
+def test_released_after_the_block_and_after_an_exception(tmp_path):
+    lock = tmp_path / "sub" / "y.lock"  # parent folders are created
+    with pytest.raises(RuntimeError):
+        with exclusive(lock, "thing"):
+            raise RuntimeError("boom")
+    with exclusive(lock, "thing"):
+        pass
+    assert read_holder(lock) is None  # no holder recorded once released
+
+
+def test_same_process_second_descriptor_is_refused(tmp_path):
+    lock = tmp_path / "z.lock"
+    with exclusive(lock, "step 02 on data"):
+        with pytest.raises(UserError, match=r"^step 02 on data is in use by pid %d " % os.getpid()):
+            with exclusive(lock, "step 02 on data"):
+                pass
+
+
+def test_lock_file_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with exclusive(tmp_path / "m.lock", "thing"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.lock").stat().st_mode & 0o777 == 0o640
