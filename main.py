@@ -10,7 +10,7 @@ its last finished epoch.
 """
 from pathlib import Path
 
-from utils import cli, dist_utils, train_utils
+from utils import cli, dist_utils, provenance, train_utils
 from utils.config import load_config, save_config
 from utils.runs import checkpoint_path, new_run_dir
 
@@ -40,6 +40,10 @@ def main() -> None:
                 dist_utils.on_master(ctx, lambda: save_config(cfg, run_dir))
         else:
             run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name))
+        # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
+        dist_utils.on_master(ctx, lambda: provenance.record_invocation(
+            run_dir, device, args.overrides, resumed=bool(args.resume),
+            conf=None if args.resume else args.conf, world_size=ctx.world_size))
         if ctx.is_master:
             start = f"resuming after epoch {state['epoch']}" if state else "starting"
             print(f"{start}: {run_dir} on {device}"

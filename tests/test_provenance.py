@@ -1,0 +1,145 @@
+"""utils.provenance: what main.py records in <run>/provenance.json, and run paths found from
+another working directory."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_training import main_in_process, run_dirs
+from tests.tiny_data import REPO, make_tiny_features, tiny_config
+from utils import provenance
+from utils.config import load_config, save_config
+
+VERSION_KEYS = {"python", "torch", "sentence-transformers", "librosa", "h5py", "numpy"}
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+                          cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def test_main_records_new_run_and_each_resume(tmp_path, monkeypatch, capsys):
+    make_tiny_features(tmp_path / "data")
+    conf = tiny_config(tmp_path, {"training": {"epochs": 1}})
+    p = main_in_process(monkeypatch, capsys, "--conf", conf, "--set", "training.lr=0.002", "--name", "r")
+    assert p.returncode == 0, p.stderr
+    [run_dir] = run_dirs(tmp_path)
+    p = main_in_process(monkeypatch, capsys, "--resume", run_dir, "--set", "training.epochs=2")
+    assert p.returncode == 0, p.stderr
+
+    entries = json.loads((run_dir / "provenance.json").read_text())["invocations"]
+    assert [e["action"] for e in entries] == ["new", "resume"]
+    first, second = entries
+    assert first["overrides"] == ["training.lr=0.002"] and second["overrides"] == ["training.epochs=2"]
+    assert first["conf"] == str(conf) and second["conf"] is None
+    assert first["cwd"] == str(REPO)  # main_in_process runs from the repository root
+    assert Path(first["argv"][0]).name == "main.py"
+    assert first["argv"][1:] == ["--conf", str(conf), "--set", "training.lr=0.002", "--name", "r"]
+    assert first["command"] == shlex.join(sys.orig_argv)  # in-process: the interpreter's own line
+    assert set(first["versions"]) >= VERSION_KEYS and first["versions"]["torch"]
+    assert first["hardware"]["device"] == "cpu"
+    assert first["hardware"]["device_name"] == provenance.cpu_model()
+    # this repository is a git checkout: a commit is recorded
+    assert first["git"]["error"] is None and len(first["git"]["commit"]) == 40
+    assert isinstance(first["git"]["dirty"], bool)
+
+
+def test_git_commit_and_dirty_tree(tmp_path):
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git(tmp_path, "add", "a.py")
+    git(tmp_path, "commit", "-q", "-m", "one")
+    head = git(tmp_path, "rev-parse", "HEAD").strip()
+    (tmp_path / "untracked.txt").write_text("outputs do not make the code dirty")
+    assert provenance.git_state(tmp_path) == {"commit": head, "dirty": False, "changed": [],
+                                              "n_changed": 0, "error": None}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    state = provenance.git_state(tmp_path)
+    assert state["commit"] == head and state["dirty"] is True and state["changed"] == ["a.py"]
+
+
+def test_not_a_checkout(tmp_path):
+    state = provenance.git_state(tmp_path)  # tmp_path is outside any repository
+    assert state["commit"] is None and state["dirty"] is None and state["error"]
+
+
+def test_git_absent(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable there
+    state = provenance.git_state(REPO)
+    assert state == {"commit": None, "dirty": None, "changed": [], "error": "git is not installed"}
+    entry = provenance.invocation("cpu")  # the rest of the entry is still recorded
+    assert entry["git"]["commit"] is None and entry["versions"]["numpy"]
+
+
+def test_missing_package_version_is_none():
+    versions = provenance.package_versions(["numpy", "surely-not-installed-pkg"])
+    assert versions["numpy"] and versions["surely-not-installed-pkg"] is None
+    assert versions["python"].count(".") == 2
+
+
+def test_unreadable_provenance_is_kept_aside(tmp_path):
+    (tmp_path / "provenance.json").write_text('{"invocations": [{"cwd": ')  # cut off
+    provenance.record_invocation(tmp_path, "cpu")
+    assert (tmp_path / "provenance.json.unreadable").read_text().startswith('{"invocations"')
+    assert len(provenance.read_provenance(tmp_path)) == 1
+
+
+# --------------------------------------------------------------------------- run paths
+
+def _trained_elsewhere(tmp_path: Path, record: bool) -> Path:
+    """A run made from `<tmp>/proj` with relative paths, as main.py leaves it."""
+    proj = tmp_path / "proj"
+    make_tiny_features(proj / "data" / "tiny")
+    conf = tiny_config(tmp_path)
+    cfg = load_config(conf, ["paths.dataset_dir=data/tiny", "paths.output_dir=outputs/sub"])
+    run_dir = proj / "outputs" / "sub" / "run1"
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir)
+    if record:
+        cwd = os.getcwd()
+        os.chdir(proj)
+        try:
+            provenance.record_invocation(run_dir, "cpu")
+        finally:
+            os.chdir(cwd)
+    return run_dir
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["recorded-cwd", "inferred-from-run-folder"])
+def test_relative_paths_resolve_from_another_directory(tmp_path, monkeypatch, record):
+    run_dir = _trained_elsewhere(tmp_path, record)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    overrides = provenance.resolved_overrides(run_dir, ["eval.top_k=3"])
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    assert cfg["paths"]["dataset_dir"] == str((tmp_path / "proj" / "data" / "tiny").resolve())
+    assert (Path(cfg["paths"]["dataset_dir"]) / "sbert_embeds.pkl").is_file()
+    assert cfg["eval"]["top_k"] == 3  # the caller's overrides are kept
+
+
+def test_paths_that_exist_from_here_are_left_alone(tmp_path, monkeypatch):
+    run_dir = _trained_elsewhere(tmp_path, record=True)
+    monkeypatch.chdir(tmp_path / "proj")  # where it was trained: nothing to change
+    assert provenance.resolved_overrides(run_dir) == []
+    monkeypatch.chdir(tmp_path)  # an explicit override that exists from here wins
+    (tmp_path / "moved").mkdir()
+    got = provenance.resolved_overrides(run_dir, ["paths.dataset_dir=moved"])
+    assert got[0] == "paths.dataset_dir=moved"
+    assert not [o for o in got[1:] if o.startswith("paths.dataset_dir=")]
+    assert load_config(run_dir / "config.yaml", got)["paths"]["dataset_dir"] == "moved"
+
+
+def test_path_with_quotes_and_spaces_survives_the_override(tmp_path, monkeypatch):
+    odd = tmp_path / 'we"ird dir: #1'
+    odd.mkdir()
+    run_dir = _trained_elsewhere(odd, record=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(run_dir / "config.yaml", provenance.resolved_overrides(run_dir))
+    assert cfg["paths"]["dataset_dir"] == str((odd / "proj" / "data" / "tiny").resolve())

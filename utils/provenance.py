@@ -1,0 +1,208 @@
+"""Provenance of a run: what produced it, and where its relative paths point.
+
+`<run>/provenance.json` holds `{"invocations": [entry, ...]}`, one entry per start of main.py on
+the run (the new run, then each --resume): the exact command line and overrides, the working
+directory, the host, the code's git commit and whether the tree was dirty, the versions of the
+packages that decide the numbers, and the hardware. Reading it never fails a step: a run made
+before it existed simply has none.
+
+A run's config keeps paths as they were given (`data/Clotho`: relative to the directory main.py
+ran from). `resolved_overrides` turns the ones that do not exist from the current directory into
+absolute `--set` overrides, found against the recorded training directory, so a run can be
+queried or scored from anywhere.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from utils.config import CONFIG_NAME, load_config
+from utils.io_utils import atomic_write_text
+
+PROVENANCE_JSON = "provenance.json"
+CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout (or installed copy) of this project
+PACKAGES = ("torch", "sentence-transformers", "librosa", "h5py", "numpy", "soundfile", "scipy")
+GIT_TIMEOUT_S = 10
+MAX_CHANGED = 20  # changed paths listed for a dirty tree (the count is always complete)
+
+
+# --------------------------------------------------------------------------- collecting
+
+def git_state(code_dir: str | Path = CODE_DIR) -> dict:
+    """{"commit", "dirty", "changed", "error"} of the checkout at `code_dir`.
+
+    `dirty` counts changes to tracked files only (untracked outputs do not change the code that
+    ran). Without git, or outside a checkout, commit and dirty are None and `error` says why.
+    """
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(code_dir), *args], capture_output=True, text=True,
+                              timeout=GIT_TIMEOUT_S)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            why = (head.stderr.strip().splitlines() or ["git rev-parse failed"])[0]
+            return {"commit": None, "dirty": None, "changed": [], "error": why}
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except FileNotFoundError:
+        return {"commit": None, "dirty": None, "changed": [], "error": "git is not installed"}
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"commit": None, "dirty": None, "changed": [], "error": f"git failed: {e}"}
+    if status.returncode != 0:
+        return {"commit": head.stdout.strip(), "dirty": None, "changed": [],
+                "error": (status.stderr.strip().splitlines() or ["git status failed"])[0]}
+    changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+    return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed": changed[:MAX_CHANGED],
+            "n_changed": len(changed), "error": None}
+
+
+def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions (None when absent), read from package metadata without importing."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware(device=None) -> dict:
+    """The device a run used and the machine around it: `device_name` is the CUDA device's name
+    for a CUDA device, else the CPU model."""
+    import torch
+
+    info = {"device": str(device) if device is not None else None, "device_name": None,
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpus": [], "cuda": None}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    on_gpu = device is not None and torch.device(device).type == "cuda" and info["gpus"]
+    info["device_name"] = torch.cuda.get_device_name(torch.device(device)) if on_gpu else info["cpu"]
+    return info
+
+
+def invocation(device=None, overrides: Sequence[str] = (), action: str = "new",
+               conf: str | None = None, world_size: int = 1) -> dict:
+    """One provenance entry for the current process."""
+    # orig_argv: the interpreter and its flags too (python -u main.py ...), as typed
+    command = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    return {
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "action": action,
+        "command": shlex.join(command),
+        "argv": list(sys.argv),
+        "conf": conf,
+        "overrides": list(overrides),
+        "cwd": os.getcwd(),
+        "host": socket.gethostname(),
+        "world_size": int(world_size),
+        "git": git_state(),
+        "versions": package_versions(),
+        "hardware": hardware(device),
+    }
+
+
+# --------------------------------------------------------------------------- the file
+
+def provenance_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PROVENANCE_JSON
+
+
+def read_provenance(run_dir: str | Path) -> list[dict]:
+    """The invocations recorded for a run, oldest first ([] when none or unreadable)."""
+    path = provenance_path(run_dir)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    entries = data.get("invocations") if isinstance(data, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str] = (),
+                      resumed: bool = False, conf: str | None = None, world_size: int = 1) -> Path:
+    """Append this process's entry to `<run>/provenance.json` (atomic rewrite); returns the path.
+
+    An unreadable existing file is kept aside as `provenance.json.unreadable` rather than lost.
+    """
+    path = provenance_path(run_dir)
+    entries = read_provenance(run_dir)
+    if not entries and path.is_file():
+        try:
+            json.loads(path.read_text(encoding="utf-8"))["invocations"]
+        except (OSError, ValueError, KeyError, TypeError):
+            os.replace(path, path.with_name(PROVENANCE_JSON + ".unreadable"))
+    entries.append(invocation(device, overrides, "resume" if resumed else "new", conf, world_size))
+    atomic_write_text(path, json.dumps({"invocations": entries}, indent=2) + "\n")
+    return path
+
+
+def training_cwd(run_dir: str | Path) -> Path | None:
+    """The working directory main.py first ran from for this run (None if not recorded)."""
+    for entry in read_provenance(run_dir):
+        if isinstance(entry.get("cwd"), str):
+            return Path(entry["cwd"])
+    return None
+
+
+# --------------------------------------------------------------------------- relative paths
+
+def _inferred_root(run_dir: Path, output_dir: str) -> Path | None:
+    """The directory `output_dir` was relative to, read off the run's own location:
+    run `/a/b/outputs/x` with output_dir `outputs` -> `/a/b`."""
+    out = Path(output_dir)
+    if out.is_absolute() or ".." in out.parts or not out.parts:
+        return None
+    parent = run_dir.resolve().parent
+    n = len([p for p in out.parts if p != "."])
+    if n and tuple(parent.parts[-n:]) == tuple(p for p in out.parts if p != "."):
+        return parent.parents[n - 1]
+    return None
+
+
+def resolve_paths(cfg: dict, run_dir: str | Path) -> dict[str, str]:
+    """{key: absolute path} for each relative `paths.<key>` of a run's config that does not exist
+    from the current directory but does from the run's training directory (recorded in
+    provenance.json, else inferred from where the run folder sits under paths.output_dir)."""
+    run_dir = Path(run_dir)
+    roots = [r for r in (training_cwd(run_dir), _inferred_root(run_dir, cfg["paths"]["output_dir"]))
+             if r is not None]
+    found = {}
+    for key, value in cfg.get("paths", {}).items():
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+            continue
+        for root in roots:
+            candidate = root / value
+            if candidate.exists():
+                found[key] = str(candidate.resolve())
+                break
+    return found
+
+
+def resolved_overrides(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[str]:
+    """`overrides` plus `paths.<key>="<absolute>"` for the run's relative paths found elsewhere
+    (see resolve_paths). Pass the result wherever the run's config is loaded with overrides."""
+    cfg = load_config(Path(run_dir) / CONFIG_NAME, overrides)
+    extra = [f"paths.{key}={json.dumps(path)}" for key, path in resolve_paths(cfg, run_dir).items()]
+    return list(overrides) + extra
