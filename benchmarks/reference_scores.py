@@ -11,14 +11,14 @@ import torch
 import utils.cli
 from models.core import build_model
 from utils import evaluation
-from utils.data_utils import encode_split, load_text_table
+from utils.data_utils import encode_split, features_dir, load_text_table
 from utils.train_utils import seed_everything
 
 
 def main():
     parser = utils.cli.make_parser(__doc__)
     _, cfg = utils.cli.parse(parser)
-    dataset_dir = cfg["paths"]["dataset_dir"]
+    dataset_dir = features_dir(cfg)
     table, tid2row = load_text_table(dataset_dir, cfg["text_encoder"]["embeddings"])
     seed_everything(cfg["seed"])
     model = build_model(cfg, text_in_dim=table.shape[1], table=table)

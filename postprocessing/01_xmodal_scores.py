@@ -9,7 +9,7 @@ from pathlib import Path
 
 import utils.cli
 from utils import evaluation, scores_db
-from utils.data_utils import encode_split
+from utils.data_utils import encode_split, features_dir
 from utils.runs import SCORES_DB, checkpoint_path, load_run_config, resolve_run_dir
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
@@ -33,7 +33,7 @@ def main():
     written = []
     try:
         for split in cfg["eval"]["splits"]:
-            emb = encode_split(model, cfg["paths"]["dataset_dir"], split, tid2row,
+            emb = encode_split(model, features_dir(cfg), split, tid2row,
                                cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
             s = evaluation.scored_split(emb)
             print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")

@@ -8,7 +8,7 @@ checkpoint changes).
 """
 import utils.cli
 from utils import evaluation
-from utils.data_utils import encode_split
+from utils.data_utils import encode_split, features_dir
 from utils.errors import UserError
 from utils.runs import checkpoint_path, load_run_config, resolve_run_dir
 from utils.train_utils import load_trained_model
@@ -36,7 +36,7 @@ def main():
 
     cached = evaluation.load_clip_cache(run_dir, args.split, key)
     if cached is None:
-        emb = encode_split(model, cfg["paths"]["dataset_dir"], args.split, tid2row,
+        emb = encode_split(model, features_dir(cfg), args.split, tid2row,
                            cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
         path = evaluation.save_clip_cache(run_dir, args.split, emb.fnames, emb.fids, emb.audio, key)
         fnames, clip_embeds = emb.fnames, emb.audio

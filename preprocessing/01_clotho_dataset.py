@@ -1,12 +1,13 @@
 """Step 01: index Clotho — captions CSVs + wavs -> audio_info.pkl, {split}_text.csv, vocab_info.pkl.
 
 Reads `<paths.dataset_dir>/clotho_captions_{split}.csv` and `<paths.dataset_dir>/{split}/*.wav` for
-every split in `data.splits`; writes its outputs into `paths.dataset_dir` (formats in CONTRIBUTING.md).
+every split in `data.splits`; writes its outputs into `paths.features_dir` (default: the dataset
+folder; formats in CONTRIBUTING.md).
 A missing, empty or unreadable wav stops the step with a list of every such file, unless
 `data.skip_bad_audio: true` (then they are skipped and listed in `{split}_skipped_audio.csv`).
 """
 import utils.cli
-from utils.clotho import prepare_clotho
+from utils.clotho import features_dir, prepare_clotho
 from utils.config import require_dir, save_config
 
 
@@ -14,8 +15,9 @@ def main():
     parser = utils.cli.make_parser(__doc__)
     args, cfg = utils.cli.parse(parser)
     dataset_dir = require_dir(cfg, "dataset_dir")
-    summaries = prepare_clotho(dataset_dir, cfg["data"]["splits"], cfg["data"]["skip_bad_audio"])
-    config_path = save_config(cfg, dataset_dir, "config.01_clotho_dataset.yaml")
+    out_dir = features_dir(cfg)
+    summaries = prepare_clotho(dataset_dir, cfg["data"]["splits"], cfg["data"]["skip_bad_audio"], out_dir)
+    config_path = save_config(cfg, out_dir, "config.01_clotho_dataset.yaml")
     for s in summaries:
         notes = []
         if s.space_stripped:
@@ -25,7 +27,7 @@ def main():
         print(f"{s.split}: {s.clips} clips, {s.captions} captions" + (f" ({'; '.join(notes)})" if notes else ""))
         if s.skipped:
             print(f"{s.split}: skipped {len(s.skipped)} unusable audio file(s), listed in {s.skipped_csv}")
-    print(f"wrote {dataset_dir / 'audio_info.pkl'}, {dataset_dir / 'vocab_info.pkl'}, "
+    print(f"wrote {out_dir / 'audio_info.pkl'}, {out_dir / 'vocab_info.pkl'}, "
           + ", ".join(str(s.text_csv) for s in summaries) + f" and {config_path}")
 
 

@@ -1,12 +1,13 @@
-"""Step 02: log-mel features of every clip -> <paths.dataset_dir>/{split}_audio_logmels.hdf5.
+"""Step 02: log-mel features of every clip -> <paths.features_dir>/{split}_audio_logmels.hdf5.
 
-Reads audio_info.pkl (step 01) and the wavs; one float32 dataset [frames, 64] per fid, the
+Reads audio_info.pkl (step 01, in paths.features_dir) and the wavs (paths.dataset_dir); one float32 dataset [frames, 64] per fid, the
 baseline's log-mel (utils.audio_utils.log_mel). `features.workers` processes compute in parallel;
 `features.device` cuda (or auto) computes the transform on the GPU. Interrupted runs resume:
 finished clips are kept in {split}_audio_logmels.parts/ and the final file appears only when
 complete (see utils/features.py).
 """
 import utils.cli
+from utils.clotho import features_dir
 from utils.config import require_dir, save_config
 from utils.features import compute_logmels
 
@@ -14,9 +15,9 @@ from utils.features import compute_logmels
 def main():
     parser = utils.cli.make_parser(__doc__)
     args, cfg = utils.cli.parse(parser)
-    dataset_dir = require_dir(cfg, "dataset_dir")
+    require_dir(cfg, "dataset_dir")
     results = compute_logmels(cfg)
-    config_path = save_config(cfg, dataset_dir, "config.02_audio_logmel.yaml")
+    config_path = save_config(cfg, features_dir(cfg), "config.02_audio_logmel.yaml")
     for r in results:
         if r.skipped_existing:
             print(f"{r.split}: {r.path} is already complete ({r.clips} clips), skipped")

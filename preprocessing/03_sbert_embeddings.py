@@ -1,12 +1,11 @@
-"""Encode every caption with a frozen Sentence-BERT model: `<dataset_dir>/sbert_embeds.pkl`.
+"""Encode every caption with a frozen Sentence-BERT model: `<paths.features_dir>/sbert_embeds.pkl`.
 
-Reads `<paths.dataset_dir>/{split}_text.csv` (written by preprocessing/01_clotho_dataset.py) for
+Reads `<paths.features_dir>/{split}_text.csv` (written by preprocessing/01_clotho_dataset.py) for
 every split in `data.splits` and writes `{tid: float32 vector}` of each caption's raw text,
 encoded by `sbert.model` (hub name, local directory, or "bundled:all-MiniLM-L6-v2").
 """
-from pathlib import Path
-
 import utils.cli
+from utils.clotho import features_dir
 from utils.config import save_config
 from utils.sbert import compute_sbert_embeddings
 
@@ -14,7 +13,7 @@ from utils.sbert import compute_sbert_embeddings
 def main():
     parser = utils.cli.make_parser(__doc__)
     args, cfg = utils.cli.parse(parser)
-    dataset_dir = Path(cfg["paths"]["dataset_dir"])
+    dataset_dir = features_dir(cfg)
     sb = cfg["sbert"]
     path, count, dim = compute_sbert_embeddings(
         dataset_dir, cfg["data"]["splits"], sb["model"], batch_size=sb["batch_size"],

@@ -55,6 +55,15 @@ _APOSTROPHES = re.compile("['\u2019\u2018`\u00b4]")
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
+def features_dir(cfg: dict) -> Path:
+    """Where steps 01–03 write their outputs and every later step reads them: config key
+    `paths.features_dir`, or `paths.dataset_dir` when that is null. The wavs and the caption
+    CSVs are always read from `paths.dataset_dir`, which may then be read-only.
+    (Also `utils.data_utils.features_dir`; defined here so that steps 01–02 need no torch.)"""
+    paths = cfg["paths"]
+    return Path(paths.get("features_dir") or paths["dataset_dir"])
+
+
 def make_fid(split: str, fname: str) -> str:
     return uuid.uuid5(NAMESPACE, f"{split}/{fname}").hex
 
@@ -247,9 +256,12 @@ def write_text_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: bool = False) -> list[SplitSummary]:
-    """Step 01 for every split; nothing is written unless every split is usable."""
+def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: bool = False,
+                   out_dir: str | Path | None = None) -> list[SplitSummary]:
+    """Step 01 for every split: reads `dataset_dir`, writes into `out_dir` (paths.features_dir;
+    default `dataset_dir`); nothing is written unless every split is usable."""
     dataset_dir = Path(dataset_dir)
+    out_dir = Path(out_dir) if out_dir is not None else dataset_dir
     parsed = {}
     messages = []
     for split in splits:
@@ -271,9 +283,9 @@ def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: b
         durations[split] = [audio.durations[r.fname] for r in kept]
         text_rows = caption_rows(split, kept)
         word_bags[split] = dict(sorted(Counter(w for t in text_rows for w in t["tokens"].split()).items()))
-        text_csv = dataset_dir / f"{split}_text.csv"
+        text_csv = out_dir / f"{split}_text.csv"
         write_text_csv(text_csv, text_rows)
-        skipped_csv = dataset_dir / f"{split}_skipped_audio.csv"
+        skipped_csv = out_dir / f"{split}_skipped_audio.csv"
         if audio.bad:
             write_skipped(skipped_csv, audio.bad)
         else:
@@ -282,9 +294,9 @@ def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: b
                                       audio.uncaptioned, text_csv, skipped_csv if audio.bad else None))
 
     save_pickle({"audio_fid2fname": fid2fname, "audio_durations": durations},
-                dataset_dir / "audio_info.pkl")
+                out_dir / "audio_info.pkl")
     vocabulary = sorted(set().union(*[set(b) for b in word_bags.values()]))
     split_info = {s.split: {"clips": s.clips, "captions": s.captions} for s in summaries}
     save_pickle({"vocabulary": vocabulary, "word_bags": word_bags, "split_info": split_info},
-                dataset_dir / "vocab_info.pkl")
+                out_dir / "vocab_info.pkl")
     return summaries

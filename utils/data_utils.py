@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
 from utils.errors import UserError
 from utils.io_utils import load_pickle
 

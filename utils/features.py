@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 from utils.audio_utils import (EPS, AudioError, keep_freed_memory, limit_threads, load_audio, log_mel,
                                log_mel_torch)
-from utils.clotho import bad_audio_error, format_bad_audio, read_skipped, resolve_wav, write_skipped
+from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, read_skipped, resolve_wav,
+                          write_skipped)
 from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_path, load_pickle, remove_stale_temps
@@ -312,8 +313,10 @@ def _warm_up(params: dict) -> None:
 
 
 def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], features_cfg: dict,
-                  skip_bad_audio: bool = False, log: Callable = print, pool=None) -> SplitFeatures:
-    """Log-mels of every clip of a split into `{split}_audio_logmels.hdf5` (see module docstring).
+                  skip_bad_audio: bool = False, log: Callable = print, pool=None,
+                  out_dir: Path | None = None) -> SplitFeatures:
+    """Log-mels of every clip of a split into `<out_dir>/{split}_audio_logmels.hdf5` (see module
+    docstring); the wavs are read from `dataset_dir`, `out_dir` is paths.features_dir.
 
     `pool`: a ProcessPoolExecutor initialised with `_init_pool_worker(worker_params(...))`, or None
     to compute in this process. Raises UserError listing every unusable wav unless `skip_bad_audio`.
@@ -322,8 +325,9 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
     if pool is None:
         _init_worker(worker_params(features_cfg, device))
-    final = logmel_path(dataset_dir, split)
-    folder = parts_dir(dataset_dir, split)
+    out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
+    final = logmel_path(out_dir, split)
+    folder = parts_dir(out_dir, split)
     fids = list(fid2fname)
     out = SplitFeatures(split, final, len(fids))
     remove_stale_temps(final.parent, f"{final.name}.")
@@ -377,7 +381,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
         if not skip_bad_audio:
             raise bad_audio_error([format_bad_audio(split, bad)])
         out.bad = bad
-        out.skipped_csv = Path(dataset_dir) / f"{split}_skipped_audio.csv"
+        out.skipped_csv = out_dir / f"{split}_skipped_audio.csv"
         previous = read_skipped(out.skipped_csv)  # step 01's report, if it skipped clips too
         known = {f for f, _ in previous}
         write_skipped(out.skipped_csv, previous + [b for b in bad if b[0] not in known])
@@ -392,7 +396,8 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
 def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     """Step 02 for every split in `data.splits` (audio_info.pkl from step 01)."""
     dataset_dir = Path(cfg["paths"]["dataset_dir"])
-    info_path = dataset_dir / "audio_info.pkl"
+    out_dir = features_dir(cfg)
+    info_path = out_dir / "audio_info.pkl"
     if not info_path.is_file():
         raise UserError(f"{info_path}: not found (run preprocessing/01_clotho_dataset.py first)")
     info = load_pickle(info_path)
@@ -410,7 +415,7 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     pool = ProcessPoolExecutor(workers, _pool_context(), _init_pool_worker, (params,)) if workers > 1 else None
     try:
         return [compute_split(dataset_dir, split, fid2fname[split], features_cfg,
-                              cfg["data"]["skip_bad_audio"], log, pool)
+                              cfg["data"]["skip_bad_audio"], log, pool, out_dir)
                 for split in cfg["data"]["splits"]]
     except KeyboardInterrupt:
         if pool is not None:

