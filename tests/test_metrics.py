@@ -145,3 +145,84 @@ def test_chance_metrics_match_the_average_over_random_rankings():
         for name, value in expected.items():
             assert abs(np.mean([r[name] for r in runs]) - value) < 0.01, name
     assert chance_metrics(t2a)["R@10"] == 10 / 12
+
+
+# --------------------------------------------------------------------------- R@k_any and ranks
+
+def reference_any(scores, relevant, max_k=10):
+    """Per-query loop from the definitions: R@k_any = 1 if any relevant candidate is in the top k
+    (stable sort on -score); rank = 1-based position of the first relevant one in that order."""
+    any_k = {f"R@{k}_any": [] for k in (1, 5, 10)}
+    curve, first = [], []
+    for s, rel in zip(scores, relevant):
+        hits = rel[np.argsort(-s, kind="stable")]
+        for k in (1, 5, 10):
+            any_k[f"R@{k}_any"].append(1.0 if hits[:k].any() else 0.0)
+        curve.append([1.0 if hits[:k].any() else 0.0 for k in range(1, max_k + 1)])
+        for position, is_relevant in enumerate(hits, start=1):
+            if is_relevant:
+                first.append(position)
+                break
+    return ({k: float(np.mean(v)) for k, v in any_k.items()}, np.mean(curve, axis=0),
+            float(np.mean(first)), float(np.median(first)))
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("seed", range(4))
+def test_any_recall_and_rank_summary_match_the_loop(seed, integer):
+    from utils.metrics import ANY_NAMES, evaluate_ranking, recall_any
+
+    scores, relevant = clotho_like(seed, n_clips=30, integer=integer)
+    for s, rel in ((scores, relevant), (scores.T.copy(), relevant.T.copy())):  # t2a, a2t
+        want_any, want_curve, want_mean, want_median = reference_any(s, rel)
+        got = evaluate_ranking(s, rel)
+        assert tuple(got.any) == ANY_NAMES and recall_any(s, rel) == got.any
+        for name, value in want_any.items():
+            assert isinstance(got.any[name], float) and abs(got.any[name] - value) < 1e-12, name
+        assert np.allclose(got.curve_any, want_curve, atol=1e-12, rtol=0)
+        assert got.mean_rank == pytest.approx(want_mean, abs=1e-12)
+        assert got.median_rank == pytest.approx(want_median, abs=1e-12)
+        assert got.metrics == retrieval_metrics(s, rel)
+
+
+def test_any_recall_equals_recall_with_one_relevant_and_bounds_it_otherwise():
+    from utils.metrics import evaluate_ranking
+
+    scores, relevant = clotho_like(7, n_clips=25)
+    t2a = evaluate_ranking(scores, relevant)
+    for k in (1, 5, 10):
+        assert t2a.any[f"R@{k}_any"] == pytest.approx(t2a.metrics[f"R@{k}"], abs=1e-12)
+    a2t = evaluate_ranking(scores.T.copy(), relevant.T.copy())
+    for k in (1, 5, 10):
+        assert a2t.any[f"R@{k}_any"] >= a2t.metrics[f"R@{k}"]
+    assert a2t.metrics["R@1"] <= 0.2 + 1e-12  # five relevant captions: at most 1/5 in the top 1
+
+
+def test_hand_worked_any_and_ranks():
+    from utils.metrics import evaluate_ranking
+
+    # query 0: relevant ranked 2 and 4 -> first 2; query 1: relevant ranked 1 -> first 1;
+    # query 2: all equal, relevant at index 3 -> rank 4 by the index rule
+    scores = np.array([[0.5, 0.1, 0.9, 0.1], [0.2, 0.8, 0.1, 0.3], [0.0, 0.0, 0.0, 0.0]])
+    relevant = np.array([[True, False, False, True], [False, True, False, False],
+                         [False, False, False, True]])
+    got = evaluate_ranking(scores, relevant, max_k=4)
+    assert got.first.tolist() == [2, 1, 4]
+    assert got.any == {"R@1_any": 1 / 3, "R@5_any": 1.0, "R@10_any": 1.0}
+    assert np.allclose(got.curve_any, [1 / 3, 2 / 3, 2 / 3, 1.0])
+    assert got.mean_rank == pytest.approx(7 / 3) and got.median_rank == 2.0
+
+
+def test_chance_recall_any_matches_random_rankings():
+    from utils.metrics import chance_recall_any, recall_any
+
+    rng = np.random.default_rng(5)
+    clip_of = np.repeat(np.arange(12), 5)
+    a2t = (clip_of[:, None] == np.arange(12)[None, :]).T.copy()  # [12 clips, 60 captions]
+    runs = [recall_any(rng.random(a2t.shape), a2t) for _ in range(3000)]
+    for name, value in chance_recall_any(a2t).items():
+        assert abs(np.mean([r[name] for r in runs]) - value) < 0.01, name
+    # exact small case: 1 of 4 candidates relevant -> k/4; all relevant -> 1
+    assert chance_recall_any(np.array([[True, False, False, False]]))["R@1_any"] == 0.25
+    assert chance_recall_any(np.ones((1, 3), dtype=bool)) == {"R@1_any": 1.0, "R@5_any": 1.0,
+                                                             "R@10_any": 1.0}

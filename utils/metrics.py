@@ -11,9 +11,12 @@ memory-lean (development a2t, 3839 x 19195, never needs a full argsort copy).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-METRIC_NAMES = ("mAP@10", "R@1", "R@5", "R@10")
+METRIC_NAMES = ("mAP@10", "R@1", "R@5", "R@10")  # the baseline's (and the spec's) four
+ANY_NAMES = ("R@1_any", "R@5_any", "R@10_any")     # CLAP-style: any relevant item in the top k
 CHUNK_ELEMENTS = 1 << 22  # candidate scores compared per chunk (~16 MB of float32 rows)
 
 
@@ -84,45 +87,78 @@ def retrieval_metrics(scores, relevant) -> dict[str, float]:
     R@k = relevant items in the top k / relevant items; AP@10 = sum over relevant items ranked
     r <= 10 of (relevant items ranked <= r) / r, divided by the number of relevant items.
     """
+    return evaluate_ranking(scores, relevant).metrics
+
+
+def recall_curve(scores, relevant, max_k: int = 10) -> np.ndarray:
+    """Mean R@k for k = 1..max_k, as a float64 array `[max_k]`."""
+    return evaluate_ranking(scores, relevant, max_k).curve
+
+
+def rank_of_first_relevant(scores, relevant) -> np.ndarray:
+    """1-based rank of each query's best-ranked relevant candidate, int64 `[Q]`."""
+    return evaluate_ranking(scores, relevant).first
+
+
+def recall_any(scores, relevant) -> dict[str, float]:
+    """`{"R@1_any", "R@5_any", "R@10_any"}`: the fraction of queries with at least one relevant
+    candidate in the top k (CLAP-style audio->text recall; equal to R@k with one relevant)."""
+    return evaluate_ranking(scores, relevant).any
+
+
+@dataclass
+class Ranking:
+    """Everything the evaluation reports about one `[Q, C]` ranking, from one rank count.
+
+    metrics: METRIC_NAMES; any: ANY_NAMES; curve, curve_any: float64 `[max_k]` (R@k and
+    R@k_any for k = 1..max_k); first: int64 `[Q]`, rank of each query's best relevant candidate.
+    """
+    metrics: dict[str, float]
+    any: dict[str, float]
+    curve: np.ndarray
+    curve_any: np.ndarray
+    first: np.ndarray
+
+    @property
+    def mean_rank(self) -> float:
+        return float(self.first.mean())
+
+    @property
+    def median_rank(self) -> float:
+        return float(np.median(self.first))
+
+
+def evaluate_ranking(scores, relevant, max_k: int = 10) -> Ranking:
+    """All metrics of a ranking (see the module docstring for the tie rule)."""
     scores, relevant = _check(scores, relevant)
     q_idx, ranks = _ranks(scores, relevant)
     n_queries = relevant.shape[0]
-    n_rel = np.bincount(q_idx, minlength=n_queries).astype(np.float64)
-    w = 1.0 / n_rel[q_idx]
+    n_rel = np.bincount(q_idx, minlength=n_queries).astype(np.float64)  # [Q]
+    w = 1.0 / n_rel[q_idx]                                               # [P]
     out = {}
     for k in (1, 5, 10):
         out[f"R@{k}"] = float(np.bincount(q_idx, weights=w * (ranks <= k), minlength=n_queries).mean())
     # hits up to rank r for a relevant item = its position among its query's relevant items by rank
     order = np.lexsort((ranks, q_idx))
     q_sorted, r_sorted = q_idx[order], ranks[order]
-    first = np.searchsorted(q_sorted, q_sorted, side="left")
-    hits = np.arange(len(q_sorted)) - first + 1
+    first_of_query = np.searchsorted(q_sorted, q_sorted, side="left")
+    hits = np.arange(len(q_sorted)) - first_of_query + 1
     prec = np.where(r_sorted <= 10, hits / r_sorted, 0.0)
-    ap = np.bincount(q_sorted, weights=prec, minlength=n_queries) / n_rel
-    out["mAP@10"] = float(ap.mean())
-    return {name: out[name] for name in METRIC_NAMES}
+    out["mAP@10"] = float((np.bincount(q_sorted, weights=prec, minlength=n_queries) / n_rel).mean())
 
-
-def recall_curve(scores, relevant, max_k: int = 10) -> np.ndarray:
-    """Mean R@k for k = 1..max_k, as a float64 array `[max_k]`."""
-    scores, relevant = _check(scores, relevant)
-    q_idx, ranks = _ranks(scores, relevant)
-    n_queries = relevant.shape[0]
-    n_rel = np.bincount(q_idx, minlength=n_queries).astype(np.float64)
-    keep = ranks <= max_k
     # each relevant item ranked r adds 1/n_rel of its query to R@k for every k >= r
-    at_rank = np.bincount(ranks[keep] - 1, weights=1.0 / n_rel[q_idx[keep]], minlength=max_k)
-    return np.cumsum(at_rank[:max_k]) / n_queries
+    keep = ranks <= max_k
+    at_rank = np.bincount(ranks[keep] - 1, weights=w[keep], minlength=max_k)
+    curve = np.cumsum(at_rank[:max_k]) / n_queries
 
-
-def rank_of_first_relevant(scores, relevant) -> np.ndarray:
-    """1-based rank of each query's best-ranked relevant candidate, int64 `[Q]`."""
-    scores, relevant = _check(scores, relevant)
-    q_idx, ranks = _ranks(scores, relevant)
-    n_queries = relevant.shape[0]
-    best = np.full(n_queries, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(best, q_idx, ranks)
-    return best
+    first = np.full(n_queries, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, q_idx, ranks)
+    first_hist = np.bincount(np.minimum(first, max_k + 1) - 1, minlength=max_k + 1)
+    curve_any = np.cumsum(first_hist[:max_k]) / n_queries
+    any_k = {f"R@{k}_any": float(np.count_nonzero(first <= k) / n_queries) for k in (1, 5, 10)}
+    return Ranking(metrics={name: out[name] for name in METRIC_NAMES},
+                   any={name: any_k[name] for name in ANY_NAMES},
+                   curve=curve, curve_any=curve_any, first=first)
 
 
 def chance_metrics(relevant) -> dict[str, float]:
@@ -142,3 +178,19 @@ def chance_metrics(relevant) -> dict[str, float]:
     ap = ((1.0 + others) / r).sum(axis=1) / n_cand  # [Q]
     out["mAP@10"] = float(ap.mean())
     return {name: out[name] for name in METRIC_NAMES}
+
+
+def chance_recall_any(relevant) -> dict[str, float]:
+    """Expected `recall_any` under a uniformly random ranking: for a query with m relevant among
+    C candidates, 1 - P(none of them in the top k) = 1 - prod_{i<k} (C - m - i) / (C - i)."""
+    relevant = np.asarray(relevant, dtype=bool)
+    n_cand = relevant.shape[1]
+    m = relevant.sum(axis=1).astype(np.float64)  # [Q]
+    if (m == 0).any():
+        raise ValueError("every query needs at least one relevant candidate")
+    out = {}
+    for k in (1, 5, 10):
+        i = np.arange(min(k, n_cand), dtype=np.float64)[None, :]          # [1, k]
+        none = np.clip((n_cand - m[:, None] - i) / (n_cand - i), 0.0, 1.0).prod(axis=1)  # [Q]
+        out[f"R@{k}_any"] = float((1.0 - none).mean())
+    return out
