@@ -1,23 +1,74 @@
 """Experiment tracking: wandb (online / offline / disabled) plus a local metrics.jsonl.
 
-The local file needs no account and is what plots and tests read. The wandb run id is stored in
-the run directory, so a resumed run and the postprocessing steps add to the same wandb run.
+The local file needs no account and is what plots and tests read. The training run's wandb id
+is stored in the run directory (wandb_id.txt), so `--resume` continues the same wandb run;
+evaluation (postprocessing) logs to a run of its own, `<id>-eval` (job_type "eval", same group),
+so it can never touch the training history.
+
+History across resumes: each wandb.init (a "segment") starts its `_step` afresh, and an offline
+segment knows nothing of the earlier ones. So every row is logged with an explicit step that
+keeps increasing across segments: in a training run the step is the number of training
+captions seen (epoch e ends at e * samples_per_epoch), in an evaluation run one step per
+evaluation. What earlier segments logged is read back from their own transaction logs
+(`<run>/wandb/*run-*-<id>/run-<id>.wandb`): a resumed training run logs every epoch of
+metrics.jsonl that no segment holds, and none twice.
 """
 from __future__ import annotations
 
+import configparser
 import json
 import netrc
 import os
+import re
+import struct
+import time
 import uuid
+import zlib
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
 
 from utils.errors import UserError
 from utils.runs import METRICS_JSONL, WANDB_ID_FILE
 
 
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+
+
+def wandb_base_url() -> str:
+    """The wandb server: WANDB_BASE_URL, else the `base_url` that `wandb login --host URL`
+    saved in wandb's settings file, else the wandb cloud."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"].rstrip("/")
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(config_dir / "settings", encoding="utf-8")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return DEFAULT_BASE_URL
+    return parser.get("default", "base_url", fallback=DEFAULT_BASE_URL).rstrip("/") or DEFAULT_BASE_URL
+
+
+def _netrc_has_key(host: str) -> bool:
+    """Whether the .netrc that wandb reads ($NETRC, else ~/.netrc or ~/_netrc) has a password
+    for `host` (host[:port], as `wandb login` writes it)."""
+    path = os.environ.get("NETRC")
+    if not path:
+        home = Path.home()
+        path = next((p for p in (home / ".netrc", home / "_netrc") if p.is_file()), home / ".netrc")
+    try:
+        entry = netrc.netrc(str(Path(path).expanduser())).authenticators(host)
+    except (netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
 def wandb_mode(configured: str) -> str:
     """The effective mode. WANDB_MODE in the environment wins (tests set `disabled`);
-    `auto` is online when an API key is known, else offline (syncable later)."""
+    `auto` is online when an API key is known for the server (WANDB_API_KEY, or a .netrc entry
+    for the host of wandb_base_url(): the cloud or a self-hosted server), else offline."""
     env = os.environ.get("WANDB_MODE")
     if env in ("online", "offline", "disabled"):
         return env
@@ -27,10 +78,8 @@ def wandb_mode(configured: str) -> str:
         return configured
     if os.environ.get("WANDB_API_KEY"):
         return "online"
-    try:
-        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return "offline"
+    host = urlsplit(wandb_base_url()).netloc
+    return "online" if host and _netrc_has_key(host) else "offline"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -60,53 +109,278 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-class Tracker:
-    """Logs to `<run_dir>/metrics.jsonl` and, unless disabled, to wandb. Only rank 0 makes one."""
+# --------------------------------------------------------------------------- wandb's local files
+# Every wandb run segment (one wandb.init ... finish, online or offline) writes its records to
+# <dir>/wandb/{offline-,}run-<YYYYmmdd_HHMMSS>-<id>/run-<id>.wandb: protobuf `Record`s
+# (wandb.proto.wandb_internal_pb2) in the LevelDB log format: a 7-byte file header, then 32 KiB
+# blocks of chunks, each `crc32 (u32 LE) | length (u16 LE) | type (u8) | data`, where the crc is
+# zlib.crc32 of the type byte and the data, and a record is one FULL chunk or FIRST, MIDDLE...,
+# LAST. A block's tail shorter than a chunk header is zero padding.
 
-    def __init__(self, cfg: dict, run_dir: str | Path, job_type: str = "train"):
+_LOG_HEADER = b":W&B\xe1\xbe\x00"  # ident, magic 0xBEE1 (LE), version 0
+_BLOCK = 32768
+_CHUNK_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _log_records(data: bytes) -> Iterator[bytes]:
+    """The records' payloads in a .wandb file's bytes. A torn or corrupt chunk (a process killed
+    while writing) drops the record it belongs to and reading goes on at the next block, as
+    LevelDB's reader does; a torn tail simply ends the file."""
+    pos, pending = len(_LOG_HEADER), None
+    while pos + _CHUNK_HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK_HEADER:
+            pos += left  # padding
+            continue
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk = data[pos + _CHUNK_HEADER:pos + _CHUNK_HEADER + length]
+        if (kind == 0 and length == 0) or len(chunk) < length \
+                or zlib.crc32(bytes([kind]) + chunk) != crc or _CHUNK_HEADER + length > left:
+            pending = None
+            pos += left  # skip to the next block
+            continue
+        pos += _CHUNK_HEADER + length
+        if kind == _FULL:
+            pending = None
+            yield chunk
+        elif kind == _FIRST:
+            pending = [chunk]
+        elif kind == _MIDDLE and pending is not None:
+            pending.append(chunk)
+        elif kind == _LAST and pending is not None:
+            yield b"".join(pending + [chunk])
+            pending = None
+
+
+def read_wandb_file(path: str | Path) -> list:
+    """The records of one run segment's `.wandb` file (wandb_internal_pb2.Record), in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not data.startswith(_LOG_HEADER[:4]):
+        raise UserError(f"{path}: not a wandb transaction log (bad header)")
+    records = []
+    for payload in _log_records(data):
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception:  # noqa: BLE001 - a payload that passed its crc but is not ours: skip it
+            continue
+        records.append(record)
+    return records
+
+
+def history_rows(records: Iterable) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of every history row among `records`, in order. Keys nested by
+    wandb (a dict logged as a value) are joined with '.'."""
+    rows = []
+    for record in records:
+        if record.WhichOneof("record_type") != "history":
+            continue
+        row = {}
+        for item in record.history.item:
+            key = item.key or ".".join(item.nested_key)
+            row[key] = json.loads(item.value_json) if item.value_json else None
+        rows.append((int(record.history.step.num), row))
+    return rows
+
+
+_SEGMENT_DIR = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(.+)")
+
+
+def wandb_segments(run_dir: str | Path, run_id: str) -> list[Path]:
+    """The `.wandb` files of wandb run `run_id` under `<run_dir>/wandb/`, oldest first (each
+    segment's directory is named `[offline-]run-<start time>-<id>`)."""
+    root = Path(run_dir) / "wandb"
+    found = []
+    for d in (root.iterdir() if root.is_dir() else ()):
+        m = _SEGMENT_DIR.fullmatch(d.name)
+        if m and m.group(2) == run_id and not d.is_symlink() and (d / f"run-{run_id}.wandb").is_file():
+            found.append((m.group(1), d / f"run-{run_id}.wandb"))
+    return [path for _, path in sorted(found)]
+
+
+def eval_run_id(train_run_id: str) -> str:
+    """The wandb id of a training run's evaluation run."""
+    return f"{train_run_id}-eval"
+
+
+def _wait_until_quiet(paths: list[Path], quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
+    """Wait until none of `paths` was modified in the last `quiet_s` seconds: the wandb service
+    of a process killed a moment ago may still be writing its last records."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+        if time.time() - newest >= quiet_s:
+            return
+        time.sleep(0.2)
+
+
+class Tracker:
+    """Logs to `<run_dir>/metrics.jsonl` and, unless disabled, to wandb. Only rank 0 makes one.
+
+    job_type "train": the run whose id is in `<run_dir>/wandb_id.txt` (created on first use);
+    its summary names the evaluation run (`eval_run_id`, and `eval_run_url` when online).
+    job_type "eval": the run `eval_run_id(<training id>)`, grouped with the training run.
+    `samples_per_epoch` (training captions per epoch) scales the steps of a training run.
+    """
+
+    def __init__(self, cfg: dict, run_dir: str | Path, job_type: str = "train",
+                 samples_per_epoch: int | None = None):
         self.run_dir = Path(run_dir)
         self.jsonl = self.run_dir / METRICS_JSONL
         self.mode = wandb_mode(cfg["wandb"]["mode"])
-        self.run = None
+        self.job_type = job_type
+        self.samples_per_epoch = max(int(samples_per_epoch or 1), 1)
+        self.run = self.run_id = None
+        self.logged_epochs: set[int] = set()  # epochs that some segment of this run holds
+        self._prior_step = -1  # the highest step that earlier segments logged
+        self._step = 0  # the step of the row being written
         if self.mode == "disabled":
             return
         import wandb  # imported only when used: it is slow to import
 
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        had_id = id_file.is_file()
+        train_id = id_file.read_text().strip() if had_id else uuid.uuid4().hex[:12]
+        if not had_id:  # an evaluation of a run trained without wandb names its training run too
+            id_file.write_text(train_id + "\n")
+        is_train = job_type == "train"
+        run_id = train_id if is_train else eval_run_id(train_id)
+        earlier = self._read_earlier_segments(run_id)
+        # offline, wandb cannot ask the server whether the run exists: say so ourselves
+        resumed = bool(earlier) or (is_train and had_id)
+        settings = wandb.Settings(resumed=True) if resumed and self.mode == "offline" else None
         self.run = wandb.init(
             project=cfg["wandb"]["project"], entity=cfg["wandb"]["entity"], id=run_id,
             resume="allow", dir=str(self.run_dir), config=cfg, mode=self.mode,
-            name=self.run_dir.name, tags=cfg["wandb"]["tags"], job_type=job_type)
+            name=self.run_dir.name if is_train else f"{self.run_dir.name}-eval",
+            group=train_id, tags=cfg["wandb"]["tags"], job_type=job_type, settings=settings)
+        self.run_id = self.run.id
+        self._step = self._prior_step + 1
+        if not is_train:
+            return
         # under `wandb agent` the sweep chooses the id: store the one actually used
         id_file.write_text(self.run.id + "\n")
+        link = {"eval_run_id": eval_run_id(self.run.id)}
+        if self.run.url:
+            link["eval_run_url"] = f"{self.run.url.rsplit('/', 1)[0]}/{link['eval_run_id']}"
+        self.run.summary.update(link)
         self.run.define_metric("epoch")
         self.run.define_metric("val_*", step_metric="epoch")
         self.run.define_metric("train_loss", step_metric="epoch")
         self.run.define_metric("lr", step_metric="epoch")
+        self.run.define_metric("train/epoch")
+        self.run.define_metric("train/loss", step_metric="train/epoch")
+        self.run.define_metric("train/lr", step_metric="train/epoch")
         # a sweep compares runs by the summary: the best epoch, not the last one
         self.run.define_metric("val_loss", step_metric="epoch", summary="min")
         for name in ("mAP@10", "R@1", "R@5", "R@10"):
             self.run.define_metric(f"val_t2a_{name}", step_metric="epoch", summary="max")
 
+    def _read_earlier_segments(self, run_id: str) -> list[Path]:
+        """Note which epochs and steps the earlier segments of `run_id` logged."""
+        segments = wandb_segments(self.run_dir, run_id)
+        _wait_until_quiet(segments)
+        for path in segments:
+            for step, row in history_rows(read_wandb_file(path)):
+                self._prior_step = max(self._prior_step, step)
+                if isinstance(row.get("epoch"), (int, float)):
+                    self.logged_epochs.add(int(row["epoch"]))
+        return segments
+
+    # ------------------------------------------------------------------ history
+
     def rewind(self, epoch: int) -> None:
-        """Forget local records after `epoch` (written before a crash, not in the checkpoint)."""
+        """Start (or resume) after `epoch`: forget local records after it (written before a
+        crash, not in the checkpoint), then log to wandb every kept record that no segment of
+        this run holds (an epoch whose process was killed before wandb wrote it)."""
         kept = [r for r in read_jsonl(self.jsonl) if r.get("epoch", 0) <= epoch]
         from utils.io_utils import atomic_write_text
 
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        for record in sorted(kept, key=lambda r: r.get("epoch", 0)):
+            self._log_epoch_to_wandb(record)
 
     def log_epoch(self, record: dict) -> None:
+        """Append an epoch's record to metrics.jsonl (on disk first), then to wandb."""
         with open(self.jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.log(record)
+        self._log_epoch_to_wandb(record)
+
+    def _log_epoch_to_wandb(self, record: dict) -> None:
+        epoch = record.get("epoch")
+        if self.run is None or not isinstance(epoch, int) or epoch in self.logged_epochs:
+            return  # an epoch redone after a resume keeps the row its first run logged
+        self._log_at(record, epoch * self.samples_per_epoch)
+        self.logged_epochs.add(epoch)
+
+    def log_train(self, data: dict) -> None:
+        """A training-loss point {"train/loss", "train/epoch" (fractional), ...}, at the step of
+        the captions seen so far. Points an earlier segment logged (the part of an epoch redone
+        after a resume) are not logged again."""
+        if self.run is None:
+            return
+        step = round(float(data["train/epoch"]) * self.samples_per_epoch)
+        if step > self._prior_step:
+            self._log_at(data, step)
 
     def log(self, data: dict) -> None:
+        """Anything else: into the current row (an evaluation run: one row per evaluation)."""
         if self.run is not None:
-            self.run.log(data)
+            self.run.log(data, step=self._step)
+
+    def _log_at(self, data: dict, step: int) -> None:
+        # never below a step already used: wandb would drop the row
+        self._step = max(step, self._step)
+        self.run.log(data, step=self._step)
+
+    # ------------------------------------------------------------------ media (no-ops when disabled)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Iterable[Sequence]) -> None:
+        """One wandb.Table under `key`: `columns` names, one list of cells per row."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def log_audio_table(self, key: str, columns: Sequence[str], rows: Iterable[Sequence],
+                        audio_columns: Iterable[str]) -> None:
+        """A wandb.Table whose cells in `audio_columns` are audio file paths (wandb.Audio, the
+        file is copied into the run); None there stays an empty cell (a missing clip)."""
+        if self.run is None:
+            return
+        import wandb
+
+        columns = list(columns)
+        audio = {columns.index(c) for c in audio_columns}
+        data = [[wandb.Audio(str(cell)) if i in audio and cell is not None else cell
+                 for i, cell in enumerate(row)] for row in rows]
+        self.log({key: wandb.Table(columns=columns, data=data)})
+
+    def log_histogram(self, key: str, values: Sequence[float], num_bins: int = 64) -> None:
+        """A wandb.Histogram of `values` (e.g. the rank of each caption's true clip)."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.log({key: wandb.Histogram(np.asarray(values, dtype=np.float64), num_bins=num_bins)})
+
+    def log_images(self, images: dict[str, str | Path]) -> None:
+        """{name: image file} as wandb.Image (e.g. the PNG plots), in one history row."""
+        if self.run is None or not images:
+            return
+        import wandb
+
+        self.log({name: wandb.Image(str(path)) for name, path in images.items()})
 
     def summary(self, data: dict) -> None:
         if self.run is not None:
