@@ -230,7 +230,8 @@ def test_library_metrics_match_direct_computation():
     m = evaluation.split_metrics(s)
     rel = s.relevance()
     assert m["t2a"] == retrieval_metrics(s.scores, rel)
-    assert m["a2t"] == retrieval_metrics(s.scores.T, rel.T)
+    assert {k: m["a2t"][k] for k in ("mAP@10", "R@1", "R@5", "R@10")} == \
+        retrieval_metrics(s.scores.T, rel.T)
     curves = evaluation.split_recall_curves(s, 10)
     assert curves["t2a"][0] == pytest.approx(m["t2a"]["R@1"])
     assert curves["a2t"][9] == pytest.approx(m["a2t"]["R@10"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +20,9 @@ from tqdm import tqdm
 from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_open, atomic_path
-from utils.metrics import (METRIC_NAMES, chance_metrics, rank_of_first_relevant, recall_curve,
-                           retrieval_metrics)
+from utils.provenance import git_state
+from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, chance_metrics, chance_recall_any,
+                           evaluate_ranking)
 from utils.scores_db import ScoredSplit, file_sha1
 
 DIRECTIONS = ("t2a", "a2t")
@@ -64,50 +66,205 @@ def scored_split(emb) -> ScoredSplit:
 
 # --------------------------------------------------------------------------- metrics
 
-def split_metrics(s: ScoredSplit) -> dict[str, dict[str, float]]:
-    """{"t2a": {...}, "a2t": {...}}: text->audio (one relevant clip per caption) and
-    audio->text (every caption of the clip is relevant), utils.metrics' definitions."""
+def split_rankings(s: ScoredSplit, max_k: int = 10) -> dict[str, Ranking]:
+    """{"t2a": Ranking, "a2t": Ranking} of one split: text->audio (captions query the clips, one
+    relevant clip each) and audio->text (clips query the captions, all of the clip's relevant)."""
     rel = s.relevance()
-    return {"t2a": retrieval_metrics(s.scores, rel),
-            "a2t": retrieval_metrics(np.ascontiguousarray(s.scores.T), np.ascontiguousarray(rel.T))}
+    return {"t2a": evaluate_ranking(s.scores, rel, max_k),
+            "a2t": evaluate_ranking(np.ascontiguousarray(s.scores.T), np.ascontiguousarray(rel.T),
+                                    max_k)}
+
+
+def _direction_metrics(rankings: dict[str, Ranking]) -> dict[str, dict[str, float]]:
+    # t2a has one relevant clip per caption: its R@k_any would repeat R@k, so only a2t gets it
+    return {"t2a": dict(rankings["t2a"].metrics),
+            "a2t": {**rankings["a2t"].metrics, **rankings["a2t"].any}}
+
+
+def split_metrics(s: ScoredSplit) -> dict[str, dict[str, float]]:
+    """{"t2a": {mAP@10, R@1, R@5, R@10}, "a2t": {the same, R@1_any, R@5_any, R@10_any}}
+    (utils.metrics' definitions; DEFINITIONS below says what each number is)."""
+    return _direction_metrics(split_rankings(s))
 
 
 def split_recall_curves(s: ScoredSplit, max_k: int = 10) -> dict[str, list[float]]:
-    """{"t2a": [R@1..R@max_k], "a2t": [...]} for utils.plots.plot_recall_curves."""
-    rel = s.relevance()
-    return {"t2a": recall_curve(s.scores, rel, max_k).tolist(),
-            "a2t": recall_curve(np.ascontiguousarray(s.scores.T), np.ascontiguousarray(rel.T),
-                                max_k).tolist()}
+    """{"t2a": [R@1..R@max_k], "a2t": [...], "a2t_any": [R@1_any..]} for utils.plots."""
+    r = split_rankings(s, max_k)
+    return {"t2a": r["t2a"].curve.tolist(), "a2t": r["a2t"].curve.tolist(),
+            "a2t_any": r["a2t"].curve_any.tolist()}
 
 
 def t2a_ranks(s: ScoredSplit) -> np.ndarray:
     """1-based rank of each caption's own clip, int64 `[Q]`."""
-    return rank_of_first_relevant(s.scores, s.relevance())
+    return evaluate_ranking(s.scores, s.relevance()).first
 
 
 def split_chance(s: ScoredSplit) -> dict[str, dict[str, float]]:
-    """The chance level of each direction (expected metrics of a random ranking)."""
+    """The chance level of each direction (expected metrics of a random ranking), same keys as
+    split_metrics."""
     rel = s.relevance()
-    return {"t2a": chance_metrics(rel), "a2t": chance_metrics(rel.T)}
+    return {"t2a": chance_metrics(rel), "a2t": {**chance_metrics(rel.T), **chance_recall_any(rel.T)}}
 
 
-def format_table(metrics: dict[str, dict[str, dict[str, float]]],
-                 chance: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
-    """A plain-text table: one line per split and direction (plus its chance level if given)."""
-    lines = [f"{'split':<12} {'dir':<4} " + " ".join(f"{m:>7}" for m in METRIC_NAMES)]
-    for split, by_dir in metrics.items():
+# --------------------------------------------------------------------------- metrics.json
+
+# metrics.json: {split: {"t2a": {...}, "a2t": {...}, "chance": {...}, "ranks": {...},
+# "counts": {...}}, ..., "definitions": {...}, "provenance": {...}}. The spec's four metrics
+# per direction stay floats in [0, 1]; anything else per split lives in sibling keys.
+DEFINITIONS_KEY, PROVENANCE_KEY = "definitions", "provenance"
+RESERVED_KEYS = (DEFINITIONS_KEY, PROVENANCE_KEY)
+DEFINITIONS = {
+    "t2a": "text -> audio: each caption is a query; the candidates are the split's clips; the "
+           "caption's own clip is its one relevant candidate",
+    "a2t": "audio -> text: each clip is a query; the candidates are the split's captions; the "
+           "clip's own captions (5 per clip in Clotho) are relevant",
+    "ranking": "candidates sorted by score, highest first; equal scores keep the lower candidate "
+               "index first",
+    "R@k": "relevant candidates in the top k / relevant candidates of the query, mean over "
+           "queries (the DCASE 2023 baseline's definition; a2t R@1 is at most 1/5 with 5 "
+           "captions per clip)",
+    "R@k_any": "a2t only: fraction of queries with at least one relevant candidate in the top k "
+               "(CLAP-style audio -> text recall; for t2a it would equal R@k)",
+    "mAP@10": "mean over queries of AP@10 = sum over relevant candidates ranked r <= 10 of "
+              "(relevant candidates ranked <= r) / r, divided by the number of relevant "
+              "candidates (the DCASE 2023 baseline's definition)",
+    "chance": "expected value of each metric under a uniformly random ranking",
+    "ranks.mean, ranks.median": "1-based rank of the best-ranked relevant candidate of each "
+                                "query, mean and median over queries (t2a: the caption's clip; "
+                                "a2t: the best-ranked of the clip's own captions)",
+    "ranks.queries, ranks.candidates": "queries ranked and candidates per query in that direction",
+    "counts": "clips and captions scored in the split; skipped_clips: clips the dataset steps "
+              "left out (data.skip_bad_audio), null where not known",
+}
+
+
+def split_counts(r: "SplitResult", skipped_clips: int | None = None) -> dict:
+    return {"clips": r.n_clips, "captions": r.n_captions,
+            "skipped_clips": None if skipped_clips is None else int(skipped_clips)}
+
+
+def split_rank_stats(r: "SplitResult") -> dict[str, dict]:
+    """{"t2a"|"a2t": {"mean", "median", "queries", "candidates"}} of one split."""
+    out = {}
+    for d, first, n_cand in (("t2a", r.ranks, r.n_clips), ("a2t", r.a2t_ranks, r.n_captions)):
+        first = np.asarray(first)
+        out[d] = {"mean": float(first.mean()), "median": float(np.median(first)),
+                  "queries": int(len(first)), "candidates": int(n_cand)}
+    return out
+
+
+def metrics_provenance(run_dir: str | Path, meta: dict, results: Sequence["SplitResult"],
+                       skipped: dict[str, int | None] | None = None) -> dict:
+    """Where the numbers come from: the run, its checkpoint (which, file, epoch, sha1), the
+    config hash, the split sizes, the code's commit, when. `meta` is scores_db.expected_meta's."""
+    epoch = meta.get("checkpoint_epoch")
+    git = git_state()
+    return {
+        "run": meta.get("run", Path(run_dir).resolve().name),
+        "checkpoint": meta.get("checkpoint"),
+        "checkpoint_file": f"checkpoints/{meta.get('checkpoint')}.pt",
+        "checkpoint_epoch": int(epoch) if epoch not in (None, "") else None,
+        "checkpoint_sha1": meta.get("checkpoint_sha1"),
+        "config_sha1": meta.get("config_sha1"),
+        "scores": "scores.db",
+        "splits": {r.split: split_counts(r, (skipped or {}).get(r.split)) for r in results},
+        "code": {"commit": git["commit"], "dirty": git["dirty"]},
+        "written": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def metrics_document(results: Sequence["SplitResult"], provenance: dict | None = None,
+                     skipped: dict[str, int | None] | None = None) -> dict:
+    """The metrics.json document of evaluated splits (see RESERVED_KEYS / DEFINITIONS)."""
+    doc: dict = {}
+    for r in results:
+        doc[r.split] = {"t2a": r.metrics["t2a"], "a2t": r.metrics["a2t"], "chance": r.chance,
+                        "ranks": split_rank_stats(r),
+                        "counts": split_counts(r, (skipped or {}).get(r.split))}
+    doc[DEFINITIONS_KEY] = dict(DEFINITIONS)
+    doc[PROVENANCE_KEY] = provenance or {}
+    return doc
+
+
+def metrics_splits(doc: dict) -> dict[str, dict]:
+    """{split: its entry} of a metrics.json document (the reserved top-level keys left out)."""
+    return {k: v for k, v in doc.items() if k not in RESERVED_KEYS}
+
+
+def read_metrics_json(path: str | Path) -> dict:
+    """A run's metrics.json, checked: each split holds "t2a" and "a2t" dicts with the spec's
+    four metrics as floats in [0, 1]. Older files without definitions/provenance are accepted."""
+    path = Path(path)
+    redo = "rerun postprocessing/02_xmodal_retrieval.py"
+    if not path.is_file():
+        raise UserError(f"{path}: not found — run postprocessing/01_xmodal_scores.py, then 02")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}) — {redo}") from None
+    if not isinstance(doc, dict) or not metrics_splits(doc):
+        raise UserError(f"{path}: no split metrics in it — {redo}")
+    for split, entry in metrics_splits(doc).items():
         for d in DIRECTIONS:
-            lines.append(f"{split:<12} {d:<4} " + " ".join(f"{by_dir[d][m]:7.4f}" for m in METRIC_NAMES))
-            if chance and split in chance:
+            vals = entry.get(d) if isinstance(entry, dict) else None
+            bad = [m for m in METRIC_NAMES if not isinstance((vals or {}).get(m), (int, float))
+                   or not 0.0 <= vals[m] <= 1.0]
+            if not isinstance(vals, dict) or bad:
+                raise UserError(f"{path}: split '{split}', '{d}': missing or invalid "
+                                f"{', '.join(bad) or 'metrics'} — {redo}")
+    return doc
+
+
+def _fmt(value, width: int = 7, digits: int = 4) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value:{width}.{digits}f}"
+
+
+def format_table(metrics: dict, chance: dict | None = None) -> str:
+    """A plain-text table: one line per split and direction, its chance level under it, and
+    what each column means. `metrics` is a metrics.json document or {split: {"t2a", "a2t"}}
+    (then `chance` is {split: split_chance(...)}, optional)."""
+    splits = metrics_splits(metrics)
+    names = METRIC_NAMES + ANY_NAMES
+    header = (f"{'split':<12} {'dir':<4} " + " ".join(f"{m:>8}" for m in names)
+              + f" {'mean rk':>7} {'med rk':>6} {'queries':>7} {'cands':>6}")
+    prov = metrics.get(PROVENANCE_KEY) or {}
+    lines = [f"run {prov['run']}, checkpoint {prov.get('checkpoint')} (epoch "
+             f"{prov.get('checkpoint_epoch')})"] if prov.get("run") else []
+    lines.append(header)
+    for split, entry in splits.items():
+        for d in DIRECTIONS:
+            ranks = (entry.get("ranks") or {}).get(d, {})
+            cells = " ".join(_fmt(entry[d].get(m), 8) for m in names)
+            lines.append(f"{split:<12} {d:<4} {cells} {_fmt(ranks.get('mean'), 7, 1)} "
+                         f"{_fmt(ranks.get('median'), 6, 1)} {ranks.get('queries', ''):>7} "
+                         f"{ranks.get('candidates', ''):>6}")
+            by_dir = (entry.get("chance") or (chance or {}).get(split) or {}).get(d)
+            if by_dir:
                 lines.append(f"{'  (chance)':<12} {d:<4} "
-                             + " ".join(f"{chance[split][d][m]:7.4f}" for m in METRIC_NAMES))
+                             + " ".join(_fmt(by_dir.get(m), 8) for m in names))
+    lines += ["R@k: relevant items in the top k / relevant items (the DCASE baseline's; for a2t "
+              "the share of the clip's captions).",
+              "R@k_any: share of queries with any relevant item in the top k (CLAP-style). "
+              "mAP@10: the baseline's.",
+              "mean/med rk: 1-based rank of the best-ranked relevant item (a2t: the clip's "
+              "best-ranked caption)."]
     return "\n".join(lines)
 
 
-def flat_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
-    """{"<split>/<dir>_<metric>": value} for wandb."""
-    return {f"{split}/{d}_{m}": v for split, by_dir in metrics.items()
-            for d, vals in by_dir.items() for m, v in vals.items()}
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """{"<split>/<dir>_<metric>": value} for wandb, plus "<split>/<dir>_mean_rank" and
+    "_median_rank" when `metrics` is a metrics.json document."""
+    out = {}
+    for split, entry in metrics_splits(metrics).items():
+        for d in DIRECTIONS:
+            out.update({f"{split}/{d}_{m}": v for m, v in entry[d].items()})
+            for stat in ("mean", "median"):
+                value = (entry.get("ranks") or {}).get(d, {}).get(stat)
+                if value is not None:
+                    out[f"{split}/{d}_{stat}_rank"] = value
+    return out
 
 
 def write_metrics_json(path: str | Path, metrics: dict) -> Path:
@@ -172,16 +329,25 @@ def write_ranks_csv(path: str | Path, s: ScoredSplit, ranks: np.ndarray) -> Path
 @dataclass
 class SplitResult:
     split: str
-    metrics: dict[str, dict[str, float]]
-    curves: dict[str, list[float]]
-    ranks: np.ndarray        # int64 [Q]
-    top: np.ndarray          # int64 [Q, k]
+    metrics: dict[str, dict[str, float]]   # split_metrics
+    curves: dict[str, list[float]]         # split_recall_curves
+    ranks: np.ndarray        # int64 [Q]: rank of each caption's own clip (t2a)
+    top: np.ndarray          # int64 [Q, k]: each caption's top clips
+    a2t_ranks: np.ndarray    # int64 [C]: rank of each clip's best-ranked own caption (a2t)
+    chance: dict[str, dict[str, float]]    # split_chance
+    n_clips: int
+    n_captions: int
 
 
 def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitResult:
-    """Metrics, recall curves, t2a ranks and top-k clips of one split's matrix."""
-    return SplitResult(split=s.split, metrics=split_metrics(s), curves=split_recall_curves(s, max_k),
-                       ranks=t2a_ranks(s), top=top_k_indices(s.scores, top_k))
+    """Metrics, chance level, recall curves, ranks and top-k clips of one split's matrix."""
+    r = split_rankings(s, max_k)
+    return SplitResult(split=s.split, metrics=_direction_metrics(r),
+                       curves={"t2a": r["t2a"].curve.tolist(), "a2t": r["a2t"].curve.tolist(),
+                               "a2t_any": r["a2t"].curve_any.tolist()},
+                       ranks=r["t2a"].first, top=top_k_indices(s.scores, top_k),
+                       a2t_ranks=r["a2t"].first, chance=split_chance(s),
+                       n_clips=len(s.fids), n_captions=len(s.tids))
 
 
 def write_split_files(run_dir: str | Path, s: ScoredSplit, r: SplitResult, top_k: int = 10
