@@ -137,12 +137,11 @@ def test_bad_settings_are_user_errors():
     cfg["demo"]["min_seconds"] = 1.0
     with pytest.raises(UserError, match="demo.min_seconds"):
         demo_settings(cfg)
-    cfg = load_config(REPO / "conf.yaml", ["demo.sizes.validation=0"])
+    # the config schema refuses these already when the config is loaded (utils/config_schema.py)
     with pytest.raises(UserError, match="demo.sizes.validation"):
-        demo_settings(cfg)
-    cfg = load_config(REPO / "conf.yaml", ["demo.max_seconds=2.0"])
+        demo_settings(load_config(REPO / "conf.yaml", ["demo.sizes.validation=0"]))
     with pytest.raises(UserError, match="demo.max_seconds"):
-        demo_settings(cfg)
+        demo_settings(load_config(REPO / "conf.yaml", ["demo.max_seconds=2.0"]))
 
 
 def test_refuses_to_overwrite_real_clotho(tmp_path):

@@ -1,36 +1,156 @@
-"""The command line every numbered script shares: `--conf PATH`, `--set dotted.key=value ...`."""
+"""The command line every numbered script shares: `--conf PATH`, `--set key=value ...`, `--print-config`.
+
+    parser = utils.cli.make_parser(__doc__)
+    args, cfg = utils.cli.parse(parser)        # prints the config and exits for --print-config
+    ...
+    if __name__ == "__main__":
+        utils.cli.run(main)                    # UserError / disk errors: one line, exit 2
+
+A script that acts on an existing run (it has a `--run` option) resolves the run's config
+itself, then calls `print_config_if_asked(args, cfg)` with it.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
-from utils.config import load_config
-from utils.errors import UserError
+from utils.config import dump_config, load_config
+from utils.errors import UserError, os_error_message
+
+DEFAULT_INTERRUPT_ADVICE = "work already finished is kept; rerun the same command to continue"
+_interrupt_advice = DEFAULT_INTERRUPT_ADVICE
+
+# `key=value`: the key has no blanks and does not start with `-` (a query such as
+# "a = b" or "x=1 and more" is not an override)
+_ASSIGNMENT = re.compile(r"[^\s=-][^\s=]*=")
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def split_set_arguments(argv: Sequence[str]) -> list[str]:
+    """`--set a=1 b=2 "text"` -> `--set a=1 --set b=2 "text"`: after `--set`, only tokens of
+    the form key=value belong to it, so a positional argument that follows stays one."""
+    out: list[str] = []
+    taking = False
+    for i, token in enumerate(argv):
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        if token == "--set":
+            taking = True
+            out.append(token)
+            continue
+        if taking and _ASSIGNMENT.match(token):
+            if out[-1] != "--set":
+                out.append("--set")
+            out.append(token)
+            continue
+        taking = False
+        out.append(token)
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with `--set` split as above; `--print-config` needs no positional argument."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = split_set_arguments(sys.argv[1:] if args is None else list(args))
+        if "--print-config" not in args:
+            return super().parse_known_args(args, namespace)
+        positionals = [a for a in self._actions if not a.option_strings and a.required]
+        for action in positionals:  # e.g. query.py's text: not needed to print the config
+            action.required = False
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            for action in positionals:
+                action.required = True
+
+
+def make_parser(description: str) -> Parser:
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--conf", default="conf.yaml", help="config file (default: conf.yaml)")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="KEY=VALUE", help="override config keys, values parsed as YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.lr=1e-3 training.amp=off "
+                             "(several may follow one --set; --set may repeat)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (YAML) and exit, doing nothing else")
     return parser
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None):
-    """Parse arguments and load the config: returns (args, cfg)."""
+    """Parse arguments and load the config: returns (args, cfg). With --print-config, prints the
+    config and exits here, unless the script acts on a run (`--run`): it prints the run's."""
     args = parser.parse_args(argv)
-    return args, load_config(args.conf, args.overrides)
+    cfg = load_config(args.conf, args.overrides)
+    if "run" not in vars(args):
+        print_config_if_asked(args, cfg)
+    return args, cfg
 
+
+def print_config_if_asked(args: argparse.Namespace, cfg: dict) -> None:
+    """For --print-config: print `cfg` as YAML and exit 0, before any work is done."""
+    if getattr(args, "print_config", False):
+        sys.stdout.write(dump_config(cfg))
+        sys.stdout.flush()
+        sys.exit(0)
+
+
+# --------------------------------------------------------------------------- Ctrl-C advice
+
+def set_interrupt_advice(advice: str) -> None:
+    """What `run` tells the user after Ctrl-C (default: rerun the same command)."""
+    global _interrupt_advice
+    _interrupt_advice = advice
+
+
+def script_command(*args: str | os.PathLike) -> str:
+    """The command line that runs this script again with `args`, as the user started it
+    (`python main.py ...`; under torchrun, `torchrun --nproc_per_node=N main.py ...`)."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "main.py"
+    tail = " ".join(shlex.quote(str(a)) for a in (script, *args))
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+    if local and world:
+        if local == world:
+            return f"torchrun --nproc_per_node={local} {tail}"
+        return f"your torchrun command on every node, with {tail}"
+    return f"python {tail}"
+
+
+def advise_resume(run_dir: str | Path) -> None:
+    """From now on, Ctrl-C prints the exact command that resumes `run_dir` (main.py)."""
+    set_interrupt_advice(f"finished epochs are kept in {run_dir}; resume with: "
+                         f"{script_command('--resume', run_dir)}")
+
+
+# --------------------------------------------------------------------------- running main()
 
 def run(main: Callable[[], object]) -> None:
-    """Run a script's main(): a UserError is one line on stderr and exit 2, not a traceback."""
+    """Run a script's main(): a UserError, or a file-system error the user can fix (disk full,
+    read-only, permission, a file where a folder should be), is one line on stderr and exit 2;
+    Ctrl-C says what is kept and how to continue (exit 130)."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):  # `script | head`: the reader left; nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+            sys.exit(1)
+        message = os_error_message(e)
+        if message is None:
+            raise  # not the user's to fix: a bug, keep the traceback
+        _fail(message)
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
+            print(f"\ninterrupted: {_interrupt_advice}", file=sys.stderr)
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    sys.stdout.flush()
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, always
+    sys.exit(2)

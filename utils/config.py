@@ -1,32 +1,69 @@
-"""One config module: load `conf.yaml` (or an overlay on it), apply `--set` overrides, validate, save.
+"""One config module: load a config file (and the files it overlays), apply `--set`, validate, save.
 
-The base `conf.yaml` is its own schema: every key that may exist is in it, and the type of its
-value is the type every overlay and override must keep. That keeps one source of truth for the
-config keys, and a typo (`training.epoch=2`) fails before any data is touched.
+The repository's `conf.yaml` holds every key and its default; `utils/config_schema.py` holds each
+key's constraint. Every config file — an overlay with `base:`, a run's saved `config.yaml`, a
+file of your own without `base:` — is merged onto the repository's conf.yaml, so a key it lacks
+keeps its default and a key conf.yaml lacks (a typo) is an error. Values are read as a
+researcher writes them, the schema's type deciding what ambiguous text means: `1e-3` is a float
+where a float is expected, `off` stays a string where a string is expected (YAML 1.1 would make
+them a string and a bool), `null` only where the key may be null. Overlays and `--set` share
+this one reader. `validate` checks every key's type and range before a script does any work.
 """
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from utils.config_schema import CROSS_RULES, SCHEMA, Key, check_value
 from utils.errors import UserError
 
 CONFIG_NAME = "config.yaml"  # the resolved config written next to every output
 BASE_KEY = "base"  # an overlay names the file it overlays with `base: <path relative to it>`
+DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "conf.yaml"  # keys and defaults
+
+NULL_WORDS = {"null", "Null", "NULL", "~", ""}
+TRUE_WORDS = {"true", "yes", "on"}
+FALSE_WORDS = {"false", "no", "off"}
 
 
 class ConfigError(UserError):
     pass
 
 
-def _read_yaml(path: Path) -> dict:
+# --------------------------------------------------------------------------- reading YAML text
+
+class Plain(str):
+    """An unquoted scalar as written: what it means is decided by the key's type."""
+
+
+class _RawLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Safe YAML without implicit typing: every unquoted scalar comes back as `Plain` text."""
+
+
+_RawLoader.yaml_implicit_resolvers = {}
+_RawLoader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"])
+_RawLoader.add_constructor(
+    "tag:yaml.org,2002:str",  # style None (pure-Python parser) or "" (libyaml): unquoted
+    lambda loader, node: Plain(loader.construct_scalar(node)) if not node.style
+    else loader.construct_scalar(node))
+
+
+def read_raw(text: str) -> Any:
+    """YAML text -> dicts, lists and `Plain`/quoted strings (explicit tags like `!!float` kept)."""
+    return yaml.load(text, Loader=_RawLoader)
+
+
+def _read_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_raw(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -34,38 +71,124 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _type_name(value: Any) -> str:
-    return type(value).__name__ if value is not None else "null"
+# --------------------------------------------------------------------------- typed values
+
+def parse_value(dotted: str, key: Key, raw: Any) -> Any:
+    """The value `raw` (as read by `read_raw`) means for `key`; ConfigError naming `dotted` if none.
+
+    Only the type is decided here; ranges and choices are `check_value`'s.
+    """
+    if raw is None or (isinstance(raw, Plain) and raw.strip() in NULL_WORDS):
+        return None
+    if key.type == "list":
+        if not isinstance(raw, list):
+            raise ConfigError(f"config key '{dotted}': expected {key.type_name}, got {_show(raw)} "
+                              "— write a list: [a, b]")
+        return [parse_value(f"{dotted}[{i}]", key.item, item) for i, item in enumerate(raw)]
+    if isinstance(raw, (dict, list)):
+        raise ConfigError(f"config key '{dotted}': expected {key.type}, got {_show(raw)}")
+    if key.type == "str":
+        if isinstance(raw, str):
+            return str(raw)
+    elif isinstance(raw, str):
+        text = raw.strip()
+        if key.type == "bool" and text.lower() in TRUE_WORDS | FALSE_WORDS:
+            return text.lower() in TRUE_WORDS
+        if key.type == "int" and re.fullmatch(r"[-+]?[0-9][0-9_]*", text):
+            return int(text)
+        if key.type == "float":
+            try:
+                return float(text)  # 1e-3, 1E-3, 5e-4, .5, 1_000.0
+            except ValueError:
+                pass
+    elif key.type == "bool" and isinstance(raw, bool):
+        return raw
+    elif key.type in ("int", "float") and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if key.type == "float":
+            return float(raw)
+        if isinstance(raw, int):
+            return raw
+    hint = " (true/false, yes/no, on/off)" if key.type == "bool" else ""
+    raise ConfigError(f"config key '{dotted}': expected {key.type}{hint}, got {_show(raw)}")
 
 
-def _check_type(key: str, old: Any, new: Any) -> Any:
-    """Return `new` if it may replace `old` (same type, int for float, anything for null)."""
-    if old is None or new is None:
-        return new
-    if isinstance(old, bool) or isinstance(new, bool):
-        if isinstance(old, bool) and isinstance(new, bool):
-            return new
-    elif isinstance(old, float) and isinstance(new, (int, float)):
-        return float(new)
-    elif isinstance(old, int) and isinstance(new, int):
-        return new
-    elif isinstance(old, (str, list, dict)) and isinstance(new, type(old)):
-        return new
-    raise ConfigError(
-        f"config key '{key}': expected {_type_name(old)}, got {_type_name(new)} ({new!r})")
+def _show(raw: Any) -> str:
+    if isinstance(raw, dict):
+        return "a mapping"
+    if isinstance(raw, str):
+        return repr(str(raw))
+    return "null" if raw is None else repr(raw)
 
 
-def merge(base: dict, overlay: dict, prefix: str = "") -> dict:
-    """Recursively overlay `overlay` on a copy of `base`; unknown keys and wrong types raise."""
+def _untyped(raw: Any) -> Any:
+    """Plain YAML 1.1 reading, for a key the schema does not list (the suite fails until it
+    does: tests/test_config.py)."""
+    if isinstance(raw, Plain):
+        return yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(raw, str):
+        return str(raw)
+    if isinstance(raw, list):
+        return [_untyped(v) for v in raw]
+    if isinstance(raw, dict):
+        return {str(k): _untyped(v) for k, v in raw.items()}
+    return raw
+
+
+def _leaf(dotted: str, raw: Any) -> Any:
+    """Typed and range-checked value of one key (ConfigError naming the key)."""
+    key = SCHEMA.get(dotted)
+    if key is None:
+        return _untyped(raw)
+    value = parse_value(dotted, key, raw)
+    problem = check_value(dotted, key, value)
+    if problem:
+        raise ConfigError(problem)
+    return value
+
+
+def _located(source: str | None, e: ConfigError) -> ConfigError:
+    return ConfigError(f"{source}: {e}") if source else e
+
+
+# --------------------------------------------------------------------------- merging
+
+def merge(base: dict, overlay: dict, prefix: str = "", source: str | None = None) -> dict:
+    """`overlay` (as read by `read_raw`) on a copy of the typed `base`. Keys must exist in `base`
+    and values fit their schema; `source` (a file, `--set`) prefixes the error."""
     out = copy.deepcopy(base)
-    for key, value in overlay.items():
+    for key, raw in overlay.items():
+        key = str(key)
         dotted = f"{prefix}{key}"
         if key not in out:
-            raise ConfigError(f"unknown config key '{dotted}'")
-        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
-            out[key] = merge(out[key], value, dotted + ".")
+            raise _located(source, ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}"))
+        if isinstance(out[key], dict):
+            if raw is None or (isinstance(raw, Plain) and not raw.strip()):
+                continue  # `section:` with every key commented out
+            if not isinstance(raw, dict):
+                raise _located(source, ConfigError(
+                    f"config key '{dotted}' is a section; set its keys ({dotted}.<key>)"))
+            out[key] = merge(out[key], raw, dotted + ".", source)
+            continue
+        try:
+            out[key] = _leaf(dotted, raw)
+        except ConfigError as e:
+            raise _located(source, e) from None
+    return out
+
+
+def _suggest(dotted: str) -> str:
+    close = difflib.get_close_matches(dotted, _flat(defaults()), n=1, cutoff=0.75)
+    return f" — did you mean '{close[0]}'?" if close else " — conf.yaml lists every key"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[key] = _check_type(dotted, out[key], value)
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -74,11 +197,11 @@ def _split_dotted(cfg: dict, dotted: str) -> list[str]:
     parts, node, rest = [], cfg, dotted
     while True:
         if not isinstance(node, dict):
-            raise ConfigError(f"unknown config key '{dotted}'")
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}")
         match = next((k for k in sorted(node, key=lambda k: -len(str(k)))
                       if rest == str(k) or rest.startswith(f"{k}.")), None)
         if match is None:
-            raise ConfigError(f"unknown config key '{dotted}'")
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}")
         parts.append(match)
         if rest == str(match):
             return parts
@@ -90,72 +213,139 @@ def _split_assignment(cfg: dict, item: str) -> tuple[str, str]:
     positions = [i for i, ch in enumerate(item) if ch == "="]
     for i in positions:
         try:
-            _split_dotted(cfg, item[:i].strip().lstrip("-"))
+            _split_dotted(cfg, item[:i].strip())
         except ConfigError:
             continue
-        return item[:i].strip().lstrip("-"), item[i + 1:]
-    return item[:positions[0]].strip().lstrip("-"), item[positions[0] + 1:]
+        return item[:i].strip(), item[i + 1:]
+    return item[:positions[0]].strip(), item[positions[0] + 1:]
+
+
+def _override_value(text: str, key: Key | None) -> Any:
+    """The text after `=`, read as an overlay value is; text that is not YAML stays a string
+    where a string is expected (`--set experiment=a*b`)."""
+    if not text.strip():
+        return Plain("")
+    try:
+        return read_raw(text)
+    except yaml.YAMLError:
+        if key is not None and key.type == "str":
+            return text
+        raise ConfigError(f"value {text!r} is not valid YAML") from None
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
-    """Apply `dotted.key=value` strings; each value is parsed as YAML (`2`, `true`, `[a, b]`)."""
+    """Apply `dotted.key=value` strings, read as in a config file (`2`, `1e-3`, `off`, `[a, b]`)."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-        dotted, raw = _split_assignment(cfg, item)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override '{item}': value is not valid YAML") from None
-        keys = _split_dotted(cfg, dotted)
-        node = cfg
-        for k in keys[:-1]:
-            node = node[k]
-        if isinstance(node[keys[-1]], dict) and node[keys[-1]]:
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{dotted}' is a section; set one of its keys")
-            node[keys[-1]] = merge(node[keys[-1]], value, dotted + ".")
-        else:
-            node[keys[-1]] = _check_type(dotted, node[keys[-1]], value)
+            if "=" not in item:
+                raise ConfigError(f"'{item}' is not of the form dotted.key=value")
+            dotted, text = _split_assignment(cfg, item)
+            keys = _split_dotted(cfg, dotted)
+            dotted = ".".join(map(str, keys))
+            node = cfg
+            for k in keys[:-1]:
+                node = node[k]
+            raw = _override_value(text, SCHEMA.get(dotted))
+            if isinstance(node[keys[-1]], dict):
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"config key '{dotted}' is a section; set one of its keys "
+                                      f"({dotted}.<key>=...)")
+                node[keys[-1]] = merge(node[keys[-1]], raw, dotted + ".")
+            else:
+                node[keys[-1]] = _leaf(dotted, raw)
+        except ConfigError as e:
+            raise ConfigError(f"--set: {e}") from None
     return cfg
 
 
-def load_yaml_chain(path: str | Path) -> dict:
-    """Load a config file, following `base:` to the file it overlays (validated against it)."""
+# --------------------------------------------------------------------------- files
+
+@functools.lru_cache(maxsize=4)
+def _defaults_cached(path: str, mtime_ns: int) -> dict:
+    raw = _read_file(Path(path))
+    if BASE_KEY in raw:
+        raise ConfigError(f"{path}: the repository's conf.yaml holds every key; it has no `base:`")
+    return _typed(raw, "", path)
+
+
+def _typed(raw: dict, prefix: str, source: str) -> dict:
+    out = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out[str(key)] = _typed(value, dotted + ".", source)
+        else:
+            try:
+                out[str(key)] = _leaf(dotted, value)
+            except ConfigError as e:
+                raise _located(source, e) from None
+    return out
+
+
+def defaults() -> dict:
+    """The repository's conf.yaml, typed: every key and its default."""
+    if not DEFAULTS_PATH.is_file():
+        raise ConfigError(f"{DEFAULTS_PATH}: the repository's conf.yaml is missing (every key "
+                          "and its default live there); restore it with git")
+    return copy.deepcopy(_defaults_cached(str(DEFAULTS_PATH), DEFAULTS_PATH.stat().st_mtime_ns))
+
+
+def config_chain(path: str | Path) -> list[tuple[Path, dict]]:
+    """[(file, its raw keys)], the file `path` overlays (via `base:`) first; loops are an error."""
+    chain: list[tuple[Path, dict]] = []
     path = Path(path)
-    data = _read_yaml(path)
-    base_name = data.pop(BASE_KEY, None)
-    if base_name is None:
-        return data
-    base = load_yaml_chain(path.parent / base_name)
-    return merge(base, data)
+    while True:
+        if any(path.resolve() == p.resolve() for p, _ in chain):
+            names = " -> ".join(str(p) for p in [*(p for p, _ in chain), path])
+            raise ConfigError(f"config files overlay each other in a loop: {names} (via `base:`); "
+                              "remove the `base:` line that closes it")
+        raw = _read_file(path)
+        base = raw.pop(BASE_KEY, None)
+        chain.append((path, raw))
+        if base is None:
+            return list(reversed(chain))
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: `base:` must name the config file this one overlays, "
+                              f"got {_show(base)}")
+        path = path.parent / str(base)
 
 
 def load_config(path: str | Path = "conf.yaml", overrides: Iterable[str] = ()) -> dict:
-    """The resolved config: file (with its `base:` chain) plus `--set` overrides."""
-    cfg = load_yaml_chain(path)
+    """The resolved config: the repository's conf.yaml, then the file `path` with its `base:`
+    chain, then the `--set` overrides; validated."""
+    cfg = defaults()
+    for file, raw in config_chain(path):
+        cfg = merge(cfg, raw, source=str(file))
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: dict) -> None:
-    """Checks that types alone cannot express."""
-    for key in ("dataset_dir", "pretrained_dir", "output_dir"):
-        if not isinstance(cfg.get("paths", {}).get(key), str) or not cfg["paths"][key]:
-            raise ConfigError(f"config key 'paths.{key}' must be a non-empty path")
-    choices = {
-        ("audio_encoder", "init"): ("prior", "random"),
-        ("criterion", "dist"): ("dot_product", "cosine_similarity"),
-        ("wandb", "mode"): ("auto", "online", "offline", "disabled"),
-        ("training", "amp"): ("auto", "bf16", "fp16", "off"),
-        ("features", "device"): ("auto", "cpu", "cuda"),
-    }
-    for (section, key), allowed in choices.items():
-        value = cfg.get(section, {}).get(key)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"config key '{section}.{key}': {value!r} is not one of {', '.join(allowed)}")
+    """Every key present, of its type and in its range; the rules across keys. ConfigError
+    naming the key otherwise."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"expected a mapping of config keys, got {type(cfg).__name__}")
+    expected, got = _flat(defaults()), _flat(cfg)
+    for dotted in expected:
+        if dotted not in got:
+            raise ConfigError(f"config key '{dotted}' is missing")
+    for dotted, value in got.items():
+        if dotted not in expected:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted)}")
+        problem = check_value(dotted, SCHEMA[dotted], value) if dotted in SCHEMA else None
+        if problem:
+            raise ConfigError(problem)
+    for rule in CROSS_RULES:
+        problem = rule(cfg)
+        if problem:
+            raise ConfigError(problem)
+
+
+def dump_config(cfg: dict) -> str:
+    """The config as YAML text (what save_config writes and --print-config prints)."""
+    return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
 
 
 def save_config(cfg: dict, directory: str | Path, name: str = CONFIG_NAME) -> Path:
@@ -163,7 +353,7 @@ def save_config(cfg: dict, directory: str | Path, name: str = CONFIG_NAME) -> Pa
     from utils.io_utils import atomic_write_text
 
     path = Path(directory) / name
-    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, dump_config(cfg))
     return path
 
 

@@ -58,3 +58,8 @@ class LogSoftmaxLoss(nn.Module):
         a2t = -torch.diagonal(F.log_softmax(sims, dim=1))       # audio i against captions
         t2a = -torch.diagonal(F.log_softmax(sims, dim=0))       # caption i against clips
         return (a2t + t2a).mean()
+
+
+# The losses `criterion.name` may name (the config schema lists the same names:
+# utils/config_schema.py); each is built as cls(temperature, dist).
+CRITERIA = {"LogSoftmaxLoss": LogSoftmaxLoss}

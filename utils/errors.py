@@ -1,5 +1,66 @@
-"""The one exception type for a user's mistake: scripts print it as one line, no traceback."""
+"""User errors: the one exception type for a user's mistake, and the file-system errors a user
+meets (full disk, read-only location, no permission, a file where a folder should be), both
+printed by utils.cli.run as one line with exit status 2, never a traceback."""
+from __future__ import annotations
+
+import errno
+import re
 
 
 class UserError(Exception):
     """Unusable input or config. The message names the file/row/key and what is wrong."""
+
+
+# errno -> what happened to `{path}`, and what to do. Any other OSError is a bug: a traceback.
+_OS_MESSAGES = {
+    errno.ENOSPC: "no space left on device writing `{path}` — free space there (or point the "
+                  "config at another disk) and rerun",
+    errno.EDQUOT: "disk quota exceeded writing `{path}` — free space in your quota (or point "
+                  "the config at another disk) and rerun",
+    errno.EROFS: "`{path}` is not writable (read-only file system) — point the config at a "
+                 "writable location",
+    errno.EACCES: "`{path}`: permission denied — check the permissions of it and of its "
+                  "folders (ls -ld), or point the config elsewhere",
+    errno.EPERM: "`{path}`: operation not permitted — check its owner and permissions (ls -ld)",
+    errno.ENOTDIR: "`{path}`: a path component is a regular file, not a folder — move that "
+                   "file away or point the config at another path",
+    errno.EISDIR: "`{path}` is a folder where a file is expected — move it away or point the "
+                  "config at another path",
+    errno.ENAMETOOLONG: "`{path}`: file name too long — choose a shorter path",
+}
+USER_ERRNOS = frozenset(_OS_MESSAGES)
+
+# h5py and a few libraries put the file name and errno only in the message text
+_NAME_IN_TEXT = re.compile(r"name = '([^']*)'")
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
+
+
+def os_error_errno(e: OSError) -> int | None:
+    """The errno of `e`, also where only its message carries it (h5py: `errno = 28`)."""
+    if e.errno is not None:
+        return e.errno
+    found = _ERRNO_IN_TEXT.search(str(e))
+    return int(found.group(1)) if found else None
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for an OSError a user causes or meets (ENOSPC, EDQUOT, EROFS, EACCES, EPERM,
+    ENOTDIR, EISDIR, ENAMETOOLONG) naming the path; None for any other (a bug)."""
+    template = _OS_MESSAGES.get(os_error_errno(e))
+    if template is None:
+        return None
+    path = e.filename
+    if path is None:
+        found = _NAME_IN_TEXT.search(str(e))
+        path = found.group(1) if found else None
+    if path is None:  # e.g. a write() of an already open file: say what we know
+        return template.format(path="a file").replace("`a file`", "a file")
+    if isinstance(path, bytes):
+        path = path.decode(errors="replace")
+    return template.format(path=path)
+
+
+def user_error_from_os_error(e: OSError) -> UserError | None:
+    """`UserError(os_error_message(e))`, or None when `e` is not the user's to fix."""
+    message = os_error_message(e)
+    return UserError(message) if message is not None else None
