@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--split", default="evaluation", help="split to search (default: evaluation)")
     parser.add_argument("--top-k", type=int, default=10, help="clips to show (default: 10)")
     args, cfg = utils.cli.parse(parser)
+    utils.cli.print_config_if_asked(args, load_run_config(resolve_run_dir(args.run, cfg), args.overrides))
     query = args.query.strip()
     if not query:
         raise UserError("the query is empty: pass the text to search for, e.g. \"a dog barks\"")
