@@ -137,9 +137,6 @@ def run(main: Callable[[], object]) -> None:
     except UserError as e:
         _fail(str(e))
     except OSError as e:
-        if isinstance(e, BrokenPipeError):  # `script | head`: the reader left; nothing to say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
-            sys.exit(1)
         message = os_error_message(e)
         if message is None:
             raise  # not the user's to fix: a bug, keep the traceback

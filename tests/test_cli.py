@@ -1,0 +1,318 @@
+"""utils.cli: `--set` parsing, `--print-config` on every script, file-system errors as one line,
+and Ctrl-C advice that works when followed."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cli_helpers import error_line
+from tests.test_training import script_env
+from tests.tiny_data import REPO, make_tiny_features, tiny_config
+from utils import cli, io_utils
+from utils.config import load_config, save_config
+from utils.errors import USER_ERRNOS, UserError, os_error_message
+from utils.tracking import read_jsonl
+
+
+def _query_parser() -> cli.Parser:
+    parser = cli.make_parser("test")
+    parser.add_argument("query")
+    parser.add_argument("--top-k", type=int, default=10)
+    return parser
+
+
+# --------------------------------------------------------------------------- --set
+
+@pytest.mark.parametrize("argv,overrides,query", [
+    (["--set", "eval.top_k=5", "a dog barks"], ["eval.top_k=5"], "a dog barks"),         # #10.7
+    (["--set", "a=1", "b=2", "rain"], ["a=1", "b=2"], "rain"),                            # README form
+    (["--set", "a=1", "--set", "b=2", "rain"], ["a=1", "b=2"], "rain"),                   # accumulates
+    (["rain", "--set", "a=1", "b=2"], ["a=1", "b=2"], "rain"),
+    (["--set=a=1", "rain"], ["a=1"], "rain"),
+    (["--set", "a=1", "x = y"], ["a=1"], "x = y"),                                        # not key=value
+    (["--set", "a=1", "--top-k", "3", "rain"], ["a=1"], "rain"),
+    (["--set", "download.panns_files.Cnn14_mAP=0.431.pth=abc", "rain"],
+     ["download.panns_files.Cnn14_mAP=0.431.pth=abc"], "rain"),
+    (["--set", "a=1", "--", "--not-an-option"], ["a=1"], "--not-an-option"),
+])
+def test_set_takes_only_key_value_tokens(argv, overrides, query):
+    args = _query_parser().parse_args(argv)
+    assert args.overrides == overrides and args.query == query
+
+
+def test_query_after_set_through_parse(tmp_path):
+    conf = tiny_config(tmp_path)
+    args, cfg = cli.parse(_query_parser(), ["--conf", str(conf), "--set", "eval.top_k=5", "training.lr=1e-3",
+                                            "a dog barks"])
+    assert args.query == "a dog barks" and cfg["eval"]["top_k"] == 5 and cfg["training"]["lr"] == 0.001
+
+
+def test_set_without_assignment_is_a_config_error(tmp_path):
+    with pytest.raises(UserError, match="'oops' is not of the form dotted.key=value"):
+        cli.parse(cli.make_parser("test"), ["--conf", str(tiny_config(tmp_path)), "--set", "oops"])
+
+
+# --------------------------------------------------------------------------- --print-config
+
+SCRIPTS = ["preprocessing/00_download_clotho.py", "preprocessing/00_make_demo_dataset.py",
+           "preprocessing/01_clotho_dataset.py", "preprocessing/02_audio_logmel.py",
+           "preprocessing/03_sbert_embeddings.py", "preprocessing/04_cnn14_transfer.py", "main.py",
+           "benchmarks/reference_scores.py"]
+RUN_SCRIPTS = ["postprocessing/01_xmodal_scores.py", "postprocessing/02_xmodal_retrieval.py",
+               "postprocessing/03_dcase_submission.py", "postprocessing/query.py"]
+OVERRIDES = ["--set", "training.lr=5e-4", "training.amp=off", "eval.top_k=3"]
+
+
+def _run_script(monkeypatch, capsys, script: str, *args) -> subprocess.CompletedProcess:
+    """A script's __main__ in this process (as a user runs it, through utils.cli.run)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    capsys.readouterr()
+    code = 0
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working directory in which nothing exists but a config (and, for run scripts, a run)."""
+    conf = tiny_config(tmp_path)  # paths: tmp_path/data, .../pretrained, .../outputs (absent)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, conf
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_print_config_prints_the_resolved_config_and_does_nothing(workdir, monkeypatch, capsys, script):
+    tmp_path, conf = workdir
+    before = _tree(tmp_path)
+    proc = _run_script(monkeypatch, capsys, script, "--conf", conf, "--print-config", *OVERRIDES)
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout) == load_config(conf, OVERRIDES[1:])
+    assert _tree(tmp_path) == before  # nothing created or touched
+
+
+@pytest.mark.parametrize("script", RUN_SCRIPTS + ["main.py --resume"])
+def test_print_config_of_a_script_on_a_run_prints_the_run_config(workdir, monkeypatch, capsys, script):
+    tmp_path, conf = workdir
+    run = tmp_path / "outputs" / "r1"
+    run.mkdir(parents=True)
+    save_config(load_config(conf, ["seed=11", "experiment=trained"]), run)  # differs from --conf
+    before = _tree(tmp_path)
+    script, *extra = script.split()
+    extra = ["--resume", run] if extra else ["--run", run]
+    proc = _run_script(monkeypatch, capsys, script, "--conf", conf, *extra, "--print-config", *OVERRIDES)
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed == load_config(run / "config.yaml", OVERRIDES[1:])
+    assert printed["seed"] == 11 and printed["training"]["lr"] == 0.0005 and printed["training"]["amp"] == "off"
+    assert _tree(tmp_path) == before
+
+
+def test_print_config_checks_the_values_first(workdir, monkeypatch, capsys):
+    tmp_path, conf = workdir
+    proc = _run_script(monkeypatch, capsys, "main.py", "--conf", conf, "--print-config", "--set", "training.epochs=0")
+    assert "config key 'training.epochs' must be > 0, got 0" in error_line(proc)
+
+
+def test_bad_value_stops_main_before_the_run_folder_exists(tmp_path, monkeypatch, capsys):
+    """#10.3: out-of-range values fail before any work, not deep in torch after the folder."""
+    make_tiny_features(tmp_path / "data")
+    conf = tiny_config(tmp_path)
+    for override in ("criterion.temperature=0", "text_encoder.out_dim=0", "training.epochs=null",
+                     "audio_encoder.channels=[8, 16]"):
+        proc = _run_script(monkeypatch, capsys, "main.py", "--conf", conf, "--set", override)
+        assert override.split("=")[0] in error_line(proc)
+        assert not (tmp_path / "outputs").exists()
+
+
+# --------------------------------------------------------------------------- OSError -> one line
+
+@pytest.mark.parametrize("code,needle", [
+    (errno.ENOSPC, "no space left on device writing `/x/f.h5`"),
+    (errno.EDQUOT, "disk quota exceeded writing `/x/f.h5`"),
+    (errno.EROFS, "`/x/f.h5` is not writable (read-only file system)"),
+    (errno.EACCES, "`/x/f.h5`: permission denied"),
+    (errno.EPERM, "`/x/f.h5`: operation not permitted"),
+    (errno.ENOTDIR, "`/x/f.h5`: a path component is a regular file, not a folder"),
+    (errno.EISDIR, "`/x/f.h5` is a folder where a file is expected"),
+    (errno.ENAMETOOLONG, "`/x/f.h5`: file name too long"),
+])
+def test_each_errno_gets_its_line(code, needle):
+    assert needle in os_error_message(OSError(code, os.strerror(code), "/x/f.h5"))
+    # h5py: errno and name only in the text
+    h5 = OSError(f"Unable to synchronously create file (unable to open file: name = '/x/f.h5', "
+                 f"errno = {code}, error message = '{os.strerror(code)}')")
+    assert needle in os_error_message(h5)
+
+
+def test_a_write_error_without_a_path_still_says_what_happened():
+    assert os_error_message(OSError(errno.ENOSPC, "No space left on device")).startswith(
+        "no space left on device writing a file —")
+
+
+def test_other_os_errors_are_bugs_and_keep_their_traceback():
+    assert os_error_message(OSError(errno.EBADF, "Bad file descriptor")) is None
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        cli.run(lambda: os.close(10**6))
+
+
+def _one_line_from_run(capsys, main) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    _, err = capsys.readouterr()
+    return error_line(subprocess.CompletedProcess([], e.value.code, "", err))
+
+
+def test_path_under_a_regular_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "run" / "config.yaml"
+    line = _one_line_from_run(capsys, lambda: save_config({"a": 1}, target.parent))
+    assert f"`{tmp_path / 'file' / 'run'}`: a path component is a regular file, not a folder" in line
+
+
+def test_permission_denied(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root: chmod does not stop writes, so simulate the kernel
+            real_open = os.open
+
+            def refusing_open(path, *args, **kwargs):
+                if str(path).startswith(str(locked)):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return real_open(path, *args, **kwargs)
+            monkeypatch.setattr(os, "open", refusing_open)
+        line = _one_line_from_run(capsys, lambda: save_config({"a": 1}, locked))
+    finally:
+        locked.chmod(0o700)
+    assert f"`{locked / 'config.yaml'}`: permission denied" in line
+
+
+@pytest.mark.parametrize("code,needle", [(errno.ENOSPC, "no space left on device writing `{}`"),
+                                         (errno.EROFS, "`{}` is not writable (read-only file system)")])
+def test_full_or_read_only_disk_during_a_write(tmp_path, capsys, monkeypatch, code, needle):
+    """ENOSPC/EROFS cannot be made for real in a test: a write fails as the kernel would fail it."""
+    real_open = open
+
+    class FailingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(code, os.strerror(code))  # a write() error names no file
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(io_utils, "open", lambda *a, **k: FailingFile(real_open(*a, **k)), raising=False)
+    line = _one_line_from_run(capsys, lambda: save_config({"a": 1}, tmp_path))
+    assert needle.format(tmp_path / "config.yaml") in line
+    assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary left
+
+
+def test_a_script_meets_a_file_where_its_folder_should_be(tmp_path, monkeypatch, capsys):
+    """End to end: a numbered script, a real ENOTDIR, one line and exit 2 via utils.cli.run."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    proc = _run_script(monkeypatch, capsys, "preprocessing/00_make_demo_dataset.py", "--conf",
+                       REPO / "conf_demo.yaml", "--set", f"paths.dataset_dir={tmp_path / 'file' / 'demo'}")
+    assert f"`{tmp_path / 'file' / 'demo'}`: a path component is a regular file" in error_line(proc)
+
+
+def test_user_errnos_are_the_documented_ones():
+    assert {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EDQUOT} <= USER_ERRNOS
+    assert errno.ENOENT not in USER_ERRNOS and errno.EBADF not in USER_ERRNOS
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+def _interrupted(capsys, main) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    return e.value.code, capsys.readouterr().err
+
+
+def _raise_interrupt():
+    raise KeyboardInterrupt
+
+
+def test_default_interrupt_advice(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_interrupt_advice", cli.DEFAULT_INTERRUPT_ADVICE)
+    code, err = _interrupted(capsys, _raise_interrupt)
+    assert code == 130 and "interrupted: work already finished is kept; rerun the same command" in err
+
+
+def test_resume_advice_names_the_command(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_interrupt_advice", cli.DEFAULT_INTERRUPT_ADVICE)
+    monkeypatch.setattr(sys, "argv", ["main.py", "--conf", "my conf.yaml"])
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cli.advise_resume(Path("outputs/my run"))
+    code, err = _interrupted(capsys, _raise_interrupt)
+    assert code == 130 and "resume with: python main.py --resume 'outputs/my run'" in err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cli.script_command("--resume", "r") == "torchrun --nproc_per_node=4 main.py --resume r"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert "main.py --resume r" in cli.script_command("--resume", "r")
+
+
+def test_ctrl_c_during_training_prints_a_resume_command_that_works(tmp_path):
+    """#12.4: Ctrl-C after epoch 1; the printed command finishes the run exactly once per epoch."""
+    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))  # 20 steps an epoch
+    conf = tiny_config(tmp_path, {"training": {"epochs": 2, "max_frames": 80}})
+    run = tmp_path / "outputs" / "ctrlc"
+    proc = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "ctrlc",
+                             "--set", "training.epochs=3"],  # an override the resume must keep
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    last = run / "checkpoints" / "last.pt"
+    started = time.time()
+    try:
+        while not last.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.time() - started < 120, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    advice = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(advice) == 1, err
+    command = re.search(r"resume with: (.*)$", advice[0]).group(1)
+    assert command == f"python main.py --resume {shlex.quote(str(run))}"
+    argv = shlex.split(command)
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env=script_env(),
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout and "trained 3/3 epochs" in resumed.stdout
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
