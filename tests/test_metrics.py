@@ -226,3 +226,20 @@ def test_chance_recall_any_matches_random_rankings():
     assert chance_recall_any(np.array([[True, False, False, False]]))["R@1_any"] == 0.25
     assert chance_recall_any(np.ones((1, 3), dtype=bool)) == {"R@1_any": 1.0, "R@5_any": 1.0,
                                                              "R@10_any": 1.0}
+
+
+def test_chance_curves_agree_with_the_chance_metrics():
+    from utils.metrics import (chance_metrics, chance_recall_any, chance_recall_any_curve,
+                               chance_recall_curve)
+
+    clip_of = np.repeat(np.arange(7), 5)
+    t2a = clip_of[:, None] == np.arange(7)[None, :]  # 7 clips: k beyond C saturates at 1
+    for rel in (t2a, t2a.T.copy()):
+        curve, any_curve = chance_recall_curve(rel, 12), chance_recall_any_curve(rel, 12)
+        assert len(curve) == len(any_curve) == 12
+        if rel.shape[1] <= 12:  # t2a: 7 candidates, so the top 12 hold every one
+            assert curve[-1] == any_curve[-1] == 1.0
+        for k in (1, 5, 10):
+            assert curve[k - 1] == pytest.approx(chance_metrics(rel)[f"R@{k}"], abs=1e-12)
+            assert any_curve[k - 1] == pytest.approx(chance_recall_any(rel)[f"R@{k}_any"], abs=1e-12)
+    assert np.allclose(chance_recall_any_curve(t2a, 7), chance_recall_curve(t2a, 7))  # one relevant

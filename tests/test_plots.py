@@ -1,11 +1,17 @@
-"""utils.plots: training curves from metrics.jsonl and recall@k curves, as valid PNG files."""
+"""utils.plots: training curves from metrics.jsonl and recall@k curves, as PNG (>= 150 dpi) plus
+PDF and SVG; integer epoch ticks, chance level, best epoch and run name on the figures."""
 import json
 
 import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
+from PIL import Image
 
+from utils import evaluation, scores_db
 from utils.errors import UserError
-from utils.plots import plot_recall_curves, plot_training_curves, read_metrics_jsonl
+from utils.plots import (BEST_GID, CHANCE_GID, figure_paths, plot_recall_curves, plot_run_figures,
+                         plot_training_curves, read_metrics_jsonl, recall_figure, training_figure)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +32,22 @@ def _assert_png(path):
     assert data[:8] == PNG_MAGIC and len(data) > 1000
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100  # [height, width, RGBA]
-    assert not list(path.parent.glob("*.tmp"))  # the atomic write left no temp file
+    assert min(Image.open(path).info["dpi"]) >= 150
+    pdf, svg = figure_paths(path)[1:]  # the vector copies beside it
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert svg.read_text(encoding="utf-8").lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic writes left no temp file
+
+
+def _visible_ticks(ax, axis="x"):
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
+    return [t for t in ticks if lo <= t <= hi]
+
+
+def _lines(ax, prefix):
+    return [ln for ln in ax.get_lines() if (ln.get_gid() or "").startswith(prefix)]
 
 
 def test_training_curves_png(tmp_path):
@@ -89,3 +110,91 @@ def test_recall_curves_one_direction_missing(tmp_path):
 def test_recall_curves_empty_is_a_user_error(tmp_path):
     with pytest.raises(UserError):
         plot_recall_curves({}, tmp_path / "recall.png")
+
+
+# --------------------------------------------------------------------------- paper-ready figures
+
+@pytest.mark.parametrize("n_epochs, want", [(1, [1]), (2, [1, 2]), (3, [1, 2, 3])])
+def test_epoch_ticks_are_integers(n_epochs, want):
+    fig = training_figure(_records(n_epochs), run_name="r", best_epoch=1)
+    for ax in fig.axes:
+        assert _visible_ticks(ax) == want
+    plt.close(fig)
+
+
+def test_long_run_ticks_are_integers():
+    fig = training_figure(_records(80))
+    ticks = _visible_ticks(fig.axes[0])
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)
+
+
+def test_training_figure_marks_chance_best_epoch_and_run(tmp_path):
+    fig = training_figure(_records(6), run_name="demo-20260101-000000", best_epoch=4,
+                          monitor="val_loss", chance_map=0.029)
+    ax_loss, ax_map = fig.axes
+    [chance] = _lines(ax_map, CHANCE_GID)
+    assert set(chance.get_ydata()) == {0.029}
+    for ax in (ax_loss, ax_map):
+        [best] = _lines(ax, BEST_GID)
+        assert set(best.get_xdata()) == {4}
+    texts = [t.get_text() for t in fig.texts]
+    assert "run demo-20260101-000000" in texts
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "best checkpoint: epoch 4 (by val_loss)" in labels and "chance (random ranking)" in labels
+    plt.close(fig)
+
+
+def test_chance_line_is_in_the_svg(tmp_path):
+    jsonl = _write_jsonl(tmp_path / "metrics.jsonl", _records(2))
+    out = plot_training_curves(jsonl, tmp_path / "t.png", run_name="r", best_epoch=2, chance_map=0.05)
+    _assert_png(out)
+    svg = out.with_suffix(".svg").read_text(encoding="utf-8")
+    assert f'id="{CHANCE_GID}-validation-mAP"' in svg and f'id="{BEST_GID}"' in svg
+
+
+def test_recall_figure_has_a_chance_line_per_split_and_panel(tmp_path):
+    curves = {"validation": {"t2a": [0.2, 0.4, 0.5], "a2t": [0.1, 0.2, 0.3], "a2t_any": [0.4, 0.6, 0.7]},
+              "evaluation": {"t2a": [0.1, 0.3, 0.4], "a2t": [0.1, 0.1, 0.2], "a2t_any": [0.3, 0.5, 0.6]}}
+    chance = {split: {"t2a": [0.1, 0.2, 0.3], "a2t": [0.02, 0.04, 0.06], "a2t_any": [0.1, 0.19, 0.27]}
+              for split in curves}
+    fig = recall_figure(curves, chance, run_name="my-run", subtitle="checkpoint best (epoch 3)")
+    assert [ax.get_title() for ax in fig.axes] == ["text → audio", "audio → text (baseline R@k)",
+                                                  "audio → text (CLAP-style R@k_any)"]
+    for ax, key in zip(fig.axes, ("t2a", "a2t", "a2t_any")):
+        lines = _lines(ax, CHANCE_GID)
+        assert sorted(ln.get_gid() for ln in lines) == [f"chance-evaluation-{key}",
+                                                        f"chance-validation-{key}"]
+        assert list(lines[0].get_ydata()) == chance["validation"][key]
+        assert _visible_ticks(ax) == [1, 2, 3]
+    assert "run my-run · checkpoint best (epoch 3)" in [t.get_text() for t in fig.texts]
+    plt.close(fig)
+    out = plot_recall_curves(curves, tmp_path / "recall.png", chance=chance, run_name="my-run")
+    _assert_png(out)
+    assert out.with_suffix(".svg").read_text().count(f'id="{CHANCE_GID}-') == 6
+
+
+def test_plot_run_figures_from_evaluated_splits(tmp_path):
+    """What postprocessing/02 draws: both figures, chance from the validation split, best epoch
+    from checkpoints/best.pt."""
+    import torch
+
+    run = tmp_path / "outputs" / "demo-1"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"epoch": 2}, run / "checkpoints" / "best.pt")
+    _write_jsonl(run / "metrics.jsonl", _records(3))
+    rng = np.random.default_rng(0)
+    results = []
+    for split in ("validation", "evaluation"):
+        s = scores_db.ScoredSplit(split, [f"f{i}" for i in range(8)], [f"{i}.wav" for i in range(8)],
+                                  [f"t{i}" for i in range(40)], ["c"] * 40, np.repeat(np.arange(8), 5),
+                                  rng.standard_normal((40, 8)).astype(np.float32))
+        results.append(evaluation.evaluate_split(s))
+    cfg = {"data": {"val_split": "validation"}, "training": {"monitor": "val_loss"},
+           "eval": {"checkpoint": "best"}}
+    written = plot_run_figures(run, results, cfg=cfg)
+    assert [p.name for p in written] == ["training_curves.png", "recall_at_k.png"]
+    for path in written:
+        _assert_png(path)
+    svg = written[0].with_suffix(".svg").read_text()
+    assert f'id="{CHANCE_GID}-validation-mAP"' in svg and f'id="{BEST_GID}"' in svg

@@ -22,7 +22,7 @@ from utils.errors import UserError
 from utils.io_utils import atomic_open, atomic_path
 from utils.provenance import git_state
 from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, chance_metrics, chance_recall_any,
-                           evaluate_ranking)
+                           chance_recall_any_curve, chance_recall_curve, evaluate_ranking)
 from utils.scores_db import ScoredSplit, file_sha1
 
 DIRECTIONS = ("t2a", "a2t")
@@ -104,6 +104,14 @@ def split_chance(s: ScoredSplit) -> dict[str, dict[str, float]]:
     split_metrics."""
     rel = s.relevance()
     return {"t2a": chance_metrics(rel), "a2t": {**chance_metrics(rel.T), **chance_recall_any(rel.T)}}
+
+
+def split_chance_curves(s: ScoredSplit, max_k: int = 10) -> dict[str, list[float]]:
+    """The chance level of split_recall_curves' lines (same keys), for the plots."""
+    rel_t = np.ascontiguousarray(s.relevance().T)  # [C, Q]: a2t
+    return {"t2a": chance_recall_curve(s.relevance(), max_k).tolist(),
+            "a2t": chance_recall_curve(rel_t, max_k).tolist(),
+            "a2t_any": chance_recall_any_curve(rel_t, max_k).tolist()}
 
 
 # --------------------------------------------------------------------------- metrics.json
@@ -335,6 +343,7 @@ class SplitResult:
     top: np.ndarray          # int64 [Q, k]: each caption's top clips
     a2t_ranks: np.ndarray    # int64 [C]: rank of each clip's best-ranked own caption (a2t)
     chance: dict[str, dict[str, float]]    # split_chance
+    chance_curves: dict[str, list[float]]  # split_chance_curves
     n_clips: int
     n_captions: int
 
@@ -347,6 +356,7 @@ def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitRes
                                "a2t_any": r["a2t"].curve_any.tolist()},
                        ranks=r["t2a"].first, top=top_k_indices(s.scores, top_k),
                        a2t_ranks=r["a2t"].first, chance=split_chance(s),
+                       chance_curves=split_chance_curves(s, max_k),
                        n_clips=len(s.fids), n_captions=len(s.tids))
 
 
@@ -501,18 +511,33 @@ def save_clip_cache(run_dir: str | Path, split: str, fnames: Sequence[str], fids
     return path
 
 
-def load_clip_cache(run_dir: str | Path, split: str, key: str):
-    """(fnames, fids, embeds) from the cache if it was made by checkpoint `key`, else None."""
+def load_clip_cache(run_dir: str | Path, split: str, key: str, dim: int | None = None):
+    """(fnames, fids, embeds float32 `[C, E]`) from the cache if it was made by checkpoint `key`
+    (and E == `dim` when given), else None: the caller recomputes it.
+
+    The file is checked, not trusted: another checkpoint's, an older layout, a crafted or
+    truncated file, wrong keys, shapes or dtypes, NaN/inf all count as no cache.
+    """
     path = cache_path(run_dir, split)
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["checkpoint_sha1"]) != key:
-                return None  # stale: another checkpoint made it
-            return list(z["fnames"]), list(z["fids"]), z["embeds"].astype(np.float32)
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable cache: recompute
+        with np.load(path, allow_pickle=False) as z:  # a .npy (no context manager) -> TypeError
+            if not isinstance(z, np.lib.npyio.NpzFile) or not {
+                    "checkpoint_sha1", "fnames", "fids", "embeds"} <= set(z.files):
+                return None
+            stored_key, fnames, fids, embeds = (z["checkpoint_sha1"], z["fnames"], z["fids"],
+                                                z["embeds"])
+    except Exception:  # np.load of a crafted file fails in many ways; each means "recompute"
+        return None
+    if stored_key.shape != () or str(stored_key) != key:
+        return None  # stale: another checkpoint made it
+    n = len(fnames) if fnames.ndim == 1 else -1
+    if (fnames.dtype.kind != "U" or fids.dtype.kind != "U" or fids.shape != (n,) or n == 0
+            or embeds.dtype.kind != "f" or embeds.ndim != 2 or embeds.shape[0] != n
+            or (dim is not None and embeds.shape[1] != dim) or not np.isfinite(embeds).all()):
+        return None
+    return fnames.tolist(), fids.tolist(), embeds.astype(np.float32)
 
 
 def rank_clips(query: np.ndarray, clip_embeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -180,17 +180,31 @@ def chance_metrics(relevant) -> dict[str, float]:
     return {name: out[name] for name in METRIC_NAMES}
 
 
-def chance_recall_any(relevant) -> dict[str, float]:
-    """Expected `recall_any` under a uniformly random ranking: for a query with m relevant among
-    C candidates, 1 - P(none of them in the top k) = 1 - prod_{i<k} (C - m - i) / (C - i)."""
+def _relevant_counts(relevant) -> tuple[np.ndarray, int]:
     relevant = np.asarray(relevant, dtype=bool)
-    n_cand = relevant.shape[1]
     m = relevant.sum(axis=1).astype(np.float64)  # [Q]
     if (m == 0).any():
         raise ValueError("every query needs at least one relevant candidate")
-    out = {}
-    for k in (1, 5, 10):
-        i = np.arange(min(k, n_cand), dtype=np.float64)[None, :]          # [1, k]
-        none = np.clip((n_cand - m[:, None] - i) / (n_cand - i), 0.0, 1.0).prod(axis=1)  # [Q]
-        out[f"R@{k}_any"] = float((1.0 - none).mean())
-    return out
+    return m, relevant.shape[1]
+
+
+def chance_recall_curve(relevant, max_k: int = 10) -> np.ndarray:
+    """Expected R@k, k = 1..max_k, under a random ranking: min(k, C) / C for every query."""
+    _, n_cand = _relevant_counts(relevant)
+    return np.minimum(np.arange(1, max_k + 1), n_cand) / n_cand
+
+
+def chance_recall_any_curve(relevant, max_k: int = 10) -> np.ndarray:
+    """Expected R@k_any, k = 1..max_k, under a random ranking: for a query with m relevant among
+    C candidates, 1 - P(none in the top k) = 1 - prod_{i<k} (C - m - i) / (C - i)."""
+    m, n_cand = _relevant_counts(relevant)
+    i = np.arange(max_k, dtype=np.float64)[None, :]                       # [1, K]
+    factor = np.where(i < n_cand, (n_cand - m[:, None] - i) / np.maximum(n_cand - i, 1), 1.0)
+    none = np.cumprod(np.clip(factor, 0.0, 1.0), axis=1)                  # [Q, K]
+    return (1.0 - none).mean(axis=0)
+
+
+def chance_recall_any(relevant) -> dict[str, float]:
+    """Expected `recall_any` under a uniformly random ranking (see chance_recall_any_curve)."""
+    curve = chance_recall_any_curve(relevant, 10)
+    return {f"R@{k}_any": float(curve[k - 1]) for k in (1, 5, 10)}
