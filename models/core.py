@@ -1,10 +1,6 @@
 """The dual-encoder model and how the config builds it."""
 from __future__ import annotations
 
-import pickle
-import re
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -13,6 +9,7 @@ import torch.nn.functional as F
 
 from models.audio_encoders import CNN14Encoder
 from models.text_encoders import SentBERTBaseEncoder
+from utils.checkpoint import torch_load
 from utils.errors import UserError
 
 TRANSFER_SCRIPT = "preprocessing/04_cnn14_transfer.py"
@@ -61,34 +58,10 @@ def _describe_mismatch(encoder: nn.Module, state: dict) -> list[str]:
     return problems
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def read_torch_file(path: str | Path) -> object:
-    """torch.load(weights_only=True) on CPU; a missing or unreadable file is a one-line UserError.
-
-    We never fall back to an unrestricted load: that would run whatever code the pickle holds.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        with warnings.catch_warnings():
-            # a plain (non-torch) pickle triggers a protocol warning before the real error below
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
-            raise UserError(
-                f"{path}: holds pickled Python objects besides tensors ({refused.group(1)}), which "
-                f"torch.load(weights_only=True) refuses for safety; if you trust the file, re-save "
-                f"only its tensors (e.g. its state dict) with torch.save and point the config at that") from None
-        raise UserError(f"{path}: not a PyTorch file saved by torch.save") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None
+    """torch.load(weights_only=True) on CPU; a missing or unreadable file, or one holding pickled
+    code, is a one-line UserError (utils.checkpoint.torch_load)."""
+    return torch_load(path, "cpu", what="weights file")
 
 
 def load_audio_encoder_weights(encoder: nn.Module, path: str | Path) -> None:

@@ -2,15 +2,18 @@
 
 Each clip and each caption is encoded once (batched, GPU when present); scores[caption, clip] =
 text . audio (both L2-normalised). One transaction per split: a rerun replaces a split whole.
-A scores.db written by another run, config or checkpoint is refused (remove it or --overwrite).
-Clip embeddings are also cached in <run>/cache/ for postprocessing/query.py.
+An existing scores.db is added to only if it was computed from the same checkpoint (sha1),
+caption embeddings and eval.amp; otherwise it is refused (remove it or --overwrite). Settings
+that do not change a score (training.epochs, demo sizes, the run folder's name) do not matter.
+--overwrite builds the new db beside the old one and swaps it in when complete: until then the
+old one stays as it was. Clip embeddings are also cached in <run>/cache/ for query.py.
 """
 from pathlib import Path
 
 import utils.cli
 from utils import evaluation, scores_db
 from utils.data_utils import encode_split, features_dir
-from utils.runs import SCORES_DB, checkpoint_path, load_run_config, resolve_run_dir
+from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run, resolve_run_dir
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
 
@@ -19,30 +22,30 @@ def main():
     parser = utils.cli.make_parser(__doc__)
     parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing scores.db, whoever wrote it")
+                        help="replace an existing scores.db, whatever computed it (the old file "
+                             "stays until the new one is complete)")
     args, cfg = utils.cli.parse(parser)
     run_dir = resolve_run_dir(args.run, cfg)
-    cfg = load_run_config(run_dir, args.overrides)
-    which = cfg["eval"]["checkpoint"]
-    device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
-    ckpt = checkpoint_path(run_dir, which)
-    model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
-    meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
-    db_path = Path(run_dir) / SCORES_DB
-    conn = scores_db.open_for_write(db_path, meta, overwrite=args.overwrite)
-    written = []
-    try:
-        for split in cfg["eval"]["splits"]:
-            emb = encode_split(model, features_dir(cfg), split, tid2row,
-                               cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
-            s = evaluation.scored_split(emb)
-            print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")
-            scores_db.write_split(conn, s, progress=True)
-            cache = evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids, emb.audio,
-                                               meta["checkpoint_sha1"])
-            written.append(cache)
-    finally:
-        scores_db.close(conn)
+    utils.cli.print_config_if_asked(args, load_run_config(run_dir, args.overrides))  # before the lock
+    with lock_run(run_dir):
+        cfg = load_run_config(run_dir, args.overrides)
+        which = cfg["eval"]["checkpoint"]
+        device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
+        ckpt = checkpoint_path(run_dir, which)
+        model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
+        meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
+        db_path = Path(run_dir) / SCORES_DB
+        written = []
+        with scores_db.writing(db_path, meta, overwrite=args.overwrite) as conn:
+            for split in cfg["eval"]["splits"]:
+                emb = encode_split(model, features_dir(cfg), split, tid2row,
+                                   cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
+                s = evaluation.scored_split(emb)
+                print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")
+                scores_db.write_split(conn, s, progress=True,
+                                      identity=meta[scores_db.SPLIT_KEY + split])
+                written.append(evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids,
+                                                          emb.audio, meta["checkpoint_sha1"]))
     print(f"wrote {db_path} ({scores_db.db_size_mb(db_path):.1f} MB; splits "
           f"{', '.join(cfg['eval']['splits'])}; checkpoint {which}, epoch {meta['checkpoint_epoch']})")
     for path in written:

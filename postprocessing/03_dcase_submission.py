@@ -3,18 +3,30 @@
 Input: a folder of wavs (--audio-dir) and a CSV with a `caption` column (--captions, like the
 challenge's retrieval_captions.csv). Log-mels are computed as preprocessing/02 does, captions
 embedded with the run's sbert.model as preprocessing/03 does, both encoded by the trained model.
-Output: `caption,file_name_1,...,file_name_10` (default <run>/submission.csv). Unreadable wavs
-stop the step (all listed) unless data.skip_bad_audio, which skips them and lists them in
-<output>.skipped_audio.csv.
+Output: `caption,file_name_1,...,file_name_10` (default <run>/submission.csv): always exactly
+the 10 best-ranked files per caption, as the challenge requires, whatever eval.top_k says (that
+key sets the retrieval CSVs of postprocessing/02 and query.py), so a retrieval set needs at
+least 10 usable clips. Unreadable wavs stop the step (all listed) unless data.skip_bad_audio,
+which skips them and lists them in <output>.skipped_audio.csv.
 """
 from pathlib import Path
 
 import utils.cli
 from utils import evaluation
 from utils.errors import UserError
-from utils.runs import load_run_config, resolve_run_dir
+from utils.runs import load_run_config, lock_run, resolve_run_dir
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
+
+
+SUBMISSION_RANKS = 10  # file_name_1..file_name_10 per caption: the DCASE Task 6B format
+
+
+def check_enough_clips(n: int, where: Path, skipped: int = 0) -> None:
+    if n < SUBMISSION_RANKS:
+        usable = f"{n} usable audio files ({skipped} skipped)" if skipped else f"{n} audio files"
+        raise UserError(f"{where}: {usable}; a submission ranks {SUBMISSION_RANKS} files per "
+                        f"caption, so the retrieval set needs at least {SUBMISSION_RANKS}")
 
 
 def setting(cli_value, key: str, *cfgs) -> str:
@@ -44,15 +56,18 @@ def main():
     # cheap input checks before any model is loaded
     captions = evaluation.read_caption_csv(captions_csv)
     files = evaluation.list_audio_files(audio_dir)
-    device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
-    model, cfg, _ = load_trained_model(run_dir, cfg["eval"]["checkpoint"], device, args.overrides)
-
-    audio = evaluation.encode_audio_files(model, files, cfg["features"], device,
-                                          skip_bad=cfg["data"]["skip_bad_audio"],
-                                          amp=cfg["eval"]["amp"])
-    text = evaluation.embed_texts(cfg, model, captions, device)
-    top, _ = evaluation.rank_clips(text, audio.embeds, cfg["eval"]["top_k"])
-    evaluation.write_retrieval_csv(out, captions, audio.fnames, top, cfg["eval"]["top_k"])
+    check_enough_clips(len(files), audio_dir)
+    with lock_run(run_dir):
+        device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
+        model, cfg, _ = load_trained_model(run_dir, cfg["eval"]["checkpoint"], device,
+                                           args.overrides)
+        audio = evaluation.encode_audio_files(model, files, cfg["features"], device,
+                                              skip_bad=cfg["data"]["skip_bad_audio"],
+                                              amp=cfg["eval"]["amp"])
+        check_enough_clips(len(audio.fnames), audio_dir, len(audio.bad))
+        text = evaluation.embed_texts(cfg, model, captions, device)
+        top, _ = evaluation.rank_clips(text, audio.embeds, SUBMISSION_RANKS)
+        evaluation.write_retrieval_csv(out, captions, audio.fnames, top, SUBMISSION_RANKS)
     print(f"ranked {len(audio.fnames)} clips for {len(captions)} captions")
     print(f"wrote {out}")
     if audio.bad:

@@ -1,6 +1,8 @@
 """utils.scores_db: schema, atomic split writes, exact round trips, indexes, run identity."""
 from __future__ import annotations
 
+import errno
+import json
 import sqlite3
 
 import numpy as np
@@ -19,7 +21,8 @@ NASTY = [
     "   leading and trailing spaces   ",
 ]
 META = {"schema_version": scores_db.SCHEMA_VERSION, "run": "run-a", "config_sha1": "c1",
-        "checkpoint": "best", "checkpoint_epoch": "3", "checkpoint_sha1": "k1"}
+        "checkpoint": "best", "checkpoint_epoch": "3", "checkpoint_sha1": "k1",
+        "embeddings_sha1": "e1", "eval_amp": "off"}
 
 
 def make_split(split="evaluation", n_clips=4, per_clip=3, seed=0, captions=None) -> scores_db.ScoredSplit:
@@ -114,19 +117,93 @@ def test_lookups_use_indexes(db):
     conn.close()
 
 
-def test_other_run_is_detected_and_overwrite_replaces(db, tmp_path):
+def test_reuse_is_keyed_on_what_decides_the_scores(db):
     path, conn = db
     scores_db.write_split(conn, make_split())
     conn.close()
-    other = dict(META, run="run-b")
-    with pytest.raises(UserError, match="another run.*remove it or pass --overwrite"):
-        scores_db.open_for_write(path, other)
-    with pytest.raises(UserError, match="does not belong"):
-        scores_db.open_for_read(path, dict(META, checkpoint_sha1="k2"))
-    conn = scores_db.open_for_write(path, other, overwrite=True)
-    assert scores_db.stored_splits(conn) == []
-    assert scores_db.read_meta(conn, path)["run"] == "run-b"
+    # another run name (renamed or copied folder), config hash (training.epochs, demo sizes)
+    # or epoch label: the same checkpoint file and inputs give the same scores
+    harmless = dict(META, run="run-b", config_sha1="c2", checkpoint="last", checkpoint_epoch="9")
+    conn = scores_db.open_for_write(path, harmless)
+    assert scores_db.stored_splits(conn) == ["evaluation"]
+    assert scores_db.read_meta(conn, path)["run"] == "run-b"  # provenance follows the writer
     conn.close()
+    scores_db.open_for_read(path, harmless).close()
+    for key, why in [("checkpoint_sha1", "another checkpoint"),
+                     ("embeddings_sha1", "other caption embeddings"), ("eval_amp", "another eval.amp"),
+                     ("schema_version", "an older version")]:
+        with pytest.raises(UserError, match=f"computed from {why}.*remove it or pass --overwrite"):
+            scores_db.open_for_write(path, dict(META, **{key: "x"}))
+        with pytest.raises(UserError, match=f"does not belong.*{why}"):
+            scores_db.open_for_read(path, dict(META, **{key: "x"}))
+
+
+def test_a_split_scored_from_other_inputs_is_refused_when_read(db):
+    path, conn = db
+    ident = json.dumps({"captions": "c", "logmels": "l", "skipped": None}, sort_keys=True)
+    scores_db.write_split(conn, make_split("evaluation"), identity=ident)
+    scores_db.write_split(conn, make_split("validation"))  # no identity recorded
+    conn.close()
+    key = scores_db.SPLIT_KEY + "evaluation"
+    scores_db.open_for_read(path, dict(META, **{key: ident})).close()
+    other = json.dumps({"captions": "c", "logmels": "L2", "skipped": None}, sort_keys=True)
+    with pytest.raises(UserError, match="split 'evaluation' was scored from other logmels"):
+        scores_db.open_for_read(path, dict(META, **{key: other}))
+    # adding to the db is fine: the split is rewritten whole, with its new identity
+    conn = scores_db.open_for_write(path, dict(META, **{key: other}))
+    scores_db.write_split(conn, make_split("evaluation", seed=5), identity=other)
+    conn.close()
+    scores_db.open_for_read(path, dict(META, **{key: other})).close()
+
+
+def test_overwrite_keeps_the_old_db_until_the_new_one_is_complete(db):
+    path, conn = db
+    scores_db.write_split(conn, make_split(seed=1))
+    conn.close()
+    before = path.read_bytes()
+    other = dict(META, checkpoint_sha1="k2")
+    with pytest.raises(KeyboardInterrupt):
+        with scores_db.writing(path, other, overwrite=True) as new:
+            scores_db.write_split(new, make_split("validation", seed=2))
+            raise KeyboardInterrupt  # killed while scoring the next split
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["scores.db"]  # no temporaries
+    with scores_db.writing(path, other, overwrite=True) as new:
+        scores_db.write_split(new, make_split("validation", seed=2))
+    conn = scores_db.open_for_read(path, other)
+    assert scores_db.stored_splits(conn) == ["validation"]
+    conn.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["scores.db"]
+
+
+def test_a_stale_journal_of_the_old_db_is_not_replayed_into_the_new_one(db):
+    path, conn = db
+    scores_db.write_split(conn, make_split(seed=1))
+    conn.close()
+    journal = path.with_name("scores.db-journal")
+    journal.write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(504))  # a hot journal's header
+    with scores_db.writing(path, dict(META, checkpoint_sha1="k2"), overwrite=True) as new:
+        scores_db.write_split(new, make_split("validation", seed=2))
+    assert not journal.exists()
+    conn = scores_db.open_for_read(path, dict(META, checkpoint_sha1="k2"))
+    assert scores_db.stored_splits(conn) == ["validation"]
+    conn.close()
+
+
+def test_a_full_disk_is_an_oserror_naming_the_db(tmp_path, monkeypatch):
+    """SQLite says SQLITE_FULL ("database or disk is full"); the one-line handler needs ENOSPC.
+    max_page_count makes SQLite meet a genuinely full file."""
+    tune = scores_db._tune_for_writing
+
+    def tiny(conn):
+        tune(conn)
+        conn.execute("PRAGMA max_page_count=6")
+    monkeypatch.setattr(scores_db, "_tune_for_writing", tiny)
+    path = tmp_path / "scores.db"
+    with pytest.raises(OSError) as e:
+        with scores_db.writing(path, META) as conn:
+            scores_db.write_split(conn, make_split("evaluation", n_clips=300, per_clip=5))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
 
 
 def test_foreign_file_is_refused(tmp_path):

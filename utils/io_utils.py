@@ -2,30 +2,65 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterator
 
 from utils.errors import UserError
 
 
+def _new_temp(path: Path) -> Path:
+    """Create an empty, unique `.{name}.XXXXXXXX.tmp` beside `path`.
+
+    Not tempfile.mkstemp: that creates mode 0600 whatever the umask, so every output would be
+    private to its owner. os.open with 0o666 lets the kernel apply the umask, exactly as a plain
+    open() of a new file does (0644 under umask 022, 0600 under 077, 0664 under 002).
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:  # read-only, no permission, ...: name the file asked for
+            e.filename = str(path)
+            raise
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def _name_target(e: OSError, path: Path, tmp: Path) -> None:
+    """Report an OSError under the file the user asked for, not our temporary name: a write's
+    ENOSPC carries no file name at all, a rename's names the temporary."""
+    if e.filename is None or str(e.filename) == str(tmp):
+        e.filename = str(path)
+        e.filename2 = None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file ends with the mode a plain open() would give under the process umask. OSErrors
+    (no space, read-only, not a directory, ...) propagate as they are, naming `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _new_temp(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _name_target(e, path, tmp)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

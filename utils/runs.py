@@ -1,16 +1,19 @@
 """Run directories: `<paths.output_dir>/<experiment>-<timestamp>/`, holding everything of one run."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from utils.config import CONFIG_NAME, load_config
 from utils.errors import UserError
+from utils.locks import exclusive
 
 WANDB_ID_FILE = "wandb_id.txt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
 SCORES_DB = "scores.db"
+LOCK_FILE = ".lock"  # utils.locks: held by the process working on the run
 
 
 def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
@@ -22,11 +25,36 @@ def new_run_dir(cfg: dict, name: str | None = None) -> Path:
     output_dir = Path(cfg["paths"]["output_dir"])
     name = name or f"{cfg['experiment']}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = output_dir / name
-    if run_dir.exists():
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()  # atomic: of two processes creating the same name, one gets the error
+    except FileExistsError:
         raise UserError(f"{run_dir}: run directory already exists; use --resume {run_dir} to "
-                        "continue it or choose another --name")
-    run_dir.mkdir(parents=True)
+                        "continue it or choose another --name") from None
     return run_dir
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """A run that finished at least one epoch (or was given a checkpoint)."""
+    return any(checkpoint_path(run_dir, which).is_file() for which in ("last", "best"))
+
+
+def remove_unstarted_run(run_dir: str | Path) -> bool:
+    """Delete a run directory that holds no checkpoint (a run that failed before its first
+    epoch ended), so that it neither blocks its --name nor looks like a run. A directory with a
+    checkpoint is kept. Returns whether it was removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or has_checkpoint(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
+
+
+def lock_run(run_dir: str | Path):
+    """`with lock_run(run):` one process at a time on a run (training, scoring, metrics,
+    submission): a second one is refused with one line naming the first."""
+    run_dir = Path(run_dir)
+    return exclusive(run_dir / LOCK_FILE, f"run {run_dir}")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -34,10 +62,13 @@ def is_run_dir(path: Path) -> bool:
 
 
 def latest_run_dir(output_dir: str | Path) -> Path:
+    """The newest run with a checkpoint; folders of runs that never finished an epoch are
+    skipped (nothing to evaluate there)."""
     output_dir = Path(output_dir)
-    runs = [p for p in output_dir.glob("*") if p.is_dir() and is_run_dir(p)] if output_dir.is_dir() else []
+    runs = [p for p in output_dir.glob("*") if p.is_dir() and is_run_dir(p) and has_checkpoint(p)] \
+        if output_dir.is_dir() else []
     if not runs:
-        raise UserError(f"no run directory in '{output_dir}' (paths.output_dir): train one with "
+        raise UserError(f"no trained run in '{output_dir}' (paths.output_dir): train one with "
                         "`python main.py` or pass --run DIR")
     return max(runs, key=lambda p: (p / CONFIG_NAME).stat().st_mtime)
 

@@ -2,7 +2,7 @@
 
 Schema (every table keyed by the integer `split_id`; `splits` maps it to the split's name):
 
-    meta(key, value)                         which run / config / checkpoint wrote the file
+    meta(key, value)                         what the scores were computed from (see expected_meta)
     splits(split_id, split, n_clips, n_captions, written_at)
     clips(split_id, clip, fid, fname)                      clip = row index in the matrix' columns
     captions(split_id, caption, tid, fid, clip, raw_text)  caption = row index; clip = its true clip
@@ -10,6 +10,13 @@ Schema (every table keyed by the integer `split_id`; `splits` maps it to the spl
         + index scores_by_clip(split_id, clip, caption)    per-clip lookups (audio -> text)
     t2a_ranks(split_id, caption, tid, fname, rank)         rank of each caption's true clip
     views scores_named, t2a_ranks_named                    the same with split names and texts
+
+Reuse: a db is added to (a split rescored, another split added) only when it was computed from
+the same checkpoint file (sha1), caption embeddings (sha1) and eval.amp; each split records the
+sha1 of its log-mels, caption CSV and skip list (`split:<name>` in meta), checked when it is
+read. Keys that do not change a score (training.epochs, demo sizes, wandb, the run folder's name
+or place) are not part of it: a renamed or copied run keeps its scores. `--overwrite` builds a
+new db beside the old one and swaps it in only when complete (`writing`).
 
 A split is written in ONE transaction (delete its old rows, insert the new ones, rebuild the
 index), so a reader sees either the old split or the new one, never a mix; a crash leaves the
@@ -23,7 +30,10 @@ exact row statistics (`sqlite_stat1`) so that per-clip lookups choose that index
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -37,9 +47,12 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import file_digest
+from utils.io_utils import atomic_path, file_digest
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# the meta entries an existing db must share with this run to be reused: what decides a score
+IDENTITY_KEYS = ("schema_version", "checkpoint_sha1", "embeddings_sha1", "eval_amp")
+SPLIT_KEY = "split:"   # + split name: the identity of that split's inputs (JSON)
 PAGE_SIZE = 65536      # fewer, larger B-tree pages: ~15% faster bulk inserts than 4096
 MAX_ROW_BLOCK = 4096   # clips bound per INSERT statement (2 + 4096 parameters < SQLite's 32766)
 SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -115,17 +128,39 @@ def file_sha1(path: str | Path) -> str:
     return file_digest(path, "sha1")
 
 
+def split_identity(cfg: dict, split: str) -> str:
+    """What a split's scores are computed from besides the model: sha1 of its log-mels, of its
+    caption CSV and of its skip list (JSON; a file that does not exist is null)."""
+    from utils.data_utils import features_dir, logmels_path, text_csv_path
+
+    feats = features_dir(cfg)
+    files = {"logmels": logmels_path(feats, split), "captions": text_csv_path(feats, split),
+             "skipped": feats / f"{split}_skipped_audio.csv"}
+    return json.dumps({k: file_sha1(p) if p.is_file() else None for k, p in files.items()},
+                      sort_keys=True)
+
+
 def expected_meta(run_dir: str | Path, cfg: dict, checkpoint: str, checkpoint_file: str | Path,
                   checkpoint_epoch: int | None) -> dict[str, str]:
-    """The meta rows a scores.db of this run / config / checkpoint carries (all strings)."""
-    return {
+    """The meta rows of a scores.db computed by this run's checkpoint from the current data
+    (all strings). IDENTITY_KEYS and the `split:<name>` rows of eval.splits are what a stored
+    db must match; run, checkpoint, epoch and config_sha1 only say where it came from."""
+    from utils.data_utils import features_dir
+
+    embeddings = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
+    meta = {
         "schema_version": SCHEMA_VERSION,
         "run": Path(run_dir).resolve().name,
         "config_sha1": config_sha1(cfg),
         "checkpoint": checkpoint,
         "checkpoint_epoch": "" if checkpoint_epoch is None else str(int(checkpoint_epoch)),
         "checkpoint_sha1": file_sha1(checkpoint_file),
+        "embeddings_sha1": file_sha1(embeddings) if embeddings.is_file() else "",
+        "eval_amp": str(cfg["eval"]["amp"]),
     }
+    for split in cfg["eval"]["splits"]:
+        meta[SPLIT_KEY + split] = split_identity(cfg, split)
+    return meta
 
 
 # --------------------------------------------------------------------------- opening
@@ -149,6 +184,53 @@ def _tune_for_writing(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA cache_size=-262144")  # 256 MiB: the index build sorts in memory, no spill
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if SQLite has not already (it does after SQLITE_FULL)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _sqlite_errors(path: Path) -> Iterator[None]:
+    """SQLite reports a full disk or an unwritable file as its own OperationalError; raise the
+    OSError a plain write would have raised instead, naming the db file, so that it gets the
+    same one-line message as every other write (utils.cli)."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary result code
+        if code == sqlite3.SQLITE_FULL:
+            err = errno.ENOSPC
+        elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+            err = errno.EROFS if _read_only_fs(path.parent) else errno.EACCES
+        elif code == sqlite3.SQLITE_IOERR:
+            err = errno.EIO
+        else:
+            raise
+        raise OSError(err, os.strerror(err), str(path)) from e
+
+
+def _db_file(conn: sqlite3.Connection) -> Path:
+    return Path(conn.execute("PRAGMA database_list").fetchone()[2])
+
+
+def _os_errors(fn):
+    """Run a writer `fn(conn, ...)` under _sqlite_errors for the file `conn` writes."""
+    @functools.wraps(fn)
+    def wrapper(conn: sqlite3.Connection, *args, **kwargs):
+        with _sqlite_errors(_db_file(conn)):
+            return fn(conn, *args, **kwargs)
+    return wrapper
+
+
+def _read_only_fs(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
     try:
         return dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -157,9 +239,23 @@ def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
                         "pass --overwrite") from None
 
 
-def _mismatch(found: dict[str, str], expected: dict[str, str]) -> list[str]:
-    return [f"{k} {found.get(k, '<none>')!r} != {v!r}" for k, v in expected.items()
-            if found.get(k) != v]
+_WHY = {"schema_version": "an older version of this project wrote it",
+        "checkpoint_sha1": "another checkpoint", "embeddings_sha1": "other caption embeddings",
+        "eval_amp": "another eval.amp"}
+
+
+def _mismatch(found: dict[str, str], expected: dict[str, str], splits: bool) -> list[str]:
+    """Why a db with meta `found` cannot serve `expected`: its identity differs, or (`splits`)
+    one of the splits both name was scored from other log-mels / captions / skip list."""
+    bad = [f"{_WHY[k]} ({k} {found.get(k, '<none>')!r}, now {expected[k]!r})"
+           for k in IDENTITY_KEYS if k in expected and found.get(k) != expected[k]]
+    if splits:
+        for key, value in expected.items():
+            if key.startswith(SPLIT_KEY) and key in found and found[key] != value:
+                old, new = json.loads(found[key]), json.loads(value)
+                changed = ", ".join(k for k in sorted(new) if old.get(k) != new.get(k))
+                bad.append(f"split '{key[len(SPLIT_KEY):]}' was scored from other {changed}")
+    return bad
 
 
 def remove_db(path: str | Path) -> None:
@@ -171,41 +267,84 @@ def remove_db(path: str | Path) -> None:
 
 def open_for_write(path: str | Path, meta: dict[str, str], overwrite: bool = False
                    ) -> sqlite3.Connection:
-    """Open (or create) a scores.db for `meta`'s run/config/checkpoint.
+    """Open (or create) a scores.db for `meta`'s checkpoint and data.
 
-    An existing file written for another run, config or checkpoint is never mixed with new
-    scores: it raises a one-line UserError, unless `overwrite`, which replaces the file.
+    An existing file computed from another checkpoint, other caption embeddings or another
+    eval.amp is never mixed with new scores: a one-line UserError, unless `overwrite`, which
+    empties it here (01_xmodal_scores.py's --overwrite uses `writing`, which keeps the old file
+    until the new one is complete). Splits are (re)written whole by write_split.
     """
     path = Path(path)
     if overwrite:
         remove_db(path)
-    existed = path.is_file()
-    if existed:
-        conn = _connect(path)
-        found = read_meta(conn, path)
-        bad = _mismatch(found, meta)
-        if bad:
+    existed = path.is_file() and path.stat().st_size > 0
+    with _sqlite_errors(path):
+        if existed:
+            conn = _connect(path)
+            found = read_meta(conn, path)
+            bad = _mismatch(found, meta, splits=False)
+            if bad:
+                conn.close()
+                raise UserError(f"{path}: computed from {'; '.join(bad[:3])}; remove it or pass "
+                                "--overwrite")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(path)
+        _tune_for_writing(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            # provenance rows follow the latest writer; split rows only change with their split
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             sorted((k, v) for k, v in meta.items() if not k.startswith(SPLIT_KEY)))
+            if not existed:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (_now(),))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
             conn.close()
-            raise UserError(f"{path}: written by another run, config or checkpoint "
-                            f"({'; '.join(bad[:3])}); remove it or pass --overwrite")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = _connect(path)
-    _tune_for_writing(conn)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for stmt in _SCHEMA.split(";"):
-            if stmt.strip():
-                conn.execute(stmt)
-        if not existed:
-            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items()))
-            conn.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (_now(),))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        conn.close()
-        raise
+            raise
     return conn
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, meta: dict[str, str], overwrite: bool = False
+            ) -> Iterator[sqlite3.Connection]:
+    """A connection to write splits into `path`, closed at the end of the block.
+
+    Without `overwrite`, splits go into `path` itself (created if missing), one transaction
+    each: a failure keeps every split finished before it. With `overwrite`, the new db is built
+    in a temporary file beside `path` and renamed onto it only when the block succeeds: until
+    then the old scores.db stays complete and untouched.
+    """
+    path = Path(path)
+    if not overwrite:
+        created = not path.exists()
+        if created:  # by open(), not SQLite (0644): the mode a plain open() gives (0666 - umask)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab"):
+                pass
+        try:
+            conn = open_for_write(path, meta)
+        except BaseException:
+            if created:
+                remove_db(path)
+            raise
+        try:
+            yield conn
+        finally:
+            close(conn)
+        return
+    with atomic_path(path) as tmp:
+        conn = open_for_write(tmp, meta)
+        try:
+            yield conn
+        finally:
+            close(conn)
+        for side in SIDE_FILES:  # a journal left by a crash beside the OLD file must not be
+            Path(str(path) + side).unlink(missing_ok=True)  # replayed into the new one
 
 
 def open_for_read(path: str | Path, meta: dict[str, str] | None = None) -> sqlite3.Connection:
@@ -216,12 +355,12 @@ def open_for_read(path: str | Path, meta: dict[str, str] | None = None) -> sqlit
     conn = _connect(path)
     found = read_meta(conn, path)
     if meta is not None:
-        bad = _mismatch(found, meta)
+        bad = _mismatch(found, meta, splits=True)
         if bad:
             conn.close()
-            raise UserError(f"{path}: does not belong to this run/config/checkpoint "
-                            f"({'; '.join(bad[:3])}); rerun postprocessing/01_xmodal_scores.py "
-                            "with --overwrite")
+            raise UserError(f"{path}: does not belong to this checkpoint and data: computed from "
+                            f"{'; '.join(bad[:3])}; rerun postprocessing/01_xmodal_scores.py "
+                            "(with --overwrite if it says so)")
     return conn
 
 
@@ -294,8 +433,11 @@ def _write_stats(conn: sqlite3.Connection) -> None:
     conn.execute("ANALYZE sqlite_schema")  # reload the statistics into the planner
 
 
-def write_split(conn: sqlite3.Connection, s: ScoredSplit, progress: bool = False) -> None:
-    """Replace split `s.split` in the db with `s`, atomically (one transaction).
+@_os_errors
+def write_split(conn: sqlite3.Connection, s: ScoredSplit, progress: bool = False,
+                identity: str | None = None) -> None:
+    """Replace split `s.split` in the db with `s`, atomically (one transaction), and record
+    `identity` (split_identity: what its inputs were) with it.
 
     The old rows are deleted and the new ones inserted in the same transaction; the index is
     dropped first and rebuilt at the end (deleting/inserting millions of rows through it would
@@ -325,12 +467,18 @@ def write_split(conn: sqlite3.Connection, s: ScoredSplit, progress: bool = False
         _insert_scores(conn, sid, scores, f"scores.db {s.split}", progress)
         conn.execute(_INDEX)
         _write_stats(conn)
+        if identity is None:  # unknown inputs: no stale record of the previous ones either
+            conn.execute("DELETE FROM meta WHERE key = ?", (SPLIT_KEY + s.split,))
+        else:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (SPLIT_KEY + s.split, identity))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
 
 
+@_os_errors
 def write_t2a_ranks(conn: sqlite3.Connection, split: str, ranks: np.ndarray) -> None:
     """Store the rank of every caption's true clip (`ranks` int `[Q]`, 1-based), replacing the
     split's previous ranks in one transaction."""
@@ -351,7 +499,7 @@ def write_t2a_ranks(conn: sqlite3.Connection, split: str, ranks: np.ndarray) -> 
                          ((sid, q, tid, fname, r) for q, ((tid, fname), r) in enumerate(zip(caps, ranks))))
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
 
 
