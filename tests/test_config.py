@@ -2,6 +2,8 @@
 constraint; overlays and --set are read with one parser, as researchers write values."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -351,6 +353,10 @@ def test_base_loops_are_one_line_naming_the_files(tmp_path, files):
     message = str(e.value)
     assert "\n" not in message and f"{tmp_path / 'a.yaml'} -> " in message
     assert all(name.split("/")[-1] in message for name in files)
+    # the advice works: remove the `base:` line that closes the loop (the last file named)
+    closing = Path(message.split("loop: ")[1].split(" (via")[0].split(" -> ")[-2])
+    closing.write_text("".join(ln for ln in closing.read_text().splitlines(True) if not ln.startswith("base:")))
+    assert load_config(tmp_path / "a.yaml")["training"] == defaults()["training"]
 
 
 def test_missing_and_invalid_files(tmp_path):
@@ -368,6 +374,11 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         (tmp_path / "dangling.yaml").write_text("base: missing.yaml\n")
         load_config(tmp_path / "dangling.yaml")
+
+
+def test_an_empty_file_is_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing changed yet\n")
+    assert load_config(tmp_path / "empty.yaml") == defaults()
 
 
 def test_empty_section_in_an_overlay_changes_nothing(tmp_path, repo):
