@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import pytest
 import yaml
 
 from utils.config import load_config
-from utils.download import download_all, file_url
+from utils.download import download_all, fetch_verified, file_url
 from utils.errors import UserError
+from tests.cli_helpers import error_line
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "preprocessing/00_download_clotho.py"
@@ -289,10 +291,7 @@ def test_md5_null_is_accepted_with_warning(tmp_path, remote, capsys):
 
 def test_unreachable_url_is_one_line_error(tmp_path, remote):
     root, server = remote
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/files"
+    url = _unreachable_url()
     proc = _run(_overlay(tmp_path, root, server), f"download.clotho_url={url}")
     assert proc.returncode == 2
     err = _error_lines(proc)
@@ -305,3 +304,171 @@ def test_http_404_is_one_line_error(tmp_path, remote):
     (root / "clotho_captions_validation.csv").unlink()
     with pytest.raises(UserError, match=r"clotho_captions_validation.csv: HTTP 404"):
         download_all(cfg, progress=False)
+
+
+# --------------------------------------------------------------------------- a file the user has
+
+EDITED = "clotho_captions_development.csv"
+
+
+def _edited_copy(tmp_path: Path) -> tuple[Path, bytes]:
+    """The user's hand-edited caption CSV in the dataset folder (md5 differs from the official)."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    mine = b"file_name,caption_1,caption_2,caption_3,caption_4,caption_5\nclip_0.wav,my fix,b,c,d,e\n"
+    (data / EDITED).write_bytes(mine)
+    return data / EDITED, mine
+
+
+def test_edited_csv_is_kept_aside_then_replaced_by_the_verified_file(tmp_path, remote):
+    root, server = remote
+    conf = _overlay(tmp_path, root, server)
+    path, mine = _edited_copy(tmp_path)
+    proc = _run(conf)
+    assert proc.returncode == 0, proc.stderr
+    aside = path.with_name(f"clotho_captions_development.local-{hashlib.md5(mine).hexdigest()[:8]}.csv")
+    assert path.read_bytes() == (root / EDITED).read_bytes()  # the official file, verified
+    assert aside.read_bytes() == mine  # the user's content, under a new name
+    assert f"your differing copy is kept as {aside.name}" in proc.stdout
+    assert not list(path.parent.glob("*.part"))
+    proc = _run(conf)  # a rerun leaves both alone
+    assert proc.returncode == 0 and f"{EDITED}: verified, skipping" in proc.stdout
+    assert aside.read_bytes() == mine and path.read_bytes() == (root / EDITED).read_bytes()
+
+
+def _unreachable_url() -> str:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/files"
+
+
+def test_offline_the_edited_csv_stays_exactly_where_and_as_it_was(tmp_path, remote):
+    root, server = remote
+    path, mine = _edited_copy(tmp_path)
+    stat = path.stat()
+    url = _unreachable_url()
+    proc = _run(_overlay(tmp_path, root, server), f"download.clotho_url={url}")
+    line = error_line(proc)
+    assert url in line and "cannot connect" in line and f"{path} was left as it was" in line
+    assert path.read_bytes() == mine and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert sorted(p.name for p in path.parent.iterdir()) == [EDITED]  # nothing aside, no .part
+
+
+def test_failed_or_interrupted_download_leaves_the_edited_csv_as_it_was(tmp_path, remote):
+    root, server = remote
+    path, mine = _edited_copy(tmp_path)
+    bad = "deadbeef" * 4  # the completed download cannot match: it is removed, the user's file stays
+    proc = _run(_overlay(tmp_path, root, server), f"download.clotho_files.{EDITED}={bad}")
+    assert proc.returncode == 2
+    assert f"{EDITED}: md5 mismatch (expected {bad}, got " in proc.stdout
+    assert f"removed; {path} was left as it was" in proc.stdout
+    assert path.read_bytes() == mine and not list(path.parent.glob("*.local-*"))
+
+    cfg = load_config(_overlay(tmp_path, root, server))
+    server.httpd.cut_once.add(EDITED)  # the connection drops halfway through
+    with pytest.raises(UserError, match=r"rerun to resume; .* was left as it was"):
+        download_all(cfg, progress=False)
+    assert path.read_bytes() == mine
+    download_all(cfg, progress=False)  # the rerun completes it, and only then swaps
+    assert path.read_bytes() == (root / EDITED).read_bytes()
+    assert [p.read_bytes() for p in path.parent.glob("*.local-*.csv")] == [mine]
+
+
+def test_corrupt_archive_is_replaced_only_by_a_verified_one(tmp_path, remote):
+    root, server = remote
+    cfg = load_config(_overlay(tmp_path, root, server))
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = data / "clotho_audio_evaluation.7z"
+    archive.write_bytes(b"truncated 7z")
+    md5 = _md5(root / archive.name)
+    with pytest.raises(UserError, match=f"{archive} was left as it was"):
+        fetch_verified(file_url(_unreachable_url(), archive.name), archive, md5, progress=False)
+    assert archive.read_bytes() == b"truncated 7z"
+    download_all(cfg, progress=False)
+    assert _md5(archive) == _md5(root / archive.name)
+    assert not list(data.glob("*.local-*"))  # a binary is not a user's edit: nothing kept aside
+    _check_dataset(data)
+
+
+# --------------------------------------------------------------------------- the released baseline
+
+RECORD = "api/records/7752975"
+RELEASE = {"checkpoint": b"stand-in training checkpoint " * 300, "audio_encoder.pth": b"stand-in encoder " * 300}
+
+
+def _publish_release(root: Path, shape: str = "list", md5s: dict | None = None) -> dict:
+    """The release files at the server's top level and a Zenodo record listing at /api/records/…,
+    in either of the two shapes Zenodo serves."""
+    entries = []
+    for name, content in RELEASE.items():
+        (root / name).write_bytes(content)
+        md5 = (md5s or {}).get(name, hashlib.md5(content).hexdigest())
+        entries.append({"key": name, "size": len(content), "checksum": f"md5:{md5}"})
+    listing = ({"files": entries} if shape == "list"
+               else {"files": {"enabled": True, "entries": {e["key"]: e for e in entries}}})
+    (root / RECORD).parent.mkdir(parents=True, exist_ok=True)
+    (root / RECORD).write_text(json.dumps(listing), encoding="utf-8")
+    return listing
+
+
+def _release_overlay(tmp_path: Path, root: Path, server: _Server, record: str | None = None) -> Path:
+    return _overlay(tmp_path, root, server, baseline_url=server.url,
+                    baseline_record=record or f"{server.url}/{RECORD}")
+
+
+def _run_baseline(conf: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, SCRIPT, "--conf", str(conf), "--baseline"]
+    if overrides:
+        cmd += ["--set", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("shape", ["list", "entries"])
+def test_baseline_is_fetched_only_when_asked_and_md5_checked(tmp_path, remote, shape):
+    root, server = remote
+    _publish_release(root, shape)
+    conf = _release_overlay(tmp_path, root, server)
+    assert _run(conf).returncode == 0
+    assert f"/{RECORD}" not in [p for p, _ in server.requests]  # not by default
+    assert not (tmp_path / "pre" / "checkpoint").exists()
+
+    proc = _run_baseline(conf)
+    assert proc.returncode == 0, proc.stderr
+    for name, content in RELEASE.items():
+        assert (tmp_path / "pre" / name).read_bytes() == content
+        assert f"{name}: downloaded, md5 verified" in proc.stdout
+
+
+def test_baseline_file_not_matching_its_listed_md5_fails(tmp_path, remote):
+    root, server = remote
+    bad = "0123456789abcdef" * 2
+    _publish_release(root, md5s={"checkpoint": bad})
+    proc = _run_baseline(_release_overlay(tmp_path, root, server))
+    line = error_line(proc)
+    assert "checkpoint" in line and "failed md5 verification" in line
+    assert not (tmp_path / "pre" / "checkpoint").exists()
+    assert (tmp_path / "pre" / "audio_encoder.pth").read_bytes() == RELEASE["audio_encoder.pth"]
+
+
+@pytest.mark.parametrize("listing, expected", [
+    ("<html>not json</html>", "not a Zenodo record listing (not JSON)"),
+    (json.dumps({"hits": []}), "not a Zenodo record listing (no files in it)"),
+    (json.dumps({"files": [{"key": "../escape.pth", "checksum": "md5:" + "0" * 32}]}),
+     "lists a file named '../escape.pth', which is not a plain file name"),
+])
+def test_unusable_record_listing_is_one_line(tmp_path, remote, listing, expected):
+    root, server = remote
+    (root / RECORD).parent.mkdir(parents=True)
+    (root / RECORD).write_text(listing, encoding="utf-8")
+    line = error_line(_run_baseline(_release_overlay(tmp_path, root, server)))
+    assert expected in line and "10.5281/zenodo.7752975" in line
+    assert not (tmp_path.parent / "escape.pth").exists() and not (tmp_path / "escape.pth").exists()
+
+
+def test_unreachable_record_listing_is_one_line(tmp_path, remote):
+    root, server = remote
+    url = _unreachable_url()
+    line = error_line(_run_baseline(_release_overlay(tmp_path, root, server, record=url)))
+    assert url in line and "cannot connect" in line

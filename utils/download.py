@@ -3,11 +3,15 @@
 Used by `preprocessing/00_download_clotho.py`. Everything is crash-safe: a download streams
 into `<name>.part` (resumed with an HTTP Range request on the next run) and is renamed into
 place only once its md5 matches; an archive is extracted into a temporary folder that is
-renamed into place, and a marker file records that the split is complete.
+renamed into place, and a marker file records that the split is complete. A file already
+present is never deleted or overwritten before its verified replacement is complete, and a
+caption or metadata CSV the user edited is kept aside under a new name (`fetch_verified`).
 """
 from __future__ import annotations
 
 import http.client
+import itertools
+import json
 import os
 import re
 import shutil
@@ -20,11 +24,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_write_text, md5sum
+from utils.io_utils import atomic_path, atomic_write_text, md5sum
 
 CHUNK = 1 << 20  # bytes read per iteration of the download loop
 USER_AGENT = "dcase-retrieval/0.1 (python urllib)"
 ARCHIVE_RE = re.compile(r"^clotho_audio_(?P<split>[A-Za-z0-9_-]+)\.7z$")
+# Files a user may have edited by hand: when one differs from the official file, the user's copy
+# is kept aside under a new name before the verified download replaces it.
+EDITABLE_SUFFIXES = (".csv",)
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+BY_HAND = ("download the files from the record's page (https://doi.org/10.5281/zenodo.7752975) "
+           "into paths.pretrained_dir by hand")
 
 
 @dataclass
@@ -110,23 +120,58 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True)
     return part
 
 
+def keep_aside(path: Path, md5: str) -> Path:
+    """Keep the content of `path` under a free name beside it, `<stem>.local-<md5[:8]><suffix>`
+    (e.g. `clotho_captions_development.local-1a2b3c4d.csv`), and return that name.
+
+    A hard link (or, where the file system has none, an atomic copy): `path` itself is left
+    untouched, so whatever happens next the user's content exists under at least one name.
+    A copy already kept by an earlier, interrupted run is reused.
+    """
+    for i in itertools.count(1):
+        aside = path.with_name(f"{path.stem}.local-{md5[:8]}{'' if i == 1 else f'-{i}'}{path.suffix}")
+        if aside.exists():
+            if aside.is_file() and md5sum(aside) == md5:
+                return aside
+            continue
+        try:
+            os.link(path, aside)
+        except OSError:
+            with atomic_path(aside) as tmp:
+                shutil.copy2(path, tmp)
+        return aside
+    raise AssertionError("unreachable")
+
+
 def fetch_verified(url: str, dest: Path, md5: str | None, timeout: float = 60.0,
                    progress: bool = True) -> FetchResult:
     """Make `dest` a verified copy of `url`: skip it if present with the right md5.
 
+    Nothing the user has is deleted or overwritten before a verified replacement is complete:
+    the download goes to `dest.part`, and only once its md5 matches does it replace `dest`.
+    A present `dest` whose md5 differs stays exactly as it is if the download fails (network
+    error, md5 mismatch); if it succeeds, a file the user may have edited by hand (a caption or
+    metadata CSV) is first kept aside under `<stem>.local-<md5>.csv`, while a differing binary
+    (an archive, a checkpoint) is a corrupt copy and is simply replaced.
     A completed download whose md5 does not match is deleted and reported as 'failed'.
     `md5` None accepts any content (with a warning in the message).
     """
     name = dest.name
+    differs = None  # md5 of a present dest that is not the expected file
     if dest.is_file():
         if md5 is None:
             return FetchResult(name, dest, "skipped", f"{name}: present (no md5 to verify), skipping")
         got = md5sum(dest)
         if got == md5:
             return FetchResult(name, dest, "skipped", f"{name}: verified, skipping")
-        print(f"{name}: present but md5 {got} != expected {md5}; downloading it again")
-        dest.unlink()
-    part = download(url, dest, timeout=timeout, progress=progress)
+        differs = got
+        print(f"{name}: present but md5 {got} != expected {md5}; fetching the official file "
+              f"(the present one is left in place until the download is verified)")
+    untouched = f"; {dest} was left as it was" if differs else ""
+    try:
+        part = download(url, dest, timeout=timeout, progress=progress)
+    except UserError as e:
+        raise UserError(f"{e}{untouched}") from None
     if md5 is None:
         os.replace(part, dest)
         return FetchResult(name, dest, "downloaded", f"{name}: downloaded (warning: no md5 to verify)")
@@ -134,9 +179,14 @@ def fetch_verified(url: str, dest: Path, md5: str | None, timeout: float = 60.0,
     if got != md5:
         part.unlink()
         return FetchResult(name, dest, "failed",
-                           f"{name}: md5 mismatch (expected {md5}, got {got}); removed")
+                           f"{name}: md5 mismatch (expected {md5}, got {got}); removed{untouched}")
+    note = ""
+    if differs and dest.suffix.lower() in EDITABLE_SUFFIXES:
+        note = f"; your differing copy is kept as {keep_aside(dest, differs).name}"
+    elif differs:
+        note = f"; it replaced a corrupt copy (md5 {differs})"
     os.replace(part, dest)
-    return FetchResult(name, dest, "downloaded", f"{name}: downloaded, md5 verified")
+    return FetchResult(name, dest, "downloaded", f"{name}: downloaded, md5 verified{note}")
 
 
 # --- archives ---------------------------------------------------------------------------------
@@ -218,10 +268,55 @@ def extract_split(archive: Path, root: Path, split: str, md5: str | None,
     return n_wavs
 
 
+# --- the released baseline (DOI 10.5281/zenodo.7752975) ----------------------------------------
+
+def record_files(data: object, url: str) -> dict[str, str | None]:
+    """{file name: md5} from a Zenodo record's JSON (`GET /api/records/<id>`).
+
+    Zenodo lists a record's files either as `"files": [{"key": name, "checksum": "md5:<hex>"},
+    ...]` or as `"files": {"entries": {name: {"key": name, "checksum": "md5:<hex>"}}}`; both are
+    read. A file listed without an md5 maps to None (fetched unverified, with a warning).
+    """
+    files = data.get("files") if isinstance(data, dict) else None
+    if isinstance(files, dict):
+        files = list((files.get("entries") or {}).values())
+    out: dict[str, str | None] = {}
+    for entry in files if isinstance(files, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            continue
+        if entry["key"] in ("", ".", "..") or Path(entry["key"]).name != entry["key"]:
+            # the name becomes a path in paths.pretrained_dir: nothing may point elsewhere
+            raise UserError(f"{url}: lists a file named {entry['key']!r}, which is not a plain "
+                            f"file name; {BY_HAND}")
+        algorithm, _, digest = str(entry.get("checksum") or "").partition(":")
+        out[entry["key"]] = digest.lower() if algorithm == "md5" and MD5_RE.match(digest.lower()) else None
+    if not out:
+        raise UserError(f"{url}: not a Zenodo record listing (no files in it); {BY_HAND}")
+    return out
+
+
+def read_record_files(url: str, timeout: float = 60.0) -> dict[str, str | None]:
+    """Fetch a Zenodo record's JSON from `url` and return its {file name: md5}."""
+    try:
+        with _open(url, 0, timeout) as resp:
+            data = json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise UserError(f"{url}: cannot connect ({e.reason})") from None
+    except (http.client.HTTPException, OSError) as e:
+        raise UserError(f"{url}: cannot read the record listing ({type(e).__name__}: {e})") from None
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{url}: not a Zenodo record listing (not JSON); {BY_HAND}") from None
+    return record_files(data, url)
+
+
 # --- the whole step ---------------------------------------------------------------------------
 
-def download_all(cfg: dict, progress: bool = True) -> tuple[list[FetchResult], dict[str, int]]:
-    """Run step 00: fetch every Clotho and PANNs file, then extract the audio archives.
+def download_all(cfg: dict, progress: bool = True, baseline: bool = False
+                 ) -> tuple[list[FetchResult], dict[str, int]]:
+    """Run step 00: fetch every Clotho and PANNs file, then extract the audio archives; with
+    `baseline`, also the released baseline's files (into paths.pretrained_dir).
 
     Returns the per-file results and {split: wav count} for the archives extracted now.
     Raises UserError on network errors (at once) and, after doing everything else, if any
@@ -233,6 +328,8 @@ def download_all(cfg: dict, progress: bool = True) -> tuple[list[FetchResult], d
     timeout = float(dl.get("timeout_s", 60.0))
     jobs = [(dl["clotho_url"], dataset_dir, dl["clotho_files"] or {}),
             (dl["panns_url"], pretrained_dir, dl["panns_files"] or {})]
+    if baseline:
+        jobs.append((dl["baseline_url"], pretrained_dir, read_record_files(dl["baseline_record"], timeout)))
     results: list[FetchResult] = []
     extracted: dict[str, int] = {}
     for base_url, directory, files in jobs:
@@ -256,6 +353,8 @@ def download_all(cfg: dict, progress: bool = True) -> tuple[list[FetchResult], d
                     print(f"{name}: removed (download.keep_archives is false)")
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        raise UserError(f"{len(failed)} file(s) failed md5 verification and were removed: "
+        raise UserError(f"{len(failed)} download(s) failed md5 verification and were removed "
+                        "(files already present were left as they were); rerun to fetch them again, and if it "
+                        "repeats compare download.*_files with the md5s on the record's page: "
                         + ", ".join(r.name for r in failed))
     return results, extracted
