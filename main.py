@@ -1,6 +1,8 @@
 """Train the CNN14 + Sentence-BERT dual encoder with InfoNCE (DCASE 2023 Task 6B baseline).
 
 New run:   python main.py [--conf conf.yaml] [--set key=value ...] [--name NAME]
+Import:    python main.py --import-baseline CHECKPOINT [--name NAME]   (the released DCASE 2023
+           baseline, Zenodo 10.5281/zenodo.7752975, as a run folder to evaluate; no training)
 Resume:    python main.py --resume outputs/<run> [--set training.epochs=100 ...]
 Multi-GPU: torchrun --nproc_per_node=N main.py ...   (training.batch_size is the global batch)
 
@@ -10,7 +12,7 @@ its last finished epoch.
 """
 from pathlib import Path
 
-from utils import cli, dist_utils, provenance, train_utils
+from utils import baseline_release, cli, dist_utils, provenance, train_utils
 from utils.config import load_config, save_config
 from utils.runs import checkpoint_path, new_run_dir
 
@@ -19,9 +21,24 @@ def main() -> None:
     parser = cli.make_parser(__doc__)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from checkpoints/last.pt")
     parser.add_argument("--name", help="run directory name (default: <experiment>-<timestamp>)")
+    parser.add_argument("--import-baseline", metavar="CHECKPOINT",
+                        help="make a run of the released DCASE 2023 baseline checkpoint instead of training")
     args = parser.parse_args()
     if args.resume and args.name:
         parser.error("--name names a new run; it cannot be combined with --resume")
+    # --- #14: a run folder from the released baseline (utils/baseline_release.py) ---
+    if args.import_baseline:
+        if args.resume:
+            parser.error("--import-baseline makes a new run; it cannot be combined with --resume")
+        run_dir, written = baseline_release.import_release(
+            load_config(args.conf, args.overrides), args.import_baseline, args.name)
+        print(f"imported {args.import_baseline} as run {run_dir}")
+        for path in written:
+            print(f"wrote {path}")
+        return
+    if args.resume:
+        baseline_release.refuse_resume(args.resume)
+    # --- end #14 ---
     if args.resume:
         cfg = train_utils.resume_config(args.resume, args.overrides)
     else:
