@@ -263,19 +263,28 @@ def _raise_interrupt():
     raise KeyboardInterrupt
 
 
-def test_default_interrupt_advice(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_interrupt_advice", cli.DEFAULT_INTERRUPT_ADVICE)
+def test_default_interrupt_advice(capsys):
     code, err = _interrupted(capsys, _raise_interrupt)
     assert code == 130 and "interrupted: work already finished is kept; rerun the same command" in err
 
 
+def _training(exception: BaseException):
+    """main.py's shape: the run folder is known, then training is cut short."""
+    def main():
+        cli.advise_resume(Path("outputs/my run"))
+        raise exception
+    return main
+
+
 def test_resume_advice_names_the_command(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_interrupt_advice", cli.DEFAULT_INTERRUPT_ADVICE)
     monkeypatch.setattr(sys, "argv", ["main.py", "--conf", "my conf.yaml"])
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    cli.advise_resume(Path("outputs/my run"))
-    code, err = _interrupted(capsys, _raise_interrupt)
+    code, err = _interrupted(capsys, _training(KeyboardInterrupt()))
     assert code == 130 and "resume with: python main.py --resume 'outputs/my run'" in err
+    line = _one_line_from_run(capsys, _training(OSError(errno.ENOSPC, "No space left", "outputs/my run/x")))
+    assert line.endswith("resume with: python main.py --resume 'outputs/my run'")
+    # the next script run in this process starts from the default advice again
+    assert "rerun the same command" in _interrupted(capsys, _raise_interrupt)[1]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert cli.script_command("--resume", "r") == "torchrun --nproc_per_node=4 main.py --resume r"

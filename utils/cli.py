@@ -102,7 +102,7 @@ def print_config_if_asked(args: argparse.Namespace, cfg: dict) -> None:
 # --------------------------------------------------------------------------- Ctrl-C advice
 
 def set_interrupt_advice(advice: str) -> None:
-    """What `run` tells the user after Ctrl-C (default: rerun the same command)."""
+    """How to continue, told after Ctrl-C and after a disk error (default: rerun the same command)."""
     global _interrupt_advice
     _interrupt_advice = advice
 
@@ -121,7 +121,7 @@ def script_command(*args: str | os.PathLike) -> str:
 
 
 def advise_resume(run_dir: str | Path) -> None:
-    """From now on, Ctrl-C prints the exact command that resumes `run_dir` (main.py)."""
+    """From now on, Ctrl-C or a full disk prints the exact command that resumes `run_dir` (main.py)."""
     set_interrupt_advice(f"finished epochs are kept in {run_dir}; resume with: "
                          f"{script_command('--resume', run_dir)}")
 
@@ -132,6 +132,7 @@ def run(main: Callable[[], object]) -> None:
     """Run a script's main(): a UserError, or a file-system error the user can fix (disk full,
     read-only, permission, a file where a folder should be), is one line on stderr and exit 2;
     Ctrl-C says what is kept and how to continue (exit 130)."""
+    set_interrupt_advice(DEFAULT_INTERRUPT_ADVICE)  # until main() knows better (advise_resume)
     try:
         main()
     except UserError as e:
@@ -140,6 +141,8 @@ def run(main: Callable[[], object]) -> None:
         message = os_error_message(e)
         if message is None:
             raise  # not the user's to fix: a bug, keep the traceback
+        if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE:  # e.g. main.py: how to resume the run
+            message = f"{message}; {_interrupt_advice}"
         _fail(message)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
