@@ -202,6 +202,11 @@ def test_keys_containing_dots_can_be_overridden(repo):
     assert cfg["download"]["panns_files"]["Cnn14_mAP=0.431.pth"] == digits
 
 
+@pytest.mark.parametrize("text", ["/data/run #1", "/data/a: b", "*star", "50% done", "!x", "@home", "{x}"])
+def test_string_values_are_taken_as_written(repo, text):
+    assert load_config(repo / "conf.yaml", [f"paths.dataset_dir={text}"])["paths"]["dataset_dir"] == text
+
+
 def test_overrides_keep_working_as_before(repo):
     cfg = load_config(repo / "conf.yaml", ["training.epochs=2", "wandb.mode=disabled",
                                            "eval.splits=[evaluation]", "training.lr=1",

@@ -223,15 +223,21 @@ def _split_assignment(cfg: dict, item: str) -> tuple[str, str]:
 
 
 def _override_value(text: str, key: Key | None) -> Any:
-    """The text after `=`, read as an overlay value is; text that is not YAML stays a string
-    where a string is expected (`--set experiment=a*b`)."""
-    if not text.strip():
+    """The text after `=`, read as an overlay value is. Where the key takes a string the text is
+    taken as it is (a path may hold `: ` or ` #`), unless it is quoted or a null word."""
+    text = text.strip()
+    if key is not None and key.type == "str":
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                return read_raw(text)
+            except yaml.YAMLError:
+                pass
+        return Plain(text)
+    if not text:
         return Plain("")
     try:
         return read_raw(text)
     except yaml.YAMLError:
-        if key is not None and key.type == "str":
-            return text
         raise ConfigError(f"value {text!r} is not valid YAML") from None
 
 
