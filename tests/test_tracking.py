@@ -8,7 +8,8 @@ import soundfile as sf
 from tests.tiny_data import REPO
 from utils.config import load_config
 from utils.errors import UserError
-from utils.tracking import Tracker, history_rows, read_jsonl, read_wandb_file, wandb_mode, wandb_segments
+from utils.tracking import (Tracker, history_rows, read_finished_segment, read_jsonl, read_wandb_file,
+                            wandb_mode, wandb_segments)
 
 
 @pytest.fixture
@@ -22,23 +23,109 @@ def offline(tmp_path, monkeypatch):
 
 
 def segment_records(run_dir, run_id):
-    return [read_wandb_file(path) for path in wandb_segments(run_dir, run_id)]
+    """Each segment's records, once wandb's service has written them all."""
+    return [read_finished_segment(path) for path in wandb_segments(run_dir, run_id)]
 
 
-def test_offline_wandb_run_writes_locally_and_resumes_the_same_id(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = load_config(REPO / "conf.yaml")
-    tracker = Tracker(cfg, tmp_path)
-    tracker.log_epoch({"epoch": 1, "train_loss": 2.0, "val_loss": 1.5})
-    tracker.finish()
+def run_records(records):
+    return [r.run for r in records if r.WhichOneof("record_type") == "run"]
+
+
+def summary_updates(records) -> dict:
+    out = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            out.update({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                        for item in r.summary.update})
+    return out
+
+
+def test_evaluation_has_its_own_run_grouped_with_and_linked_from_training(tmp_path, offline):
+    train = Tracker(offline, tmp_path, samples_per_epoch=10)
+    train.log_epoch({"epoch": 1, "train_loss": 2.0, "val_loss": 1.5})
+    train.finish()
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
-    assert run_id and list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"epoch": 1, "train_loss": 2.0, "val_loss": 1.5}]
 
-    again = Tracker(cfg, tmp_path, job_type="eval")  # postprocessing adds to the same run
-    again.finish()
+    for _ in range(2):  # postprocessing run twice: one row per evaluation, never a training row
+        ev = Tracker(offline, tmp_path, job_type="eval")
+        assert ev.run_id == f"{run_id}-eval"
+        ev.log({"evaluation/t2a/mAP@10": 0.5})
+        ev.log_histogram("evaluation/t2a/rank", [1, 2, 3])
+        ev.finish()
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
+
+    (train_log,) = segment_records(tmp_path, run_id)
+    (train_run,) = run_records(train_log)
+    assert (train_run.job_type, train_run.run_group, train_run.resumed) == ("train", run_id, False)
+    assert summary_updates(train_log)["eval_run_id"] == f"{run_id}-eval"
+    assert [(step, row["epoch"]) for step, row in history_rows(train_log)] == [(10, 1)]
+
+    evals = segment_records(tmp_path, f"{run_id}-eval")
+    assert len(evals) == 2
+    assert [(r.job_type, r.run_group, r.resumed) for log in evals for r in run_records(log)] == \
+        [("eval", run_id, False), ("eval", run_id, True)]
+    assert summary_updates(evals[0])["train_run_id"] == run_id
+    rows = [(step, sorted(row)) for log in evals for step, row in history_rows(log)]
+    assert [step for step, _ in rows] == [0, 1]  # the second evaluation does not overwrite the first
+    assert all("evaluation/t2a/mAP@10" in keys and "evaluation/t2a/rank._type" in keys for _, keys in rows)
+
+
+def test_resume_backfills_epochs_wandb_never_got_and_logs_none_twice(tmp_path, offline):
+    """Unit-level companion of tests/test_wandb_history.py (which kills real processes)."""
+    first = Tracker(offline, tmp_path, samples_per_epoch=10)
+    first.log_train({"train/loss": 3.0, "train/epoch": 0.5})
+    first.log_epoch({"epoch": 1, "val_loss": 2.0})
+    first.finish()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # reached metrics.jsonl, never wandb
+        f.write(json.dumps({"epoch": 2, "val_loss": 1.9}) + "\n")
+        f.write(json.dumps({"epoch": 3, "val_loss": 1.8}) + "\n")  # after the checkpoint
+
+    second = Tracker(offline, tmp_path, samples_per_epoch=10)
+    assert second.logged_epochs == {1}
+    second.rewind(2)  # the checkpoint holds epoch 2: epoch 2 is backfilled, epoch 3 dropped
+    second.log_train({"train/loss": 2.5, "train/epoch": 2.5})
+    second.log_epoch({"epoch": 3, "val_loss": 1.7})
+    second.finish()
+    third = Tracker(offline, tmp_path, samples_per_epoch=10)
+    third.rewind(2)  # killed before epoch 3's checkpoint: epoch 3 is redone, but wandb has it
+    third.log_train({"train/loss": 2.5, "train/epoch": 2.5})
+    third.log_epoch({"epoch": 3, "val_loss": 1.7})
+    third.finish()
+
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    logs = segment_records(tmp_path, run_id)
+    assert [r.resumed for log in logs for r in run_records(log)] == [False, True, True]
+    rows = [(k, step, row.get("epoch")) for k, log in enumerate(logs) for step, row in history_rows(log)]
+    assert [(k, step, epoch) for k, step, epoch in rows] == \
+        [(0, 5, None), (0, 10, 1), (1, 20, 2), (1, 25, None), (1, 30, 3)]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_reader_survives_torn_and_corrupt_logs(tmp_path, offline):
+    """A segment killed while writing ends in a torn chunk; a damaged one loses only the
+    records in the damaged 32 KiB block. Rows of 70 kB span several blocks."""
+    tracker = Tracker(offline, tmp_path, job_type="eval")
+    for i in range(5):
+        tracker.run.log({"text": "x" * 70_000, "i": i}, step=i)
+    tracker.finish()
+    (path,) = wandb_segments(tmp_path, tracker.run_id)
+    assert [row["i"] for _, row in history_rows(read_finished_segment(path))] == [0, 1, 2, 3, 4]
+    data = path.read_bytes()
+
+    for cut in range(7, len(data), len(data) // 13):
+        path.write_bytes(data[:cut])
+        got = [row["i"] for _, row in history_rows(read_wandb_file(path))]
+        assert got == list(range(len(got))), cut
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    got = [row["i"] for _, row in history_rows(read_wandb_file(path))]
+    assert 3 <= len(got) < 5 and got == sorted(got) and got[-1] == 4
+
+    path.write_bytes(b"not a wandb log")
+    with pytest.raises(UserError, match="not a wandb transaction log"):
+        read_wandb_file(path)
 
 
 def test_mode_from_environment_and_config(monkeypatch, tmp_path):
@@ -46,12 +133,46 @@ def test_mode_from_environment_and_config(monkeypatch, tmp_path):
     assert wandb_mode("online") == "disabled"
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     assert wandb_mode("auto") == "offline"  # not logged in
     assert wandb_mode("online") == "online"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("auto") == "online"
+
+
+def test_auto_mode_recognises_a_self_hosted_server(monkeypatch, tmp_path):
+    """`wandb login --host https://wandb.example.org:8443` writes a .netrc entry for that host
+    (and base_url in wandb's settings file); a key for another server does not count."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "c" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert wandb_mode("auto") == "online"  # the cloud
+
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org:8443/")
+    assert wandb_mode("auto") == "offline"  # logged in to the cloud, not to this server
+    with open(netrc_file, "a") as f:
+        f.write("machine wandb.example.org:8443\n  login user\n  password " + "s" * 40 + "\n")
+    assert wandb_mode("auto") == "online"
+
+    monkeypatch.delenv("WANDB_BASE_URL")  # the server saved by `wandb login --host`
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text(
+        "[default]\nbase_url = https://wandb.example.org:8443\n")
+    netrc_file.write_text("machine wandb.example.org:8443\n  login user\n  password " + "s" * 40 + "\n")
+    assert wandb_mode("auto") == "online"
+    (tmp_path / "wandb-config" / "settings").write_text("[default]\nbase_url = https://other.example.org\n")
+    assert wandb_mode("auto") == "offline"
+    netrc_file.write_text("machine broken")  # unparsable: not logged in, no traceback
+    monkeypatch.setenv("WANDB_BASE_URL", "https://broken")
+    assert wandb_mode("auto") == "offline"
 
 
 def test_rewind_drops_records_after_the_checkpoint(tmp_path, monkeypatch):

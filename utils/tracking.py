@@ -21,9 +21,11 @@ import netrc
 import os
 import re
 import struct
+import sys
 import time
 import uuid
 import zlib
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -210,15 +212,36 @@ def eval_run_id(train_run_id: str) -> str:
     return f"{train_run_id}-eval"
 
 
-def _wait_until_quiet(paths: list[Path], quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
-    """Wait until none of `paths` was modified in the last `quiet_s` seconds: the wandb service
-    of a process killed a moment ago may still be writing its last records."""
+def _has_exit(records: list) -> bool:
+    return any(r.WhichOneof("record_type") == "exit" for r in records)
+
+
+def read_finished_segment(path: Path, quiet_s: float = 2.0, limit_s: float = 30.0) -> list:
+    """The records of a segment that may still be being written: wandb's service writes a
+    finished segment's last rows and its exit record just after `finish()` returns, and the
+    service of a killed process may still be flushing. Wait for the exit record, or until the
+    file has not grown for `quiet_s` (a killed segment never gets one)."""
+    records = read_wandb_file(path)
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
-        if time.time() - newest >= quiet_s:
-            return
-        time.sleep(0.2)
+    size, since = path.stat().st_size, time.monotonic()
+    while not _has_exit(records) and time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if path.stat().st_size != size:
+            records = read_wandb_file(path)
+            size, since = path.stat().st_size, time.monotonic()
+    return records
+
+
+def _next_segment_second(segments: list[Path]) -> None:
+    """Wait, if need be, until the clock second differs from the newest segment's start: wandb
+    names a segment's directory by its start second, and a second segment of the same run
+    started within that second would overwrite the first's log."""
+    if not segments:
+        return
+    newest = _SEGMENT_DIR.fullmatch(segments[-1].parent.name).group(1)
+    deadline = time.monotonic() + 2.0
+    while datetime.now().strftime("%Y%m%d_%H%M%S") <= newest and time.monotonic() < deadline:
+        time.sleep(1.01 - time.time() % 1)
 
 
 class Tracker:
@@ -247,12 +270,15 @@ class Tracker:
 
         id_file = self.run_dir / WANDB_ID_FILE
         had_id = id_file.is_file()
-        train_id = id_file.read_text().strip() if had_id else uuid.uuid4().hex[:12]
+        # a new run: the id `wandb agent` chose for this sweep trial, else a fresh one
+        train_id = id_file.read_text().strip() if had_id else \
+            os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
         if not had_id:  # an evaluation of a run trained without wandb names its training run too
             id_file.write_text(train_id + "\n")
         is_train = job_type == "train"
         run_id = train_id if is_train else eval_run_id(train_id)
         earlier = self._read_earlier_segments(run_id)
+        _next_segment_second(earlier)
         # offline, wandb cannot ask the server whether the run exists: say so ourselves
         resumed = bool(earlier) or (is_train and had_id)
         settings = wandb.Settings(resumed=True) if resumed and self.mode == "offline" else None
@@ -262,10 +288,20 @@ class Tracker:
             name=self.run_dir.name if is_train else f"{self.run_dir.name}-eval",
             group=train_id, tags=cfg["wandb"]["tags"], job_type=job_type, settings=settings)
         self.run_id = self.run.id
+        # online, a resumed run continues after the server's last step (rows of a killed
+        # segment may be on the server though its local log lost them)
+        self._prior_step = max(self._prior_step, int(self.run.starting_step) - 1)
         self._step = self._prior_step + 1
+        unsynced = [p for p in earlier if p.parent.name.startswith("offline-")
+                    and not p.with_suffix(".wandb.synced").exists()]
+        if self.mode == "online" and unsynced:
+            print(f"warning: {len(unsynced)} offline wandb segment(s) of run {run_id} are not "
+                  f"synced; upload them first (wandb sync {self.run_dir / 'wandb'}), or wandb "
+                  "drops their rows as older than this segment's", file=sys.stderr)
         if not is_train:
+            self.run.summary.update({"train_run_id": train_id})
             return
-        # under `wandb agent` the sweep chooses the id: store the one actually used
+        # store the id actually used (in case the environment chose it)
         id_file.write_text(self.run.id + "\n")
         link = {"eval_run_id": eval_run_id(self.run.id)}
         if self.run.url:
@@ -286,9 +322,11 @@ class Tracker:
     def _read_earlier_segments(self, run_id: str) -> list[Path]:
         """Note which epochs and steps the earlier segments of `run_id` logged."""
         segments = wandb_segments(self.run_dir, run_id)
-        _wait_until_quiet(segments)
-        for path in segments:
-            for step, row in history_rows(read_wandb_file(path)):
+        for k, path in enumerate(segments):
+            # only the newest can still be being written: each later segment started after
+            # the one before it was finished or its process gone
+            records = read_finished_segment(path) if k == len(segments) - 1 else read_wandb_file(path)
+            for step, row in history_rows(records):
                 self._prior_step = max(self._prior_step, step)
                 if isinstance(row.get("epoch"), (int, float)):
                     self.logged_epochs.add(int(row["epoch"]))
@@ -319,7 +357,10 @@ class Tracker:
         epoch = record.get("epoch")
         if self.run is None or not isinstance(epoch, int) or epoch in self.logged_epochs:
             return  # an epoch redone after a resume keeps the row its first run logged
-        self._log_at(record, epoch * self.samples_per_epoch)
+        step = epoch * self.samples_per_epoch
+        if step <= self._prior_step:
+            return  # the server has the row although no local log does (online, killed)
+        self._log_at(record, step)
         self.logged_epochs.add(epoch)
 
     def log_train(self, data: dict) -> None:
