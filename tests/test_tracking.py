@@ -102,6 +102,50 @@ def test_resume_backfills_epochs_wandb_never_got_and_logs_none_twice(tmp_path, o
     assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_online_resume_continues_after_the_servers_last_step(tmp_path, offline, monkeypatch, capsys):
+    """Online, the server may hold rows that a killed segment's local log lost: wandb reports
+    the run's next step on resume, and epochs at or below it are not logged again."""
+    import wandb
+
+    first = Tracker(offline, tmp_path, samples_per_epoch=10)
+    first.log_epoch({"epoch": 1})
+    first.finish()
+    run_id = first.run_id
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        for epoch in (2, 3):
+            f.write(json.dumps({"epoch": epoch}) + "\n")
+
+    logged, summary = [], {}
+
+    class ServerRun:  # what wandb.init returns online: the server has rows up to step 25
+        id, starting_step = run_id, 26
+        url = f"https://wandb.example.org/team/proj/runs/{run_id}"
+
+        class summary:
+            update = staticmethod(summary.update)
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: ServerRun())
+    monkeypatch.setenv("WANDB_MODE", "online")
+    capsys.readouterr()
+    tracker = Tracker(offline, tmp_path, samples_per_epoch=10)
+    assert f"wandb sync {tmp_path / 'wandb'}" in capsys.readouterr().err  # the offline segment
+    tracker.rewind(2)  # epoch 2 (step 20) is on the server although no local log has it
+    tracker.log_train({"train/loss": 1.0, "train/epoch": 2.5})  # epoch 3 redone: the server has it
+    tracker.log_train({"train/loss": 0.9, "train/epoch": 2.75})
+    tracker.log_epoch({"epoch": 3})
+    assert logged == [(28, {"train/loss": 0.9, "train/epoch": 2.75}), (30, {"epoch": 3})]
+    assert summary["eval_run_url"] == f"https://wandb.example.org/team/proj/runs/{run_id}-eval"
+
+
 def test_reader_survives_torn_and_corrupt_logs(tmp_path, offline):
     """A segment killed while writing ends in a torn chunk; a damaged one loses only the
     records in the damaged 32 KiB block. Rows of 70 kB span several blocks."""
