@@ -245,6 +245,21 @@ def test_a_script_meets_a_file_where_its_folder_should_be(tmp_path, monkeypatch,
     assert f"`{tmp_path / 'file' / 'demo'}`: a path component is a regular file" in error_line(proc)
 
 
+@pytest.mark.parametrize("exception", [UserError("boom"), KeyboardInterrupt()])
+def test_an_open_progress_bar_does_not_swallow_the_message(capsys, exception):
+    from tqdm import tqdm
+
+    def main():
+        for i in tqdm(range(10), desc="epoch 2"):  # left open: the exception leaves the loop
+            if i == 3:
+                raise exception
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run(main)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] in ("error: boom", f"interrupted: {cli.DEFAULT_INTERRUPT_ADVICE}"), lines
+
+
 def test_user_errnos_are_the_documented_ones():
     assert {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EDQUOT} <= USER_ERRNOS
     assert errno.ENOENT not in USER_ERRNOS and errno.EBADF not in USER_ERRNOS

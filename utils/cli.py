@@ -145,12 +145,21 @@ def run(main: Callable[[], object]) -> None:
             message = f"{message}; {_interrupt_advice}"
         _fail(message)
     except KeyboardInterrupt:
+        _close_progress_bars()
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
-            print(f"\ninterrupted: {_interrupt_advice}", file=sys.stderr)
+            print(f"interrupted: {_interrupt_advice}", file=sys.stderr)
         sys.exit(130)
 
 
+def _close_progress_bars() -> None:
+    """Close the tqdm bars the failed step left open, so that the message starts its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def _fail(message: str) -> None:
+    _close_progress_bars()
     sys.stdout.flush()
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, always
     sys.exit(2)
