@@ -10,11 +10,13 @@ Writes <paths.output_dir>/<run>/: config.yaml, checkpoints/{best,last}.pt, metri
 the wandb run. A run stopped at any moment (Ctrl-C, kill, crash) continues with --resume from
 its last finished epoch.
 """
+import contextlib
 from pathlib import Path
 
 from utils import baseline_release, cli, dist_utils, provenance, train_utils
 from utils.config import load_config, save_config
-from utils.runs import checkpoint_path, new_run_dir
+from utils.errors import UserError
+from utils.runs import checkpoint_path, lock_run, new_run_dir, remove_unstarted_run
 
 
 def main() -> None:
@@ -30,8 +32,9 @@ def main() -> None:
     if args.import_baseline:
         if args.resume:
             parser.error("--import-baseline makes a new run; it cannot be combined with --resume")
-        run_dir, written = baseline_release.import_release(
-            load_config(args.conf, args.overrides), args.import_baseline, args.name)
+        cfg = load_config(args.conf, args.overrides)
+        cli.print_config_if_asked(args, cfg)
+        run_dir, written = baseline_release.import_release(cfg, args.import_baseline, args.name)
         print(f"imported {args.import_baseline} as run {run_dir}")
         for path in written:
             print(f"wrote {path}")
@@ -44,9 +47,14 @@ def main() -> None:
     else:
         cfg = load_config(args.conf, args.overrides)
     train_utils.check_training_config(cfg)
-    state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
 
-    with dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
+    with contextlib.ExitStack() as held, \
+            dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
+        # --- #10.4 (FILES): one process per run; locked before the checkpoint is read, so a
+        # second --resume is refused instead of training on from a state the first one has left
+        if args.resume and ctx.is_master:
+            held.enter_context(lock_run(args.resume))
+        state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
         data = train_utils.load_training_data(cfg)
         if state is not None:
             train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
@@ -56,16 +64,23 @@ def main() -> None:
             if args.overrides:
                 dist_utils.on_master(ctx, lambda: save_config(cfg, run_dir))
         else:
-            run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name))
-        # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
-        dist_utils.on_master(ctx, lambda: provenance.record_invocation(
-            run_dir, device, args.overrides, resumed=bool(args.resume),
-            conf=None if args.resume else args.conf, world_size=ctx.world_size))
-        if ctx.is_master:
-            start = f"resuming after epoch {state['epoch']}" if state else "starting"
-            print(f"{start}: {run_dir} on {device}"
-                  + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
-        result = train_utils.fit(cfg, run_dir, data, ctx, device, state)
+            run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
+        try:
+            # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
+            dist_utils.on_master(ctx, lambda: provenance.record_invocation(
+                run_dir, device, args.overrides, resumed=bool(args.resume),
+                conf=None if args.resume else args.conf, world_size=ctx.world_size))
+            if ctx.is_master:
+                start = f"resuming after epoch {state['epoch']}" if state else "starting"
+                print(f"{start}: {run_dir} on {device}"
+                      + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
+            result = train_utils.fit(cfg, run_dir, data, ctx, device, state)
+        except (UserError, OSError):
+            # --- #10.5 (FILES): a new run that failed before its first checkpoint leaves no
+            # folder behind to block its --name or to pass for a run
+            if not args.resume and ctx.is_master:
+                remove_unstarted_run(run_dir)
+            raise
 
     if ctx.is_master:
         best = f"{result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}" \
@@ -78,9 +93,14 @@ def main() -> None:
             print(f"wrote {path}")
 
 
-def _new_run(cfg: dict, name: str | None) -> Path:
+def _new_run(cfg: dict, name: str | None, held: contextlib.ExitStack) -> Path:
     run_dir = new_run_dir(cfg, name)
-    save_config(cfg, run_dir)
+    try:
+        held.enter_context(lock_run(run_dir))
+        save_config(cfg, run_dir)
+    except BaseException:
+        remove_unstarted_run(run_dir)
+        raise
     return run_dir
 
 

@@ -99,7 +99,8 @@ def sbert768(tmp_path_factory) -> Path:
 def imported(release, sbert768, tmp_path_factory) -> dict:
     """Tiny 768-d features, and the release imported into outputs/baseline-release."""
     tmp = tmp_path_factory.mktemp("imported")
-    make_tiny_features(tmp / "data", embed_dim=768)
+    # few, short clips: a full-width CNN14 takes about a second per clip on a CPU
+    make_tiny_features(tmp / "data", embed_dim=768, n_clips=(2, 4, 4), frames=(64, 72))
     conf = tiny_config(tmp, {"eval": {"report": {"enabled": False}},
                              "sbert": {"model": str(sbert768), "device": "cpu"}})
     mp = pytest.MonkeyPatch()
@@ -174,12 +175,12 @@ def test_import_writes_a_run_whose_scores_equal_the_hand_built_model(imported, r
     assert proc.returncode == 0, proc.stderr
     conn = scores_db.open_for_read(run / "scores.db")
     try:
-        for split in ("validation", "evaluation"):
-            s = scores_db.read_split(conn, split)
-            audio, text = _by_hand(release, imported["tmp"] / "data", split)
-            hand = np.stack([text[t] for t in s.tids]) @ np.stack([audio[f] for f in s.fids]).T
-            np.testing.assert_allclose(s.scores, hand, rtol=0, atol=1e-5)
-            assert np.ptp(hand) > 0.05  # not a degenerate all-equal matrix
+        assert scores_db.stored_splits(conn) == ["validation", "evaluation"]
+        s = scores_db.read_split(conn, "evaluation")
+        audio, text = _by_hand(release, imported["tmp"] / "data", "evaluation")
+        hand = np.stack([text[t] for t in s.tids]) @ np.stack([audio[f] for f in s.fids]).T
+        np.testing.assert_allclose(s.scores, hand, rtol=0, atol=1e-5)
+        assert np.ptp(hand) > 0.05  # not a degenerate all-equal matrix
     finally:
         scores_db.close(conn)
 
@@ -221,7 +222,8 @@ def test_resume_of_an_imported_run_is_refused_with_advice_that_works(imported, m
     assert "imported from the released baseline" in line and "no training state" in line
     assert f"python postprocessing/01_xmodal_scores.py --run {run}" in line
     advice = line.split("`python ")[1].split("`")[0].split()
-    proc = _call(monkeypatch, *advice, "--conf", imported["conf"], "--overwrite")
+    proc = _call(monkeypatch, *advice, "--conf", imported["conf"], "--overwrite",
+                 "--set", "eval.splits=[evaluation]")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -323,3 +325,13 @@ def test_embeddings_of_another_dimension_are_refused_and_the_advice_works(
 def test_import_and_resume_cannot_be_combined(imported, release, monkeypatch):
     proc = _call(monkeypatch, MAIN, "--import-baseline", release["checkpoint"], "--resume", imported["run"])
     assert proc.returncode == 2 and "cannot be combined with --resume" in proc.stderr
+
+
+def test_print_config_with_import_prints_and_imports_nothing(imported, release, monkeypatch):
+    outputs = imported["run"].parent
+    before = sorted(p.name for p in outputs.iterdir())
+    proc = _call(monkeypatch, MAIN, "--conf", imported["conf"], "--import-baseline",
+                 release["checkpoint"], "--name", "printed", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["paths"]["output_dir"] == str(outputs)
+    assert sorted(p.name for p in outputs.iterdir()) == before

@@ -111,11 +111,13 @@ def test_checkpoint_on_a_full_disk_is_an_oserror_not_torchs_runtimeerror(tmp_pat
     assert e.value.errno == errno.ENOSPC
 
 
-def test_path_under_a_regular_file(tmp_path):
+@pytest.mark.parametrize("below", ["", "run"])
+def test_path_under_a_regular_file(tmp_path, below):
+    """mkdir says EEXIST when the file is the folder itself: reported as ENOTDIR, as deeper."""
     (tmp_path / "outputs").write_text("a file, not a folder")
-    with pytest.raises(OSError) as e:
-        atomic_write_text(tmp_path / "outputs" / "run" / "config.yaml", "x")
-    assert e.value.errno in (errno.ENOTDIR, errno.EEXIST)
+    with pytest.raises(NotADirectoryError) as e:
+        atomic_write_text(tmp_path / "outputs" / below / "config.yaml", "x")
+    assert e.value.errno == errno.ENOTDIR
     assert str(tmp_path / "outputs") in str(e.value.filename)
 
 

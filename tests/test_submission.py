@@ -147,3 +147,10 @@ def test_empty_audio_folder(sub, tmp_path):
 def test_missing_arguments(sub):
     run_dir, audio, captions, call = sub
     assert "--audio-dir" in error_line(call("--captions", captions))
+
+
+def test_output_onto_a_folder_is_one_line(sub, tmp_path):
+    run_dir, audio, captions, call = sub
+    (tmp_path / "out.csv").mkdir()
+    line = error_line(call("--audio-dir", audio, "--captions", captions, "--out", tmp_path / "out.csv"))
+    assert f"`{tmp_path / 'out.csv'}` is a folder" in line

@@ -166,6 +166,7 @@ def import_release(cfg: dict, checkpoint: str | Path, name: str | None = None) -
     temporary name and renamed into place, so an interrupted import leaves no half-made run.
     """
     path = checkpoint_file(checkpoint)
+    run_dir = _run_dir_name(cfg, name)  # before reading 300 MB: a taken name fails at once
     state = read_release_state(path)
     out_dim, in_dim = _projection_dims(state, path)
     embeddings = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
@@ -177,7 +178,6 @@ def import_release(cfg: dict, checkpoint: str | Path, name: str | None = None) -
     if in_dim != TEXT_DIM or problems:
         raise UserError(f"{path}: does not fit the baseline's model (CNN14 + {TEXT_DIM} -> {out_dim} "
                         f"text projection): {'; '.join(problems)}")
-    run_dir = _run_dir_name(run_cfg, name)
     tmp = run_dir.with_name(f".{run_dir.name}.importing.tmp")
     if tmp.exists():  # left by an import that was killed
         shutil.rmtree(tmp)

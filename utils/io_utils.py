@@ -14,6 +14,18 @@ from typing import IO, Iterator
 from utils.errors import UserError
 
 
+def ensure_dir(directory: str | Path) -> Path:
+    """`mkdir -p directory`. A regular file in the way makes mkdir say EEXIST ("File exists"),
+    which reads as if all were well; report it as what it is: ENOTDIR, naming that path."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                 e.filename or str(directory)) from None
+    return directory
+
+
 def _new_temp(path: Path) -> Path:
     """Create an empty, unique `.{name}.XXXXXXXX.tmp` beside `path`.
 
@@ -51,7 +63,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (no space, read-only, not a directory, ...) propagate as they are, naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     tmp = _new_temp(path)
     try:
         yield tmp

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from utils.errors import UserError
+from utils.io_utils import ensure_dir
 
 # a holder writes its record right after taking the lock; a reader that finds the file still
 # empty retries for this long before reporting an unknown holder
@@ -84,7 +85,7 @@ def exclusive(path: str | Path, what: str) -> Iterator[Path]:
     A second process, here or through another file descriptor, gets a one-line UserError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     locked = False
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from utils.config import CONFIG_NAME, load_config
 from utils.errors import UserError
+from utils.io_utils import ensure_dir
 from utils.locks import exclusive
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -25,7 +26,7 @@ def new_run_dir(cfg: dict, name: str | None = None) -> Path:
     output_dir = Path(cfg["paths"]["output_dir"])
     name = name or f"{cfg['experiment']}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = output_dir / name
-    output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(output_dir)
     try:
         run_dir.mkdir()  # atomic: of two processes creating the same name, one gets the error
     except FileExistsError:

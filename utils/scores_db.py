@@ -47,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_path, file_digest
+from utils.io_utils import atomic_path, ensure_dir, file_digest
 
 SCHEMA_VERSION = "2"
 # the meta entries an existing db must share with this run to be reused: what decides a score
@@ -288,7 +288,7 @@ def open_for_write(path: str | Path, meta: dict[str, str], overwrite: bool = Fal
                 raise UserError(f"{path}: computed from {'; '.join(bad[:3])}; remove it or pass "
                                 "--overwrite")
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(path.parent)
             conn = _connect(path)
         _tune_for_writing(conn)
         conn.execute("BEGIN IMMEDIATE")
@@ -323,7 +323,7 @@ def writing(path: str | Path, meta: dict[str, str], overwrite: bool = False
     if not overwrite:
         created = not path.exists()
         if created:  # by open(), not SQLite (0644): the mode a plain open() gives (0666 - umask)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(path.parent)
             with open(path, "ab"):
                 pass
         try:

@@ -1,0 +1,245 @@
+"""A run folder through the scripts: one process at a time, no half-made folders, scores.db reuse
+and --overwrite, output locations that fail with one line."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sqlite3
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.cli_helpers import error_line
+from tests.test_postprocessing import RETRIEVAL, SCORES, make_run, run_script
+from tests.test_training import main_in_process, train_in_process
+from tests.tiny_data import make_tiny_features, tiny_config
+from utils import evaluation, scores_db, train_utils
+from utils.errors import UserError
+from utils.runs import checkpoint_path, latest_run_dir, lock_run, resolve_run_dir
+from utils.tracking import read_jsonl
+
+SUBMISSION = "postprocessing/03_dcase_submission.py"
+
+
+@pytest.fixture
+def scripts(tmp_path, monkeypatch, capsys):
+    """A tiny run with a best checkpoint, and a caller for the numbered scripts (in-process)."""
+    conf, run_dir = make_run(tmp_path)
+
+    def call(script, *args):
+        return run_script(script, "--conf", conf, *args, monkeypatch=monkeypatch, capsys=capsys)
+    return conf, run_dir, call
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    make_tiny_features(tmp_path / "data")
+    return tmp_path
+
+
+def db_splits(path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT split FROM splits ORDER BY split_id")]
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- one process per run
+
+def test_a_second_resume_is_refused_naming_the_holder(tiny, monkeypatch, capsys):
+    conf = tiny_config(tiny, {"training": {"epochs": 1}})
+    run = train_in_process(conf, "r").run_dir
+    jsonl = (run / "metrics.jsonl").read_text()
+    with lock_run(run):  # what a first `main.py --resume` holds while it trains
+        line = error_line(main_in_process(monkeypatch, capsys, "--resume", run,
+                                          "--set", "training.epochs=2"))
+    assert f"run {run} is in use by pid {os.getpid()} on host" in line
+    assert "wait for it to finish or stop it" in line
+    assert (run / "metrics.jsonl").read_text() == jsonl  # nothing written by the refused one
+    # once the first one is gone, the same command works
+    proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("script", [SCORES, RETRIEVAL, SUBMISSION])
+def test_postprocessing_on_a_run_in_use_is_refused(scripts, tmp_path, script):
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    before = sorted(p.name for p in run_dir.iterdir())
+    args = ["--audio-dir", tmp_path, "--captions", tmp_path / "c.csv"] if script == SUBMISSION else []
+    if script == SUBMISSION:
+        from tests.wav_fixtures import write_wav
+        for i in range(10):
+            write_wav(tmp_path / f"c{i}.wav", seconds=0.2, sr=16000, seed=i)
+        (tmp_path / "c.csv").write_text("caption\na dog\n")
+    with lock_run(run_dir):
+        line = error_line(call(script, "--run", run_dir, *args))
+    assert f"run {run_dir} is in use by pid {os.getpid()}" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+# --------------------------------------------------------------------------- half-made run folders
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(tiny, monkeypatch, capsys):
+    """audio_encoder.init: prior with no weights fails inside training, after the folder was
+    made: the folder goes, so the same --name works once the cause is fixed."""
+    conf = tiny_config(tiny, {"audio_encoder": {"init": "prior"}, "training": {"epochs": 1}})
+    line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "mine"))
+    assert "pretrained" in line or "CNN14" in line
+    assert not (tiny / "outputs" / "mine").exists()
+    proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "mine",
+                           "--set", "audio_encoder.init=random")
+    assert proc.returncode == 0, proc.stderr
+    assert checkpoint_path(tiny / "outputs" / "mine", "last").is_file()
+
+
+def test_a_run_failing_after_a_checkpoint_is_kept(tiny, monkeypatch, capsys):
+    conf = tiny_config(tiny, {"training": {"epochs": 3}})
+    validate, calls = train_utils.validate, []
+
+    def fail_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise UserError("validation failed")
+        return validate(*args, **kwargs)
+    monkeypatch.setattr(train_utils, "validate", fail_in_epoch_2)
+    error_line(main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "kept"))
+    assert checkpoint_path(tiny / "outputs" / "kept", "last").is_file()
+
+
+def test_newest_run_default_skips_folders_without_a_checkpoint(scripts, tmp_path):
+    conf, run_dir, call = scripts
+    half = tmp_path / "outputs" / "zzz-newer-but-empty"
+    half.mkdir()
+    shutil.copy(run_dir / "config.yaml", half / "config.yaml")
+    os.utime(half / "config.yaml", (2e9, 2e9))  # clearly the newest
+    assert latest_run_dir(tmp_path / "outputs") == run_dir
+    proc = call(SCORES)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "scores.db").is_file() and not (half / "scores.db").exists()
+
+
+def test_no_trained_run_at_all(tmp_path):
+    (tmp_path / "outputs" / "x").mkdir(parents=True)
+    (tmp_path / "outputs" / "x" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(UserError, match="no trained run in .*--run DIR"):
+        resolve_run_dir(None, {"paths": {"output_dir": str(tmp_path / "outputs")}})
+
+
+# --------------------------------------------------------------------------- scores.db reuse
+
+def test_scores_db_survives_harmless_changes_and_a_renamed_or_copied_run(scripts, tmp_path):
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    moved = tmp_path / "outputs" / "renamed"
+    run_dir.rename(moved)
+    copied = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(moved, copied)
+    harmless = ["--set", "training.epochs=7", "demo.sizes.development=3"]
+    for script, run, args in [(SCORES, moved, harmless), (RETRIEVAL, moved, harmless),
+                              (RETRIEVAL, copied, [])]:
+        proc = call(script, "--run", run, *args)
+        assert proc.returncode == 0, proc.stderr
+    assert db_splits(copied / "scores.db") == ["validation", "evaluation"]
+
+
+def test_scores_of_changed_features_are_refused_and_the_advice_works(scripts, tmp_path):
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    with h5py.File(tmp_path / "data" / "evaluation_audio_logmels.hdf5", "a") as h5:
+        name = sorted(h5)[0]
+        h5[name][...] = h5[name][...] + 1.0  # step 02 rerun on a replaced wav
+    line = error_line(call(RETRIEVAL, "--run", run_dir))
+    assert "split 'evaluation' was scored from other logmels" in line
+    assert "rerun postprocessing/01_xmodal_scores.py" in line
+    assert call(SCORES, "--run", run_dir).returncode == 0  # no --overwrite needed: same model
+    assert call(RETRIEVAL, "--run", run_dir).returncode == 0
+
+
+def test_another_checkpoint_is_refused_until_overwrite(scripts, tmp_path):
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    _, other = make_run(tmp_path, name="other", features=False, seed=1)
+    shutil.copy(run_dir / "scores.db", other / "scores.db")
+    line = error_line(call(SCORES, "--run", other))
+    assert "computed from another checkpoint" in line and "pass --overwrite" in line
+    assert call(SCORES, "--run", other, "--overwrite").returncode == 0
+    assert call(RETRIEVAL, "--run", other).returncode == 0
+
+
+def test_interrupted_overwrite_keeps_the_old_scores_db(scripts, monkeypatch):
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    db = run_dir / "scores.db"
+    before = db.read_bytes()
+    scored, calls = evaluation.scored_split, []
+
+    def killed_on_the_second_split(emb):
+        calls.append(emb.split)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return scored(emb)
+    monkeypatch.setattr(evaluation, "scored_split", killed_on_the_second_split)
+    proc = call(SCORES, "--run", run_dir, "--overwrite")
+    assert proc.returncode == 130
+    assert db.read_bytes() == before  # the old db, complete, untouched
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(evaluation, "scored_split", scored)
+    assert call(SCORES, "--run", run_dir, "--overwrite").returncode == 0
+    assert db_splits(db) == ["validation", "evaluation"]
+
+
+# --------------------------------------------------------------------------- output locations
+
+def test_output_dir_under_a_regular_file_is_one_line(tiny, monkeypatch, capsys):
+    (tiny / "blocker").write_text("a file")
+    for where in ("blocker", "blocker/outputs"):
+        conf = tiny_config(tiny, {"paths": {"output_dir": str(tiny / where)}})
+        line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf))
+        assert str(tiny / "blocker") in line and "not a folder" in line
+    assert (tiny / "blocker").read_text() == "a file"
+
+
+def test_full_disk_when_a_run_starts_leaves_nothing_and_says_so(tiny, monkeypatch, capsys):
+    conf = tiny_config(tiny)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", no_space)
+    line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "full"))
+    assert "no space left" in line and str(tiny / "outputs" / "full" / "config.yaml") in line
+    assert not (tiny / "outputs" / "full").exists()
+
+
+def test_full_disk_while_writing_metrics_names_the_file(scripts, monkeypatch):
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", no_space)
+    line = error_line(call(RETRIEVAL, "--run", run_dir))
+    assert "no space left" in line and str(run_dir) in line and ".tmp" not in line
+
+
+def test_full_disk_while_writing_scores_db_names_it(scripts, monkeypatch):
+    conf, run_dir, call = scripts
+    tune = scores_db._tune_for_writing
+
+    def full(conn):
+        tune(conn)
+        conn.execute("PRAGMA max_page_count=4")
+    monkeypatch.setattr(scores_db, "_tune_for_writing", full)
+    line = error_line(call(SCORES, "--run", run_dir))
+    assert "no space left" in line and str(run_dir / "scores.db") in line
+
+
+def test_missing_output_location_is_created(scripts, tmp_path):
+    """A missing folder is not an error: it is made (what 'missing' means for an output)."""
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    np.testing.assert_equal(db_splits(run_dir / "scores.db"), ["validation", "evaluation"])
