@@ -1,17 +1,23 @@
-"""Retrieval metrics of a run from its scores.db: text->audio and audio->text mAP@10, R@1/5/10.
+"""Retrieval metrics of a run from its scores.db: text->audio and audio->text mAP@10, R@1/5/10
+(and a2t R@k_any, mean/median rank), and the run's retrieval report.
 
-Writes <run>/metrics.json ({split: {"t2a": {...}, "a2t": {...}}}), <run>/{split}.t2a_retrieval.csv
-(caption + top-10 file names), <run>/{split}.t2a_ranks.csv (rank of each caption's own clip,
-also stored in the db table t2a_ranks), plots in <run>/plots/, and logs the numbers to the
-run's own wandb run.
+Writes <run>/metrics.json (per split "t2a"/"a2t" metrics, chance, ranks, counts; definitions,
+provenance), <run>/{split}.t2a_retrieval.csv (caption + top-10 file names),
+<run>/{split}.t2a_ranks.csv (rank of each caption's own clip, also stored in the db table
+t2a_ranks), figures in <run>/plots/, and <run>/report/index.html: the metrics, figures and
+listening panels of sampled queries (eval.report.* in the config). Logs the numbers, a table of
+every query per split, the listening sample with its audio, the rank histograms and the figures
+to the run's wandb evaluation run.
 """
 from pathlib import Path
 
 import utils.cli
-from utils import evaluation, scores_db
+from utils import evaluation, report, scores_db
+from utils.clotho import read_skipped
+from utils.data_utils import features_dir
 from utils.errors import UserError
-from utils.plots import plot_recall_curves, plot_training_curves
-from utils.runs import (METRICS_JSON, METRICS_JSONL, SCORES_DB, checkpoint_path, load_run_config,
+from utils.plots import plot_run_figures
+from utils.runs import (METRICS_JSON, SCORES_DB, checkpoint_path, load_run_config, lock_run,
                         resolve_run_dir)
 from utils.tracking import Tracker
 
@@ -21,43 +27,59 @@ def main():
     parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
     args, cfg = utils.cli.parse(parser)
     run_dir = resolve_run_dir(args.run, cfg)
-    cfg = load_run_config(run_dir, args.overrides)
+    utils.cli.print_config_if_asked(args, load_run_config(run_dir, args.overrides))  # before the lock
+    with lock_run(run_dir):
+        evaluate(run_dir, load_run_config(run_dir, args.overrides))
+
+
+def evaluate(run_dir: Path, cfg: dict) -> None:
     which, top_k = cfg["eval"]["checkpoint"], cfg["eval"]["top_k"]
+    opts = report.settings(cfg)
     ckpt = checkpoint_path(run_dir, which)
     if not ckpt.is_file():
         raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {ckpt})")
-    meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
+    epoch = evaluation.checkpoint_epoch(ckpt)
+    meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, epoch)
     db_path = Path(run_dir) / SCORES_DB
     conn = scores_db.open_for_read(db_path, meta)
-    metrics, chance, curves, written = {}, {}, {}, []
+    results, samples, skipped, written = [], [], {}, []
     try:
         for split in cfg["eval"]["splits"]:
             s = scores_db.read_split(conn, split, db_path)
             r = evaluation.evaluate_split(s, top_k=top_k)
-            metrics[split], curves[split] = r.metrics, r.curves
-            chance[split] = evaluation.split_chance(s)
+            results.append(r)
             scores_db.write_t2a_ranks(conn, split, r.ranks)
             written += evaluation.write_split_files(run_dir, s, r, top_k)
+            samples.append(report.split_sample(s, r.ranks, r.top, cfg["paths"]["dataset_dir"], opts))
+            skipped[split] = len(read_skipped(features_dir(cfg) / f"{split}_skipped_audio.csv"))
     finally:
         scores_db.close(conn)
-    written.append(evaluation.write_metrics_json(Path(run_dir) / METRICS_JSON, metrics))
+    doc = evaluation.metrics_document(
+        results, evaluation.metrics_provenance(run_dir, meta, results, skipped), skipped)
+    written.append(evaluation.write_metrics_json(Path(run_dir) / METRICS_JSON, doc))
+    figures = plot_run_figures(run_dir, results, cfg=cfg)
+    written += figures
 
-    plots = Path(run_dir) / "plots"
-    if (Path(run_dir) / METRICS_JSONL).is_file():
-        written.append(plot_training_curves(Path(run_dir) / METRICS_JSONL, plots / "training_curves.png"))
-    written.append(plot_recall_curves(curves, plots / "recall_at_k.png"))
+    page = None
+    if cfg["eval"]["report"]["enabled"]:
+        page = report.write_report(run_dir, samples, doc, None, figures, opts,
+                                   subtitle=f"checkpoint {which} (epoch {epoch}) · written "
+                                            f"{report.now_text()}")
 
     tracker = Tracker(cfg, run_dir, job_type="eval")
-    flat = evaluation.flat_metrics(metrics)
+    flat = evaluation.flat_metrics(doc)
     tracker.log(flat)
     tracker.summary(flat)
+    report.log_to_tracker(tracker, samples, page, page.images if page else {p.stem: p for p in figures},
+                          opts.clips_per_query)
     tracker.finish()
 
     print(f"updated {db_path} (table t2a_ranks)")
     for path in written:
         print(f"wrote {path}")
-    print(evaluation.format_table(metrics, chance))  # last: what a person looks for
-
+    print(evaluation.format_table(doc))  # what a person looks for ...
+    if page:  # ... and where to look next (`make demo` ends with this line)
+        print(f"report: {page.path} ({report.format_size(page.size)}; open it in a browser)")
 
 if __name__ == "__main__":
     utils.cli.run(main)

@@ -404,7 +404,9 @@ ol.hits li.correct{background:#e5f5e5}.pos{color:#777;text-align:right}.mark{col
 .name{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.88em;overflow-wrap:anywhere}
 .score{color:#777;font-size:.85em;text-align:right}audio{width:250px;height:32px}
 .missing{color:#a40000;font-size:.88em}.truth{margin-top:6px;padding:4px;border-top:1px dashed #ccc}
-details{margin-top:6px;font-size:.92em}
+details{margin-top:6px;font-size:.92em}summary{cursor:pointer}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:4px 0 0 14px}
+dt{font-weight:600}dd{margin:0;color:#333}
 """
 
 # Players report their state into the page (data-* attributes and the status line): a reader
@@ -481,7 +483,10 @@ def panel_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
     return "".join(parts)
 
 
-def _fmt(value) -> str:
+def _fmt(value, rank: bool = False) -> str:
+    """Metrics (in [0, 1]) with 4 decimals; ranks and other large numbers with 1; None as –."""
+    if value is None:
+        return "–"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -489,7 +494,7 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return f"{value:.4f}" if abs(value) <= 1 else f"{value:.1f}"
+        return f"{value:.4f}" if abs(value) <= 1 and not rank else f"{value:.1f}"
     return str(value)
 
 
@@ -510,29 +515,46 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# metrics.json's per-direction rank statistics ("ranks": {"t2a": {...}, "a2t": {...}}) as columns
+RANK_COLUMNS = {"mean": "mean rank", "median": "median rank", "queries": "queries",
+                "candidates": "candidates"}
+
+
 def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
     """The metrics table (every number of each split and direction, chance levels under each
-    row), the splits' other entries, and metrics.json's definitions and provenance if present."""
+    row), the splits' other entries, and metrics.json's definitions and provenance if present.
+
+    metrics: a metrics.json document (utils.evaluation.metrics_document: chance levels in each
+    split's "chance") or {split: {"t2a": {...}, "a2t": {...}}} with `chance` given apart."""
+    from utils.evaluation import metrics_splits
     from utils.metrics import METRIC_NAMES
 
-    splits = [k for k, v in metrics.items() if isinstance(v, Mapping) and any(d in v for d in DIRECTIONS)]
+    splits = [k for k, v in metrics_splits(dict(metrics)).items()
+              if isinstance(v, Mapping) and any(isinstance(v.get(d), Mapping) for d in DIRECTIONS)]
     columns = list(METRIC_NAMES)
     for split in splits:
         for d in DIRECTIONS:
             for key, value in metrics[split].get(d, {}).items():
                 if _is_number(value) and key not in columns:
                     columns.append(key)
-    head = "<tr><th>split</th><th>direction</th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"
+    rank_cols = [c for c in RANK_COLUMNS if any(
+        isinstance((metrics[split].get("ranks") or {}).get(d), Mapping)
+        and c in metrics[split]["ranks"][d] for split in splits for d in DIRECTIONS)]
+    head = ("<tr><th>split</th><th>direction</th>" + "".join(f"<th>{esc(c)}</th>" for c in columns)
+            + "".join(f"<th>{RANK_COLUMNS[c]}</th>" for c in rank_cols) + "</tr>")
     rows = []
     for split in splits:
         for d, label in DIRECTIONS.items():
             vals = metrics[split].get(d)
             if not isinstance(vals, Mapping):
                 continue
+            ranks = (metrics[split].get("ranks") or {}).get(d) or {}
             rows.append(f"<tr><td>{esc(split)}</td><td>{label}</td>"
                         + "".join(f"<td>{esc(_fmt(vals[c])) if c in vals else ''}</td>" for c in columns)
+                        + "".join(f"<td>{esc(_fmt(ranks[c], rank=True)) if c in ranks else ''}</td>"
+                                  for c in rank_cols)
                         + "</tr>")
-            ch = (chance or {}).get(split, {}).get(d)
+            ch = ((chance or {}).get(split) or metrics[split].get("chance") or {}).get(d)
             if ch:
                 rows.append('<tr class="chance"><td></td><td>chance</td>'
                             + "".join(f"<td>{esc(_fmt(ch[c])) if c in ch else ''}</td>" for c in columns)
@@ -540,7 +562,8 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
     parts = [f"<table>{head}{''.join(rows)}</table>",
              '<p class="meta">chance: the expected value under a random ranking.</p>']
     extra = [(f"{split}.{k}", v) for split in splits
-             for k, v in _flat({k: v for k, v in metrics[split].items() if k not in DIRECTIONS})]
+             for k, v in _flat({k: v for k, v in metrics[split].items()
+                                if k not in DIRECTIONS and k not in ("chance", "ranks")})]
     if extra:
         parts.append("<details><summary>more numbers per split</summary><table>"
                      + "".join(f"<tr><td>{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in extra)

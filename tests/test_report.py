@@ -1,0 +1,384 @@
+"""The retrieval report (utils/report.py, postprocessing/02): sampling, audio, links, escaping,
+missing clips, wandb tables. The page in a real browser: test_report_browser.py.
+
+`make_scored` (a small split with wavs and hostile text) is shared with the browser test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.cli_helpers import error_line
+from tests.test_postprocessing import make_run, run_script
+from tests.test_tracking import offline  # noqa: F401  (a fixture: wandb offline inside tmp_path)
+from tests.wav_fixtures import write_text_as_wav, write_wav
+from utils import report
+from utils.config import load_config
+from utils.scores_db import ScoredSplit
+from utils.tracking import history_rows, read_wandb_file
+
+SCORES = "postprocessing/01_xmodal_scores.py"
+RETRIEVAL = "postprocessing/02_xmodal_retrieval.py"
+HOSTILE_CAPTIONS = ["<script>alert(1)</script>",
+                    '"onload="document.documentElement.setAttribute(\'data-pwned\',\'1\')" x="',
+                    "<img src=x onerror=\"document.documentElement.setAttribute('data-pwned','2')\">",
+                    "<script>document.documentElement.setAttribute('data-pwned','3')</script>"]
+HOSTILE_FNAME = "<b onmouseover=alert(1)>x&y #1 %20 é.wav"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def make_scored(root: Path, split: str = "evaluation", n_clips: int = 8, caps: int = 5,
+                missing: tuple[int, ...] = (), seconds: float = 1.0, seed: int = 0) -> ScoredSplit:
+    """A split of `n_clips` wavs (clip i lasts seconds + 0.1 i) under `root/split`, `caps`
+    captions each (the first ones hostile), and deterministic scores; clips in `missing` have
+    no wav; existing wavs are kept. Clip 3 has a hostile file name, clip 1 a leading space (as three Clotho names)."""
+    rng = np.random.default_rng(seed)
+    fnames = [f"{split}_clip_{i:02d}.wav" for i in range(n_clips)]
+    fnames[1] = " " + fnames[1]
+    fnames[3] = HOSTILE_FNAME
+    for i, name in enumerate(fnames):
+        if i not in missing and not (root / split / name.lstrip(" ")).exists():  # kept on reruns
+            write_wav(root / split / name.lstrip(" "), seconds=seconds + 0.1 * i, seed=i, kind="tone",
+                      freq=220.0 * (1 + i))
+    captions, clip_of = [], []
+    for i in range(n_clips):
+        for c in range(caps):
+            k = i * caps + c
+            captions.append(HOSTILE_CAPTIONS[k] if k < len(HOSTILE_CAPTIONS) else f"clip {i} caption {c}")
+            clip_of.append(i)
+    clip_of = np.array(clip_of, dtype=np.int64)
+    scores = rng.normal(size=(len(captions), n_clips)).astype(np.float32)
+    scores[np.arange(len(captions)), clip_of] += 1.0      # better than chance, not perfect
+    return ScoredSplit(split=split, fids=[f"fid{i}" for i in range(n_clips)], fnames=fnames,
+                       tids=[f"tid{k}" for k in range(len(captions))], captions=captions,
+                       caption_clip=clip_of, scores=scores)
+
+
+def build_report(tmp_path: Path, audio: str = "copy", missing=(), **kw) -> tuple[report.Report, list]:
+    """A report of two made-up splits under tmp_path/run (data in tmp_path/data)."""
+    from utils import evaluation
+
+    data = tmp_path / "data"
+    opts = report.ReportSettings(worst=kw.pop("worst", 4), random=kw.pop("random", 3),
+                                 clips_per_query=3, seed=0, audio=audio)
+    samples, metrics, chance = [], {}, {}
+    for split, n in (("validation", 6), ("evaluation", 8)):
+        s = make_scored(data, split, n_clips=n, missing=missing if split == "evaluation" else ())
+        r = evaluation.evaluate_split(s)
+        samples.append(report.split_sample(s, r.ranks, r.top, data, opts))
+        metrics[split], chance[split] = r.metrics, evaluation.split_chance(s)
+    page = report.write_report(tmp_path / "run", samples, metrics, chance, [], opts)
+    return page, samples
+
+
+class Tags(HTMLParser):
+    """Every start tag and its attributes, and the page's visible text."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags, self.text = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def audio_srcs(page: Path) -> list[str]:
+    return [a["src"] for t, a in Tags(page.read_text(encoding="utf-8")).tags if t == "audio"]
+
+
+# --------------------------------------------------------------------------- sampling
+
+def test_sampling_is_deterministic_worst_first_and_never_repeats():
+    ranks = np.array([5, 1, 9, 9, 2, 7, 3, 1, 8, 4, 6, 2])
+    a = report.sample_queries(ranks, worst=3, n_random=4, seed=0)
+    assert a == report.sample_queries(ranks.copy(), worst=3, n_random=4, seed=0)
+    assert a[:3] == [(2, "worst"), (3, "worst"), (8, "worst")]  # rank 9, 9 (lower index first), 8
+    drawn = [i for i, why in a if why == "random"]
+    assert len(drawn) == 4 and drawn == sorted(drawn) and not {2, 3, 8} & set(drawn)
+    others = {tuple(i for i, w in report.sample_queries(ranks, 3, 4, seed) if w == "random")
+              for seed in range(6)}
+    assert len(others) > 1  # the seed matters
+    every = report.sample_queries(ranks, worst=5, n_random=50, seed=1)  # more than there are
+    assert sorted(i for i, _ in every) == list(range(len(ranks)))
+    assert report.sample_queries(ranks, 0, 0, 0) == []
+
+
+def test_panels_rank_and_mark_the_true_items(tmp_path):
+    from utils import evaluation
+    from utils.metrics import rank_of_first_relevant
+
+    s = make_scored(tmp_path, n_clips=8)
+    r = evaluation.evaluate_split(s)
+    opts = report.ReportSettings(worst=3, random=2, clips_per_query=3)
+    smp = report.split_sample(s, r.ranks, r.top, tmp_path, opts)
+    assert [p.why for p in smp.t2a] == ["worst"] * 3 + ["random"] * 2
+    for p in smp.t2a:
+        q = s.captions.index(p.query)
+        true = s.fnames[s.caption_clip[q]]
+        assert p.rank == r.ranks[q] and p.true_name == true and len(p.hits) == 3
+        assert [h.correct for h in p.hits] == [h.text == true for h in p.hits]
+        # the true clip has its own player exactly when it is not among the hits
+        assert (p.true_clip is None) == (p.rank <= 3)
+        assert [h.score for h in p.hits] == sorted((h.score for h in p.hits), reverse=True)
+    a2t_ranks = rank_of_first_relevant(s.scores.T, s.relevance().T)
+    assert smp.t2a[0].rank == r.ranks.max() and smp.a2t[0].rank == a2t_ranks.max()
+    for p in smp.a2t:
+        c = s.fnames.index(p.query)
+        assert p.rank == a2t_ranks[c] and len(p.own) == 5 and p.own[0][0] == p.rank
+        assert [h.correct for h in p.hits] == [h.text in s.captions[c * 5:(c + 1) * 5] for h in p.hits]
+    # the table of every query: caption, true file, rank, top-10 names (padded: 8 clips)
+    assert len(smp.table_rows) == len(s.captions)
+    row = smp.table_rows[7]
+    assert row[:3] == [s.captions[7], s.fnames[1], int(r.ranks[7])]
+    assert row[3:11] == [s.fnames[c] for c in r.top[7]] and row[11:] == ["", ""]
+
+
+# --------------------------------------------------------------------------- audio
+
+def test_copy_mode_transcodes_each_clip_once_small_and_reuses_it(tmp_path):
+    page, samples = build_report(tmp_path)
+    audio = sorted((page.path.parent / "audio").rglob("*.opus"))
+    used = {c for c, p in page.playable.items() if p.href}
+    assert len(audio) == len(used) == len({(c.group, c.fname) for c in used})  # once each
+    srcs = audio_srcs(page.path)
+    assert len(srcs) > len(audio)  # clips shown in several panels share one file
+    for path in audio:
+        info = sf.info(str(path))
+        assert (info.format, info.subtype, info.channels, info.samplerate) == ("OGG", "OPUS", 1, 48000)
+        kbit_s = path.stat().st_size * 8 / info.duration / 1000
+        assert kbit_s <= 64, (path.name, kbit_s)
+    # every src is a relative URL to one of those files
+    for src in srcs:
+        assert not src.startswith(("/", "file:", "http")) and (page.path.parent / unquote(src)).is_file()
+    # the stated folder size is the real one
+    stated = re.search(r'id="folder-size">([^<]+)<', page.path.read_text()).group(1)
+    assert stated == report.format_size(report.folder_size(page.path.parent))
+
+    stamps = {p: p.stat().st_mtime_ns for p in audio}
+    stale = page.path.parent / "audio" / "evaluation" / "old-0123456789.opus"
+    stale.write_bytes(b"from an earlier sample")
+    page2, _ = build_report(tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in audio} == stamps  # reused, not transcoded again
+    assert not stale.exists()  # no longer referenced: removed
+
+
+def test_measured_bitrate_of_a_noisy_30_s_clip(tmp_path):
+    """The worst case for the codec: broadband noise at Clotho's length."""
+    src = write_wav(tmp_path / "noise.wav", seconds=30.0, kind="noise", amplitude=0.5)
+    out = report.transcode(src, tmp_path / "noise.opus")
+    kbit_s = out.stat().st_size * 8 / sf.info(str(out)).duration / 1000
+    assert 16 <= kbit_s <= 48, kbit_s
+
+
+def test_link_mode_points_at_the_dataset_wavs_by_relative_paths(tmp_path):
+    page, samples = build_report(tmp_path, audio="link")
+    assert not (page.path.parent / "audio").exists()
+    srcs = audio_srcs(page.path)
+    assert srcs
+    data = (tmp_path / "data").resolve()
+    for src in srcs:
+        assert src.startswith("../../data/"), src
+        target = (page.path.parent / unquote(src)).resolve()
+        assert target.is_file() and data in target.parents
+    # the hostile name is percent-encoded in the URL and still leads to its file
+    hostile = [s for s in srcs if "%3Cb" in s]
+    assert hostile and (page.path.parent / unquote(hostile[0])).resolve().name == HOSTILE_FNAME
+    # a clip whose CSV name has a leading space plays the extracted wav without it
+    assert any(unquote(s).endswith("/evaluation_clip_01.wav") for s in srcs)
+
+
+def test_a_missing_clip_gets_a_panel_that_says_so_and_the_report_is_written(tmp_path):
+    page, samples = build_report(tmp_path, missing=(0, 5), worst=8, random=0)
+    text = page.path.read_text()
+    assert text.count("not found in the dataset folder (evaluation/evaluation_clip_00.wav)") >= 1
+    assert "not found in the dataset folder (evaluation/evaluation_clip_05.wav)" in text
+    missing = [c for c, p in page.playable.items() if p.href is None]
+    assert {c.fname for c in missing} == {"evaluation_clip_00.wav", "evaluation_clip_05.wav"}
+    assert "2 clip(s) cannot be played" in text
+    assert str(tmp_path) not in text  # no absolute path on the page
+
+
+def test_an_unreadable_clip_is_noted_on_its_panel(tmp_path):
+    from utils import evaluation
+
+    s = make_scored(tmp_path / "data", n_clips=4)
+    write_text_as_wav(tmp_path / "data" / "evaluation" / "evaluation_clip_02.wav")
+    r = evaluation.evaluate_split(s)
+    opts = report.ReportSettings(worst=20, random=0, clips_per_query=4)
+    smp = report.split_sample(s, r.ranks, r.top, tmp_path / "data", opts)
+    page = report.write_report(tmp_path / "run", [smp], {"evaluation": r.metrics}, None, [], opts)
+    text = page.path.read_text()
+    assert "unreadable audio file" in text and str(tmp_path) not in text
+    assert len(list((page.path.parent / "audio").rglob("*.opus"))) == 3
+
+
+# --------------------------------------------------------------------------- HTML
+
+def test_captions_and_file_names_are_escaped(tmp_path):
+    page, _ = build_report(tmp_path, worst=20, random=0)
+    text = page.path.read_text(encoding="utf-8")
+    parsed = Tags(text)
+    # no element or attribute came from user text: the only script is the page's own
+    assert [t for t, _ in parsed.tags if t == "script"] == ["script"]
+    assert {t for t, _ in parsed.tags} <= {"html", "head", "meta", "title", "style", "body", "h1",
+                                          "h2", "h3", "p", "b", "nav", "a", "section", "table", "tr",
+                                          "th", "td", "div", "article", "span", "ol", "li", "audio",
+                                          "details", "summary", "ul", "figure", "img", "dl", "dt", "dd",
+                                          "script"}
+    assert not any(k.startswith("on") for _, attrs in parsed.tags for k in attrs)
+    assert not [a for t, a in parsed.tags if t == "img" and a.get("src") == "x"]
+    visible = "".join(parsed.text)
+    for caption in HOSTILE_CAPTIONS:
+        assert caption in visible  # shown as text, character for character
+    assert HOSTILE_FNAME in visible
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_metrics_table_shows_every_number_chance_and_definitions():
+    metrics = {"evaluation": {"t2a": {"mAP@10": 0.5, "R@1": 0.25, "R@5": 0.75, "R@10": 1.0,
+                                      "median_rank": 3.0},
+                              "a2t": {"mAP@10": 0.2, "R@1": 0.1, "R@5": 0.3, "R@10": 0.4,
+                                      "R@1_any": 0.35},
+                              "counts": {"captions": 40, "clips": 8, "skipped_clips": 1}},
+               "definitions": {"R@k_any": "<b>any</b> correct caption in the top k"},
+               "provenance": {"checkpoint": "best", "epoch": 2}}
+    chance = {"evaluation": {"t2a": {"mAP@10": 0.01, "R@1": 0.125, "R@5": 0.625, "R@10": 1.0},
+                             "a2t": {"mAP@10": 0.02, "R@1": 0.025, "R@5": 0.125, "R@10": 0.25}}}
+    text = report.metrics_html(metrics, chance)
+    parsed = Tags(text)
+    cells = "|".join(parsed.text)
+    for value in ("0.5000", "0.2500", "3.0", "0.3500", "0.1250", "0.6250"):
+        assert value in cells
+    headers = [d for d in parsed.text if d in ("mAP@10", "median_rank", "R@1_any")]
+    assert headers == ["mAP@10", "median_rank", "R@1_any"]
+    assert "evaluation.counts.skipped_clips" in cells and "1" in cells
+    assert "&lt;b&gt;any&lt;/b&gt;" in text and "provenance" in cells
+
+
+# --------------------------------------------------------------------------- postprocessing/02
+
+@pytest.fixture
+def run_with_wavs(tmp_path, monkeypatch, capsys):
+    """A tiny run, scored, with wavs for every clip but evaluation_002.wav."""
+    conf, run_dir = make_run(tmp_path)
+    for split, n in (("validation", 6), ("evaluation", 6)):
+        for i in range(n):
+            if (split, i) != ("evaluation", 2):
+                write_wav(tmp_path / "data" / split / f"{split}_{i:03d}.wav", seconds=0.6, seed=i)
+
+    def call(script, *args):
+        return run_script(script, "--conf", conf, "--run", run_dir, *args, monkeypatch=monkeypatch,
+                          capsys=capsys)
+    assert call(SCORES).returncode == 0
+    return run_dir, call
+
+
+def test_step_02_writes_the_report_and_prints_its_path_last(run_with_wavs):
+    run_dir, call = run_with_wavs
+    p = call(RETRIEVAL)
+    assert p.returncode == 0, p.stderr
+    index = run_dir / "report" / "index.html"
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"report: {index} (") and "open it in a browser" in last
+    text = index.read_text()
+    assert "not found in the dataset folder (evaluation/evaluation_002.wav)" in text
+    for split in ("validation", "evaluation"):
+        assert (run_dir / "report" / f"{split}_t2a_rank_histogram.png").is_file()
+        assert f'id="{split}-t2a"' in text and f'id="{split}-a2t"' in text
+    assert 'src="plots/recall_at_k.png"' in text
+    # 30 captions a split: 20 worst + 10 random t2a panels, 6 a2t panels
+    assert text.count('class="panel"') == 2 * (30 + 6)
+    assert len(list((run_dir / "report" / "audio").rglob("*.opus"))) == 11
+
+
+def test_step_02_without_the_report(run_with_wavs):
+    run_dir, call = run_with_wavs
+    p = call(RETRIEVAL, "--set", "eval.report.enabled=false")
+    assert p.returncode == 0, p.stderr
+    assert not (run_dir / "report").exists() and "report:" not in p.stdout
+
+
+def test_bad_report_setting_is_one_line(run_with_wavs):
+    run_dir, call = run_with_wavs
+    line = error_line(call(RETRIEVAL, "--set", "eval.report.audio=mp3"))
+    assert "eval.report.audio" in line and "copy" in line and "link" in line
+    assert call(RETRIEVAL, "--set", "eval.report.audio=link").returncode == 0  # the advice works
+    assert audio_srcs(run_dir / "report" / "index.html")[0].startswith("../../../data/")
+
+
+def test_wandb_offline_gets_the_tables_histograms_and_plots(run_with_wavs, offline, tmp_path):
+    run_dir, call = run_with_wavs
+    p = call(RETRIEVAL)
+    assert p.returncode == 0, p.stderr
+    import wandb
+
+    wandb.teardown()  # waits for wandb's service: it writes the last rows after finish() returns
+    # every wandb run segment in the run folder (training and evaluation may be separate runs)
+    records = [r for seg in sorted((run_dir / "wandb").glob("*run-*/run-*.wandb"))
+               for r in read_wandb_file(seg)]
+
+    row = {}
+    for _, r in history_rows(records):
+        row.update(r)
+    artifacts = {r.artifact.name: r.artifact for r in records
+                 if r.WhichOneof("record_type") == "artifact"}
+
+    def table(key):
+        (art,) = [a for name, a in artifacts.items() if name.endswith(f"-{key}")]
+        entries = {e.path: e.local_path for e in art.manifest.contents}
+        return json.loads(Path(entries[f"{key}.table.json"]).read_text()), entries
+
+    cfg = load_config(run_dir / "config.yaml")
+    k = cfg["eval"]["report"]["clips_per_query"]
+    for split in ("validation", "evaluation"):
+        assert row[f"retrieval_results_{split}._type"] == "table-file"
+        full, _ = table(f"retrieval_results_{split}")
+        assert full["columns"] == ["caption", "true_file", "rank"] + [f"file_name_{i}" for i in range(1, 11)]
+        assert len(full["data"]) == 30
+        listen, entries = table(f"listening_{split}")
+        assert listen["columns"][:5] == ["why", "caption", "rank", "true_file", "true_audio"]
+        assert listen["columns"][5:] == [c for i in range(1, k + 1) for c in (f"file_name_{i}", f"audio_{i}")]
+        assert len(listen["data"]) == 30
+        audio_cells = [c for r in listen["data"] for c in r if isinstance(c, dict)]
+        assert audio_cells and all(c["_type"] == "audio-file" and c["path"] in entries for c in audio_cells)
+        assert row[f"{split}/t2a_rank._type"] == "histogram"
+        assert sum(row[f"{split}/t2a_rank.values"]) == 30
+        assert row[f"{split}_t2a_rank_histogram._type"] == "image-file"
+    assert row["recall_at_k._type"] == "image-file"
+    # the missing clip is an empty cell, not an error
+    listen, _ = table("listening_evaluation")
+    i_file, i_audio = listen["columns"].index("true_file"), listen["columns"].index("true_audio")
+    assert any(r[i_file] == "evaluation_002.wav" and r[i_audio] is None for r in listen["data"])
+
+
+# --------------------------------------------------------------------------- ad-hoc query page
+
+def test_query_page_for_text_and_audio_queries(tmp_path):
+    clips = [write_wav(tmp_path / "clips" / f"c{i}.wav", seconds=0.5, seed=i) for i in range(3)]
+    hits = [(p.name, 0.9 - 0.1 * i, p) for i, p in enumerate(clips)] + [("gone.wav", 0.1, None)]
+    t2a = report.text_query_panel("a <b>dog</b> barks", hits)
+    a2t = report.audio_query_panel(clips[0], [("a dog barks", 0.8), ("<i>rain</i>", 0.5)])
+    out = report.write_query_page(tmp_path / "out" / "q.html", [t2a, a2t])
+    text = out.read_text()
+    srcs = audio_srcs(out)
+    assert len(srcs) == 4 and len(set(srcs)) == 3  # c0 is a hit and the audio query: one file
+    assert all((out.parent / unquote(s)).is_file() for s in srcs)
+    assert all(s.startswith("q_audio/") for s in srcs)
+    assert "audio file not found (gone.wav)" in text
+    assert "a &lt;b&gt;dog&lt;/b&gt; barks" in text and "&lt;i&gt;rain&lt;/i&gt;" in text
+    linked = report.write_query_page(tmp_path / "out" / "l.html", [t2a], audio="link")
+    assert all(unquote(s).startswith("../clips/c") for s in audio_srcs(linked))
+    assert os.path.samefile(linked.parent / unquote(audio_srcs(linked)[0]), clips[0])
