@@ -76,14 +76,17 @@ def test_training_and_evaluation_write_the_run_directory(pipeline):
         assert (run / name).is_file(), name
     assert list((run / "plots").glob("*.png"))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"validation", "evaluation"}
-    for split in metrics.values():
+    assert set(metrics) == {"validation", "evaluation", "definitions", "provenance"}
+    for split in ("validation", "evaluation"):
         for direction in ("t2a", "a2t"):
-            assert set(split[direction]) == {"mAP@10", "R@1", "R@5", "R@10"}
-            assert all(0.0 <= v <= 1.0 for v in split[direction].values())
+            assert {"mAP@10", "R@1", "R@5", "R@10"} <= set(metrics[split][direction])
+            assert all(0.0 <= v <= 1.0 for v in metrics[split][direction].values())
     with sqlite3.connect(run / "scores.db") as db:
         (pairs,) = db.execute("SELECT COUNT(*) FROM scores").fetchone()
     assert pairs == 4 * 20 * 2  # clips x captions, validation + evaluation
     header = (run / "evaluation.t2a_retrieval.csv").read_text().splitlines()[0]
     assert header == "caption," + ",".join(f"file_name_{i}" for i in range(1, 11))
     assert "mAP@10" in stdout  # the metrics table is printed
+    # ... and the demo ends with the report's path (make demo runs the same stages)
+    assert stdout.strip().splitlines()[-1].startswith(f"report: {run / 'report' / 'index.html'} (")
+    assert len(list((run / "report" / "audio").rglob("*.opus"))) == 8  # every eval-split clip
