@@ -3,37 +3,84 @@
 # --stage/--stop-stage, a config with --conf; extra --set overrides go to every stage.
 #
 #   ./run.sh                                   # everything, on Clotho with conf.yaml
-#   ./run.sh --stage 5 --stop-stage 5          # train only
+#   ./run.sh --stage 5 --stop-stage 5 --name my_run          # train only, into <output_dir>/my_run
+#   ./run.sh --stage 5 --resume outputs/my_run               # continue that run, then evaluate it
 #   ./run.sh --conf conf_demo.yaml --stage 1   # the demo after its data was generated
 #   ./run.sh --stage 6 --run outputs/dcase2023_baseline-20260101-120000   # evaluate a run
 #
 # Stages: 0 download Clotho + PANNs | 1 captions -> audio_info/text csv | 2 log-mels
 #         3 sentence embeddings | 4 PANNs -> CNN14_300.pth | 5 train (main.py)
 #         6 score every pair -> scores.db | 7 metrics, retrieval CSVs, plots
+# Runs:   --name NAME   stage 5 starts a new run called NAME
+#         --resume DIR  stage 5 continues run DIR; stages 6-7 evaluate it
+#         --run DIR     stages 6-7 evaluate DIR (default: the newest run); with stage 5 in the
+#                       range, DIR is resumed, never replaced by a new run
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python}
+FIRST=0
+LAST=7
 conf=conf.yaml
-stage=0
-stop_stage=7
+stage=$FIRST
+stop_stage=$LAST
 run=""
+resume=""
+name=""
 overrides=()
+
+die() {  # one line on stderr, exit 2 (as the Python steps do for a user error)
+  echo "run.sh: $*" >&2
+  exit 2
+}
+
+value() {  # value "$@" (at OPTION): the word after OPTION, which must be there and not be an option
+  if [ $# -lt 2 ] || [[ "$2" == --* ]]; then
+    die "$1 needs a value (see ./run.sh --help)"
+  fi
+  printf '%s' "$2"
+}
+
+stage_number() {  # stage_number OPTION VALUE: an integer FIRST..LAST
+  if ! [[ "$2" =~ ^[0-9]+$ ]] || [ "$((10#$2))" -gt "$LAST" ]; then
+    die "$1 '$2' is not a stage number ($FIRST-$LAST)"
+  fi
+  printf '%d' "$((10#$2))"
+}
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --conf) conf=$2; shift 2 ;;
-    --stage) stage=$2; shift 2 ;;
-    --stop-stage) stop_stage=$2; shift 2 ;;
-    --run) run=$2; shift 2 ;;
+    --conf) conf=$(value "$@"); shift 2 ;;
+    --stage) v=$(value "$@"); stage=$(stage_number --stage "$v"); shift 2 ;;
+    --stop-stage) v=$(value "$@"); stop_stage=$(stage_number --stop-stage "$v"); shift 2 ;;
+    --run) run=$(value "$@"); shift 2 ;;
+    --resume) resume=$(value "$@"); shift 2 ;;
+    --name) name=$(value "$@"); shift 2 ;;
     --set) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do overrides+=("$1"); shift; done ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown argument '$1' (see ./run.sh --help)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) die "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
 done
 
+[ "$stage" -le "$stop_stage" ] || die "--stage $stage is after --stop-stage $stop_stage: nothing to run"
+trains=false
+[ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ] && trains=true
+[ -n "$resume" ] && [ -n "$name" ] && die "--name starts a new run and --resume continues one: give one of them"
+if [ -n "$run" ] && [ -n "$resume" ] && [ "$run" != "$resume" ]; then
+  die "--run $run and --resume $resume name different runs"
+fi
+[ -n "$run" ] && [ -n "$name" ] && $trains && \
+  die "--name starts a new run at stage 5 but --run $run names an existing one: give one of them"
+[ -n "$name" ] && ! $trains && die "--name names the run that stage 5 trains; stages $stage-$stop_stage do not include 5"
+# --run with stage 5 in the range: that run is continued, never shadowed by a new one
+[ -n "$run" ] && $trains && resume=$run
+[ -n "$resume" ] && [ -z "$run" ] && run=$resume
+
 common=(--conf "$conf")
 [ ${#overrides[@]} -gt 0 ] && common+=(--set "${overrides[@]}")
+train_args=()
+[ -n "$resume" ] && train_args=(--resume "$resume")
+[ -n "$name" ] && train_args=(--name "$name")
 run_args=()
 [ -n "$run" ] && run_args=(--run "$run")
 
@@ -50,6 +97,6 @@ step 1 "captions and audio index" "$PYTHON" preprocessing/01_clotho_dataset.py "
 step 2 "log-mel features" "$PYTHON" preprocessing/02_audio_logmel.py "${common[@]}"
 step 3 "sentence embeddings" "$PYTHON" preprocessing/03_sbert_embeddings.py "${common[@]}"
 step 4 "PANNs CNN14 -> audio encoder weights" "$PYTHON" preprocessing/04_cnn14_transfer.py "${common[@]}"
-step 5 "train" "$PYTHON" main.py "${common[@]}"
-step 6 "score every (clip, caption) pair" "$PYTHON" postprocessing/01_xmodal_scores.py "${common[@]}" "${run_args[@]}"
-step 7 "retrieval metrics" "$PYTHON" postprocessing/02_xmodal_retrieval.py "${common[@]}" "${run_args[@]}"
+step 5 "train" "$PYTHON" main.py "${common[@]}" ${train_args[@]+"${train_args[@]}"}
+step 6 "score every (clip, caption) pair" "$PYTHON" postprocessing/01_xmodal_scores.py "${common[@]}" ${run_args[@]+"${run_args[@]}"}
+step 7 "retrieval metrics" "$PYTHON" postprocessing/02_xmodal_retrieval.py "${common[@]}" ${run_args[@]+"${run_args[@]}"}

@@ -1,0 +1,109 @@
+"""run.sh: argument checks and what each stage is given, with a stub PYTHON that records calls."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.tiny_data import REPO
+
+SCRIPTS = ["preprocessing/00_download_clotho.py", "preprocessing/01_clotho_dataset.py",
+           "preprocessing/02_audio_logmel.py", "preprocessing/03_sbert_embeddings.py",
+           "preprocessing/04_cnn14_transfer.py", "main.py", "postprocessing/01_xmodal_scores.py",
+           "postprocessing/02_xmodal_retrieval.py"]
+
+
+@pytest.fixture
+def run_sh(tmp_path):
+    """Call ./run.sh with PYTHON = a stub that appends its arguments (one call per line, tab
+    separated) to a log; returns (completed process, [argument lists])."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> "$LOG"\necho >> "$LOG"\n')
+    stub.chmod(0o755)
+
+    def call(*args):
+        log.write_text("")
+        proc = subprocess.run(["bash", str(REPO / "run.sh"), *args], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log)), timeout=30)
+        calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
+        return proc, calls
+    return call
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.sh: "), proc.stderr
+    assert "unbound variable" not in proc.stderr and "syntax error" not in proc.stderr
+    return lines[0]
+
+
+def test_all_stages_in_order_with_conf_and_overrides(run_sh):
+    proc, calls = run_sh("--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off")
+    assert proc.returncode == 0, proc.stderr
+    assert [c[0] for c in calls] == SCRIPTS
+    for c in calls:
+        assert c[1:] == ["--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off"]
+
+
+def test_stage_5_with_run_resumes_that_run_and_evaluates_it(run_sh):
+    proc, calls = run_sh("--stage", "5", "--run", "outputs/r1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["main.py", "--conf", "conf.yaml", "--resume", "outputs/r1"],
+                     ["postprocessing/01_xmodal_scores.py", "--conf", "conf.yaml", "--run", "outputs/r1"],
+                     ["postprocessing/02_xmodal_retrieval.py", "--conf", "conf.yaml", "--run", "outputs/r1"]]
+
+
+def test_resume_and_name_are_passed_to_main(run_sh):
+    proc, calls = run_sh("--stage", "5", "--stop-stage", "5", "--resume", "outputs/r1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["main.py", "--conf", "conf.yaml", "--resume", "outputs/r1"]]
+    proc, calls = run_sh("--stage", "5", "--name", "my_run", "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0] == ["main.py", "--conf", "conf.yaml", "--set", "training.epochs=2", "--name", "my_run"]
+    assert [c[0] for c in calls[1:]] == SCRIPTS[6:]  # evaluation: the newest run, i.e. my_run
+    assert all("--run" not in c for c in calls)
+
+
+def test_resume_alone_also_names_the_run_to_evaluate(run_sh):
+    proc, calls = run_sh("--stage", "6", "--resume", "outputs/r1")
+    assert proc.returncode == 0, proc.stderr
+    assert [c[-2:] for c in calls] == [["--run", "outputs/r1"]] * 2
+
+
+def test_run_without_stage_5_only_goes_to_evaluation(run_sh):
+    proc, calls = run_sh("--stage", "6", "--stop-stage", "6", "--run", "outputs/r1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["postprocessing/01_xmodal_scores.py", "--conf", "conf.yaml", "--run", "outputs/r1"]]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--stage", "abc"], "--stage 'abc' is not a stage number (0-7)"),
+    (["--stage", "8"], "--stage '8' is not a stage number (0-7)"),
+    (["--stop-stage", "1.5"], "--stop-stage '1.5' is not a stage number (0-7)"),
+    (["--stage"], "--stage needs a value"),
+    (["--stop-stage"], "--stop-stage needs a value"),
+    (["--stage", "--stop-stage", "3"], "--stage needs a value"),
+    (["--conf"], "--conf needs a value"),
+    (["--run"], "--run needs a value"),
+    (["--resume"], "--resume needs a value"),
+    (["--name"], "--name needs a value"),
+    (["--stage", "6", "--stop-stage", "5"], "--stage 6 is after --stop-stage 5"),
+    (["--resume", "a", "--name", "b"], "give one of them"),
+    (["--run", "a", "--resume", "b"], "name different runs"),
+    (["--stage", "5", "--run", "a", "--name", "b"], "give one of them"),
+    (["--stage", "6", "--name", "b"], "do not include 5"),
+    (["--bogus"], "unknown argument '--bogus'"),
+    (["stray"], "unknown argument 'stray'"),
+])
+def test_bad_arguments_are_one_line_and_run_nothing(run_sh, args, needle):
+    proc, calls = run_sh(*args)
+    assert needle in one_line_error(proc)
+    assert calls == []
+
+
+def test_help(run_sh):
+    proc, calls = run_sh("--help")
+    assert proc.returncode == 0 and "--resume DIR" in proc.stdout and calls == []
