@@ -13,6 +13,10 @@ from utils.checkpoint import torch_load
 from utils.errors import UserError
 
 TRANSFER_SCRIPT = "preprocessing/04_cnn14_transfer.py"
+# The classes `audio_encoder.name` and `text_encoder.name` may name (the config schema lists the
+# same names: utils/config_schema.py).
+AUDIO_ENCODERS = {"CNN14Encoder": CNN14Encoder}
+TEXT_ENCODERS = {"SentBERTBaseEncoder": SentBERTBaseEncoder}
 
 
 class DualEncoderModel(nn.Module):
@@ -86,10 +90,18 @@ def load_audio_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     encoder.load_state_dict(state, strict=True)
 
 
+def registered(registry: dict, name: str, key: str):
+    """The class `name` in `registry`; a one-line UserError listing what exists otherwise."""
+    if name not in registry:
+        raise UserError(f"config key '{key}': {name!r} is not one of {', '.join(registry)}")
+    return registry[name]
+
+
 def build_model(cfg: dict, text_in_dim: int, table: torch.Tensor | None = None) -> DualEncoderModel:
     """The model the config describes: CNN14 (prior or random init) + Sentence-BERT projection."""
     a_cfg, t_cfg = cfg["audio_encoder"], cfg["text_encoder"]
-    audio_enc = CNN14Encoder(out_dim=a_cfg["out_dim"], channels=a_cfg["channels"])
+    audio_enc = registered(AUDIO_ENCODERS, a_cfg["name"], "audio_encoder.name")(
+        out_dim=a_cfg["out_dim"], channels=a_cfg["channels"])
     if a_cfg["init"] == "prior":
         path = Path(cfg["paths"]["pretrained_dir"]) / a_cfg["weights"]
         try:
@@ -104,5 +116,6 @@ def build_model(cfg: dict, text_in_dim: int, table: torch.Tensor | None = None) 
         for module in (audio_enc.bn0, audio_enc.cnn, audio_enc.fc):
             for p in module.parameters():
                 p.requires_grad_(False)
-    text_enc = SentBERTBaseEncoder(text_in_dim, t_cfg["out_dim"], table)
+    text_enc = registered(TEXT_ENCODERS, t_cfg["name"], "text_encoder.name")(
+        text_in_dim, t_cfg["out_dim"], table)
     return DualEncoderModel(audio_enc, text_enc)
