@@ -47,6 +47,7 @@ def main() -> None:
     else:
         cfg = load_config(args.conf, args.overrides)
     train_utils.check_training_config(cfg)
+    cli.print_config_if_asked(args, cfg)  # --print-config: the resolved config, nothing else done
 
     with contextlib.ExitStack() as held, \
             dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
@@ -65,6 +66,7 @@ def main() -> None:
                 dist_utils.on_master(ctx, lambda: save_config(cfg, run_dir))
         else:
             run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
+        cli.advise_resume(run_dir)  # Ctrl-C from here on prints the exact --resume command
         try:
             # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
             dist_utils.on_master(ctx, lambda: provenance.record_invocation(
