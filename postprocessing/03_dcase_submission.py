@@ -49,6 +49,7 @@ def main():
     args, conf_cfg = utils.cli.parse(parser)
     run_dir = resolve_run_dir(args.run, conf_cfg)
     cfg = load_run_config(run_dir, args.overrides)
+    utils.cli.print_config_if_asked(args, cfg)
     audio_dir = Path(setting(args.audio_dir, "audio_dir", cfg, conf_cfg))
     captions_csv = Path(setting(args.captions, "captions", cfg, conf_cfg))
     out = Path(args.out) if args.out else Path(run_dir) / "submission.csv"
