@@ -1,54 +1,103 @@
-"""Free-text search: the top-k clips of a split for a caption you type, with their scores.
+"""Ask a trained run: the clips that match a text, or the captions that match a clip.
 
-    python postprocessing/query.py --run DIR [--split evaluation] [--top-k 10] "a dog barks in the rain"
+    python postprocessing/query.py "a dog barks in the rain"                 # clips of a split
+    python postprocessing/query.py --folder my_recordings/ "a dog barks"     # your own audio
+    python postprocessing/query.py --queries queries.txt --json              # one query per line
+    python postprocessing/query.py --audio my_recordings/garden.wav          # captions of a split
 
-The query is embedded with the run's sbert.model and text encoder; the split's clip embeddings
-are computed once and cached in <run>/cache/{split}_clip_embeds.npz (recomputed when the
-checkpoint changes).
+--run DIR picks the run (default: the newest in paths.output_dir of --conf); with --run the
+command works from any directory. The checkpoint is the run's eval.checkpoint (`best`), on
+eval.device. A split's clip embeddings are cached in <run>/cache/ and a folder's in
+<run>/cache/folders/, keyed on the checkpoint's content and, for a folder, on each file's name,
+size and modification time. The Python API behind this is models.retrieval.Retriever.
 """
+import sys
+from pathlib import Path
+
 import utils.cli
-from utils import evaluation
-from utils.data_utils import encode_split, features_dir
+from models.retrieval import Retriever, results_json
+from utils.config import load_config
 from utils.errors import UserError
-from utils.runs import checkpoint_path, load_run_config, resolve_run_dir
-from utils.train_utils import load_trained_model
-from utils.devices import resolve_device
+from utils.provenance import resolved_overrides
+from utils.runs import load_run_config, resolve_run_dir
+
+
+def read_queries(path: str) -> list[str]:
+    """One query per line (blank lines skipped); `-` reads standard input."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{path}: queries file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file (one query per line)") from None
+    queries = [line.strip() for line in text.splitlines() if line.strip()]
+    if not queries:
+        raise UserError(f"{path}: no queries in it (one query per line)")
+    return queries
+
+
+def print_table(retriever: Retriever, index: str, queries: list[str], results: list) -> None:
+    """One block per query: rank, score, clip (and the caption, for audio queries)."""
+    for query, hits in zip(queries, results):
+        print(f"\ntop {len(hits)} of {index} for: {query}")
+        for h in hits:
+            line = f"{h.rank:>3}  {h.score:+.4f}  {h.fname}"
+            print(line if h.caption is None else f"{line}  {h.caption}")
 
 
 def main():
     parser = utils.cli.make_parser(__doc__)
-    parser.add_argument("query", help="the text to search for")
+    parser.add_argument("text", nargs="*", help="the text to search for (quotes optional)")
     parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
-    parser.add_argument("--split", default="evaluation", help="split to search (default: evaluation)")
-    parser.add_argument("--top-k", type=int, default=10, help="clips to show (default: 10)")
-    args, cfg = utils.cli.parse(parser)
-    utils.cli.print_config_if_asked(args, load_run_config(resolve_run_dir(args.run, cfg), args.overrides))
-    query = args.query.strip()
-    if not query:
-        raise UserError("the query is empty: pass the text to search for, e.g. \"a dog barks\"")
+    parser.add_argument("--queries", metavar="FILE", help="search each line of FILE (- = stdin)")
+    parser.add_argument("--audio", nargs="+", metavar="FILE", help="find the captions of these clips")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--split", help="split to search (default: evaluation)")
+    where.add_argument("--folder", metavar="DIR", help="search the .wav/.flac files of DIR instead")
+    parser.add_argument("--top-k", type=int, default=10, help="results per query (default: 10)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+
+    # --conf is only read to find the newest run: with --run it may be absent (any directory)
+    run_dir = resolve_run_dir(args.run, None if args.run else load_config(args.conf, args.overrides))
+    overrides = resolved_overrides(run_dir, args.overrides)
+    utils.cli.print_config_if_asked(args, load_run_config(run_dir, overrides))
+    text = " ".join(args.text).strip()
+    asked = [name for name, given in (("TEXT", args.text), ("--queries", args.queries),
+                                      ("--audio", args.audio)) if given]
+    if len(asked) > 1:
+        raise UserError(f"give one of TEXT, --queries FILE or --audio FILE (got {' and '.join(asked)})")
+    if args.audio and args.folder:
+        raise UserError("--audio finds captions of a split; --folder only applies to text queries")
+    if not asked or (args.text and not text):
+        raise UserError("the query is empty: pass the text to search for, e.g. \"a dog barks\" "
+                        "(or --queries FILE, or --audio FILE)")
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    run_dir = resolve_run_dir(args.run, cfg)
-    cfg = load_run_config(run_dir, args.overrides)
-    which = cfg["eval"]["checkpoint"]
-    device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
-    model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
-    key = evaluation.checkpoint_key(checkpoint_path(run_dir, which))
+    queries = read_queries(args.queries) if args.queries else args.audio or [text]
 
-    cached = evaluation.load_clip_cache(run_dir, args.split, key)
-    if cached is None:
-        emb = encode_split(model, features_dir(cfg), args.split, tid2row,
-                           cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
-        path = evaluation.save_clip_cache(run_dir, args.split, emb.fnames, emb.fids, emb.audio, key)
-        fnames, clip_embeds = emb.fnames, emb.audio
-        print(f"cached {len(fnames)} clip embeddings in {path}")
+    # progress to stderr with --json, so that stdout is one JSON document
+    out = sys.stderr if args.json else sys.stdout
+    retriever = Retriever.from_run(run_dir, overrides=overrides,
+                                   which=load_run_config(run_dir, overrides)["eval"]["checkpoint"],
+                                   log=lambda message: print(message, file=out))
+    about = retriever.describe()
+    print(f"run {about['run']} · checkpoint {about['checkpoint']} (epoch {about['epoch']}, "
+          f"sha1 {about['checkpoint_sha1'][:10]}) · {about['device']}", file=out)
+    if args.audio:
+        index = retriever.caption_index(args.split)
+        results = retriever.captions_for(queries, args.top_k, split=args.split)
+        what = f"{len(index.captions)} {index.split} captions"
     else:
-        fnames, _, clip_embeds = cached
-    text = evaluation.embed_texts(cfg, model, [query], device)
-    idx, scores = evaluation.rank_clips(text, clip_embeds, args.top_k)
-    print(f"top {idx.shape[1]} of {len(fnames)} {args.split} clips for: {query}")
-    for rank, (j, score) in enumerate(zip(idx[0].tolist(), scores[0].tolist()), start=1):
-        print(f"{rank:>3}  {score:+.4f}  {fnames[j]}")
+        index = retriever.clip_index(args.split, args.folder)
+        results = retriever.search(queries, args.top_k, split=args.split, folder=args.folder)
+        what = f"{len(index.fnames)} clips of {index.source}"
+        for name, why in index.skipped:
+            print(f"skipped {name}: {why}", file=out)
+    if args.json:
+        print(results_json(retriever, what, queries, results))
+    else:
+        print_table(retriever, what, queries, results)
 
 
 if __name__ == "__main__":

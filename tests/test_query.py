@@ -1,86 +1,388 @@
-"""postprocessing/query.py: free-text search over a split, with a checkpoint-keyed embedding cache."""
+"""models.retrieval.Retriever and postprocessing/query.py on tiny data: the same numbers as the
+scoring pipeline (postprocessing/01), folder search and its cache, and every bad input."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from models.core import build_model
+from models.retrieval import Retriever
 from tests.cli_helpers import error_line
-from tests.test_postprocessing import make_run, run_script
-from utils import evaluation
+from tests.test_postprocessing import make_run
+from tests.tiny_data import REPO
+from tests.wav_fixtures import write_text_as_wav, write_wav
+from utils import evaluation, provenance, scores_db
+from utils.audio_utils import load_audio, log_mel
 from utils.checkpoint import save_checkpoint
-from utils.config import load_config
+from utils.config import load_config, save_config
+from utils.errors import UserError
 from utils.runs import checkpoint_path
+from utils.sbert import compute_sbert_embeddings
 
 QUERY = "postprocessing/query.py"
+SCORES = "postprocessing/01_xmodal_scores.py"
 BUNDLED = "bundled:all-MiniLM-L6-v2"
-LINE = re.compile(r"^\s*(\d+)\s+([+-]\d\.\d{4})\s+(\S+)$")
+SR = 16000
+LINE = re.compile(r"^\s*(\d+)\s+([+-]\d\.\d{4})\s+(\S+)(?:\s{2}(.*))?$")
+
+
+# --------------------------------------------------------------------------- the tiny run
+
+def _write_clip_wavs(data: Path, split: str) -> dict[str, Path]:
+    """A wav for every clip of a tiny split (tones and noises, 1.4-2 s at 16 kHz), and the
+    split's log-mels recomputed from them as step 02 does: {fname: wav}."""
+    wavs = {}
+    with h5py.File(data / f"{split}_audio_logmels.hdf5", "r+") as h5:
+        import pandas as pd
+
+        df = pd.read_csv(data / f"{split}_text.csv", dtype=str).drop_duplicates("fid")
+        for i, (fid, fname) in enumerate(zip(df["fid"], df["fname"])):
+            kind = "tone" if i % 2 else "noise"
+            path = write_wav(data / split / fname, seconds=1.4 + 0.1 * i, sr=SR, kind=kind, seed=i,
+                             freq=300.0 + 250 * i)
+            y, sr = load_audio(path)
+            del h5[fid]
+            h5[fid] = log_mel(y, sr)  # conf.yaml's features.*, as the run's config
+            wavs[fname] = path
+    return wavs
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    """A run on tiny data whose evaluation clips are real wavs and whose captions are embedded by
+    the bundled sentence model (as step 03), scored by postprocessing/01 -> (conf, run, wavs)."""
+    tmp = tmp_path_factory.mktemp("retrieval")
+    conf, run_dir = make_run(tmp, embed_dim=384, extra={"sbert": {"model": BUNDLED, "device": "cpu"}})
+    data = tmp / "data"
+    wavs = _write_clip_wavs(data, "evaluation")
+    compute_sbert_embeddings(data, ["development", "validation", "evaluation"], BUNDLED, device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [SCORES, "--conf", str(conf), "--run", str(run_dir)])
+        mp.chdir(REPO)
+        runpy.run_path(str(REPO / SCORES), run_name="__main__")
+    return conf, run_dir, wavs
+
+
+@pytest.fixture(scope="module")
+def scores(scored_run):
+    conf, run_dir, _ = scored_run
+    conn = scores_db.open_for_read(run_dir / "scores.db")
+    try:
+        return scores_db.read_split(conn, "evaluation", run_dir / "scores.db")
+    finally:
+        scores_db.close(conn)
+
+
+@pytest.fixture(scope="module")
+def retriever(scored_run):
+    return Retriever.from_run(scored_run[1])
 
 
 @pytest.fixture
-def q(tmp_path, monkeypatch, capsys):
-    conf, run_dir = make_run(tmp_path, embed_dim=384, extra={"sbert": {"model": BUNDLED, "device": "cpu"}})
-
-    def call(*args):
-        return run_script(QUERY, "--conf", conf, "--run", run_dir, *args, monkeypatch=monkeypatch,
-                          capsys=capsys)
-    return conf, run_dir, call
+def fresh_run(scored_run, tmp_path):
+    """A copy of the scored run (caches and all), for tests that change it."""
+    run = tmp_path / "run"
+    shutil.copytree(scored_run[1], run)
+    return scored_run[0], run, scored_run[2]
 
 
-def hits(stdout: str) -> list[tuple[int, float, str]]:
-    out = []
+def run_query(monkeypatch, capsys, *args, cwd=REPO) -> subprocess.CompletedProcess:
+    """query.py in-process (no interpreter start-up) from `cwd`."""
+    argv = [QUERY, *map(str, args)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = 0
+    try:
+        runpy.run_path(str(REPO / QUERY), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+@pytest.fixture
+def q(scored_run, monkeypatch, capsys):
+    conf, run_dir, wavs = scored_run
+
+    def call(*args, run=run_dir):
+        return run_query(monkeypatch, capsys, "--conf", conf, "--run", run, *args)
+    return call
+
+
+def table(stdout: str) -> list[list[tuple]]:
+    """The result blocks of query.py's table: [[(rank, score, fname, caption or None), ...]]."""
+    blocks = []
     for line in stdout.splitlines():
+        if line.startswith("top "):
+            blocks.append([])
+            continue
         m = LINE.match(line)
-        if m:
-            out.append((int(m.group(1)), float(m.group(2)), m.group(3)))
-    return out
+        if m and blocks:
+            blocks[-1].append((int(m.group(1)), float(m.group(2)), m.group(3), m.group(4)))
+    return blocks
 
 
-def test_query_top_k_and_cache(q):
-    conf, run_dir, call = q
-    p = call("--top-k", "3", "a dog barks in the rain")
+# --------------------------------------------------------------------------- same numbers as 01
+
+def test_search_gives_the_scoring_pipelines_scores(retriever, scores):
+    n_clips = len(scores.fids)
+    hits = retriever.search(scores.captions, top_k=n_clips, split="evaluation")  # every caption
+    for q, row in enumerate(hits):
+        got = {h.fname: h.score for h in row}
+        want = dict(zip(scores.fnames, scores.scores[q].tolist()))
+        assert got.keys() == want.keys()
+        assert max(abs(got[f] - want[f]) for f in want) < 1e-5, q
+        assert [h.rank for h in row] == list(range(1, n_clips + 1))
+        assert all(a.score >= b.score for a, b in zip(row, row[1:]))  # best first
+
+
+def test_captions_for_gives_the_scoring_pipelines_scores(retriever, scores, scored_run):
+    wavs = scored_run[2]
+    n_caps = len(scores.tids)
+    hits = retriever.captions_for([wavs[f] for f in scores.fnames], top_k=n_caps, split="evaluation")
+    for c, row in enumerate(hits):
+        got = {(h.caption, h.fname): h.score for h in row}
+        want = {(cap, scores.fnames[k]): v for cap, k, v in
+                zip(scores.captions, scores.caption_clip.tolist(), scores.scores[:, c].tolist())}
+        assert got.keys() == want.keys()
+        assert max(abs(got[k] - want[k]) for k in want) < 1e-5, c
+    # a clip's own captions carry its path; a single clip gives a single list
+    one = retriever.captions_for(wavs[scores.fnames[0]], top_k=3)
+    assert [h.rank for h in one] == [1, 2, 3] and all(h.path.endswith(h.fname) for h in one)
+
+
+def test_embed_audio_files_and_waveforms_agree(retriever, scored_run):
+    wavs = list(scored_run[2].values())[:3]
+    from_files = retriever.embed_audio(wavs)
+    assert from_files.shape == (3, 8) and from_files.dtype == np.float32
+    assert np.allclose(np.linalg.norm(from_files, axis=1), 1.0, atol=1e-5)  # L2-normalised
+    waves = [load_audio(p)[0] for p in wavs]
+    assert np.allclose(retriever.embed_audio(waves, sr=SR), from_files, atol=1e-6)
+    assert np.allclose(retriever.embed_audio(waves[0], sr=SR), from_files[:1], atol=1e-6)
+    assert np.allclose(retriever.embed_audio(torch.from_numpy(waves[1]), sr=SR)[0], from_files[1],
+                       atol=1e-6)
+    same_length = np.stack([w[:20000] for w in waves])  # [N, samples]
+    assert retriever.embed_audio(same_length, sr=SR).shape == (3, 8)
+
+
+def test_embed_text_batches(retriever):
+    one = retriever.embed_text("a dog barks")
+    many = retriever.embed_text(["a dog barks", "rain on a roof"])
+    assert one.shape == (1, 8) and many.shape == (2, 8)
+    assert np.allclose(one[0], many[0], atol=1e-5)
+
+
+def test_api_bad_inputs(retriever, tmp_path):
+    with pytest.raises(UserError, match="sample rate"):
+        retriever.embed_audio(np.zeros(16000, np.float32))
+    with pytest.raises(UserError, match=r"waveform 0 has shape \[2, 3, 4\]"):
+        retriever.embed_audio([np.zeros((2, 3, 4))], sr=SR)
+    with pytest.raises(UserError, match="missing"):
+        retriever.embed_audio(tmp_path / "absent.wav")
+    with pytest.raises(UserError, match="top_k must be"):
+        retriever.search("x", top_k=0)
+    with pytest.raises(UserError, match="not both"):
+        retriever.search("x", split="evaluation", folder=tmp_path)
+    with pytest.raises(UserError, match=r"split 'nope': no nope_text.csv .*splits of this run: "
+                                        r"development, validation, evaluation"):
+        retriever.search("x", split="nope")
+
+
+# --------------------------------------------------------------------------- folders and caches
+
+def test_folder_search_matches_the_split_and_is_cached(fresh_run, tmp_path):
+    conf, run, wavs = fresh_run
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for path in wavs.values():
+        shutil.copy2(path, folder / path.name)
+    messages = []
+    r = Retriever.from_run(run, log=messages.append)
+    in_split = r.search("a tone", top_k=3, split="evaluation")
+    in_folder = r.search("a tone", top_k=3, folder=folder)
+    assert [(h.fname, round(h.score, 5)) for h in in_folder] == \
+        [(h.fname, round(h.score, 5)) for h in in_split]
+    assert all(h.path == str(folder / h.fname) for h in in_folder)
+    cache = r.folder_cache_path(folder)
+    assert cache.is_file() and any(f"({len(wavs)} new)" in m for m in messages)
+
+    messages.clear()  # unchanged folder: from the cache, nothing encoded or written
+    again = r.search("a tone", top_k=3, folder=folder)
+    assert again == in_folder and messages == []
+
+    # one file changes, one is removed, one is added: only the new content is encoded
+    first = sorted(wavs)[0]
+    write_wav(folder / first, seconds=1.6, sr=SR, kind="tone", freq=2000.0)
+    os.utime(folder / first, ns=(1, 1))  # a changed mtime even on coarse-grained file systems
+    (folder / sorted(wavs)[1]).unlink()
+    write_wav(folder / "new.wav", seconds=1.5, sr=SR, kind="noise", seed=99)
+    index = r.clip_index(folder=folder)
+    assert any("(2 new)" in m for m in messages)
+    assert sorted(index.fnames) == sorted([f for f in wavs if f != sorted(wavs)[1]] + ["new.wav"])
+    direct = r.embed_audio([folder / f for f in index.fnames])
+    assert np.allclose(index.embeds, direct, atol=1e-6)
+
+
+def test_folder_cache_of_another_checkpoint_is_recomputed(fresh_run, tmp_path):
+    conf, run, wavs = fresh_run
+    folder = tmp_path / "mine"
+    shutil.copytree(next(iter(wavs.values())).parent, folder)
+    before = Retriever.from_run(run).clip_index(folder=folder).embeds
+    cfg = load_config(run / "config.yaml")
+    torch.manual_seed(123)
+    save_checkpoint(checkpoint_path(run, "best"), {"model": build_model(cfg, text_in_dim=384).state_dict(),
+                                                    "epoch": 5, "text_embed_dim": 384})
+    messages = []
+    after = Retriever.from_run(run, log=messages.append).clip_index(folder=folder).embeds
+    assert not np.allclose(before, after) and any("new)" in m for m in messages)
+
+
+def test_bad_file_in_folder_is_listed_or_skipped(fresh_run, tmp_path, monkeypatch, capsys):
+    conf, run, wavs = fresh_run
+    folder = tmp_path / "mine"
+    shutil.copytree(next(iter(wavs.values())).parent, folder)
+    write_text_as_wav(folder / "broken.wav")
+    p = run_query(monkeypatch, capsys, "--run", run, "--folder", folder, "a tone")
+    line = error_line(p)
+    assert "broken.wav" in line and "--set data.skip_bad_audio=true" in line
+    # the advice works: the file is skipped and named
+    p = run_query(monkeypatch, capsys, "--run", run, "--folder", folder, "--set",
+                  "data.skip_bad_audio=true", "a tone")
     assert p.returncode == 0, p.stderr
-    top = hits(p.stdout)
-    assert [r for r, _, _ in top] == [1, 2, 3]
-    assert all(a >= b for (_, a, _), (_, b, _) in zip(top, top[1:]))  # best first
-    assert all(name.startswith("evaluation_") for _, _, name in top)
-    cache = evaluation.cache_path(run_dir, "evaluation")
-    assert cache.is_file() and "cached" in p.stdout
-
-    p2 = call("--top-k", "3", "a dog barks in the rain")  # from the cache: same answer
-    assert p2.returncode == 0 and "cached" not in p2.stdout
-    assert hits(p2.stdout) == top
-
-    p3 = call("--split", "validation", "--top-k", "50", "birds")  # k larger than the split
-    assert p3.returncode == 0, p3.stderr
-    assert len(hits(p3.stdout)) == 6
+    assert "skipped broken.wav" in p.stdout and len(table(p.stdout)[0]) == 6
 
 
-def test_stale_cache_is_recomputed(q):
-    conf, run_dir, call = q
-    assert call("anything").returncode == 0
-    before = np.load(evaluation.cache_path(run_dir, "evaluation"))["embeds"]
-    cfg = load_config(run_dir / "config.yaml")
+def test_run_folder_that_takes_no_cache_still_answers(fresh_run, monkeypatch):
+    """A read-only (or full) run folder: the cache is not written, the answer still comes."""
+    conf, run, wavs = fresh_run
+    shutil.rmtree(run / "cache")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(evaluation, "save_clip_cache", refuse)
+    messages = []
+    hits = Retriever.from_run(run, log=messages.append).search("a tone", top_k=2)
+    assert len(hits) == 2 and messages == ["not cached (6 evaluation clip embeddings): "
+                                           "Permission denied"]
+    assert not (run / "cache").exists()
+
+
+def test_stale_split_cache_is_recomputed(fresh_run):
+    conf, run, wavs = fresh_run
+    before = np.load(evaluation.cache_path(run, "evaluation"))["embeds"]
+    cfg = load_config(run / "config.yaml")
     torch.manual_seed(123)  # another checkpoint in the same place
-    model = build_model(cfg, text_in_dim=384)
-    save_checkpoint(checkpoint_path(run_dir, "best"), {"model": model.state_dict(), "epoch": 5,
-                                                        "text_embed_dim": 384})
-    p = call("anything")
-    assert p.returncode == 0 and "cached" in p.stdout
-    after = np.load(evaluation.cache_path(run_dir, "evaluation"))["embeds"]
+    save_checkpoint(checkpoint_path(run, "best"), {"model": build_model(cfg, text_in_dim=384).state_dict(),
+                                                    "epoch": 5, "text_embed_dim": 384})
+    messages = []
+    Retriever.from_run(run, log=messages.append).search("anything", top_k=1)
+    assert any(m.startswith("cached 6 evaluation clip embeddings") for m in messages)
+    after = np.load(evaluation.cache_path(run, "evaluation"))["embeds"]
     assert not np.allclose(before, after)
 
 
-@pytest.mark.parametrize("text", ["", "   \t "])
-def test_empty_query(q, text):
-    conf, run_dir, call = q
-    assert "query is empty" in error_line(call(text))
+# --------------------------------------------------------------------------- query.py
+
+def test_query_table_matches_the_api(q, retriever, scored_run):
+    p = q("--top-k", "3", "a", "high", "tone")  # unquoted words make one query
+    assert p.returncode == 0, p.stderr
+    assert f"run {scored_run[1]} · checkpoint best (epoch 2, sha1 " in p.stdout
+    assert "top 3 of 6 clips of split evaluation for: a high tone" in p.stdout
+    [block] = table(p.stdout)
+    want = retriever.search("a high tone", top_k=3)
+    assert [(r, n) for r, _, n, _ in block] == [(h.rank, h.fname) for h in want]
+    assert [s for _, s, _, _ in block] == pytest.approx([h.score for h in want], abs=1e-4)
 
 
-def test_query_without_checkpoint(q):
-    conf, run_dir, call = q
-    checkpoint_path(run_dir, "best").unlink()
-    assert "no checkpoint" in error_line(call("a dog"))
+def test_query_json_batch_from_a_file(q, retriever, tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a high tone\n\n  rain on a roof  \n", encoding="utf-8")
+    p = q("--queries", queries, "--json", "--top-k", "2", "--split", "validation")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # stdout is only the JSON document
+    assert doc["checkpoint"] == "best" and doc["epoch"] == 2 and len(doc["checkpoint_sha1"]) == 40
+    assert doc["index"] == "6 clips of split validation"
+    assert [r["query"] for r in doc["results"]] == ["a high tone", "rain on a roof"]
+    want = retriever.search(["a high tone", "rain on a roof"], top_k=2, split="validation")
+    for got, hits in zip(doc["results"], want):
+        assert [h["fname"] for h in got["hits"]] == [h.fname for h in hits]
+        assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in hits], abs=1e-6)
+    assert "run " in p.stderr  # which run answered: on stderr with --json
+
+
+def test_query_audio_gives_captions(q, retriever, scored_run):
+    wav = sorted(scored_run[2].values())[0]
+    p = q("--audio", wav, "--top-k", "4")
+    assert p.returncode == 0, p.stderr
+    assert "top 4 of 30 evaluation captions for: " in p.stdout
+    [block] = table(p.stdout)
+    want = retriever.captions_for(wav, top_k=4)
+    assert [(n, c) for _, _, n, c in block] == [(h.fname, h.caption) for h in want]
+    p = q("--audio", wav, wav, "--json", "--top-k", "1")
+    assert [len(r["hits"]) for r in json.loads(p.stdout)["results"]] == [1, 1]
+    assert json.loads(p.stdout)["results"][0]["hits"][0]["caption"] == want[0].caption
+
+
+def test_query_from_another_directory_with_relative_paths(scored_run, tmp_path, monkeypatch, capsys):
+    """A run trained in <tmp>/proj with `paths.dataset_dir: data`, queried from elsewhere with
+    --run only (no conf.yaml there)."""
+    conf, run_dir, _ = scored_run
+    proj = tmp_path / "proj"
+    shutil.copytree(Path(load_config(conf)["paths"]["dataset_dir"]), proj / "data")
+    run = proj / "outputs" / "r1"
+    shutil.copytree(run_dir, run)
+    cfg = load_config(run / "config.yaml", ["paths.dataset_dir=data", "paths.output_dir=outputs"])
+    save_config(cfg, run)
+    monkeypatch.chdir(proj)
+    provenance.record_invocation(run, "cpu")  # what main.py records: the training directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = run_query(monkeypatch, capsys, "--run", run, "--top-k", "2", "a tone", cwd=elsewhere)
+    assert p.returncode == 0, p.stderr
+    assert len(table(p.stdout)[0]) == 2
+    p = run_query(monkeypatch, capsys, "--run", run, "--print-config", cwd=elsewhere)
+    assert p.returncode == 0 and f"dataset_dir: {proj / 'data'}" in p.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([""], "query is empty"),
+    (["   \t "], "query is empty"),
+    ([], "query is empty"),
+    (["--top-k", "0", "x"], "--top-k must be at least 1"),
+    (["text", "--audio", "a.wav"], "give one of TEXT, --queries FILE or --audio FILE"),
+    (["--split", "nope", "x"], "split 'nope': no nope_text.csv"),
+])
+def test_query_bad_arguments(q, args, needle):
+    assert needle in error_line(q(*args))
+
+
+def test_query_bad_files(q, tmp_path, scored_run):
+    assert "queries file not found" in error_line(q("--queries", tmp_path / "absent.txt"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert "no queries in it" in error_line(q("--queries", tmp_path / "blank.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert "not a UTF-8 text file" in error_line(q("--queries", tmp_path / "latin1.txt"))
+    assert "absent.wav (missing)" in error_line(q("--audio", tmp_path / "absent.wav"))
+    assert "audio folder not found" in error_line(q("--folder", tmp_path / "nowhere", "x"))
+    (tmp_path / "empty").mkdir()
+    assert "no audio files" in error_line(q("--folder", tmp_path / "empty", "x"))
+    wav = next(iter(scored_run[2].values()))
+    assert "--folder only applies to text" in error_line(q("--audio", wav, "--folder", tmp_path))
+
+
+def test_query_without_checkpoint(fresh_run, monkeypatch, capsys):
+    conf, run, _ = fresh_run
+    checkpoint_path(run, "best").unlink()
+    assert "no checkpoint" in error_line(run_query(monkeypatch, capsys, "--run", run, "a dog"))

@@ -372,8 +372,11 @@ def write_split_files(run_dir: str | Path, s: ScoredSplit, r: SplitResult, top_k
 # --------------------------------------------------------------------------- new clips and captions
 
 @torch.no_grad()
-def encode_sentence_embeddings(model, embeds: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+def encode_sentence_embeddings(model, embeds: np.ndarray, batch_size: int, device: str,
+                               amp: str = "off") -> np.ndarray:
     """model.text_branch on raw sentence embeddings float `[N, D]` -> float32 `[N, E]`."""
+    from utils.data_utils import inference_autocast
+
     in_dim = model.text_enc.in_dim
     if embeds.ndim != 2 or embeds.shape[1] != in_dim:
         raise UserError(f"the sentence model gives {embeds.shape[-1]}-d embeddings but the run's "
@@ -383,17 +386,21 @@ def encode_sentence_embeddings(model, embeds: np.ndarray, batch_size: int, devic
     parts = []
     for s in range(0, len(embeds), batch_size):
         x = torch.as_tensor(embeds[s:s + batch_size], dtype=torch.float32, device=device)
-        parts.append(model.text_branch(x).float().cpu().numpy())
+        with inference_autocast(device, amp):
+            parts.append(model.text_branch(x).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, model.text_enc.out_dim), np.float32)
 
 
-def embed_texts(cfg: dict, model, texts: list[str], device: str) -> np.ndarray:
-    """Captions -> the run's sentence model (same code as preprocessing 03) -> text_branch."""
+def embed_texts(cfg: dict, model, texts: list[str], device: str, sbert=None) -> np.ndarray:
+    """Captions -> the run's sentence model (same code as preprocessing 03) -> text_branch.
+    `sbert`: an already loaded sentence model (else sbert.model is loaded for this call)."""
     from utils.sbert import encode_captions, load_sentence_model
 
-    sbert = load_sentence_model(cfg["sbert"]["model"], cfg["sbert"]["device"])
-    raw = encode_captions(sbert, texts, cfg["sbert"]["batch_size"])
-    return encode_sentence_embeddings(model, raw, cfg["eval"]["batch_size"], device)
+    if sbert is None:
+        sbert = load_sentence_model(cfg["sbert"]["model"], cfg["sbert"]["device"])
+    raw = encode_captions(sbert, list(texts), cfg["sbert"]["batch_size"])
+    return encode_sentence_embeddings(model, raw, cfg["eval"]["batch_size"], device,
+                                      cfg["eval"]["amp"])
 
 
 AUDIO_SUFFIXES = (".wav", ".flac")
@@ -438,6 +445,67 @@ def read_caption_csv(path: str | Path, column: str = "caption") -> list[str]:
     return captions
 
 
+def waveform_logmel(y: np.ndarray, sr: int, features_cfg: dict) -> np.ndarray:
+    """A mono waveform -> float32 log-mel `[T, n_mels]`, exactly as preprocessing 02 computes it
+    (utils.audio_utils.log_mel with the run's features.*). Raises ValueError when there is none
+    (e.g. a sample rate too low for the window) or it is not finite."""
+    from librosa.util.exceptions import LibrosaError
+
+    from utils.audio_utils import log_mel
+
+    try:
+        x = log_mel(np.asarray(y, dtype=np.float32), int(sr), features_cfg["window_s"],
+                    features_cfg["hop_s"], features_cfg["n_mels"])
+    except (ArithmeticError, LibrosaError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+    if not np.isfinite(x).all():
+        raise ValueError("the log-mel holds NaN/inf")
+    return x
+
+
+def file_logmels(files: Sequence[Path], features_cfg: dict, progress: bool = True
+                 ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
+    """Read and log-mel every file: (log-mels `[T_i, F]`, their files, (name, reason) of the
+    unusable ones: missing, empty, unreadable, no log-mel)."""
+    from utils.audio_utils import AudioError, load_audio
+
+    feats, good, bad = [], [], []
+    for path in tqdm(files, desc="log-mel", unit="clip", disable=not progress or len(files) < 2):
+        path = Path(path)
+        try:
+            y, sr = load_audio(path)
+            feats.append(waveform_logmel(y, sr, features_cfg))
+        except AudioError as e:
+            bad.append((path.name, e.reason + (f": {e.detail}" if e.detail else "")))
+            continue
+        except ValueError as e:
+            bad.append((path.name, f"no log-mel: {str(e).strip().splitlines()[0] if str(e) else ''}"))
+            continue
+        good.append(path)
+    return feats, good, bad
+
+
+@torch.no_grad()
+def encode_logmels(model, feats: Sequence[np.ndarray], batch_size: int, device,
+                   amp: str = "off", progress: bool = True) -> np.ndarray:
+    """model.audio_branch on log-mels `[T_i, F]` -> float32 `[N, E]`, in the input order.
+
+    Clips of exactly equal length share a batch (data_utils.equal_length_batches, as scoring
+    does): padding would change the encoder's mean/max pooling, so a clip's embedding never
+    depends on its neighbours."""
+    from utils.data_utils import equal_length_batches, inference_autocast
+
+    model.eval()
+    out = np.zeros((len(feats), model.text_enc.out_dim), dtype=np.float32)  # the joint space's E
+    batches = equal_length_batches([len(x) for x in feats], batch_size)
+    for idx in tqdm(batches, desc="encode audio", unit="batch",
+                    disable=not progress or len(batches) < 2):
+        x = torch.from_numpy(np.stack([feats[i] for i in idx])).to(device)  # [B, T, F]
+        with inference_autocast(device, amp):
+            out[idx] = model.audio_branch(x).float().cpu().numpy()
+    return out
+
+
 @dataclass
 class EncodedAudio:
     fnames: list[str]             # the clips that were encoded, in order
@@ -445,41 +513,22 @@ class EncodedAudio:
     bad: list[tuple[str, str]]    # (file name, reason) of unusable files
 
 
-@torch.no_grad()
 def encode_audio_files(model, files: Sequence[Path], features_cfg: dict, device: str,
-                       skip_bad: bool, amp: str = "off") -> EncodedAudio:
-    """Log-mel every file (utils.audio_utils, as preprocessing 02) and run audio_branch on it.
+                       skip_bad: bool, amp: str = "off", batch_size: int = 32) -> EncodedAudio:
+    """Log-mel every file (as preprocessing 02) and run audio_branch on it (encode_logmels).
 
-    All files are read first: unusable ones (missing, empty, unreadable) stop with one line
-    listing every one of them, unless `skip_bad`, which drops and returns them in `.bad`.
-    One clip per forward pass: clips have different lengths and padding would change the
-    encoder's mean/max pooling.
+    All files are read first: unusable ones (missing, empty, unreadable, no log-mel) stop with
+    one line listing every one of them, unless `skip_bad`, which drops and returns them in `.bad`.
     """
-    from utils.audio_utils import AudioError, load_audio, log_mel
-    from utils.data_utils import inference_autocast
-
-    feats, names, bad = [], [], []
-    for path in tqdm(files, desc="log-mel", unit="clip"):
-        try:
-            y, sr = load_audio(path)
-        except AudioError as e:
-            bad.append((path.name, e.reason + (f": {e.detail}" if e.detail else "")))
-            continue
-        feats.append(log_mel(y, sr, features_cfg["window_s"], features_cfg["hop_s"],
-                             features_cfg["n_mels"]))
-        names.append(path.name)
+    feats, good, bad = file_logmels(files, features_cfg)
     if bad and not skip_bad:
         listed = "; ".join(f"{n} ({why})" for n, why in bad[:20]) + (" ..." if len(bad) > 20 else "")
         raise UserError(f"{Path(files[0]).parent}: {len(bad)} unusable audio file(s): {listed} "
                         "(set data.skip_bad_audio=true to skip them)")
     if not feats:
         raise UserError(f"{Path(files[0]).parent}: none of the {len(files)} audio files is usable")
-    model.eval()
-    out = []
-    for x in tqdm(feats, desc="encode audio", unit="clip"):
-        with inference_autocast(device, amp):
-            out.append(model.audio_branch(torch.from_numpy(x)[None].to(device)).float().cpu().numpy())
-    return EncodedAudio(fnames=names, embeds=np.concatenate(out).astype(np.float32), bad=bad)
+    return EncodedAudio(fnames=[p.name for p in good],
+                        embeds=encode_logmels(model, feats, batch_size, device, amp), bad=bad)
 
 
 def write_skipped_report(path: str | Path, bad: list[tuple[str, str]]) -> Path:

@@ -1,0 +1,374 @@
+"""Python inference API of a trained run: embed text and audio, search clips, find captions.
+
+    from models.retrieval import Retriever
+
+    r = Retriever.from_run("outputs/demo/demo-20261125-101500")    # best checkpoint
+    r.search("a fast high beep followed by heavy rain", top_k=5)      # clips of a split
+    r.search("birdsong", folder="my_recordings/")                   # any folder of audio
+    r.captions_for("my_recordings/garden.wav", top_k=5)             # a split's captions
+    r.embed_text(["rain on a roof"]), r.embed_audio(["a.wav"])      # float32 [N, E], L2-normed
+
+The numbers are the scoring pipeline's (postprocessing/01): the same model and checkpoint,
+log-mels by preprocessing 02's code (`features.*` of the run), captions through the run's
+`sbert.model` as preprocessing 03 embeds them, on `eval.device` in fp32 unless `eval.amp` says
+otherwise; a split's clips and captions come from the step 01-03 files, as scoring reads them.
+
+Clip embeddings are cached in the run folder and keyed on the checkpoint's content (sha1):
+`cache/{split}_clip_embeds.npz` (shared with postprocessing/01) and, for a folder,
+`cache/folders/<hash of its path>.npz`, where each file is identified by (name, size, mtime):
+changed or new files are encoded again, removed ones dropped, the others reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from utils import evaluation
+from utils.errors import UserError
+
+DEFAULT_SPLIT = "evaluation"
+FOLDER_CACHE_DIR = ("cache", "folders")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result. For a clip: `caption` is None. For a caption: `fname` and `path` are the clip
+    it describes. `path`: the audio file where it is known to exist, else None."""
+    rank: int
+    score: float
+    fname: str
+    caption: str | None = None
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ClipIndex:
+    """Clips to search: fnames `[C]`, embeds float32 `[C, E]`, paths `[C]` (None when unknown),
+    `skipped`: (file name, reason) of unusable files left out (a folder with
+    data.skip_bad_audio), `source`: what was indexed, in words."""
+    source: str
+    fnames: list[str]
+    embeds: np.ndarray
+    paths: list[str | None]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class CaptionIndex:
+    """A split's captions: captions (raw text) `[Q]`, fnames (the clip of each) `[Q]`,
+    paths `[Q]`, embeds float32 `[Q, E]`."""
+    split: str
+    captions: list[str]
+    fnames: list[str]
+    paths: list[str | None]
+    embeds: np.ndarray
+
+
+def _is_batch(x) -> bool:
+    """A list/tuple of queries (or a 2-D array of waveforms), as opposed to a single one."""
+    return isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.ndim == 2)
+
+
+class Retriever:
+    """A trained run ready for queries. Build it with `Retriever.from_run(run_dir)`."""
+
+    def __init__(self, model, cfg: dict, run_dir: Path, which: str, checkpoint: Path,
+                 epoch: int | None, device: str, tid2row: dict[str, int],
+                 log: Callable[[str], None] | None = None):
+        self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
+        self.which, self.checkpoint, self.epoch = which, Path(checkpoint), epoch
+        self.device, self.tid2row = device, tid2row
+        self.log = log or (lambda message: None)
+        self._key: str | None = None
+        self._sbert = None
+        self._captions: dict[str, CaptionIndex] = {}
+        self._clips: dict[str, ClipIndex] = {}
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "best", device: str | None = None,
+                 overrides: Sequence[str] = (), log: Callable[[str], None] | None = None
+                 ) -> "Retriever":
+        """Load `<run_dir>/checkpoints/<which>.pt` with the run's config (plus `overrides`,
+        e.g. "eval.amp=bf16"). Relative paths of the config that do not exist from the current
+        directory are found from the directory the run was trained in (utils.provenance).
+        `device`: default the config's eval.device. `log`: called with progress messages."""
+        from utils.devices import resolve_device
+        from utils.provenance import resolved_overrides
+        from utils.runs import checkpoint_path, load_run_config, resolve_run_dir
+        from utils.train_utils import load_trained_model
+
+        run_dir = resolve_run_dir(run_dir, {})
+        overrides = resolved_overrides(run_dir, overrides)
+        cfg = load_run_config(run_dir, overrides)
+        device = device or resolve_device(cfg["eval"]["device"], "eval.device")
+        model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
+        ckpt = checkpoint_path(run_dir, which)
+        return cls(model, cfg, run_dir, which, ckpt, evaluation.checkpoint_epoch(ckpt), device,
+                   tid2row, log)
+
+    # ----------------------------------------------------------------------- identity
+
+    @property
+    def key(self) -> str:
+        """sha1 of the checkpoint file: what the caches are keyed on."""
+        if self._key is None:
+            self._key = evaluation.checkpoint_key(self.checkpoint)
+        return self._key
+
+    def describe(self) -> dict:
+        """Which run, checkpoint and device answer: for printing and for JSON output."""
+        return {"run": str(self.run_dir), "checkpoint": self.which,
+                "checkpoint_file": str(self.checkpoint), "epoch": self.epoch,
+                "checkpoint_sha1": self.key, "device": str(self.device)}
+
+    # ----------------------------------------------------------------------- embeddings
+
+    def embed_text(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Texts -> float32 `[N, E]` (the run's sentence model, then its text projection)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self._sbert is None and texts:
+            from utils.sbert import load_sentence_model
+
+            self._sbert = load_sentence_model(self.cfg["sbert"]["model"], self.cfg["sbert"]["device"])
+        return evaluation.embed_texts(self.cfg, self.model, texts, self.device, sbert=self._sbert)
+
+    def embed_audio(self, audio, sr: int | None = None) -> np.ndarray:
+        """Audio -> float32 `[N, E]`. `audio`: a file path or a list of them (any format
+        libsndfile reads; several channels are averaged), or waveforms: a 1-D array, a list of
+        1-D arrays or a 2-D array `[N, samples]`, mono at rate `sr` (the training data's rate
+        gives the training data's features: 44.1 kHz for Clotho). An unusable file or
+        waveform is a UserError naming it."""
+        feats = self._logmels(audio, sr)
+        return evaluation.encode_logmels(self.model, feats, self.cfg["eval"]["batch_size"],
+                                         self.device, self.cfg["eval"]["amp"], progress=False)
+
+    def _logmels(self, audio, sr: int | None) -> list[np.ndarray]:
+        fcfg = self.cfg["features"]
+        items = list(audio) if _is_batch(audio) else [audio]
+        if not items:
+            return []
+        if all(isinstance(a, (str, os.PathLike)) for a in items):
+            files = [Path(a) for a in items]
+            feats, good, bad = evaluation.file_logmels(files, fcfg, progress=False)
+            if bad:  # in input order, as file_logmels reports them
+                unusable = [f for f in files if f not in set(good)]
+                listed = "; ".join(f"{f} ({why})" for f, (_, why) in zip(unusable, bad))
+                raise UserError(f"unusable audio: {listed}")
+            return feats
+        if sr is None:
+            raise UserError("embed_audio: waveforms need their sample rate (sr=...)")
+        feats = []
+        for i, y in enumerate(items):
+            y = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.float32)
+            if y.ndim != 1 or y.size == 0:
+                raise UserError(f"embed_audio: waveform {i} has shape {list(y.shape)}; expected a "
+                                "non-empty mono signal [samples]")
+            try:
+                feats.append(evaluation.waveform_logmel(y, sr, fcfg))
+            except ValueError as e:
+                raise UserError(f"embed_audio: waveform {i}: no log-mel ({e})") from None
+        return feats
+
+    # ----------------------------------------------------------------------- indexes
+
+    def _features_dir(self) -> Path:
+        from utils.data_utils import features_dir
+
+        return features_dir(self.cfg)
+
+    def _check_split(self, split: str) -> None:
+        from utils.data_utils import text_csv_path
+
+        if not text_csv_path(self._features_dir(), split).is_file():
+            raise UserError(f"split '{split}': no {split}_text.csv in {self._features_dir()} "
+                            f"(splits of this run: {', '.join(self.cfg['data']['splits'])})")
+
+    def _clip_path(self, split: str, fname: str) -> str | None:
+        path = Path(self.cfg["paths"]["dataset_dir"]) / split / fname
+        return str(path) if path.is_file() else None
+
+    def clip_index(self, split: str | None = None, folder: str | Path | None = None) -> ClipIndex:
+        """The clips of a split (default "evaluation") or of a folder (its .wav/.flac files,
+        not recursive), with their embeddings: from the cache when it is current."""
+        if split is not None and folder is not None:
+            raise UserError("search one split or one folder, not both")
+        if folder is not None:
+            return self._folder_index(Path(folder))
+        split = split or DEFAULT_SPLIT
+        if split not in self._clips:
+            self._clips[split] = self._split_index(split)
+        return self._clips[split]
+
+    def _split_index(self, split: str) -> ClipIndex:
+        from utils.data_utils import encode_split
+
+        self._check_split(split)
+        cached = evaluation.load_clip_cache(self.run_dir, split, self.key,
+                                            dim=self.model.text_enc.out_dim)
+        if cached is not None:
+            fnames, _, embeds = cached
+        else:
+            emb = encode_split(self.model, self._features_dir(), split, self.tid2row,
+                               self.cfg["eval"]["batch_size"], self.device,
+                               amp=self.cfg["eval"]["amp"])
+            fnames, embeds = emb.fnames, emb.audio
+            self._try_cache(lambda: evaluation.save_clip_cache(self.run_dir, split, emb.fnames,
+                                                               emb.fids, emb.audio, self.key),
+                            f"{len(fnames)} {split} clip embeddings")
+        return ClipIndex(f"split {split}", list(fnames), embeds,
+                         [self._clip_path(split, f) for f in fnames])
+
+    def caption_index(self, split: str | None = None) -> CaptionIndex:
+        """A split's captions (default "evaluation") embedded as scoring embeds them: their
+        step-03 sentence embeddings through the run's text projection."""
+        from utils.data_utils import encode_text_rows, read_text_csv
+
+        split = split or DEFAULT_SPLIT
+        if split not in self._captions:
+            self._check_split(split)
+            df = read_text_csv(self._features_dir(), split)
+            missing = [t for t in df["tid"] if t not in self.tid2row]
+            if missing:
+                raise UserError(f"split '{split}': {len(missing)} caption(s) without a sentence "
+                                f"embedding (tid {missing[0]}) — rerun preprocessing/03_sbert_embeddings.py")
+            rows = np.array([self.tid2row[t] for t in df["tid"]], dtype=np.int64)
+            embeds = encode_text_rows(self.model, rows, self.cfg["eval"]["batch_size"], self.device,
+                                      self.cfg["eval"]["amp"])
+            fnames = list(df["fname"])
+            paths = {f: self._clip_path(split, f) for f in set(fnames)}
+            self._captions[split] = CaptionIndex(split, list(df["raw_text"]), fnames,
+                                                 [paths[f] for f in fnames], embeds)
+        return self._captions[split]
+
+    def folder_cache_path(self, folder: str | Path) -> Path:
+        digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+        return self.run_dir.joinpath(*FOLDER_CACHE_DIR, f"{digest}.npz")
+
+    def _folder_index(self, folder: Path) -> ClipIndex:
+        files = evaluation.list_audio_files(folder)
+        stats = [f.stat() for f in files]
+        ident = [(f.name, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)]
+        cache = self.folder_cache_path(folder)
+        known = _read_folder_cache(cache, self.key, self.model.text_enc.out_dim)
+        todo = [f for f, i in zip(files, ident) if i not in known]
+        fresh: dict[tuple, np.ndarray] = {}
+        bad: list[tuple[str, str]] = []
+        if todo:
+            feats, good, bad = evaluation.file_logmels(todo, self.cfg["features"])
+            if bad and not self.cfg["data"]["skip_bad_audio"]:
+                listed = "; ".join(f"{n} ({why})" for n, why in bad[:20]) + \
+                    (" ..." if len(bad) > 20 else "")
+                raise UserError(f"{folder}: {len(bad)} unusable audio file(s): {listed} "
+                                "(--set data.skip_bad_audio=true skips them)")
+            embeds = evaluation.encode_logmels(self.model, feats, self.cfg["eval"]["batch_size"],
+                                               self.device, self.cfg["eval"]["amp"])
+            by_name = {f.name: i for f, i in zip(files, ident)}
+            fresh = {by_name[p.name]: e for p, e in zip(good, embeds)}
+        rows = [(i, f, known.get(i, fresh.get(i))) for f, i in zip(files, ident)]
+        rows = [(i, f, e) for i, f, e in rows if e is not None]  # unusable files are left out
+        if not rows:
+            raise UserError(f"{folder}: none of the {len(files)} audio files is usable")
+        if fresh or len(known) != len(rows):
+            self._try_cache(lambda: _write_folder_cache(cache, folder, self.key, rows),
+                            f"{len(rows)} clip embeddings of {folder} ({len(fresh)} new)")
+        return ClipIndex(f"folder {folder}", [f.name for _, f, _ in rows],
+                         np.stack([e for _, _, e in rows]).astype(np.float32),
+                         [str(f) for _, f, _ in rows], bad)
+
+    def _try_cache(self, write: Callable[[], Path], what: str) -> None:
+        """Write a cache; a run folder that cannot take it (read-only, full) only costs time."""
+        try:
+            path = write()
+        except OSError as e:
+            self.log(f"not cached ({what}): {e.strerror or e}")
+            return
+        self.log(f"cached {what} in {path}")
+
+    # ----------------------------------------------------------------------- queries
+
+    def search(self, text: str | Sequence[str], top_k: int = 10, split: str | None = None,
+               folder: str | Path | None = None) -> list[Hit] | list[list[Hit]]:
+        """The top_k clips for a text (a list of Hit, best first), or for each of a list of
+        texts (a list of such lists), over a split (default "evaluation") or a folder."""
+        _check_top_k(top_k)
+        index = self.clip_index(split, folder)
+        texts = [text] if isinstance(text, str) else list(text)
+        idx, scores = evaluation.rank_clips(self.embed_text(texts), index.embeds, top_k)
+        out = [[Hit(r + 1, float(sc), index.fnames[j], None, index.paths[j])
+                for r, (j, sc) in enumerate(zip(row_i.tolist(), row_s.tolist()))]
+               for row_i, row_s in zip(idx, scores)]
+        return out if not isinstance(text, str) else out[0]
+
+    def captions_for(self, audio, top_k: int = 10, split: str | None = None,
+                     sr: int | None = None) -> list[Hit] | list[list[Hit]]:
+        """The top_k captions of a split (default "evaluation") for a clip (a list of Hit, best
+        first), or for each of several clips; `audio` as for embed_audio."""
+        _check_top_k(top_k)
+        index = self.caption_index(split)
+        queries = self.embed_audio(audio, sr)                           # [N, E]
+        idx, scores = evaluation.rank_clips(queries, index.embeds, top_k)
+        out = [[Hit(r + 1, float(sc), index.fnames[j], index.captions[j], index.paths[j])
+                for r, (j, sc) in enumerate(zip(row_i.tolist(), row_s.tolist()))]
+               for row_i, row_s in zip(idx, scores)]
+        return out if _is_batch(audio) else out[0]
+
+
+def _check_top_k(top_k: int) -> None:
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+        raise UserError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+
+
+# --------------------------------------------------------------------------- folder cache
+
+def _read_folder_cache(path: Path, key: str, dim: int) -> dict[tuple, np.ndarray]:
+    """{(name, size, mtime_ns): embedding [E]} of a folder cache made by checkpoint `key`;
+    {} when absent, stale (another checkpoint) or not a cache we wrote."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = str(z["checkpoint_sha1"])
+            names, sizes, mtimes, embeds = z["names"], z["sizes"], z["mtimes"], z["embeds"]
+    except Exception:  # truncated, crafted, older layout: recompute
+        return {}
+    n = len(names)
+    if (stored != key or names.dtype.kind != "U" or sizes.shape != (n,) or mtimes.shape != (n,)
+            or embeds.ndim != 2 or embeds.shape != (n, dim) or not np.isfinite(embeds).all()):
+        return {}
+    return {(str(a), int(b), int(c)): e.astype(np.float32)
+            for a, b, c, e in zip(names.tolist(), sizes.tolist(), mtimes.tolist(), embeds)}
+
+
+def _write_folder_cache(path: Path, folder: Path, key: str, rows: list) -> Path:
+    from utils.io_utils import atomic_path
+
+    idents = [i for i, _, _ in rows]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, names=np.array([i[0] for i in idents], dtype=str),
+                     sizes=np.array([i[1] for i in idents], dtype=np.int64),
+                     mtimes=np.array([i[2] for i in idents], dtype=np.int64),
+                     embeds=np.stack([e for _, _, e in rows]).astype(np.float32),
+                     checkpoint_sha1=np.array(key), folder=np.array(str(folder.resolve())))
+    return path
+
+
+# --------------------------------------------------------------------------- output
+
+def results_json(retriever: Retriever, index: str, queries: Sequence[str],
+                 results: Sequence[Sequence[Hit]]) -> str:
+    """Results as one JSON document: the run/checkpoint that answered, what was searched, and
+    per query its hits."""
+    return json.dumps({**retriever.describe(), "index": index,
+                       "results": [{"query": q, "hits": [h.to_dict() for h in hits]}
+                                   for q, hits in zip(queries, results)]},
+                      indent=2, ensure_ascii=False)
