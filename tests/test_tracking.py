@@ -12,13 +12,19 @@ from utils.tracking import (Tracker, history_rows, read_finished_segment, read_j
                             wandb_mode, wandb_segments)
 
 
+def offline_env(tmp_path) -> dict:
+    """wandb offline, with its data, cache and config directories inside tmp_path."""
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        env[var] = str(tmp_path / var.lower())
+    return env
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-    """wandb offline, with its data, cache and config directories inside tmp_path."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    """The repo's config, with wandb offline (offline_env) in this process."""
+    for var, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
     return load_config(REPO / "conf.yaml")
 
 
