@@ -295,3 +295,13 @@ def test_media_are_no_ops_when_disabled(tmp_path, monkeypatch):
     tracker.log_images({"p": "/nonexistent.png"})
     tracker.finish()
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_damaged_wandb_id_file_is_a_one_line_error(tmp_path, offline):
+    (tmp_path / "wandb_id.txt").write_text("not/an id\n")
+    with pytest.raises(UserError, match="wandb_id.txt: 'not/an id' is not a wandb run id; restore"):
+        Tracker(offline, tmp_path)
+    (tmp_path / "wandb_id.txt").unlink()  # the advice: a new wandb run
+    tracker = Tracker(offline, tmp_path)
+    tracker.finish()
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == tracker.run_id

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from utils.errors import UserError
+from utils.io_utils import atomic_write_text
 from utils.runs import METRICS_JSONL, WANDB_ID_FILE
 
 
@@ -273,8 +274,11 @@ class Tracker:
         # a new run: the id `wandb agent` chose for this sweep trial, else a fresh one
         train_id = id_file.read_text().strip() if had_id else \
             os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
+        if not re.fullmatch(r"[^\s:;,#?/'\"]+", train_id):
+            raise UserError(f"{id_file}: {train_id!r} is not a wandb run id; restore the file, or "
+                            "delete it to log this run to a new wandb run")
         if not had_id:  # an evaluation of a run trained without wandb names its training run too
-            id_file.write_text(train_id + "\n")
+            atomic_write_text(id_file, train_id + "\n")
         is_train = job_type == "train"
         run_id = train_id if is_train else eval_run_id(train_id)
         earlier = self._read_earlier_segments(run_id)
@@ -302,7 +306,8 @@ class Tracker:
             self.run.summary.update({"train_run_id": train_id})
             return
         # store the id actually used (in case the environment chose it)
-        id_file.write_text(self.run.id + "\n")
+        if self.run.id != train_id:
+            atomic_write_text(id_file, self.run.id + "\n")
         link = {"eval_run_id": eval_run_id(self.run.id)}
         if self.run.url:
             link["eval_run_url"] = f"{self.run.url.rsplit('/', 1)[0]}/{link['eval_run_id']}"
@@ -339,8 +344,6 @@ class Tracker:
         crash, not in the checkpoint), then log to wandb every kept record that no segment of
         this run holds (an epoch whose process was killed before wandb wrote it)."""
         kept = [r for r in read_jsonl(self.jsonl) if r.get("epoch", 0) <= epoch]
-        from utils.io_utils import atomic_write_text
-
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         for record in sorted(kept, key=lambda r: r.get("epoch", 0)):
             self._log_epoch_to_wandb(record)
