@@ -42,6 +42,8 @@ def main():
                                    cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
                 s = evaluation.scored_split(emb)
                 print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")
+                if emb.skipped.clips:
+                    print(emb.skipped.describe(split))
                 scores_db.write_split(conn, s, progress=True,
                                       identity=meta[scores_db.SPLIT_KEY + split])
                 written.append(evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids,

@@ -1,13 +1,14 @@
 """Step 02: log-mel features of every clip -> <paths.features_dir>/{split}_audio_logmels.hdf5.
 
-Reads audio_info.pkl (step 01, in paths.features_dir) and the wavs (paths.dataset_dir); one float32 dataset [frames, 64] per fid, the
-baseline's log-mel (utils.audio_utils.log_mel). `features.workers` processes compute in parallel;
-`features.device` cuda (or auto) computes the transform on the GPU. Interrupted runs resume:
-finished clips are kept in {split}_audio_logmels.parts/ and the final file appears only when
-complete (see utils/features.py).
+Reads audio_info.pkl (step 01, in paths.features_dir) and the wavs (paths.dataset_dir, either
+layout step 01 recognises); one float32 dataset [frames, 64] per fid, the baseline's log-mel
+(utils.audio_utils.log_mel). `features.workers` processes compute in parallel; `features.device`
+cuda (or auto) computes the transform on the GPU. Interrupted runs resume: finished clips are
+kept in {split}_audio_logmels.parts/ and the final file appears only when complete; a wav
+replaced since it was computed is computed again (see utils/features.py).
 """
 import utils.cli
-from utils.clotho import features_dir
+from utils.clotho import features_dir, features_lock
 from utils.config import require_dir, save_config
 from utils.features import compute_logmels
 
@@ -16,16 +17,17 @@ def main():
     parser = utils.cli.make_parser(__doc__)
     args, cfg = utils.cli.parse(parser)
     require_dir(cfg, "dataset_dir")
-    results = compute_logmels(cfg)
-    config_path = save_config(cfg, features_dir(cfg), "config.02_audio_logmel.yaml")
+    with features_lock(features_dir(cfg), "02"):
+        results = compute_logmels(cfg)
+        config_path = save_config(cfg, features_dir(cfg), "config.02_audio_logmel.yaml")
     for r in results:
+        skipped = (f"; {len(r.bad)} unusable audio file(s) skipped, listed in {r.skipped_csv}"
+                   if r.bad else "")
         if r.skipped_existing:
-            print(f"{r.split}: {r.path} is already complete ({r.clips} clips), skipped")
+            print(f"{r.split}: {r.path} is already complete ({r.clips - len(r.bad)} clips{skipped}), skipped")
             continue
         extra = f", {r.reused} reused from an interrupted run" if r.reused else ""
-        print(f"{r.split}: wrote {r.path} ({r.clips - len(r.bad)} clips: {r.computed} computed{extra})")
-        if r.bad:
-            print(f"{r.split}: skipped {len(r.bad)} unusable audio file(s), listed in {r.skipped_csv}")
+        print(f"{r.split}: wrote {r.path} ({r.clips - len(r.bad)} clips: {r.computed} computed{extra}{skipped})")
     print(f"wrote {config_path}")
 
 

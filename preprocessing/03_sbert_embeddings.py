@@ -5,7 +5,7 @@ every split in `data.splits` and writes `{tid: float32 vector}` of each caption'
 encoded by `sbert.model` (hub name, local directory, or "bundled:all-MiniLM-L6-v2").
 """
 import utils.cli
-from utils.clotho import features_dir
+from utils.clotho import features_dir, features_lock
 from utils.config import save_config
 from utils.sbert import compute_sbert_embeddings
 
@@ -15,10 +15,11 @@ def main():
     args, cfg = utils.cli.parse(parser)
     dataset_dir = features_dir(cfg)
     sb = cfg["sbert"]
-    path, count, dim = compute_sbert_embeddings(
-        dataset_dir, cfg["data"]["splits"], sb["model"], batch_size=sb["batch_size"],
-        device=sb["device"], filename=cfg["text_encoder"]["embeddings"])
-    conf_path = save_config(cfg, dataset_dir, "config.03_sbert_embeddings.yaml")
+    with features_lock(dataset_dir, "03"):
+        path, count, dim = compute_sbert_embeddings(
+            dataset_dir, cfg["data"]["splits"], sb["model"], batch_size=sb["batch_size"],
+            device=sb["device"], filename=cfg["text_encoder"]["embeddings"])
+        conf_path = save_config(cfg, dataset_dir, "config.03_sbert_embeddings.yaml")
     print(f"encoded {count} captions ({', '.join(cfg['data']['splits'])}) with {sb['model']}: "
           f"{dim}-d float32")
     print(f"wrote {path}")

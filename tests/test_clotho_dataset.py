@@ -191,7 +191,7 @@ def test_each_bad_audio_kind(tmp_path, maker, reason):
     [s] = prepare_clotho(tmp_path, ["development"], skip_bad_audio=True)
     assert (s.clips, s.captions) == (1, 5)
     skipped = read_skipped(tmp_path / "development_skipped_audio.csv")
-    assert [f for f, _ in skipped] == ["bad.wav"] and skipped[0][1].startswith(reason)
+    assert [(f, step) for f, _, step in skipped] == [("bad.wav", "01")] and skipped[0][1].startswith(reason)
     assert list(load_pickle(tmp_path / "audio_info.pkl")["audio_fid2fname"]["development"].values()) == ["good.wav"]
     assert {r["fname"] for r in read_csv(tmp_path / "development_text.csv")} == {"good.wav"}
 
@@ -203,7 +203,7 @@ def test_skip_bad_audio_cli_reports_count_and_file(repo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 unusable audio file(s)" in proc.stdout and "development_skipped_audio.csv" in proc.stdout
     with open(tmp_path / "development_skipped_audio.csv", encoding="utf-8") as f:
-        assert f.read().splitlines() == ["fname,reason", "development_clip_001.wav,missing"]
+        assert f.read().splitlines() == ["fname,reason,step", "development_clip_001.wav,missing,01"]
     # once the file is back, a rerun removes the stale report
     write_wav(tmp_path / "development" / "development_clip_001.wav", seconds=0.05)
     assert run_step(repo, tmp_path, "data.splits=[development]", "data.skip_bad_audio=true").returncode == 0

@@ -11,14 +11,20 @@ FFT's round-off floor, and the log of round-off differs between FFT implementati
 units; in float64 the librosa path (`log_mel`) and the torch path (`log_mel_torch`, CPU or GPU)
 agree to ~1e-6. On real recordings the difference to a float32 computation is far below 1e-3.
 
+A sample rate so low that the 40 ms window's FFT leaves some mel band without a single frequency
+bin (below ~1.6 kHz for 64 bands) has no log-mel: `log_mel` raises ValueError instead of
+returning bands that hold only log(eps); step 02 reports such a clip as unusable ("no log-mel").
+
 The default window/hop/band values below are conf.yaml's `features.*` (a test checks that they
 agree); scripts pass the config's values explicitly.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +124,29 @@ def stft_params(sr: int, window_s: float = WINDOW_S, hop_s: float = HOP_S) -> tu
     win = int(round(window_s * sr))
     hop = int(round(hop_s * sr))
     if win < 1 or hop < 1:
-        raise ValueError(f"window {window_s}s / hop {hop_s}s is less than one sample at {sr} Hz")
+        raise ValueError(f"sample rate {sr} Hz is too low for the {window_s * 1000:g} ms window "
+                         f"and {hop_s * 1000:g} ms hop (less than one sample)")
     n_fft = 1 << (win - 1).bit_length()
     return win, hop, n_fft
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_mel_bands(sr: int, n_fft: int, n_mels: int) -> int:
+    import librosa
+
+    with warnings.catch_warnings():  # librosa warns about the very thing counted here
+        warnings.simplefilter("ignore")
+        basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels)  # [n_mels, n_fft//2+1]
+    return int((basis.max(axis=1) <= 0).sum())
+
+
+def check_sample_rate(sr: int, window_s: float = WINDOW_S, hop_s: float = HOP_S, n_mels: int = N_MELS) -> None:
+    """ValueError when `sr` is too low for the window to give every mel band a frequency bin."""
+    _, _, n_fft = stft_params(sr, window_s, hop_s)
+    empty = _empty_mel_bands(int(sr), n_fft, int(n_mels))
+    if empty:
+        raise ValueError(f"sample rate {sr} Hz is too low for the {window_s * 1000:g} ms window: "
+                         f"{empty} of the {n_mels} mel bands would be empty")
 
 
 def n_frames(n_samples: int, sr: int, hop_s: float = HOP_S) -> int:
@@ -134,6 +160,7 @@ def log_mel(y: np.ndarray, sr: int, window_s: float = WINDOW_S, hop_s: float = H
     import librosa  # heavy import (numba): only where needed
 
     win, hop, n_fft = stft_params(sr, window_s, hop_s)
+    check_sample_rate(sr, window_s, hop_s, n_mels)
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 1:
         raise ValueError(f"log_mel expects a mono waveform [samples], got shape {y.shape}")
@@ -169,6 +196,7 @@ def log_mel_torch(y_or_batch, sr: int, device: str = "cpu", window_s: float = WI
     import torch
 
     win, hop, n_fft = stft_params(sr, window_s, hop_s)
+    check_sample_rate(sr, window_s, hop_s, n_mels)
     y = torch.as_tensor(np.asarray(y_or_batch) if not torch.is_tensor(y_or_batch) else y_or_batch)
     y = y.to(device=device, dtype=torch.float64)
     single = y.ndim == 1

@@ -1,13 +1,32 @@
-"""Clotho v2.1 captions and audio index (preprocessing step 01).
+"""Clotho v2.1 captions and audio index (preprocessing step 01), and where a split's files are.
 
-Reads `<dataset_dir>/clotho_captions_{split}.csv` (header `file_name,caption_1,...,caption_5`),
-matches every row to its wav in `<dataset_dir>/{split}/`, probes the wav for its duration, cleans
-the captions and writes (atomically, formats in CONTRIBUTING.md):
+Two folder layouts are recognised (`find_layout`, `split_paths`; every step uses them):
+
+- Zenodo (as the archives extract, and as step 00 writes it):
+  `<dataset_dir>/clotho_captions_{split}.csv`, `<dataset_dir>/{split}/*.wav`;
+- aac-datasets (`Clotho(root, subset=...)`, version v2.1): `<root>/CLOTHO_v2.1/clotho_csv_files/
+  clotho_captions_{split}.csv`, `<root>/CLOTHO_v2.1/clotho_audio_files/{split}/*.wav`, with
+  `paths.dataset_dir` pointing at `<root>` or at `<root>/CLOTHO_v2.1`.
+
+Step 01 reads a split's captions CSV (header `file_name,caption_1,...,caption_5`), matches every
+row to its wav, probes the wav for its duration, cleans the captions and writes into
+`paths.features_dir` (default: the dataset folder; atomically; formats in CONTRIBUTING.md):
 
 - `audio_info.pkl`   {"audio_fid2fname": {split: {fid: fname}}, "audio_durations": {split: [s, ...]}}
 - `{split}_text.csv` tid,fid,fname,raw_text,text,tokens (one row per caption, CSV order)
 - `vocab_info.pkl`   {"vocabulary": [...], "word_bags": {split: {word: n}}, "split_info": {...}}
-- `{split}_skipped_audio.csv` (fname,reason), only when `data.skip_bad_audio` skipped clips.
+- `{split}_skipped_audio.csv` (fname,reason,step): the split's one skip list, kept by steps 01 and
+  02 (each replaces only its own rows), present only while `data.skip_bad_audio` skipped clips.
+
+A `file_name` must name a file directly inside its split's audio folder: a path (`../x.wav`,
+`sub/x.wav`, `/abs/x.wav`), `.`/`..`, an empty name or one holding a NUL, slash or backslash is
+refused while the CSV is read, before any file is looked at, so the message is the same whether
+or not such a file exists. Two rows whose names differ only by leading spaces (`x.wav`,
+` x.wav`) are refused too: they would be matched to the same wav (names with a leading space are
+matched to the wav without it, as extraction tools drop it), so one recording would count as
+two clips with five captions each; merging them into one clip of ten captions would break the
+five-captions-per-clip definition of the audio-to-text metrics, and the official CSVs have no
+such pair, so it can only be an edited file.
 
 Ids are deterministic: fid = uuid5(NAMESPACE, "{split}/{fname}").hex with fname as written in the
 CSV (leading space included), tid = uuid5(NAMESPACE, "{fid}/{caption_number}").hex, n in 1..5.
@@ -24,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import uuid
 from collections import Counter
@@ -35,12 +55,18 @@ from tqdm import tqdm
 from utils.audio_utils import AudioError, probe_audio
 from utils.errors import UserError
 from utils.io_utils import atomic_open, save_pickle
+from utils.locks import exclusive
 
 NAMESPACE = uuid.UUID("faed236c-0068-4bd6-b018-18d0c821f08f")  # fixed forever: ids depend on it
 CAPTION_COLUMNS = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+CAPTIONS_PER_CLIP = len(CAPTION_COLUMNS) - 1  # every row of a captions CSV has all five
 TEXT_COLUMNS = ["tid", "fid", "fname", "raw_text", "text", "tokens"]
-SKIPPED_COLUMNS = ["fname", "reason"]
-BAD_AUDIO_REASONS = ("missing", "empty", "unreadable")
+SKIPPED_COLUMNS = ["fname", "reason", "step"]
+# "no log-mel": the wav reads, but cannot be turned into a log-mel (step 02; e.g. its sample
+# rate is too low for the 40 ms window)
+BAD_AUDIO_REASONS = ("missing", "empty", "unreadable", "no log-mel")
+LOCK_NAME = ".features.lock"  # in paths.features_dir, held by steps 01-03 (utils.locks)
+AAC_DATASETS_ROOT = "CLOTHO_v2.1"  # aac-datasets' folder for Clotho v2.1 (its _get_clotho_root)
 
 # Words that are never meant twice in a row: articles, prepositions, conjunctions, pronouns,
 # auxiliaries. Content words repeat on purpose in sound descriptions (onomatopoeia), so stay.
@@ -62,6 +88,16 @@ def features_dir(cfg: dict) -> Path:
     (Also `utils.data_utils.features_dir`; defined here so that steps 01–02 need no torch.)"""
     paths = cfg["paths"]
     return Path(paths.get("features_dir") or paths["dataset_dir"])
+
+
+def features_lock(out_dir: str | Path, step: str):
+    """The lock of a features folder (a context manager): steps 01–03 read each other's outputs,
+    so one of them at a time works there; a second gets one line naming the holder."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and not os.access(out_dir, os.W_OK):
+        raise UserError(f"{out_dir}: not writable — set paths.features_dir to a writable folder "
+                        "(the dataset folder itself may stay read-only)")
+    return exclusive(out_dir / LOCK_NAME, f"features folder {out_dir} (step {step})")
 
 
 def make_fid(split: str, fname: str) -> str:
@@ -86,6 +122,49 @@ def clean_caption(raw: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Where a split's files are
+
+@dataclass(frozen=True)
+class Layout:
+    name: str  # "Zenodo" or "aac-datasets"
+    captions_dir: Path  # holds clotho_captions_{split}.csv
+    audio_root: Path  # holds {split}/*.wav
+
+    def captions_csv(self, split: str) -> Path:
+        return self.captions_dir / f"clotho_captions_{split}.csv"
+
+    def audio_dir(self, split: str) -> Path:
+        return self.audio_root / split
+
+    def describe(self) -> str:
+        return (f"the {self.name} layout ({self.captions_csv('{split}')}, "
+                f"{self.audio_dir('{split}')}/*.wav)")
+
+
+def _aac_datasets_layout(dataset_dir: Path) -> Layout | None:
+    for root in (dataset_dir / AAC_DATASETS_ROOT, dataset_dir):
+        if (root / "clotho_csv_files").is_dir() and (root / "clotho_audio_files").is_dir():
+            return Layout("aac-datasets", root / "clotho_csv_files", root / "clotho_audio_files")
+    return None
+
+
+def find_layout(dataset_dir: str | Path) -> Layout:
+    """The layout of a Clotho folder: Zenodo when a `clotho_captions_*.csv` lies at its top,
+    else aac-datasets when its folders are there, else Zenodo (errors then name those paths)."""
+    dataset_dir = Path(dataset_dir)
+    zenodo = Layout("Zenodo", dataset_dir, dataset_dir)
+    if any(dataset_dir.glob("clotho_captions_*.csv")):
+        return zenodo
+    return _aac_datasets_layout(dataset_dir) or zenodo
+
+
+def split_paths(dataset_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """(captions CSV, audio folder) of `split` in either layout: the one place that says where."""
+    layout = find_layout(dataset_dir)
+    return layout.captions_csv(split), layout.audio_dir(split)
+
+
+# ---------------------------------------------------------------------------------------------
 # Captions CSV
 
 @dataclass
@@ -96,11 +175,26 @@ class CaptionRow:
     line: int  # line number in the CSV (for messages)
 
 
+def file_name_problem(fname: str) -> str:
+    """Why `fname` is not a plain file name inside a split's folder ('' if it is one)."""
+    bare = fname.lstrip(" ")  # the form matched on disk when the exact name is absent
+    if not bare.strip():
+        return "it is empty"
+    if any(c in fname for c in "/\\\0"):
+        return "a file name holds no slash, backslash or NUL"
+    if bare in (".", "..") or fname in (".", ".."):
+        return "'.' and '..' are folders"
+    return ""
+
+
 def read_captions_csv(path: str | Path) -> list[CaptionRow]:
     """Rows of a Clotho captions CSV, validated; UserError naming file/line/column otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: captions file not found")
+        raise UserError(f"{path}: captions file not found (neither the Zenodo layout "
+                        f"<dataset_dir>/clotho_captions_<split>.csv nor the aac-datasets layout "
+                        f"<dataset_dir>/{AAC_DATASETS_ROOT}/clotho_csv_files/ is there) — check "
+                        "paths.dataset_dir, or run preprocessing/00_download_clotho.py")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a BOM (spreadsheet exports) is not part of the header
@@ -119,7 +213,7 @@ def read_captions_csv(path: str | Path) -> list[CaptionRow]:
         what = f"missing column(s) {', '.join(missing)}" if missing else "columns in the wrong order or extra columns"
         raise UserError(f"{path}: header is '{','.join(header)}', expected '{','.join(CAPTION_COLUMNS)}' ({what})")
     rows: list[CaptionRow] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[str, int]] = {}  # name without leading spaces -> (name, line)
     try:
         for record in reader:
             line = reader.line_num
@@ -130,9 +224,19 @@ def read_captions_csv(path: str | Path) -> list[CaptionRow]:
             fname, captions = record[0], record[1:]
             if not fname.strip():
                 raise UserError(f"{path}: line {line}: column file_name is empty")
-            if fname in seen:
-                raise UserError(f"{path}: line {line}: file_name '{fname}' already on line {seen[fname]}")
-            seen[fname] = line
+            problem = file_name_problem(fname)
+            if problem:  # decided from the name alone: nothing outside the folder is looked at
+                raise UserError(f"{path}: line {line}: file_name {fname!r} must name a file directly "
+                                f"inside the split's audio folder ({problem}) — fix the row")
+            key = fname.lstrip(" ")
+            if key in seen:
+                first, first_line = seen[key]
+                if first == fname:
+                    raise UserError(f"{path}: line {line}: file_name {fname!r} already on line {first_line}")
+                raise UserError(f"{path}: lines {first_line} and {line}: file names {first!r} and {fname!r} "
+                                "differ only by leading spaces and would both be matched to the same wav "
+                                "— remove one of the rows")
+            seen[key] = (fname, line)
             texts = [clean_caption(c) for c in captions]
             for i, (caption, text) in enumerate(zip(captions, texts), 1):
                 if not caption.strip():
@@ -154,8 +258,14 @@ def resolve_wav(audio_dir: str | Path, fname: str) -> Path | None:
     """The wav for a CSV file name: the exact name, else the name without its leading space(s).
 
     Three Clotho names start with a space; extraction tools may drop it. None if neither exists.
+    A name that is not a plain file name (a path, '..') is an error, whatever exists on disk.
     """
     audio_dir = Path(audio_dir)
+    problem = file_name_problem(fname)
+    if problem:  # audio_info.pkl from an older or edited step 01
+        raise UserError(f"file name {fname!r} in the clip index is not a file directly inside "
+                        f"{audio_dir} ({problem}) — fix the captions CSV and rerun "
+                        "preprocessing/01_clotho_dataset.py")
     exact = audio_dir / fname
     if exact.is_file():
         return exact
@@ -166,8 +276,15 @@ def resolve_wav(audio_dir: str | Path, fname: str) -> Path | None:
 
 
 def format_bad_audio(split: str, bad: list[tuple[str, str]]) -> str:
-    """'development: 3 unusable audio files (missing: a.wav, b.wav; unreadable: c.wav)'."""
-    groups = {r: [f for f, reason in bad if reason.split(":")[0] == r] for r in BAD_AUDIO_REASONS}
+    """'development: 3 unusable audio files (missing: a.wav, b.wav; unreadable: c.wav)'.
+
+    A "no log-mel" file carries its detail (`x.wav [sample rate 8 Hz ...]`): nothing else says why."""
+    groups: dict[str, list[str]] = {r: [] for r in BAD_AUDIO_REASONS}
+    for fname, reason in bad:
+        kind, _, detail = reason.partition(": ")
+        if kind == "no log-mel":
+            fname = f"{fname} [{detail}]" if detail else fname
+        groups.setdefault(kind, []).append(fname)
     parts = [f"{r}: {', '.join(names)}" for r, names in groups.items() if names]
     noun = "file" if len(bad) == 1 else "files"
     return f"{split}: {len(bad)} unusable audio {noun} ({'; '.join(parts)})"
@@ -207,20 +324,50 @@ def probe_split_audio(audio_dir: Path, fnames: list[str], split: str = "") -> Sp
     return out
 
 
-def read_skipped(path: str | Path) -> list[tuple[str, str]]:
-    """Rows of a `{split}_skipped_audio.csv` ([] if there is none)."""
+def skipped_path(out_dir: str | Path, split: str) -> Path:
+    """The split's skip list, in paths.features_dir."""
+    return Path(out_dir) / f"{split}_skipped_audio.csv"
+
+
+def read_skipped(path: str | Path) -> list[tuple[str, str, str]]:
+    """Rows (fname, reason, step) of a `{split}_skipped_audio.csv` ([] if there is none).
+
+    `step` is "01" or "02", the step that found the clip unusable (a list without the column, from
+    an older version, counts as step 01's: step 01 rewrites those rows on its next run)."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8", newline="") as f:
-        return [(r["fname"], r["reason"]) for r in csv.DictReader(f)]
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"fname", "reason"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: header {reader.fieldnames}, expected {','.join(SKIPPED_COLUMNS)} "
+                                "— delete it and rerun preprocessing/01_clotho_dataset.py and 02")
+            return [(r["fname"], r["reason"] or "", r.get("step") or "01") for r in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: not a readable skip list ({e}) — delete it and rerun "
+                        "preprocessing/01_clotho_dataset.py and 02") from None
 
 
-def write_skipped(path: str | Path, bad: list[tuple[str, str]]) -> None:
-    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(SKIPPED_COLUMNS)
-        writer.writerows(bad)
+def update_skipped(path: str | Path, step: str, bad: list[tuple[str, str]],
+                   keep_others: set[str] | None = None) -> list[tuple[str, str, str]]:
+    """Replace `step`'s rows of the skip list by `bad` [(fname, reason)], keeping the other
+    step's rows (only those whose fname is in `keep_others`, when given); the file is removed
+    when no row is left. Returns the rows written, step 01's first."""
+    path = Path(path)
+    mine = {fname for fname, _ in bad}
+    others = [r for r in read_skipped(path) if r[2] != step and r[0] not in mine
+              and (keep_others is None or r[0] in keep_others)]
+    rows = others + [(fname, reason, step) for fname, reason in bad]
+    rows.sort(key=lambda r: r[2])  # stable: CSV order within a step
+    if rows:
+        with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(SKIPPED_COLUMNS)
+            writer.writerows(rows)
+    else:
+        path.unlink(missing_ok=True)  # a list from an earlier run would mislead the later steps
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +383,7 @@ class SplitSummary:
     uncaptioned: int
     text_csv: Path
     skipped_csv: Path | None
+    skipped_by_02: int = 0  # clips of the index that step 02 listed as unusable (rows kept)
 
 
 def caption_rows(split: str, rows: list[CaptionRow]) -> list[dict]:
@@ -265,8 +413,8 @@ def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: b
     parsed = {}
     messages = []
     for split in splits:
-        rows = read_captions_csv(dataset_dir / f"clotho_captions_{split}.csv")
-        audio_dir = dataset_dir / split
+        captions_csv, audio_dir = split_paths(dataset_dir, split)
+        rows = read_captions_csv(captions_csv)
         if not audio_dir.is_dir():
             raise UserError(f"{audio_dir}: audio folder for split '{split}' not found")
         audio = probe_split_audio(audio_dir, [r.fname for r in rows], split)
@@ -285,13 +433,13 @@ def prepare_clotho(dataset_dir: str | Path, splits: list[str], skip_bad_audio: b
         word_bags[split] = dict(sorted(Counter(w for t in text_rows for w in t["tokens"].split()).items()))
         text_csv = out_dir / f"{split}_text.csv"
         write_text_csv(text_csv, text_rows)
-        skipped_csv = out_dir / f"{split}_skipped_audio.csv"
-        if audio.bad:
-            write_skipped(skipped_csv, audio.bad)
-        else:
-            skipped_csv.unlink(missing_ok=True)  # a report from an earlier run would mislead step 02
+        # step 02's rows stay for the clips still indexed: it found them unusable (no log-mel)
+        # although their header probes fine, and only step 02 can say when that changes
+        skipped_csv = skipped_path(out_dir, split)
+        listed = update_skipped(skipped_csv, "01", audio.bad, keep_others={r.fname for r in kept})
         summaries.append(SplitSummary(split, len(kept), len(text_rows), audio.bad, audio.space_stripped,
-                                      audio.uncaptioned, text_csv, skipped_csv if audio.bad else None))
+                                      audio.uncaptioned, text_csv, skipped_csv if listed else None,
+                                      sum(r[2] != "01" for r in listed)))
 
     save_pickle({"audio_fid2fname": fid2fname, "audio_durations": durations},
                 out_dir / "audio_info.pkl")

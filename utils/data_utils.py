@@ -1,10 +1,19 @@
 """Reading the feature files of steps 01–03 for training and evaluation.
 
+All of them live in `features_dir(cfg)` (config key paths.features_dir, default paths.dataset_dir):
+
 - `{split}_text.csv` (step 01): one row per caption, columns `tid,fid,fname,raw_text,text,tokens`.
 - `{split}_audio_logmels.hdf5` (step 02): one float32 dataset `[frames, 64]` per fid.
+- `{split}_skipped_audio.csv` (steps 01 and 02, with data.skip_bad_audio): the clips left out as
+  unusable. Every reader here leaves them and their captions out (`read_split_captions`) and
+  says how many (`Skipped`, `skipped_counts`).
 - `sbert_embeds.pkl` (step 03): `{tid: float32 vector [D]}`; it becomes one frozen table
   `[N, D]` inside the text encoder, and datasets hand out row ids into it (cheap to batch,
   nothing large travels through DataLoader workers).
+
+A damaged HDF5 file (truncated, or with zeroed internal headers) is one line naming the file and
+step 02, which rebuilds it; every clip's header is read when a dataset is built, so a damaged
+file is found before training starts rather than in a DataLoader worker.
 
 The HDF5 files are opened lazily, once per process: an open h5py handle can neither be pickled
 to DataLoader workers nor shared safely across a fork.
@@ -23,6 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.clotho import CAPTIONS_PER_CLIP, make_fid, read_skipped, skipped_path
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
 from utils.errors import UserError
 from utils.io_utils import load_pickle
@@ -32,6 +42,8 @@ STEP_02 = "preprocessing/02_audio_logmel.py"
 STEP_03 = "preprocessing/03_sbert_embeddings.py"
 TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")
 N_MELS = 64
+# what h5py raises for a file it cannot parse (zeroed headers, garbage, truncation)
+HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
 # --------------------------------------------------------------------------- files
@@ -92,27 +104,47 @@ def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
     return table, tid2row
 
 
+def damaged_hdf5_error(path: str | Path, e: BaseException | str, data: bool = False) -> UserError:
+    """One line naming a damaged log-mel file and the command that fixes it. Step 02 reads every
+    clip's header before it calls a file complete, so damaged headers need only a rerun; damage
+    in the data itself (`data`) it cannot see without reading everything, so the file goes first."""
+    first = e if isinstance(e, str) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+    fix = f"delete it and rerun {STEP_02}" if data else f"rerun {STEP_02}, which rebuilds it"
+    return UserError(f"{path}: damaged HDF5 file ({first[:200]}) — {fix}")
+
+
+@contextlib.contextmanager
+def _hdf5_errors(path: str | Path, data: bool = False):
+    """Any failure to parse the HDF5 file inside the block is one line naming it and the fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except HDF5_ERRORS as e:
+        raise damaged_hdf5_error(path, e, data) from None
+
+
 def open_logmels(dataset_dir: str | Path, split: str) -> h5py.File:
     """The log-mel HDF5 of `split`, opened read-only (the caller closes it)."""
     path = logmels_path(dataset_dir, split)
     if not path.is_file():
         raise UserError(f"{path}: not found — run {STEP_02}")
-    try:
+    with _hdf5_errors(path):
         return h5py.File(path, "r")
-    except OSError as e:
-        raise UserError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]}) — "
-                        f"rerun {STEP_02}") from None
 
 
 def logmel_lengths(dataset_dir: str | Path, split: str, fids: Sequence[str]) -> np.ndarray:
-    """Frames per clip `[C]` (int64), in the order of `fids`; a fid absent from the HDF5 raises."""
-    with open_logmels(dataset_dir, split) as h5:
-        check_fids_in_hdf5(h5, fids, logmels_path(dataset_dir, split))
+    """Frames per clip `[C]` (int64), in the order of `fids`; a fid absent from the HDF5 raises.
+
+    Reads every clip's header, so a damaged file is found here."""
+    path = logmels_path(dataset_dir, split)
+    with open_logmels(dataset_dir, split) as h5, _hdf5_errors(path):
+        check_fids_in_hdf5(h5, fids, path)
         lengths = np.empty(len(fids), dtype=np.int64)
         for i, fid in enumerate(fids):
-            shape = h5[fid].shape
+            shape = _dataset(h5, fid).shape
             if len(shape) != 2 or shape[1] != N_MELS or shape[0] < 1:
-                raise UserError(f"{logmels_path(dataset_dir, split)}: fid {fid}: dataset of shape "
+                raise UserError(f"{path}: fid {fid}: dataset of shape "
                                 f"{list(shape)}, expected [frames, {N_MELS}] — rerun {STEP_02}")
             lengths[i] = shape[0]
     return lengths
@@ -121,13 +153,56 @@ def logmel_lengths(dataset_dir: str | Path, split: str, fids: Sequence[str]) -> 
 def check_fids_in_hdf5(h5: h5py.File, fids: Sequence[str], path: Path,
                        csv_path: Path | None = None, rows: Sequence[int] | None = None) -> None:
     """Raise a UserError naming the first fid (and its CSV row) that has no log-mels."""
-    names = set(h5.keys())
+    with _hdf5_errors(path):
+        names = set(h5.keys())
     for i, fid in enumerate(fids):
         if fid not in names:
             where = f"{csv_path}: row {rows[i]}: " if csv_path is not None and rows is not None else ""
             n_missing = sum(f not in names for f in set(fids))
             raise UserError(f"{where}fid {fid} has no log-mels in {path} ({n_missing} clip(s) "
                             f"missing) — rerun {STEP_02} for this split")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The clips of a split left out as unusable (data.skip_bad_audio), and their captions."""
+    clips: int = 0
+    captions: int = 0
+    path: Path | None = None  # the skip list that names them
+
+    def describe(self, split: str) -> str:
+        return (f"{split}: {self.clips} skipped clip(s) and their {self.captions} caption(s) left out "
+                f"(listed in {self.path})")
+
+
+def read_split_captions(dataset_dir: str | Path, split: str) -> tuple[pd.DataFrame, Skipped]:
+    """`read_text_csv` without the captions of the clips in the split's skip list, and what was
+    left out. The index keeps each caption's position in the CSV (its line is index + 2). Clips
+    that step 01 skipped have no rows in the text CSV: they count CAPTIONS_PER_CLIP captions."""
+    df = read_text_csv(dataset_dir, split)
+    path = skipped_path(dataset_dir, split)
+    rows = read_skipped(path)
+    if not rows:
+        return df, Skipped()
+    skipped = {make_fid(split, fname) for fname, _, _ in rows}
+    drop = df["fid"].isin(skipped).to_numpy()
+    present = set(df["fid"][drop])
+    captions = int(drop.sum()) + CAPTIONS_PER_CLIP * len(skipped - present)
+    kept = df[~drop]
+    if kept.empty:
+        raise UserError(f"{path}: every clip of split '{split}' is skipped as unusable — fix the "
+                        f"wavs it lists, then rerun {STEP_01} and {STEP_02}")
+    return kept, Skipped(len(skipped), captions, path)
+
+
+def skipped_counts(dataset_dir: str | Path, splits: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{split: {"clips": n, "captions": m}}: what every reader leaves out of each split as
+    unusable audio (data.skip_bad_audio), for reports and metrics.json."""
+    out = {}
+    for split in splits:
+        _, s = read_split_captions(dataset_dir, split)
+        out[split] = {"clips": s.clips, "captions": s.captions}
+    return out
 
 
 def _split_clips(df: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
@@ -145,16 +220,17 @@ def _split_clips(df: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
 
 def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, int] | None,
                  embeddings_name: str = "sbert_embeds.pkl") -> None:
-    """Every caption's fid has log-mels and every tid a sentence embedding (else UserError)."""
+    """Every caption's fid has readable log-mels and every tid a sentence embedding (else UserError)."""
     csv_path = text_csv_path(dataset_dir, split)
     if tid2row is not None:
-        for row, tid in enumerate(df["tid"], start=2):  # row 1 is the header
+        for row, tid in zip(df.index + 2, df["tid"]):  # row 1 is the header
             if tid not in tid2row:
                 raise UserError(f"{csv_path}: row {row}: tid {tid} has no sentence embedding in "
                                 f"{Path(dataset_dir) / embeddings_name} — rerun {STEP_03}")
     with open_logmels(dataset_dir, split) as h5:
         check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
-                           csv_path, list(range(2, len(df) + 2)))
+                           csv_path, list(df.index + 2))
+    logmel_lengths(dataset_dir, split, list(dict.fromkeys(df["fid"])))  # every clip's header reads
 
 
 # --------------------------------------------------------------------------- datasets
@@ -185,7 +261,20 @@ class _LazyHDF5:
 
 def _read_clip(h5: h5py.File, fid: str, max_frames: int, train: bool) -> torch.Tensor:
     """`[T, 64]` float32; with max_frames > 0 a longer clip is cropped (random if `train`)."""
+    with _hdf5_errors(h5.filename, data=True):  # its header was read when the dataset was built
+        return _read_clip_unchecked(h5, fid, max_frames, train)
+
+
+def _dataset(h5: h5py.File, fid: str) -> h5py.Dataset:
+    """The clip's dataset; h5py gives None for an object whose header it cannot parse."""
     ds = h5[fid]
+    if not isinstance(ds, h5py.Dataset):
+        raise ValueError(f"fid {fid}: unreadable object header")
+    return ds
+
+
+def _read_clip_unchecked(h5: h5py.File, fid: str, max_frames: int, train: bool) -> torch.Tensor:
+    ds = _dataset(h5, fid)
     n = ds.shape[0]
     if max_frames > 0 and n > max_frames:
         if train:
@@ -205,13 +294,14 @@ class CaptionDataset(Dataset):
 
     Clip indices number the split's clips in order of first appearance in the CSV
     (the same order as `SplitEmbeddings.fids`); they identify "same clip" pairs in the loss.
+    Clips in the split's skip list and their captions are left out (`self.skipped` says how many).
     """
 
     def __init__(self, dataset_dir: str | Path, split: str, tid2row: dict[str, int],
                  max_frames: int = 0, train: bool = False):
         self.dataset_dir, self.split = Path(dataset_dir), split
         self.max_frames, self.train = int(max_frames), bool(train)
-        df = read_text_csv(dataset_dir, split)
+        df, self.skipped = read_split_captions(dataset_dir, split)
         _check_split(dataset_dir, split, df, tid2row)
         self.fids, self.fnames, self.caption_clip = _split_clips(df)
         self.tids = list(df["tid"])
@@ -288,6 +378,7 @@ class SplitEmbeddings:
 
     fids, fnames: `[C]`; audio: float32 `[C, E]`; tids, captions (raw_text): `[Q]`;
     caption_clip: int64 `[Q]`, the index into `fids` of each caption's clip; text: float32 `[Q, E]`.
+    skipped: the clips (and captions) of the split left out as unusable audio.
     """
     split: str
     fids: list[str]
@@ -297,6 +388,7 @@ class SplitEmbeddings:
     captions: list[str]
     caption_clip: np.ndarray
     text: np.ndarray
+    skipped: Skipped = Skipped()
 
 
 def relevance(emb: SplitEmbeddings) -> np.ndarray:
@@ -355,8 +447,9 @@ def encode_text_rows(model: torch.nn.Module, rows: np.ndarray, batch_size: int, 
 def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
                  tid2row: dict[str, int], batch_size: int, device, num_workers: int = 0,
                  amp: str = "off") -> SplitEmbeddings:
-    """Embed each clip and each caption of `split` once (eval mode, no grad; fp32 unless `amp`)."""
-    df = read_text_csv(dataset_dir, split)
+    """Embed each clip and each caption of `split` once (eval mode, no grad; fp32 unless `amp`);
+    clips in the split's skip list and their captions are left out (`.skipped`)."""
+    df, skipped = read_split_captions(dataset_dir, split)
     _check_split(dataset_dir, split, df, tid2row)
     fids, fnames, caption_clip = _split_clips(df)
     tids = list(df["tid"])
@@ -365,7 +458,8 @@ def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
                          num_workers, amp)
     text = encode_text_rows(model, rows, batch_size, device, amp)
     return SplitEmbeddings(split=split, fids=fids, fnames=fnames, audio=audio, tids=tids,
-                           captions=list(df["raw_text"]), caption_clip=caption_clip, text=text)
+                           captions=list(df["raw_text"]), caption_clip=caption_clip, text=text,
+                           skipped=skipped)
 
 
 @contextlib.contextmanager

@@ -1,44 +1,70 @@
 """Log-mel features for every clip of a split (preprocessing step 02), resumable and crash-safe.
 
-Output: `<dataset_dir>/{split}_audio_logmels.hdf5`, one float32 dataset `[frames, n_mels]` per fid
-(dataset name = fid, dataset attrs `fname`, `sr`), the feature parameters as file attrs.
+Output: `<features_dir>/{split}_audio_logmels.hdf5` (paths.features_dir, default the dataset
+folder), one float32 dataset `[frames, n_mels]` per fid (dataset name = fid; dataset attrs
+`fname`, `sr`, and `size`, `mtime_ns`: the wav's size and modification time when it was read),
+the feature parameters as file attrs, and the clips left out as unusable as file attrs
+`skipped_fids` (JSON list) and `skipped_signatures` (JSON {fid: [size, mtime_ns] or null}).
 
 Crash safety and resuming — why the final file can always be trusted:
 
-1. Work in progress lives in `<dataset_dir>/{split}_audio_logmels.parts/`. The clips to compute
+1. Work in progress lives in `<features_dir>/{split}_audio_logmels.parts/`. The clips to compute
    are cut into chunks of at most `features.flush_every`; each chunk is computed and written as
    one small HDF5 shard `shard-NNNNN.h5`, to a temporary name renamed into place
    (utils.io_utils.atomic_path), so a shard that exists is whole. A kill loses at most the
    chunks in progress (`workers` x `flush_every` clips); on Ctrl-C the workers first finish and
    save the chunks they started.
-2. A rerun opens every shard, keeps the clips whose feature parameters and wav size match, and
-   computes only the missing clips. Leftover temporary files from a kill are removed.
+2. A rerun opens every shard, keeps the clips whose feature parameters and wav size and mtime
+   match, and computes only the others. Leftover temporary files from a kill are removed.
 3. When every clip is in a shard, the shards are merged, in audio_info.pkl order, into a
    temporary file that is renamed onto `{split}_audio_logmels.hdf5`; the parts folder is then
    deleted. The final name therefore only ever appears complete.
-4. If the final file exists, has the current parameters and exactly the expected fids, the split
-   is skipped. If it is stale (other parameters, other clips after a new step 01), it is first
-   renamed into the parts folder as one more shard (so no outdated final survives a crash, and
-   its clips that are still valid are reused like any shard's).
+4. An existing final file is checked before the split is reported complete: it must open and
+   every clip's header must read (a damaged file, e.g. with zeroed internal headers, is deleted
+   and rebuilt), carry the current parameters and exactly the expected fids (computed or
+   skipped), every computed clip's wav must still have the recorded size and mtime, every skipped
+   clip's wav must be unchanged since it was skipped, and the split's skip list must name exactly
+   the clips the file left out. Otherwise the file is outdated: it is renamed into the parts
+   folder as one more shard (so no outdated final survives a crash, and its clips that are still
+   valid are reused like any shard's).
+
+Stale wavs: a wav replaced under the same name is recomputed, because each clip records the
+wav's size and st_mtime_ns. Size + mtime rather than a content hash: hashing Clotho's ~7 GB of
+wavs on every run would take minutes, while a replaced file gets a new mtime (a copy keeps the
+old one only with `cp -p`/`rsync -t`, and then nearly always differs in size). The price: a
+dataset copied without keeping mtimes (plain `cp -r`) has every clip recomputed once.
 
 Workers: `features.workers` processes (a ProcessPoolExecutor) each take a chunk, read and
 transform its wavs and write its shard; the parent only keeps the books and merges. (Writing in
 the workers matters: sending every log-mel back to one parent that writes them all cost that
 parent ~5 ms of CPU per clip, taken from the two workers on a 2-core machine.) With
 `features.device` cuda (or auto with a GPU) the workers only read audio and the parent computes
-the log-mels on the GPU (utils.audio_utils.log_mel_torch) and writes the shards.
+the log-mels on the GPU (utils.audio_utils.log_mel_torch) and writes the shards. A worker ends
+when its parent does, even by SIGKILL (Linux: PR_SET_PDEATHSIG; elsewhere a thread watches the
+parent's pid), so no orphan keeps computing or holding the features folder's lock.
 
-Unusable audio (missing, empty, unreadable) stops the step after everything else is computed and
-flushed, listing every such file, unless `data.skip_bad_audio`; then the clips are left out of the
-HDF5 (file attr `skipped_fids`) and added to `{split}_skipped_audio.csv` (fname,reason).
+Unusable audio — missing, empty, unreadable (including non-finite samples), or "no log-mel" (the
+wav reads but has no log-mel, e.g. a sample rate too low for the 40 ms window) — stops the step
+after everything else is computed and flushed, listing every such file, unless
+`data.skip_bad_audio`; then the clips are left out of the HDF5 and listed as step 02's rows of the
+split's skip list `{split}_skipped_audio.csv` (utils.clotho.update_skipped; step 01's rows stay).
+
+Disk full: a worker or the merge that fails for lack of space is one line, "no space left on
+<features_dir>", with what was kept; a worker that died outright is reported so too when the
+features folder has (almost) no free space, else as killed (out of memory?).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -52,20 +78,28 @@ from tqdm import tqdm
 from utils.audio_utils import (EPS, AudioError, keep_freed_memory, limit_threads, load_audio, log_mel,
                                log_mel_torch)
 from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, read_skipped, resolve_wav,
-                          write_skipped)
+                          skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_path, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
+STEP_01 = "preprocessing/01_clotho_dataset.py"
+STEP_02 = "preprocessing/02_audio_logmel.py"
+# what h5py and friends raise for a file they cannot parse (zeroed headers, garbage, truncation)
+HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_DISK_BYTES = 64 << 20  # a worker that died with less free space than this: the disk is full
+
+Signature = tuple[int, int]  # (size in bytes, st_mtime_ns) of a wav
 
 
-def logmel_path(dataset_dir: str | Path, split: str) -> Path:
-    return Path(dataset_dir) / f"{split}_audio_logmels.hdf5"
+def logmel_path(out_dir: str | Path, split: str) -> Path:
+    return Path(out_dir) / f"{split}_audio_logmels.hdf5"
 
 
-def parts_dir(dataset_dir: str | Path, split: str) -> Path:
-    return Path(dataset_dir) / f"{split}_audio_logmels.parts"
+def parts_dir(out_dir: str | Path, split: str) -> Path:
+    return Path(out_dir) / f"{split}_audio_logmels.parts"
 
 
 def feature_params(features_cfg: dict) -> dict:
@@ -88,6 +122,25 @@ def _attrs_match(attrs, params: dict) -> bool:
     return True
 
 
+def wav_signature(path: str | Path) -> Signature:
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _clips(f: h5py.File) -> Iterator[tuple[str, h5py.Dataset]]:
+    """(fid, dataset) of every clip; ValueError for one whose header cannot be parsed (h5py
+    gives None for it)."""
+    for fid, ds in f.items():
+        if not isinstance(ds, h5py.Dataset):
+            raise ValueError(f"clip {fid}: unreadable object header")
+        yield fid, ds
+
+
+def _stored_signature(attrs) -> Signature:
+    """A clip's recorded wav signature; (-1, -1), which no wav has, for clips without one."""
+    return int(attrs.get("size", -1)), int(attrs.get("mtime_ns", -1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers (top-level functions: they are pickled to the pool)
 
@@ -97,6 +150,11 @@ class Clip:
     fname: str
     path: str  # resolved wav path
     size: int  # wav bytes when the task was made (changes -> recompute)
+    mtime_ns: int = -1  # wav modification time then (changes -> recompute)
+
+    @property
+    def signature(self) -> Signature:
+        return self.size, self.mtime_ns
 
 
 @dataclass
@@ -104,7 +162,7 @@ class Result:
     clip: Clip
     feats: np.ndarray | None = None  # [frames, n_mels] float32 (or the waveform when loading only)
     sr: int = 0
-    reason: str = ""  # "missing" | "empty" | "unreadable: ..." when the clip is unusable
+    reason: str = ""  # "missing" | "empty" | "unreadable: ..." | "no log-mel: ..." when unusable
 
 
 @dataclass
@@ -118,25 +176,84 @@ class Chunk:
 class ChunkDone:
     clips: int  # clips the chunk had
     shard: Path | None  # None when none of them was usable
-    sizes: dict[str, int]  # fid -> wav size of every clip written to the shard
+    sigs: dict[str, Signature]  # fid -> wav signature of every clip written to the shard
     bad: list[tuple[str, str]]  # (fname, reason) of the unusable ones
 
 
 _WORKER_PARAMS: dict = {}
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _hdf5_close_on_full_disk(exc: BaseException | None) -> bool:
+    """The HDF5 objects of a write that failed for lack of space fail again as they are freed
+    (h5py prints a traceback through sys.excepthook and sys.unraisablehook); the one line about
+    the full disk already says it all."""
+    text = str(exc)
+    return (isinstance(exc, RuntimeError) and "decrement id ref count" in text
+            and any(f"errno = {code}," in text for code in DISK_FULL))
+
+
+def _quiet_unraisable(unraisable, previous=sys.unraisablehook) -> None:
+    if not _hdf5_close_on_full_disk(unraisable.exc_value):
+        previous(unraisable)
+
+
+def _quiet_excepthook(exc_type, exc, tb, previous=sys.excepthook) -> None:
+    if not _hdf5_close_on_full_disk(exc):
+        previous(exc_type, exc, tb)
 
 
 def _init_worker(params: dict) -> None:
     limit_threads()  # one thread per worker process: the processes already fill the cores
     keep_freed_memory()  # reuse the per-clip buffers instead of page-faulting them in anew
+    sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
     _WORKER_PARAMS.clear()
     _WORKER_PARAMS.update(params)
 
 
-def _init_pool_worker(params: dict) -> None:
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process as soon as `parent_pid` (its parent) ends, however it ends.
+
+    A parent killed with SIGKILL cannot stop its workers, which would go on computing, holding
+    the features folder's lock. Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG; it fires when
+    the thread that forked this process ends: the pool forks from the main thread); elsewhere a
+    daemon thread polls the parent's pid.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent was gone before the request
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _init_pool_worker(params: dict, parent_pid: int | None = None) -> None:
     # Ctrl-C reaches the whole process group: the parent alone handles it, and the workers
     # finish (and save) the chunks they started instead of dying with a traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     _init_worker(params)
+
+
+def _no_log_mel(clip: Clip, e: Exception) -> Result:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return Result(clip, reason=f"no log-mel: {first}")
+
+
+def _log_mel_errors() -> tuple:
+    from librosa.util.exceptions import LibrosaError  # librosa is imported by then (warm-up)
+
+    return ValueError, ArithmeticError, LibrosaError
 
 
 def _compute(clip: Clip) -> Result:
@@ -148,14 +265,20 @@ def _compute(clip: Clip) -> Result:
         return Result(clip, reason=e.reason + (f": {e.detail}" if e.reason == "unreadable" and e.detail else ""))
     if p.get("load_only"):
         return Result(clip, y, sr)
-    return Result(clip, log_mel(y, sr, p["window_s"], p["hop_s"], p["n_mels"]), sr)
+    try:
+        feats = log_mel(y, sr, p["window_s"], p["hop_s"], p["n_mels"])
+    except _log_mel_errors() as e:  # e.g. a sample rate too low for the window
+        return _no_log_mel(clip, e)
+    if not np.isfinite(feats).all():
+        return Result(clip, reason="no log-mel: the result holds NaN/inf")
+    return Result(clip, feats, sr)
 
 
 def _finish_chunk(chunk: Chunk, results: list[Result], attrs: dict) -> ChunkDone:
     """Write the usable results of a chunk as its shard."""
     good = [r for r in results if not r.reason]
     shard = write_shard(Path(chunk.folder), chunk.index, good, attrs) if good else None
-    return ChunkDone(len(results), shard, {r.clip.fid: r.clip.size for r in good},
+    return ChunkDone(len(results), shard, {r.clip.fid: r.clip.signature for r in good},
                      [(r.clip.fname, r.reason) for r in results if r.reason])
 
 
@@ -178,9 +301,16 @@ def _gpu_chunks(chunks: list[Chunk], pool, device: str) -> Iterator[ChunkDone]:
     loaded = pool.map(_compute, clips) if pool is not None else map(_compute, clips)  # chunk order
     for chunk in chunks:
         results = [next(loaded) for _ in chunk.clips]
-        for r in results:
-            if not r.reason:  # [samples] waveform -> [frames, n_mels] log-mel
+        for i, r in enumerate(results):
+            if r.reason:
+                continue
+            try:  # [samples] waveform -> [frames, n_mels] log-mel
                 r.feats = log_mel_torch(r.feats, r.sr, device, p["window_s"], p["hop_s"], p["n_mels"]).cpu().numpy()
+            except _log_mel_errors() as e:
+                results[i] = _no_log_mel(r.clip, e)
+                continue
+            if not np.isfinite(r.feats).all():
+                results[i] = Result(r.clip, reason="no log-mel: the result holds NaN/inf")
         yield _finish_chunk(chunk, results, p["attrs"])
 
 
@@ -199,25 +329,28 @@ def make_chunks(clips: list[Clip], folder: Path, first_index: int, flush_every: 
 # ---------------------------------------------------------------------------------------------
 # Shards
 
-def scan_parts(folder: Path, params: dict, log: Callable = print) -> dict[str, tuple[Path, int]]:
-    """{fid: (shard path, wav size)} for every finished clip in `folder` with these params.
+def scan_parts(folder: Path, params: dict, log: Callable = print) -> dict[str, tuple[Path, Signature]]:
+    """{fid: (shard path, wav signature)} for every finished clip in `folder` with these params.
 
     Shards written with other parameters, or unreadable, are deleted (their clips are redone).
     """
-    done: dict[str, tuple[Path, int]] = {}
+    done: dict[str, tuple[Path, Signature]] = {}
     if not folder.is_dir():
         return done
     remove_stale_temps(folder)
     for shard in sorted(folder.glob("shard-*.h5")):
+        found = {}
         try:
             with h5py.File(shard, "r") as f:
                 if not _attrs_match(f.attrs, params):
                     log(f"{shard.name}: written with other feature parameters, recomputing its clips")
                     raise ValueError
-                for fid, ds in f.items():
-                    done[fid] = (shard, int(ds.attrs["size"]))
-        except (OSError, ValueError, KeyError):
+                for fid, ds in _clips(f):
+                    found[fid] = (shard, _stored_signature(ds.attrs))
+        except HDF5_ERRORS:
             shard.unlink(missing_ok=True)
+            continue
+        done.update(found)
     return done
 
 
@@ -235,44 +368,70 @@ def write_shard(folder: Path, index: int, results: list[Result], params: dict) -
             f.attrs.update(params)
             for r in results:
                 ds = f.create_dataset(r.clip.fid, data=r.feats)
-                ds.attrs.update({"fname": r.clip.fname, "sr": r.sr, "size": r.clip.size})
+                ds.attrs.update({"fname": r.clip.fname, "sr": r.sr, "size": r.clip.size,
+                                 "mtime_ns": r.clip.mtime_ns})
     return path
 
 
 # ---------------------------------------------------------------------------------------------
 # The final file
 
-def final_is_complete(path: Path, params: dict, fids: list[str], allow_skipped: bool) -> tuple[bool, str]:
-    """(complete?, why not) for an existing `{split}_audio_logmels.hdf5`.
+def read_final(path: Path) -> tuple[dict, dict[str, Signature], dict[str, Signature | None]]:
+    """(file attrs, {fid: wav signature} of its clips, {fid: signature or None} of the clips it
+    skipped) of an existing `{split}_audio_logmels.hdf5`; reading every clip's attributes also
+    proves that each clip's header is readable. Raises one of HDF5_ERRORS for a damaged file."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: f.attrs[k] for k in f.attrs}
+        have = {fid: _stored_signature(ds.attrs) for fid, ds in _clips(f)}
+    if "skipped_signatures" in attrs:
+        skipped = {fid: tuple(sig) if sig is not None else None
+                   for fid, sig in json.loads(attrs["skipped_signatures"]).items()}
+    else:  # an older file: the clips it skipped are retried
+        skipped = {fid: (-1, -1) for fid in json.loads(attrs.get("skipped_fids", "[]"))}
+    return attrs, have, skipped
 
-    A file that left clips out (data.skip_bad_audio) counts as complete only while skipping is
-    still allowed; otherwise the skipped clips are retried.
+
+def final_state(path: Path, params: dict, sigs: dict[str, Signature | None], allow_skipped: bool,
+                listed: set[str]) -> tuple[str, str]:
+    """("complete" | "outdated" | "damaged", why) for an existing `{split}_audio_logmels.hdf5`.
+
+    `sigs`: every expected fid -> its wav's signature now (None: no wav); `listed`: the fids the
+    skip list says step 02 left out. A file that left clips out (data.skip_bad_audio) counts as
+    complete only while skipping is still allowed and none of their wavs changed.
     """
     try:
-        with h5py.File(path, "r") as f:
-            if not _attrs_match(f.attrs, params):
-                return False, "written with other feature parameters"
-            skipped = set(json.loads(f.attrs.get("skipped_fids", "[]")))
-            have = set(f.keys())
-    except (OSError, ValueError) as e:
-        return False, f"unreadable ({e})"
+        attrs, have, skipped = read_final(path)
+    except HDF5_ERRORS as e:
+        return "damaged", (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if not _attrs_match(attrs, params):
+        return "outdated", "written with other feature parameters"
     if skipped and not allow_skipped:
-        return False, f"{len(skipped)} clips were skipped as unusable and data.skip_bad_audio is now false"
-    want = set(fids)
-    if have | skipped != want or have & skipped:
-        return False, f"its clips differ from audio_info.pkl ({len(want - have - skipped)} missing, {len(have - want)} extra)"
-    return True, ""
+        return "outdated", f"{len(skipped)} clips were skipped as unusable and data.skip_bad_audio is now false"
+    want = set(sigs)
+    if set(have) | set(skipped) != want or set(have) & set(skipped):
+        return "outdated", (f"its clips differ from audio_info.pkl ({len(want - set(have) - set(skipped))} "
+                            f"missing, {len(set(have) - want)} extra)")
+    changed = [fid for fid, sig in have.items() if sigs[fid] != sig]
+    if changed:
+        return "outdated", f"{len(changed)} wav(s) changed since their log-mels were computed"
+    retry = [fid for fid, sig in skipped.items() if sigs[fid] != sig]
+    if retry:
+        return "outdated", f"{len(retry)} skipped wav(s) changed since they were skipped"
+    if listed != set(skipped):
+        return "outdated", "the skip list does not name the clips it left out"
+    return "complete", ""
 
 
-def merge_shards(path: Path, fids: list[str], done: dict[str, tuple[Path, int]], params: dict,
-                 skipped_fids: list[str]) -> None:
+def merge_shards(path: Path, fids: list[str], done: dict[str, tuple[Path, Signature]], params: dict,
+                 skipped: dict[str, Signature | None]) -> None:
     """Copy every clip, in `fids` order, from its shard into `path` (atomically)."""
     shards: dict[Path, h5py.File] = {}
     try:
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as out:
                 out.attrs.update(params)
-                out.attrs["skipped_fids"] = json.dumps(skipped_fids)
+                out.attrs["skipped_fids"] = json.dumps(list(skipped))
+                out.attrs["skipped_signatures"] = json.dumps({f: list(s) if s else None for f, s in skipped.items()})
                 for fid in tqdm(fids, desc=f"merge {path.name}", unit="clip", leave=False):
                     shard = done[fid][0]
                     if shard not in shards:
@@ -295,7 +454,7 @@ class SplitFeatures:
     computed: int = 0  # clips computed in this run
     reused: int = 0  # clips taken from an earlier, interrupted run
     skipped_existing: bool = False  # the final file was already complete
-    bad: list[tuple[str, str]] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (fname, reason) left out by step 02
     skipped_csv: Path | None = None
 
 
@@ -310,6 +469,37 @@ def _warm_up(params: dict) -> None:
     """Import and run the transform once in the parent, before forking the workers."""
     _init_worker(params)
     log_mel(np.zeros(4410, np.float32), 44100, params["window_s"], params["hop_s"], params["n_mels"])
+    _log_mel_errors()
+
+
+def _disk_full(out_dir: Path, kept: int, folder: Path) -> UserError:
+    return UserError(f"no space left on {out_dir}: the {kept} clips finished are kept in {folder} — "
+                     "free some space (or set paths.features_dir to another disk) and rerun "
+                     f"{STEP_02} to resume")
+
+
+def _worker_died(split: str, out_dir: Path, kept: int, folder: Path) -> UserError:
+    try:
+        free = shutil.disk_usage(out_dir).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_DISK_BYTES:
+        return _disk_full(out_dir, kept, folder)
+    return UserError(f"{split}: a features.workers process died (killed, out of memory?); the "
+                     f"{kept} clips finished are kept in {folder}, rerun to resume "
+                     f"(fewer workers need less memory)")
+
+
+def _locate_wavs(audio_dir: Path, fid2fname: dict[str, str]) -> dict[str, tuple[Path, Signature] | None]:
+    """fid -> (wav path, its signature now), or None when the wav is missing."""
+    out = {}
+    for fid, fname in fid2fname.items():
+        path = resolve_wav(audio_dir, fname)
+        try:
+            out[fid] = (path, wav_signature(path)) if path is not None else None
+        except FileNotFoundError:  # removed in between
+            out[fid] = None
+    return out
 
 
 def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], features_cfg: dict,
@@ -328,33 +518,42 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
     final = logmel_path(out_dir, split)
     folder = parts_dir(out_dir, split)
+    skip_csv = skipped_path(out_dir, split)
     fids = list(fid2fname)
     out = SplitFeatures(split, final, len(fids))
     remove_stale_temps(final.parent, f"{final.name}.")
+    wavs = _locate_wavs(split_paths(dataset_dir, split)[1], fid2fname)
+    sigs = {fid: w[1] if w is not None else None for fid, w in wavs.items()}
     if final.exists():
-        complete, why = final_is_complete(final, params, fids, skip_bad_audio)
-        if complete:
+        fname2fid = {fname: fid for fid, fname in fid2fname.items()}
+        listed = {fname2fid.get(r[0], r[0]) for r in read_skipped(skip_csv) if r[2] == "02"}
+        state, why = final_state(final, params, sigs, skip_bad_audio, listed)
+        if state == "complete":
             out.skipped_existing = True
+            out.bad = [(r[0], r[1]) for r in read_skipped(skip_csv) if r[2] == "02"]
+            out.skipped_csv = skip_csv if out.bad else None
             return out
-        # move it out of the way in one rename (no outdated final survives a crash) and treat it
-        # as a shard: clips still valid in it are reused, the others recomputed
-        log(f"{split}: {final} is outdated ({why}); updating it")
-        folder.mkdir(parents=True, exist_ok=True)
-        os.replace(final, folder / f"shard-{_next_shard_index(folder):05d}.h5")
+        if state == "damaged":  # nothing in it can be trusted
+            log(f"{split}: {final} is damaged ({why}); rebuilding it")
+            final.unlink()
+        else:
+            # move it out of the way in one rename (no outdated final survives a crash) and
+            # treat it as a shard: its clips still valid are reused, the others recomputed
+            log(f"{split}: {final} is outdated ({why}); updating it")
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(final, folder / f"shard-{_next_shard_index(folder):05d}.h5")
 
     done = scan_parts(folder, params, log)
     todo, bad = [], []
-    audio_dir = Path(dataset_dir) / split
     for fid, fname in fid2fname.items():
-        path = resolve_wav(audio_dir, fname)
-        if path is None:
+        if wavs[fid] is None:
             bad.append((fname, "missing"))
             continue
-        size = path.stat().st_size
-        if fid in done and done[fid][1] == size:
+        path, sig = wavs[fid]
+        if fid in done and done[fid][1] == sig:
             continue
         done.pop(fid, None)
-        todo.append(Clip(fid, fname, str(path), size))
+        todo.append(Clip(fid, fname, str(path), *sig))
     out.reused = sum(fid in done for fid in fids)
     if out.reused:
         log(f"{split}: resuming, {out.reused} of {len(fids)} clips already computed in {folder}")
@@ -367,28 +566,34 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
         with tqdm(total=len(todo), desc=f"{split} log-mels", unit="clip") as progress:
             for chunk in finished:  # shards already on disk: a kill or Ctrl-C from here keeps them
                 bad += chunk.bad
-                done.update((fid, (chunk.shard, size)) for fid, size in chunk.sizes.items())
-                out.computed += len(chunk.sizes)
+                done.update((fid, (chunk.shard, sig)) for fid, sig in chunk.sigs.items())
+                out.computed += len(chunk.sigs)
                 progress.update(chunk.clips)
     except BrokenProcessPool:  # a worker was killed (out of memory, a signal); the pool is unusable
-        raise UserError(f"{split}: a features.workers process died (killed, out of memory?); the "
-                        f"{len(done)} clips finished are kept in {folder}, rerun to resume "
-                        f"(fewer workers need less memory)") from None
+        raise _worker_died(split, out_dir, len(done), folder) from None
+    except OSError as e:  # from a worker's shard write: HDF5 names no useful path
+        if e.errno in DISK_FULL:
+            raise _disk_full(out_dir, len(done), folder) from None
+        raise
 
     if bad:
         order = {fname: i for i, fname in enumerate(fid2fname.values())}
         bad.sort(key=lambda b: order[b[0]])
         if not skip_bad_audio:
             raise bad_audio_error([format_bad_audio(split, bad)])
-        out.bad = bad
-        out.skipped_csv = out_dir / f"{split}_skipped_audio.csv"
-        previous = read_skipped(out.skipped_csv)  # step 01's report, if it skipped clips too
-        known = {f for f, _ in previous}
-        write_skipped(out.skipped_csv, previous + [b for b in bad if b[0] not in known])
     bad_names = {f for f, _ in bad}
     keep = [fid for fid in fids if fid2fname[fid] not in bad_names]
-    skipped_fids = [fid for fid in fids if fid2fname[fid] in bad_names]
-    merge_shards(final, keep, done, params, skipped_fids)
+    skipped = {fid: sigs[fid] for fid in fids if fid2fname[fid] in bad_names}
+    try:
+        merge_shards(final, keep, done, params, skipped)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise _disk_full(out_dir, len(done), folder) from None
+        raise
+    # after the HDF5: killed in between, the list disagrees with the file and a rerun redoes it
+    listed = update_skipped(skip_csv, "02", bad)
+    out.bad = bad
+    out.skipped_csv = skip_csv if listed else None
     shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -399,20 +604,21 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     out_dir = features_dir(cfg)
     info_path = out_dir / "audio_info.pkl"
     if not info_path.is_file():
-        raise UserError(f"{info_path}: not found (run preprocessing/01_clotho_dataset.py first)")
+        raise UserError(f"{info_path}: not found (run {STEP_01} first)")
     info = load_pickle(info_path)
     fid2fname = info.get("audio_fid2fname") if isinstance(info, dict) else None
     if not isinstance(fid2fname, dict):
-        raise UserError(f"{info_path}: no 'audio_fid2fname' (rerun preprocessing/01_clotho_dataset.py)")
+        raise UserError(f"{info_path}: no 'audio_fid2fname' (rerun {STEP_01})")
     for split in cfg["data"]["splits"]:
         if split not in fid2fname:
-            raise UserError(f"{info_path}: no split '{split}' (rerun preprocessing/01_clotho_dataset.py)")
+            raise UserError(f"{info_path}: no split '{split}' (rerun {STEP_01})")
     features_cfg = cfg["features"]
     device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
     params = worker_params(features_cfg, device)
     _warm_up(params)
     workers = int(features_cfg.get("workers", 1))
-    pool = ProcessPoolExecutor(workers, _pool_context(), _init_pool_worker, (params,)) if workers > 1 else None
+    pool = (ProcessPoolExecutor(workers, _pool_context(), _init_pool_worker, (params, os.getpid()))
+            if workers > 1 else None)
     try:
         return [compute_split(dataset_dir, split, fid2fname[split], features_cfg,
                               cfg["data"]["skip_bad_audio"], log, pool, out_dir)

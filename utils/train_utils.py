@@ -127,6 +127,9 @@ def load_training_data(cfg: dict) -> TrainingData:
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
                                max_frames=cfg["training"]["max_frames"], train=True)
     val_set = CaptionDataset(feat_dir, cfg["data"]["val_split"], tid2row)  # whole clips
+    for dataset in (train_set, val_set):  # data.skip_bad_audio: say what is left out
+        if dataset.skipped.clips:
+            print(dataset.skipped.describe(dataset.split))
     return TrainingData(table, tid2row, train_set, val_set,
                         feat_dir / cfg["text_encoder"]["embeddings"])
 
@@ -302,9 +305,11 @@ def nonfinite_loss_error(epoch: int, step: int, value: float, audio: torch.Tenso
     bad = (~torch.isfinite(audio.float()).flatten(1).all(dim=1)).cpu()  # [B]
     if bad.any():
         fids = sorted({dataset.fids[int(c)] for c in clip_ids.cpu()[bad].tolist()})
-        cause = (f"the log-mels of fid {', '.join(fids[:3])} in "
-                 f"{logmels_path(dataset.dataset_dir, dataset.split)} contain NaN/inf — rerun "
-                 "preprocessing/02_audio_logmel.py")
+        # step 02 never writes NaN/inf (it rejects such clips), so the file is damaged; it
+        # would call the file complete, as it does not read every value: delete it first
+        path = logmels_path(dataset.dataset_dir, dataset.split)
+        cause = (f"the log-mels of fid {', '.join(fids[:3])} in {path} contain NaN/inf, so the "
+                 f"file is damaged — delete {path} and rerun preprocessing/02_audio_logmel.py")
     else:
         cause = "the inputs are finite: try a lower training.lr, or training.amp=off"
     return UserError(f"epoch {epoch}, step {step}: training loss is {value}; stopped without "

@@ -1,0 +1,408 @@
+"""Step 02 and the readers of its output when things go wrong: skipped clips end to end, wavs
+replaced under the same name, a full disk, a parent killed with SIGKILL, two runs at once, and a
+damaged HDF5 file."""
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from cli_helpers import error_line
+from tests.tiny_data import REPO
+from utils import data_utils as du
+from utils import features as features_mod
+from utils.audio_utils import load_audio, log_mel
+from utils.clotho import make_fid, prepare_clotho, read_skipped
+from utils.config import load_config
+from utils.errors import UserError
+from utils.features import compute_logmels, logmel_path, parts_dir
+from utils.io_utils import save_pickle
+from utils.train_utils import nonfinite_loss_error
+from wav_fixtures import make_clotho, write_wav
+
+SKIP_CSV = "development_skipped_audio.csv"
+quiet = {"log": lambda *a: None}
+
+
+def config(root, *overrides):
+    return load_config(REPO / "conf.yaml", [f"paths.dataset_dir={root}", "data.splits=[development]",
+                                            "features.workers=1", *overrides])
+
+
+def run_step(step, root, *overrides, popen=False):
+    script = {"01": "preprocessing/01_clotho_dataset.py", "02": "preprocessing/02_audio_logmel.py"}[step]
+    cmd = [sys.executable, script, "--conf", str(REPO / "conf.yaml"), "--set",
+           f"paths.dataset_dir={root}", "data.splits=[development]", *overrides]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def dataset(root, n=4, seconds=0.3, skip=False):
+    rows = make_clotho(root, {"development": n}, seconds=seconds)
+    prepare_clotho(root, ["development"], skip_bad_audio=skip)
+    return list(rows["development"])
+
+
+def write_fake_embeddings(root):
+    """sbert_embeds.pkl for every caption of the text CSV (random vectors; no model needed)."""
+    df = du.read_text_csv(root, "development")
+    rng = np.random.default_rng(0)
+    save_pickle({tid: rng.normal(size=8).astype(np.float32) for tid in df["tid"]}, root / "sbert_embeds.pkl")
+
+
+def wait_for_a_shard(proc, root):
+    parts = parts_dir(root, "development")
+    deadline = time.monotonic() + 240
+    while not (parts.is_dir() and any(parts.glob("shard-*.h5"))):
+        assert proc.poll() is None, f"finished before a shard was written: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def stop(proc):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips only step 02 finds unusable
+
+def low_rate(path):
+    """A wav that reads fine (step 01 probes it) but at 1 kHz has no 64-band log-mel."""
+    return write_wav(path, seconds=0.3, sr=1000)
+
+
+def nan_samples(path):
+    y = np.zeros(4410, np.float32)
+    y[100] = np.nan
+    sf.write(str(path), y, 44100, subtype="FLOAT", format="WAV")
+    return path
+
+
+@pytest.mark.parametrize("maker, reason", [(low_rate, "no log-mel: sample rate 1000 Hz is too low"),
+                                           (nan_samples, "unreadable: non-finite samples")])
+def test_without_skipping_step_02_is_one_line_listing_the_file_never_a_worker_traceback(tmp_path, maker, reason):
+    names = dataset(tmp_path)
+    maker(tmp_path / "development" / names[1])
+    prepare_clotho(tmp_path, ["development"])  # step 01 probes the header only: it passes
+    line = error_line(run_step("02", tmp_path, "features.workers=2", "features.flush_every=1"))
+    assert f"development: 1 unusable audio file" in line and names[1] in line
+    assert "data.skip_bad_audio: true" in line
+    if reason.startswith("no log-mel"):
+        assert "sample rate 1000 Hz is too low for the 40 ms window" in line
+
+
+def test_skip_list_is_kept_by_both_steps_and_every_reader_leaves_the_clips_out(tmp_path):
+    names = dataset(tmp_path, n=5, skip=True)
+    low_rate(tmp_path / "development" / names[1])
+    (tmp_path / "development" / names[3]).unlink()  # step 01 finds this one
+    cfg = config(tmp_path, "data.skip_bad_audio=true")
+    prepare_clotho(tmp_path, ["development"], skip_bad_audio=True)
+    [r] = compute_logmels(cfg, **quiet)
+    assert [b[0] for b in r.bad] == [names[1]]
+    listed = read_skipped(tmp_path / SKIP_CSV)
+    assert [(f, step) for f, _, step in listed] == [(names[3], "01"), (names[1], "02")]
+
+    # step 01 again: its own rows are redone, step 02's stay
+    proc = run_step("01", tmp_path, "data.skip_bad_audio=true")
+    assert proc.returncode == 0, proc.stderr
+    assert read_skipped(tmp_path / SKIP_CSV) == listed
+    assert "1 clip(s) that step 02 could not use stay listed" in proc.stdout
+    # step 02 again: nothing changed, so it is complete, and says what it skipped
+    proc = run_step("02", tmp_path, "data.skip_bad_audio=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "already complete (3 clips; 1 unusable audio file(s) skipped" in proc.stdout
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        assert set(f) == {make_fid("development", n) for n in (names[0], names[2], names[4])}
+        assert json.loads(f.attrs["skipped_fids"]) == [make_fid("development", names[1])]
+
+    # training, validation and postprocessing read through these: the clips and captions are out
+    write_fake_embeddings(tmp_path)
+    _, tid2row = du.load_text_table(tmp_path)
+    ds = du.CaptionDataset(tmp_path, "development", tid2row)
+    assert len(ds) == 15 and ds.fids == [make_fid("development", n) for n in (names[0], names[2], names[4])]
+    assert (ds.skipped.clips, ds.skipped.captions) == (2, 10)
+    assert "2 skipped clip(s) and their 10 caption(s) left out" in ds.skipped.describe("development")
+    assert du.skipped_counts(tmp_path, ["development"]) == {"development": {"clips": 2, "captions": 10}}
+    model = torch.nn.Module()
+    model.audio_branch = lambda x: x.mean(dim=1)  # [B, T, 64] -> [B, 64]
+    model.text_branch = lambda rows: torch.zeros(len(rows), 64)
+    emb = du.encode_split(model, tmp_path, "development", tid2row, batch_size=2, device="cpu")
+    assert emb.fids == ds.fids and len(emb.tids) == 15 and emb.skipped == ds.skipped
+    ds.close()
+
+
+def test_training_prints_what_it_leaves_out(tmp_path, capsys):
+    from utils.train_utils import load_training_data
+
+    names = dataset(tmp_path, n=4, skip=True)
+    low_rate(tmp_path / "development" / names[0])
+    compute_logmels(config(tmp_path, "data.skip_bad_audio=true"), **quiet)
+    write_fake_embeddings(tmp_path)
+    cfg = config(tmp_path, "data.skip_bad_audio=true", "data.val_split=development")
+    data = load_training_data(cfg)
+    assert len(data.train_set) == 15
+    assert "development: 1 skipped clip(s) and their 5 caption(s) left out" in capsys.readouterr().out
+
+
+def test_a_fixed_wav_is_retried_and_leaves_the_list(tmp_path):
+    names = dataset(tmp_path, n=3)
+    good = (tmp_path / "development" / names[2]).read_bytes()
+    low_rate(tmp_path / "development" / names[2])
+    cfg = config(tmp_path, "data.skip_bad_audio=true")
+    compute_logmels(cfg, **quiet)
+    assert [f for f, _, _ in read_skipped(tmp_path / SKIP_CSV)] == [names[2]]
+    (tmp_path / "development" / names[2]).write_bytes(good)
+    [r] = compute_logmels(cfg, **quiet)
+    assert not r.skipped_existing and r.computed == 1 and not r.bad
+    assert not (tmp_path / SKIP_CSV).exists()
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        assert len(f) == 3 and json.loads(f.attrs["skipped_fids"]) == []
+
+
+def test_a_clip_newly_listed_by_step_01_makes_step_02_update_its_file(tmp_path):
+    names = dataset(tmp_path, n=3)
+    cfg = config(tmp_path, "data.skip_bad_audio=true")
+    compute_logmels(cfg, **quiet)
+    (tmp_path / "development" / names[0]).unlink()
+    prepare_clotho(tmp_path, ["development"], skip_bad_audio=True)
+    [r] = compute_logmels(cfg, **quiet)
+    assert not r.skipped_existing and r.reused == 2
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        assert set(f) == {make_fid("development", n) for n in names[1:]}
+
+
+def test_a_deleted_skip_list_is_written_again(tmp_path):
+    names = dataset(tmp_path, n=3)
+    low_rate(tmp_path / "development" / names[0])
+    cfg = config(tmp_path, "data.skip_bad_audio=true")
+    compute_logmels(cfg, **quiet)
+    (tmp_path / SKIP_CSV).unlink()
+    [r] = compute_logmels(cfg, **quiet)
+    assert not r.skipped_existing
+    assert [f for f, _, _ in read_skipped(tmp_path / SKIP_CSV)] == [names[0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# A wav replaced under the same name
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_a_replaced_wav_is_recomputed(tmp_path, same_size):
+    names = dataset(tmp_path, n=3)
+    cfg = config(tmp_path)
+    compute_logmels(cfg, **quiet)
+    wav = tmp_path / "development" / names[1]
+    before = os.stat(wav)
+    write_wav(wav, seconds=0.3 if same_size else 0.5, seed=99)  # other content, same name
+    if same_size:
+        assert os.stat(wav).st_size == before.st_size
+        os.utime(wav, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    [r] = compute_logmels(cfg, **quiet)
+    assert not r.skipped_existing and (r.computed, r.reused) == (1, 2)
+    y, sr = load_audio(wav)
+    with h5py.File(logmel_path(tmp_path, "development"), "r") as f:
+        ds = f[make_fid("development", names[1])]
+        np.testing.assert_array_equal(ds[()], log_mel(y, sr))
+        assert (ds.attrs["size"], ds.attrs["mtime_ns"]) == (os.stat(wav).st_size, os.stat(wav).st_mtime_ns)
+    assert compute_logmels(cfg, **quiet)[0].skipped_existing
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 300 kB tmpfs (root with CAP_SYS_ADMIN only); unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, tiny_disk):
+    root = tmp_path / "clotho"
+    make_clotho(root, {"development": 20}, seconds=1.5)
+    feats = [f"paths.features_dir={tiny_disk}"]
+    assert run_step("01", root, *feats).returncode == 0
+    line = error_line(run_step("02", root, *feats, "features.workers=2", "features.flush_every=2"))
+    assert line.startswith(f"error: no space left on {tiny_disk}") and "out of memory" not in line
+    assert "rerun preprocessing/02_audio_logmel.py to resume" in line
+    subprocess.run(["mount", "-o", "remount,size=20m", str(tiny_disk)], check=True)
+    proc = run_step("02", root, *feats, "features.workers=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout + proc.stderr
+
+
+def test_a_disk_error_in_a_worker_is_reported_as_such(tmp_path, monkeypatch):
+    """HDF5 raises ENOSPC without a useful path; the message names the features folder."""
+    dataset(tmp_path, n=4)
+    real = features_mod.write_shard
+
+    def full(folder, index, results, params):  # the forked workers inherit this
+        if index >= 2:
+            raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: errno = 28)")
+        return real(folder, index, results, params)
+
+    monkeypatch.setattr(features_mod, "write_shard", full)
+    with pytest.raises(UserError, match=rf"^no space left on {tmp_path}: the \d clips finished are kept"):
+        compute_logmels(config(tmp_path, "features.workers=2", "features.flush_every=1"), **quiet)
+
+
+def test_a_worker_that_died_on_a_full_disk_is_not_blamed_on_memory(tmp_path, monkeypatch):
+    names = dataset(tmp_path, n=4)
+    real = features_mod._compute
+
+    def dying(clip):
+        if clip.fname == names[-1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(clip)
+
+    monkeypatch.setattr(features_mod, "_compute", dying)
+    cfg = config(tmp_path, "features.workers=2", "features.flush_every=1")
+    with pytest.raises(UserError, match="out of memory"):
+        compute_logmels(cfg, **quiet)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(features_mod.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    with pytest.raises(UserError, match=rf"^no space left on {tmp_path}") as e:
+        compute_logmels(cfg, **quiet)
+    assert "memory" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A parent killed with SIGKILL; two runs at once
+
+def children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped: only its exit status is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_do_not_outlive_a_parent_killed_with_sigkill(tmp_path):
+    dataset(tmp_path, n=40, seconds=3.0)
+    proc = run_step("02", tmp_path, "features.workers=2", "features.flush_every=2", popen=True)
+    try:
+        wait_for_a_shard(proc, tmp_path)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: as the OOM killer would
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(w) for w in workers)
+    finally:
+        stop(proc)
+
+
+def test_a_second_run_on_the_same_features_folder_is_refused_naming_the_holder(tmp_path):
+    dataset(tmp_path, n=80, seconds=4.0)
+    first = run_step("02", tmp_path, "features.workers=1", "features.flush_every=2", popen=True)
+    try:
+        wait_for_a_shard(first, tmp_path)
+        for step in ("02", "01"):  # step 01 would rewrite what step 02 reads
+            line = error_line(run_step(step, tmp_path))
+            assert f"features folder {tmp_path}" in line and f"in use by pid {first.pid}" in line
+            assert "02_audio_logmel.py" in line
+        assert first.poll() is None  # the holder was still at work all along
+    finally:
+        stop(first)
+    assert run_step("01", tmp_path).returncode == 0  # the kernel dropped the lock with the holder
+
+
+def test_the_features_folder_must_be_writable(tmp_path, monkeypatch):
+    from utils.clotho import features_lock
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=r"not writable — set paths.features_dir"):
+        features_lock(tmp_path, "01")
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged HDF5 file
+
+def zero_headers(path, which):
+    """Overwrite internal HDF5 headers with zeros: the root group's, or one clip's."""
+    with h5py.File(path, "r") as f:
+        addr = h5py.h5o.get_info(f["/"].id if which == "root" else f[which].id).addr
+    with open(path, "r+b") as fh:
+        fh.seek(addr)
+        fh.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("which", ["root", "clip"])
+def test_a_damaged_hdf5_is_named_by_every_reader_and_rebuilt_by_step_02(tmp_path, which):
+    names = dataset(tmp_path, n=3)
+    cfg = config(tmp_path)
+    compute_logmels(cfg, **quiet)
+    write_fake_embeddings(tmp_path)
+    path = logmel_path(tmp_path, "development")
+    zero_headers(path, "root" if which == "root" else make_fid("development", names[1]))
+    _, tid2row = du.load_text_table(tmp_path)
+    readers = [lambda: du.CaptionDataset(tmp_path, "development", tid2row),
+               lambda: du.ClipDataset(tmp_path, "development", [make_fid("development", n) for n in names]),
+               lambda: du.logmel_lengths(tmp_path, "development", [make_fid("development", names[0])]
+                                         if which == "root" else [make_fid("development", names[1])])]
+    for reader in readers:
+        with pytest.raises(UserError) as e:
+            reader()
+        message = str(e.value)
+        assert message.startswith(f"{path}: damaged HDF5 file") and "\n" not in message
+        assert message.endswith("rerun preprocessing/02_audio_logmel.py, which rebuilds it")
+    # following the advice
+    proc = run_step("02", tmp_path, "features.workers=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "is damaged" in proc.stdout + proc.stderr and "already complete" not in proc.stdout
+    ds = du.CaptionDataset(tmp_path, "development", tid2row)
+    assert len(ds) == 15 and torch.isfinite(ds[7][0]).all()
+    ds.close()
+
+
+def test_nan_log_mels_advice_works(tmp_path):
+    """Step 02 never writes NaN: log-mels holding them come from a damaged file, which it would
+    call complete (it does not read every value); the training message says to delete it first."""
+    names = dataset(tmp_path, n=2)
+    cfg = config(tmp_path)
+    compute_logmels(cfg, **quiet)
+    write_fake_embeddings(tmp_path)
+    path = logmel_path(tmp_path, "development")
+    with h5py.File(path, "r+") as f:
+        f[make_fid("development", names[1])][3, :] = np.nan
+    _, tid2row = du.load_text_table(tmp_path)
+    ds = du.CaptionDataset(tmp_path, "development", tid2row)
+    audio, _, clips = du.collate_pad([ds[i] for i in range(10)])
+    message = str(nonfinite_loss_error(1, 3, float("nan"), audio, clips, ds))
+    ds.close()
+    assert f"delete {path} and rerun preprocessing/02_audio_logmel.py" in message
+    assert compute_logmels(cfg, **quiet)[0].skipped_existing  # why the delete is needed
+    path.unlink()
+    compute_logmels(cfg, **quiet)
+    with h5py.File(path, "r") as f:
+        assert all(np.isfinite(f[fid][()]).all() for fid in f)
