@@ -243,3 +243,35 @@ def test_missing_output_location_is_created(scripts, tmp_path):
     conf, run_dir, call = scripts
     assert call(SCORES, "--run", run_dir).returncode == 0
     np.testing.assert_equal(db_splits(run_dir / "scores.db"), ["validation", "evaluation"])
+
+
+def test_read_only_output_location_is_one_line(tiny, monkeypatch, capsys):
+    """EROFS when the run folder is made (chmod cannot simulate it for root: os.mkdir is)."""
+    conf = tiny_config(tiny)
+    real_mkdir = os.mkdir
+    outputs = str(tiny / "outputs")
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(outputs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", read_only)
+    line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf))
+    assert outputs in line and "not writable" in line
+
+
+def test_read_only_scores_db_is_one_line(scripts, monkeypatch):
+    """SQLite's own 'attempt to write a readonly database' becomes the OSError of a read-only
+    file naming scores.db (query_only makes SQLite meet a read-only database, even as root)."""
+    conf, run_dir, call = scripts
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    connect = scores_db._connect
+
+    def read_only(path):
+        conn = connect(path)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+    monkeypatch.setattr(scores_db, "_connect", read_only)
+    line = error_line(call(RETRIEVAL, "--run", run_dir))  # 02 stores the t2a ranks in the db
+    assert str(run_dir / "scores.db") in line
+    assert "not writable" in line or "permission denied" in line
