@@ -274,3 +274,13 @@ def test_config_hash_ignores_eval_and_wandb():
             "eval": {"splits": ["b"]}, "wandb": {"mode": "disabled"}}
     assert scores_db.config_sha1(cfg) == scores_db.config_sha1(same)
     assert scores_db.config_sha1(cfg) != scores_db.config_sha1(dict(cfg, seed=1))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_named_scores_db_is_reported_as_such(tmp_path, overwrite):
+    (tmp_path / "scores.db").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        with scores_db.writing(tmp_path / "scores.db", META, overwrite=overwrite):
+            pass
+    assert e.value.filename == str(tmp_path / "scores.db")
+    assert (tmp_path / "scores.db").is_dir()

@@ -113,11 +113,10 @@ class ScoredSplit:
 # --------------------------------------------------------------------------- identity
 
 def config_sha1(cfg: dict) -> str:
-    """sha1 of the parts of a resolved config that decide the scores.
-
-    `eval` (which splits, batch size, ...), `wandb` and `paths.output_dir` do not change a
-    single score, so changing them (e.g. `--set eval.splits=[development]`) keeps the db usable.
-    """
+    """sha1 of a resolved config without `eval`, `wandb` and `paths.output_dir`: recorded in
+    meta and metrics.json to say which config a run had, not checked (most of a config, e.g.
+    training.epochs or the demo sizes, changes no score: IDENTITY_KEYS and split_identity are
+    what is checked)."""
     relevant = {k: v for k, v in cfg.items() if k not in ("eval", "wandb")}
     relevant["paths"] = {k: v for k, v in cfg.get("paths", {}).items() if k != "output_dir"}
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
@@ -320,6 +319,8 @@ def writing(path: str | Path, meta: dict[str, str], overwrite: bool = False
     then the old scores.db stays complete and untouched.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # SQLite would only say "unable to open"
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     if not overwrite:
         created = not path.exists()
         if created:  # by open(), not SQLite (0644): the mode a plain open() gives (0666 - umask)
