@@ -170,17 +170,29 @@ def test_copy_mode_transcodes_each_clip_once_small_and_reuses_it(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in audio}
     stale = page.path.parent / "audio" / "evaluation" / "old-0123456789.opus"
     stale.write_bytes(b"from an earlier sample")
+    killed = page.path.parent / "audio" / "evaluation" / ".x-0123456789.opus.abc123.tmp"
+    killed.write_bytes(b"half a clip")
     page2, _ = build_report(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in audio} == stamps  # reused, not transcoded again
-    assert not stale.exists()  # no longer referenced: removed
+    assert not stale.exists() and not killed.exists()  # no longer referenced: removed
 
 
-def test_measured_bitrate_of_a_noisy_30_s_clip(tmp_path):
-    """The worst case for the codec: broadband noise at Clotho's length."""
+@pytest.mark.parametrize("kbps", [report.MIN_KBPS, 32, report.MAX_KBPS])
+def test_measured_bitrate_of_a_noisy_30_s_clip_is_the_target(tmp_path, kbps):
+    """The hardest case for the codec, broadband noise at Clotho's length, lands on the target."""
     src = write_wav(tmp_path / "noise.wav", seconds=30.0, kind="noise", amplitude=0.5)
-    out = report.transcode(src, tmp_path / "noise.opus")
-    kbit_s = out.stat().st_size * 8 / sf.info(str(out)).duration / 1000
-    assert 16 <= kbit_s <= 48, kbit_s
+    out = report.transcode(src, tmp_path / "noise.opus", kbps)
+    measured = out.stat().st_size * 8 / sf.info(str(out)).duration / 1000
+    assert 0.8 * kbps <= measured <= 1.2 * kbps and measured <= 64, (kbps, measured)
+
+
+def test_bitrate_keeps_a_clotho_sized_sample_under_the_budget():
+    # default sample on Clotho: 2 splits x (40 captions x 6 clips + 40 clips), ~22 s each
+    clotho = 2 * (40 * 6 + 40) * 22.0
+    kbps = report.opus_kbps(clotho)
+    assert report.MIN_KBPS <= kbps < 32 and clotho * kbps * 1000 / 8 <= report.AUDIO_BUDGET
+    assert report.opus_kbps(250 * 3.5) == report.MAX_KBPS  # the demo: best quality
+    assert report.opus_kbps(1e6) == report.MIN_KBPS          # never below the floor
 
 
 def test_link_mode_points_at_the_dataset_wavs_by_relative_paths(tmp_path):
@@ -382,3 +394,28 @@ def test_query_page_for_text_and_audio_queries(tmp_path):
     linked = report.write_query_page(tmp_path / "out" / "l.html", [t2a], audio="link")
     assert all(unquote(s).startswith("../clips/c") for s in audio_srcs(linked))
     assert os.path.samefile(linked.parent / unquote(audio_srcs(linked)[0]), clips[0])
+
+
+def test_query_results_page_from_retriever_hits(tmp_path):
+    """The shape query.py hands over: models.retrieval.Hit-like objects per query."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Hit:
+        rank: int
+        score: float
+        fname: str
+        caption: str | None = None
+        path: str | None = None
+
+    clip = write_wav(tmp_path / "c.wav", seconds=0.5)
+    texts = report.write_query_results(
+        tmp_path / "t.html", ["rain", "a <dog>"],
+        [[Hit(1, 0.5, "c.wav", None, str(clip)), Hit(2, 0.4, "x.wav")], [Hit(1, 0.3, "c.wav", None, str(clip))]])
+    text = texts.read_text()
+    assert text.count('class="panel"') == 2 and "a &lt;dog&gt;" in text
+    assert "audio file not found (x.wav)" in text and len(audio_srcs(texts)) == 2
+    clips = report.write_query_results(tmp_path / "a.html", [str(clip)],
+                                       [[Hit(1, 0.7, "c.wav", "rain <falls>", str(clip))]],
+                                       audio_queries=True, audio="link")
+    assert audio_srcs(clips) == ["c.wav"] and "rain &lt;falls&gt;" in clips.read_text()

@@ -5,7 +5,7 @@ recall@k plots, a histogram of the true clip's rank, and listening panels for a 
 queries in both directions (the `eval.report.worst` worst-ranked ones and `eval.report.random`
 drawn with `eval.report.seed`). The page opens from the file system with no server and no
 network, and the folder can be zipped and sent: its clips are transcoded into `report/audio/`
-(Ogg Opus, mono, ~32 kbit/s), or, with `eval.report.audio: link`, linked to the dataset's wavs by
+(Ogg Opus, mono, 24-48 kbit/s within a size budget), or, with `eval.report.audio: link`, linked to the dataset's wavs by
 relative paths. Every piece of user text (captions, file names, run names) is HTML-escaped.
 
 The same sample feeds the wandb tables (`log_to_tracker`) and `postprocessing/query.py --html`
@@ -29,8 +29,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.io_utils import atomic_path, atomic_write_text
+from utils.io_utils import atomic_path, atomic_write_text, remove_stale_temps
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -45,10 +44,16 @@ AUDIO_MODES = ("copy", "link")
 # mono). Opus only takes 8/12/16/24/48 kHz input, hence the resampling to 48 kHz.
 OPUS_RATE = 48000
 OPUS_SUFFIX = ".opus"
-# libsndfile maps compression_level 0..1 linearly onto Opus's target bitrate (~256 .. ~6 kbit/s,
-# variable bitrate); 0.9 targets ~32 kbit/s: measured 31-33 kbit/s on noise, tones and the demo's
-# sound scenes, i.e. ~0.24 MB per 60 s of audio.
-OPUS_LEVEL = 0.9
+# libsndfile maps compression_level 0..1 linearly onto Opus's (variable) target bitrate, from
+# ~258 down to ~6 kbit/s. Measured on 30 s of noise / a tone: 21 / 25 kbit/s for a 24 target,
+# 29 / 33 for 32, 45 / 49 for 48 (tests/test_report.py checks within 20 %).
+OPUS_KBPS_AT_LEVEL_0, OPUS_KBPS_AT_LEVEL_1 = 258.0, 6.0
+# The bitrate is chosen per report: as high as MAX_KBPS allows while the clips fit AUDIO_BUDGET
+# (the issue's "well under 50 MB", with room for the page and figures), but never below
+# MIN_KBPS, where Opus still keeps environmental sound recognisable. A Clotho-sized sample
+# (2 splits, ~560 clips of ~22 s) gets ~26 kbit/s; the demo's (~250 clips of 3.5 s) 48.
+AUDIO_BUDGET = 40e6            # bytes
+MIN_KBPS, MAX_KBPS = 24, 48
 TRANSCODE_THREADS = 2    # libsndfile and soxr release the GIL: two clips at once
 
 
@@ -64,17 +69,8 @@ class ReportSettings:
 
 
 def settings(cfg: dict) -> ReportSettings:
-    """`eval.report.*` checked: counts are non-negative integers, `audio` is copy or link."""
+    """`eval.report.*` (utils/config_schema.py has already checked the values)."""
     rc = cfg["eval"]["report"]
-    for key in ("worst", "random", "clips_per_query", "seed"):
-        value = rc[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise UserError(f"config key 'eval.report.{key}': expected an integer >= 0, got {value!r}")
-    if rc["clips_per_query"] < 1:
-        raise UserError("config key 'eval.report.clips_per_query': must be at least 1 "
-                        f"(got {rc['clips_per_query']})")
-    if rc["audio"] not in AUDIO_MODES:
-        raise UserError(f"config key 'eval.report.audio': expected 'copy' or 'link', got {rc['audio']!r}")
     return ReportSettings(worst=rc["worst"], random=rc["random"],
                           clips_per_query=rc["clips_per_query"], seed=rc["seed"], audio=rc["audio"])
 
@@ -227,8 +223,20 @@ def audio_name(clip: ClipRef) -> str:
     return f"{group}/{_safe_stem(clip.fname)}-{digest}{OPUS_SUFFIX}"
 
 
-def transcode(src: Path, dest: Path) -> Path:
-    """Any audio libsndfile reads -> mono Ogg Opus at 48 kHz, ~32 kbit/s (atomic write)."""
+def opus_kbps(total_seconds: float, budget: float = AUDIO_BUDGET) -> int:
+    """The bitrate for `total_seconds` of audio: the budget spread over them, in [MIN, MAX]."""
+    fits = budget * 8 / 1000 / max(total_seconds, 1e-9)
+    return int(min(MAX_KBPS, max(MIN_KBPS, fits)))
+
+
+def opus_level(kbps: float) -> float:
+    """libsndfile's compression_level for a target Opus bitrate (see OPUS_KBPS_AT_LEVEL_*)."""
+    span = OPUS_KBPS_AT_LEVEL_0 - OPUS_KBPS_AT_LEVEL_1
+    return float(min(1.0, max(0.0, (OPUS_KBPS_AT_LEVEL_0 - kbps) / span)))
+
+
+def transcode(src: Path, dest: Path, kbps: float = MAX_KBPS) -> Path:
+    """Any audio libsndfile reads -> mono Ogg Opus at 48 kHz, ~`kbps` kbit/s (atomic write)."""
     import soundfile as sf
     import soxr  # installed with librosa
 
@@ -239,7 +247,8 @@ def transcode(src: Path, dest: Path) -> Path:
         y = soxr.resample(y, sr, OPUS_RATE)
     y = np.clip(y, -1.0, 1.0)
     with atomic_path(dest) as tmp:                        # the temp name ends in .tmp: say the format
-        sf.write(str(tmp), y, OPUS_RATE, format="OGG", subtype="OPUS", compression_level=OPUS_LEVEL)
+        sf.write(str(tmp), y, OPUS_RATE, format="OGG", subtype="OPUS",
+                 compression_level=opus_level(kbps))
     return dest
 
 
@@ -266,10 +275,20 @@ def _reason(error: Exception, clip: ClipRef) -> str:
     return f"could not be transcoded ({type(error).__name__})"
 
 
+def _seconds(path: Path) -> float:
+    import soundfile as sf
+
+    try:
+        return float(sf.info(str(path)).duration)
+    except Exception:  # unreadable: transcode() says why on the panel
+        return 0.0
+
+
 def materialize(clips: Sequence[ClipRef], page_dir: Path, audio_dir: Path | None, mode: str
-                ) -> dict[ClipRef, Playable]:
+                ) -> tuple[dict[ClipRef, Playable], int | None]:
     """Make every clip playable from the page: transcoded into `audio_dir` (copy: each clip
-    once, an existing file newer than its source is reused) or linked by a relative path."""
+    once, at the bitrate `opus_kbps` gives all of them; an existing file newer than its source
+    is reused) or linked by a relative path. Returns ({clip: Playable}, kbit/s or None)."""
     out: dict[ClipRef, Playable] = {}
     todo = []
     for clip in dict.fromkeys(clips):                     # unique, in first-seen order
@@ -283,10 +302,14 @@ def materialize(clips: Sequence[ClipRef], page_dir: Path, audio_dir: Path | None
             if not (dest.is_file() and dest.stat().st_mtime >= clip.src.stat().st_mtime):
                 todo.append((clip, dest))
 
+    kbps = None
+    if mode != "link":
+        kbps = opus_kbps(sum(_seconds(c.src) for c, p in out.items() if p.href))
+
     def work(item):
         clip, dest = item
         try:
-            transcode(clip.src, dest)
+            transcode(clip.src, dest, kbps)
             return clip, None
         except Exception as e:  # one bad clip is a note on its panel, not a failed report
             return clip, _reason(e, clip)
@@ -296,17 +319,20 @@ def materialize(clips: Sequence[ClipRef], page_dir: Path, audio_dir: Path | None
             for clip, problem in pool.map(work, todo):
                 if problem:
                     out[clip] = Playable(None, None, problem)
-    return out
+    return out, kbps
 
 
 def _prune(audio_dir: Path, keep: set[Path]) -> None:
-    """Remove the report's own audio files no page refers to any more (older samples)."""
+    """Remove the report's own audio files (report/audio/**/*.opus) that the page no longer
+    plays (an earlier sample), and folders left empty."""
     if not audio_dir.is_dir():
         return
     keep = {p.resolve() for p in keep}
-    for path in sorted(audio_dir.rglob("*")):
+    for path in sorted(audio_dir.rglob(f"*{OPUS_SUFFIX}")):
         if path.is_file() and path.resolve() not in keep:
             path.unlink()
+    for folder in {p.parent for p in audio_dir.rglob("*.tmp")}:  # a killed run's half-written clips
+        remove_stale_temps(folder)
     for path in sorted(audio_dir.rglob("*"), reverse=True):
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
@@ -626,6 +652,7 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
     run_dir = Path(run_dir)
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # the run is locked: temps here are a killed run's
     images: dict[str, Path] = {}
     for src in plots:
         if Path(src).is_file():
@@ -638,7 +665,7 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
             smp.t2a_ranks, smp.n_clips, smp.split, out / f"{smp.split}_t2a_rank_histogram.png")
 
     audio_dir = out / AUDIO_DIR
-    playable = materialize(_sample_clips(samples), out, audio_dir, opts.audio)
+    playable, kbps = materialize(_sample_clips(samples), out, audio_dir, opts.audio)
     _prune(audio_dir, {p.path for p in playable.values() if p.path is not None and opts.audio == "copy"})
     n_players = len({p.href for p in playable.values() if p.href})
     n_missing = sum(p.href is None for p in playable.values())
@@ -664,9 +691,10 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
                         f"queries: {how[d].format(k=opts.clips_per_query)}.</p>"
                         '<div class="panels">' + "".join(panel_html(p, playable) for p in panels)
                         + "</div></section>")
-    audio_note = ("clips transcoded to Ogg Opus (mono, ~32 kbit/s) in audio/" if opts.audio == "copy"
-                  else "clips linked to the dataset's wavs by relative paths (move the page and the "
-                       "dataset together)")
+    audio_note = (f"clips transcoded to Ogg Opus (mono, ~{kbps} kbit/s) in audio/"
+                  if opts.audio == "copy" else
+                  "clips linked to the dataset's wavs by relative paths (move the page and the "
+                  "dataset together)")
     missing = (f' · <span class="warn">{n_missing} clip(s) cannot be played</span>' if n_missing else "")
     title = f"Retrieval report: {run_dir.name}"
 
@@ -733,7 +761,7 @@ def write_query_page(out_html: str | Path, panels: Sequence[Panel], audio: str =
     """A page of panels for ad-hoc queries (query.py --html). Copy mode puts the clips in
     `<OUT stem>_audio/` beside the page; link mode links the files where they are."""
     if audio not in AUDIO_MODES:
-        raise UserError(f"config key 'eval.report.audio': expected 'copy' or 'link', got {audio!r}")
+        raise ValueError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
     audio_dir = out_html.parent / f"{_safe_stem(out_html.name)}_audio"
@@ -741,9 +769,8 @@ def write_query_page(out_html: str | Path, panels: Sequence[Panel], audio: str =
     for p in panels:
         clips += [h.clip for h in p.hits if h.clip is not None]
         clips += [c for c in (p.query_clip, p.true_clip) if c is not None]
-    playable = materialize(clips, out_html.parent, audio_dir, audio)
-    if audio == "copy":
-        _prune(audio_dir, {p.path for p in playable.values() if p.path is not None})
+    # no pruning here: the folder sits wherever the user pointed --html, and may not be ours alone
+    playable, _ = materialize(clips, out_html.parent, audio_dir, audio)
     title = "Query: " + (panels[0].query if len(panels) == 1 else f"{len(panels)} queries")
     header = f"<h1>{esc(title)}</h1>" + (f'<p class="meta">{esc(subtitle)}</p>' if subtitle else "")
     body = '<div class="panels">' + "".join(panel_html(p, playable) for p in panels) + "</div>"
@@ -768,6 +795,21 @@ def audio_query_panel(audio_path: str | Path, hits: Sequence[tuple[str, float]])
            else ClipRef("query", audio_path.name, None, f"audio file not found ({audio_path.name})"))
     return Panel("a2t", "query", audio_path.name, 0, [Hit(c, float(s), False) for c, s in hits],
                  query_clip=ref)
+
+
+def write_query_results(out_html: str | Path, queries: Sequence[str], results: Sequence[Sequence],
+                        audio_queries: bool = False, audio: str = "copy", subtitle: str = "") -> Path:
+    """`query.py --html OUT.html`: one panel per query. `results[i]` holds the hits of
+    `queries[i]` (models.retrieval.Hit or anything with `fname`, `score`, `caption`, `path`):
+    clips for a text query, captions for an audio query (`audio_queries`: the queries are
+    audio file paths, played at the top of their panels)."""
+    panels = []
+    for query, hits in zip(queries, results):
+        if audio_queries:
+            panels.append(audio_query_panel(query, [(h.caption, h.score) for h in hits]))
+        else:
+            panels.append(text_query_panel(query, [(h.fname, h.score, h.path) for h in hits]))
+    return write_query_page(out_html, panels, audio, subtitle)
 
 
 def now_text() -> str:
