@@ -158,3 +158,16 @@ def test_neither_layout_names_both(tmp_path):
     line = error_line(run_step("01", tmp_path))
     assert "clotho_captions_development.csv: captions file not found" in line
     assert "aac-datasets" in line and "CLOTHO_v2.1" in line
+
+
+def test_find_wav_in_either_layout(tmp_path):
+    from utils.clotho import find_wav
+
+    rows = aac_datasets_folder(tmp_path / "aac")
+    name = next(iter(rows))
+    assert find_wav(tmp_path / "aac", "development", name) == \
+        tmp_path / "aac/CLOTHO_v2.1/clotho_audio_files/development" / name
+    write_wav(tmp_path / "zen" / "development" / "lead.wav", seconds=0.05)
+    write_captions_csv(tmp_path / "zen" / "clotho_captions_development.csv", {" lead.wav": CAPS})
+    assert find_wav(tmp_path / "zen", "development", " lead.wav") == tmp_path / "zen/development/lead.wav"
+    assert find_wav(tmp_path / "zen", "development", "gone.wav") is None

@@ -406,3 +406,49 @@ def test_nan_log_mels_advice_works(tmp_path):
     compute_logmels(cfg, **quiet)
     with h5py.File(path, "r") as f:
         assert all(np.isfinite(f[fid][()]).all() for fid in f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips without log-mels: the advice names the step that fixes it
+
+def test_missing_log_mels_advice_works_after_a_new_step_01(tmp_path):
+    names = dataset(tmp_path, n=2)
+    compute_logmels(config(tmp_path), **quiet)
+    write_wav(tmp_path / "development" / "new.wav", seconds=0.2, seed=7)
+    with open(tmp_path / "clotho_captions_development.csv", "a", encoding="utf-8") as f:
+        f.write("new.wav,a,b,c,d,e\n")
+    prepare_clotho(tmp_path, ["development"])
+    write_fake_embeddings(tmp_path)
+    _, tid2row = du.load_text_table(tmp_path)
+    with pytest.raises(UserError, match=r"has no log-mels .* — rerun preprocessing/02_audio_logmel.py$"):
+        du.CaptionDataset(tmp_path, "development", tid2row)
+    compute_logmels(config(tmp_path), **quiet)
+    assert len(du.CaptionDataset(tmp_path, "development", tid2row)) == 15
+
+
+def test_captions_that_the_index_lacks_need_step_01_first(tmp_path):
+    """Step 01 killed between writing the text CSV and audio_info.pkl: step 02 alone would call
+    the log-mels complete, so the advice names step 01 too."""
+    dataset(tmp_path, n=2)
+    compute_logmels(config(tmp_path), **quiet)
+    info = (tmp_path / "audio_info.pkl").read_bytes()
+    write_wav(tmp_path / "development" / "new.wav", seconds=0.2, seed=7)
+    with open(tmp_path / "clotho_captions_development.csv", "a", encoding="utf-8") as f:
+        f.write("new.wav,a,b,c,d,e\n")
+    prepare_clotho(tmp_path, ["development"])
+    (tmp_path / "audio_info.pkl").write_bytes(info)  # the index from before
+    write_fake_embeddings(tmp_path)
+    _, tid2row = du.load_text_table(tmp_path)
+    with pytest.raises(UserError, match="rerun preprocessing/01_clotho_dataset.py, then preprocessing/02"):
+        du.CaptionDataset(tmp_path, "development", tid2row)
+    assert compute_logmels(config(tmp_path), **quiet)[0].skipped_existing  # 02 alone does not help
+    prepare_clotho(tmp_path, ["development"])
+    compute_logmels(config(tmp_path), **quiet)
+    assert len(du.CaptionDataset(tmp_path, "development", tid2row)) == 15
+
+
+def test_a_malformed_index_is_one_line(tmp_path):
+    dataset(tmp_path, n=1)
+    save_pickle({"audio_fid2fname": {"development": ["not", "a", "mapping"]}}, tmp_path / "audio_info.pkl")
+    with pytest.raises(UserError, match=r"audio_info.pkl: split 'development' is not a \{fid: file name\} mapping"):
+        compute_logmels(config(tmp_path), **quiet)

@@ -275,6 +275,12 @@ def resolve_wav(audio_dir: str | Path, fname: str) -> Path | None:
     return None
 
 
+def find_wav(dataset_dir: str | Path, split: str, fname: str) -> Path | None:
+    """The wav of clip `fname` of `split` (as named in audio_info.pkl / the text CSV), in either
+    layout, or None when it is missing."""
+    return resolve_wav(split_paths(dataset_dir, split)[1], fname)
+
+
 def format_bad_audio(split: str, bad: list[tuple[str, str]]) -> str:
     """'development: 3 unusable audio files (missing: a.wav, b.wav; unreadable: c.wav)'.
 

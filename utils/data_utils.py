@@ -139,7 +139,7 @@ def logmel_lengths(dataset_dir: str | Path, split: str, fids: Sequence[str]) -> 
     Reads every clip's header, so a damaged file is found here."""
     path = logmels_path(dataset_dir, split)
     with open_logmels(dataset_dir, split) as h5, _hdf5_errors(path):
-        check_fids_in_hdf5(h5, fids, path)
+        check_fids_in_hdf5(h5, fids, path, split=split)
         lengths = np.empty(len(fids), dtype=np.int64)
         for i, fid in enumerate(fids):
             shape = _dataset(h5, fid).shape
@@ -150,8 +150,21 @@ def logmel_lengths(dataset_dir: str | Path, split: str, fids: Sequence[str]) -> 
     return lengths
 
 
+def _missing_logmels_fix(dataset_dir: Path, split: str, fid: str) -> str:
+    """Step 02 computes the clips of audio_info.pkl; a clip the captions name but the index does
+    not (step 01 stopped between its files, or they were edited) needs step 01 first."""
+    try:
+        indexed = fid in load_pickle(Path(dataset_dir) / "audio_info.pkl")["audio_fid2fname"][split]
+    except (UserError, KeyError, TypeError):
+        indexed = False
+    if indexed:
+        return f"rerun {STEP_02}"
+    return f"rerun {STEP_01}, then {STEP_02} (the captions name clips audio_info.pkl lacks)"
+
+
 def check_fids_in_hdf5(h5: h5py.File, fids: Sequence[str], path: Path,
-                       csv_path: Path | None = None, rows: Sequence[int] | None = None) -> None:
+                       csv_path: Path | None = None, rows: Sequence[int] | None = None,
+                       split: str | None = None) -> None:
     """Raise a UserError naming the first fid (and its CSV row) that has no log-mels."""
     with _hdf5_errors(path):
         names = set(h5.keys())
@@ -159,8 +172,9 @@ def check_fids_in_hdf5(h5: h5py.File, fids: Sequence[str], path: Path,
         if fid not in names:
             where = f"{csv_path}: row {rows[i]}: " if csv_path is not None and rows is not None else ""
             n_missing = sum(f not in names for f in set(fids))
+            fix = _missing_logmels_fix(path.parent, split, fid) if split else f"rerun {STEP_02}"
             raise UserError(f"{where}fid {fid} has no log-mels in {path} ({n_missing} clip(s) "
-                            f"missing) — rerun {STEP_02} for this split")
+                            f"missing) — {fix}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +243,7 @@ def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, i
                                 f"{Path(dataset_dir) / embeddings_name} — rerun {STEP_03}")
     with open_logmels(dataset_dir, split) as h5:
         check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
-                           csv_path, list(df.index + 2))
+                           csv_path, list(df.index + 2), split)
     logmel_lengths(dataset_dir, split, list(dict.fromkeys(df["fid"])))  # every clip's header reads
 
 

@@ -612,6 +612,11 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     for split in cfg["data"]["splits"]:
         if split not in fid2fname:
             raise UserError(f"{info_path}: no split '{split}' (rerun {STEP_01})")
+        clips = fid2fname[split]
+        if not isinstance(clips, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in clips.items()):
+            raise UserError(f"{info_path}: split '{split}' is not a {{fid: file name}} mapping "
+                            f"(rerun {STEP_01})")
     features_cfg = cfg["features"]
     device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
     params = worker_params(features_cfg, device)
