@@ -72,6 +72,18 @@ class CNN14Encoder(nn.Module):
         self.fc = nn.Sequential(nn.Dropout(p=0.5), nn.Linear(width, width), nn.ReLU(), nn.Dropout(p=0.5))
         self.fc2 = nn.Linear(width, self.out_dim)
         self.apply(init_layer)
+        # Run the conv stack in channels_last (NHWC): cuDNN's fastest bf16 kernels on recent
+        # GPUs. Set by use_channels_last(), which also converts the weights; same numbers.
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool = True) -> "CNN14Encoder":
+        """Convert the conv weights (and, in forward, the input) to channels_last or back."""
+        self.channels_last = bool(enabled)
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for module in self.cnn:
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+        return self
 
     @property
     def min_frames(self) -> int:
@@ -87,6 +99,8 @@ class CNN14Encoder(nn.Module):
         x = x.transpose(1, 3)         # [B, 1, T, F]
         if x.shape[2] < self.min_frames:
             x = F.pad(x, (0, 0, 0, self.min_frames - x.shape[2]))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.cnn(x)               # [B, C, T/64, F/64]
         x = torch.mean(x, dim=3)      # [B, C, T']
         x = torch.amax(x, dim=2) + torch.mean(x, dim=2)  # [B, C]

@@ -26,7 +26,7 @@ from utils.tracking import read_jsonl
 from tests.cli_helpers import error_line
 
 RECORD_KEYS = {"epoch", "train_loss", "val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5",
-               "val_t2a_R@10", "lr", "seconds"}
+               "val_t2a_R@10", "lr", "seconds", "train_seconds", "data_wait_seconds"}
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric",
                    "best_epoch", "config", "rng", "text_embed_dim"}
 

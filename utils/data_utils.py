@@ -352,14 +352,19 @@ class ClipDataset(Dataset):
         self._h5.close()
 
 
-def collate_pad(batch: Sequence[tuple]) -> tuple[torch.Tensor, ...]:
+def collate_pad(batch: Sequence[tuple], multiple: int = 0) -> tuple[torch.Tensor, ...]:
     """Zero-pad log-mels to the longest clip in the batch (as the baseline).
 
     `[(x [T_i, 64], id, ...), ...]` -> `(audio [B, T_max, 64], ids LongTensor [B], ...)`: for
     CaptionDataset items that is (audio, text rows, clip ids); for ClipDataset (audio, clip ids).
+    `multiple` > 0 (config key training.pad_to_multiple, opt-in) pads T_max further up to a
+    multiple of that many frames: fewer distinct shapes for cuDNN and torch.compile, but the
+    extra zero frames enter the encoder's pooling, so the numbers differ from the baseline's.
     """
     xs = [item[0] for item in batch]
     t_max = max(x.shape[0] for x in xs)
+    if multiple > 0:
+        t_max = -(-t_max // multiple) * multiple
     audio = xs[0].new_zeros((len(xs), t_max, xs[0].shape[1]))
     for b, x in enumerate(xs):
         audio[b, :x.shape[0]] = x

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import math
 import random
 import time
@@ -25,8 +27,8 @@ from tqdm import tqdm
 
 from models.core import build_model
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from utils.config import CONFIG_NAME, ConfigError, load_config
-from utils.criterion_utils import LogSoftmaxLoss
+from utils.config import CONFIG_NAME, ConfigError, load_config, validate as validate_config
+from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
                               load_text_table, logmels_path, relevance)
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
@@ -37,7 +39,6 @@ from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path, is_run_dir
 from utils.tracking import Tracker
 
-MONITORS = ("val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5", "val_t2a_R@10")
 # Sections that define the trained model and its loss: a resumed run must keep them.
 FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
 
@@ -45,26 +46,8 @@ FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
 # --------------------------------------------------------------------------- config
 
 def check_training_config(cfg: dict) -> None:
-    """Value checks the schema's types cannot express; run before any data is read."""
-    t = cfg["training"]
-    positive = {"epochs": t["epochs"], "batch_size": t["batch_size"], "lr": t["lr"],
-                "log_every": t["log_every"]}
-    for key, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"config key 'training.{key}' must be > 0, got {value!r}")
-    for key in ("max_frames", "num_workers", "early_stopping", "weight_decay"):
-        if t[key] < 0:
-            raise ConfigError(f"config key 'training.{key}' must be >= 0, got {t[key]!r}")
-    if t["monitor"] not in MONITORS:
-        raise ConfigError(f"config key 'training.monitor': {t['monitor']!r} is not one of "
-                          f"{', '.join(MONITORS)}")
-    if not (t["device"] in ("auto", "cpu", "cuda") or t["device"].startswith("cuda:")):
-        raise ConfigError(f"config key 'training.device': {t['device']!r} is not one of auto, cpu, cuda")
-    if not cfg["eval"]["batch_size"] > 0:
-        raise ConfigError(f"config key 'eval.batch_size' must be > 0, got {cfg['eval']['batch_size']!r}")
-    if not 0 < t["scheduler"]["factor"] < 1:
-        raise ConfigError(f"config key 'training.scheduler.factor' must be in (0, 1), "
-                          f"got {t['scheduler']['factor']!r}")
+    """Every key's type and range (utils/config_schema.py); run before any data is read."""
+    validate_config(cfg)
 
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
@@ -161,7 +144,8 @@ def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
     seeding = EpochSeeded(dataset, cfg["seed"], ctx)
     loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size,
                         shuffle=seeding.sampler is None, sampler=seeding.sampler,
-                        generator=seeding.generator, num_workers=workers, collate_fn=collate_pad,
+                        generator=seeding.generator, num_workers=workers,
+                        collate_fn=functools.partial(collate_pad, multiple=cfg["training"]["pad_to_multiple"]),
                         # fresh workers each epoch, seeded from the epoch's generator: their
                         # random crops then depend on (seed, epoch) only, so a resumed run crops
                         # as the uninterrupted one (persistent workers carry their RNG across epochs)
@@ -197,7 +181,8 @@ class Trainer:
     best_metric: float | None = None
     best_epoch: int = 0
     text_embed_dim: int = 0
-    train_model: torch.nn.Module | None = field(default=None)  # DDP wrapper or the model
+    train_model: torch.nn.Module | None = field(default=None)  # compiled / DDP wrapper, or the model
+    compiled: bool = False              # train_model is torch.compile'd
 
     @property
     def lr(self) -> float:
@@ -208,16 +193,20 @@ def build_trainer(cfg: dict, table: torch.Tensor, device: torch.device, fresh: b
     """Model (prior weights only for a fresh run), Adam, ReduceLROnPlateau, loss, AMP scaler."""
     build_cfg = cfg if fresh else _random_init(cfg)  # weights come from the checkpoint instead
     model = build_model(build_cfg, text_in_dim=table.shape[1], table=table).to(device)
+    cuda = device.type == "cuda"
+    if cuda and hasattr(model.audio_enc, "use_channels_last"):
+        model.audio_enc.use_channels_last()  # NHWC convs: cuDNN's fast bf16 kernels, same numbers
     t = cfg["training"]
+    # fused: one CUDA kernel updates every parameter (the same Adam, without ~150 small launches)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=t["lr"], weight_decay=t["weight_decay"])
+                                 lr=t["lr"], weight_decay=t["weight_decay"], fused=cuda)
     s = t["scheduler"]
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=s["factor"], patience=s["patience"],
         threshold=s["threshold"], threshold_mode=s["threshold_mode"], min_lr=s["min_lr"])
     amp = amp_mode(t["amp"], device)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # bf16 needs no scaling
-    criterion = LogSoftmaxLoss(cfg["criterion"]["temperature"], cfg["criterion"]["dist"])
+    criterion = CRITERIA[cfg["criterion"]["name"]](cfg["criterion"]["temperature"], cfg["criterion"]["dist"])
     return Trainer(model, optimizer, scheduler, scaler, criterion, device, amp,
                    text_embed_dim=int(table.shape[1]), train_model=model)
 
@@ -316,45 +305,76 @@ def nonfinite_loss_error(epoch: int, step: int, value: float, audio: torch.Tenso
                      f"saving ({cause}); the last good checkpoint is kept")
 
 
-def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContext,
-                    log_every: int = 50, on_log: Callable[[dict], None] | None = None) -> float:
-    """One pass over the training captions -> the mean of its batch losses.
+def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torch.Tensor,
+               ctx: DistContext) -> torch.Tensor:
+    """One optimiser step on a batch already on the device -> the loss (a 0-d tensor, no sync).
 
-    Under DDP each rank encodes its share of the batch; embeddings and clip ids are gathered so
-    the negatives span the global batch, and every rank computes the same global loss.
+    audio `[B, T, 64]`, rows `[B]` (caption table rows), clips `[B]` (clip ids: same clip = not a
+    negative). Under DDP each rank encodes its share of the batch; embeddings and clip ids are
+    gathered so the negatives span the global batch, and every rank computes the same global loss.
     """
+    if tr.compiled:
+        # One graph for every clip length (and the epoch's last, smaller batch): without this,
+        # each new length would trigger a ~20 s recompilation.
+        torch._dynamo.mark_dynamic(audio, 0)
+        torch._dynamo.mark_dynamic(audio, 1)
+        torch._dynamo.mark_dynamic(rows, 0)
+    with autocast(tr.device, tr.amp):
+        audio_emb, text_emb = tr.train_model(audio, rows)
+    audio_emb = gather_with_grad(audio_emb.float(), ctx)
+    text_emb = gather_with_grad(text_emb.float(), ctx)
+    loss = tr.criterion(audio_emb, text_emb, gather(clips, ctx))  # [global B] clip ids
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.scaler is not None:
+        tr.scaler.scale(loss).backward()
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        loss.backward()
+        tr.optimizer.step()
+    return loss.detach()
+
+
+@dataclass
+class EpochStats:
+    loss: float           # mean of the batch losses
+    steps: int
+    captions: int         # this process's captions
+    seconds: float        # the training pass (not validation)
+    data_wait: float      # seconds spent waiting for the DataLoader: ~0 when it keeps up
+
+
+def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContext,
+                    log_every: int = 50, on_log: Callable[[dict], None] | None = None) -> EpochStats:
+    """One pass over the training captions (see train_step)."""
     tr.train_model.train()
-    total, n, window = 0.0, 0, []
+    total, n, window, captions, wait = 0.0, 0, [], 0, 0.0
+    start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not ctx.is_master, leave=False,
                dynamic_ncols=True)
-    for step, (audio, rows, clips) in enumerate(bar, start=1):
+    batches = iter(bar)
+    for step in itertools.count(1):
+        t0 = time.perf_counter()
+        try:
+            audio, rows, clips = next(batches)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t0
         audio = audio.to(tr.device, non_blocking=True)
         rows = rows.to(tr.device, non_blocking=True)
         clips = clips.to(tr.device, non_blocking=True)
-        with autocast(tr.device, tr.amp):
-            audio_emb, text_emb = tr.train_model(audio, rows)
-        audio_emb = gather_with_grad(audio_emb.float(), ctx)
-        text_emb = gather_with_grad(text_emb.float(), ctx)
-        loss = tr.criterion(audio_emb, text_emb, gather(clips, ctx))  # [global B] clip ids
-        tr.optimizer.zero_grad(set_to_none=True)
-        if tr.scaler is not None:
-            tr.scaler.scale(loss).backward()
-            tr.scaler.step(tr.optimizer)
-            tr.scaler.update()
-        else:
-            loss.backward()
-            tr.optimizer.step()
+        loss = train_step(tr, audio, rows, clips, ctx)
         value = loss.item()  # one sync per step: the price of stopping at the first bad batch
         if not math.isfinite(value):
             raise nonfinite_loss_error(epoch, step, value, audio, clips, loader.dataset)
-        total, n = total + value, n + 1
+        total, n, captions = total + value, n + 1, captions + len(rows)
         window.append(value)
-        bar.set_postfix(loss=f"{total / n:.4f}")
+        bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
         if on_log is not None and step % log_every == 0:
             on_log({"train/loss": sum(window) / len(window), "train/epoch": epoch - 1 + step / len(loader),
                     "train/lr": tr.lr})
             window = []
-    return total / max(n, 1)
+    return EpochStats(total / max(n, 1), n, captions, time.perf_counter() - start, wait)
 
 
 @torch.no_grad()
@@ -400,27 +420,60 @@ class FitResult:
     checksum: str
 
 
+def use_compile(setting: str, device: torch.device) -> bool:
+    """training.compile: auto is on for CUDA (where it pays) and off on the CPU."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def cudnn_benchmark(cfg: dict, device: torch.device) -> bool:
+    """cuDNN's autotuner times every kernel for each new input shape: worth it only when a run
+    has few shapes (cropped clips, or lengths padded to a multiple), not for whole clips of
+    hundreds of different lengths, where each new length would be tuned anew."""
+    t = cfg["training"]
+    return device.type == "cuda" and (t["max_frames"] > 0 or t["pad_to_multiple"] > 0)
+
+
+def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.device) -> None:
+    """tr.train_model = the model, in DDP under torchrun, compiled if training.compile says so.
+
+    Only the training forward is compiled; validation and scoring use the plain module (its
+    weights are the same tensors).
+    """
+    model = tr.model
+    if ctx.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
+    tr.compiled = use_compile(cfg["training"]["compile"], device)
+    tr.train_model = torch.compile(model) if tr.compiled else model
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (a new clip length must not add one)."""
+    from torch._dynamo.utils import counters  # internal, but the only count there is
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: torch.device,
         resume_state: dict | None = None) -> FitResult:
     """Train epochs `resume_state['epoch'] + 1 .. training.epochs` (all of them for a new run)."""
     t = cfg["training"]
     seed_everything(cfg["seed"] + ctx.rank)
-    # Cropped clips give one input shape, which cuDNN's autotuner pays off on; whole clips of
-    # varying length would make it re-tune for every new length.
-    torch.backends.cudnn.benchmark = device.type == "cuda" and t["max_frames"] > 0
+    torch.backends.cudnn.benchmark = cudnn_benchmark(cfg, device)
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
     if resume_state is not None:
         restore(tr, resume_state, checkpoint_path(run_dir, "last"))
         restore_rng_of_rank(resume_state, ctx, cfg)
-    if ctx.enabled:
-        tr.train_model = torch.nn.parallel.DistributedDataParallel(
-            tr.model, device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
+    wrap_for_training(tr, cfg, ctx, device)
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
-    tracker = Tracker(cfg, run_dir) if ctx.is_master else None
+    # wandb steps count training captions seen, so they keep increasing across resumes
+    tracker = Tracker(cfg, run_dir, samples_per_epoch=len(data.train_set)) if ctx.is_master else None
     if tracker is not None:
-        tracker.rewind(tr.epoch)  # drop records of an epoch that finished after the checkpoint
+        # drop records of an epoch that finished after the checkpoint; log to wandb the
+        # checkpointed epochs that no earlier wandb segment holds
+        tracker.rewind(tr.epoch)
     monitor, patience = t["monitor"], t["early_stopping"]
     last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
     stopped_early = patience > 0 and tr.epoch - tr.best_epoch >= patience and tr.epoch > 0
@@ -431,8 +484,8 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
                 break
             start = time.time()
             seeding.set_epoch(epoch)
-            train_loss = train_one_epoch(tr, loader, epoch, ctx, t["log_every"],
-                                         tracker.log if tracker is not None else None)
+            stats = train_one_epoch(tr, loader, epoch, ctx, t["log_every"],
+                                    tracker.log_train if tracker is not None else None)
             sync_buffers(tr.model, ctx)
             lr = tr.lr
             record = on_master(ctx, lambda: validate(tr, cfg, data.tid2row, val_loader))
@@ -441,8 +494,11 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
             is_best = improved(monitor, record[monitor], tr.best_metric)
             if is_best:
                 tr.best_metric, tr.best_epoch = float(record[monitor]), epoch
-            record = {"epoch": epoch, "train_loss": train_loss, **record, "lr": lr,
-                      "seconds": time.time() - start}
+            record = {"epoch": epoch, "train_loss": stats.loss, **record, "lr": lr,
+                      "seconds": time.time() - start, "train_seconds": stats.seconds,
+                      "data_wait_seconds": stats.data_wait}
+            if tr.compiled:
+                record["compiled_graphs"] = compiled_graphs()
             rng_states = gather_objects(rng_state(), ctx)  # every rank's, for an exact resume
             on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states))
             if patience > 0 and epoch - tr.best_epoch >= patience:
