@@ -452,3 +452,22 @@ def test_a_malformed_index_is_one_line(tmp_path):
     save_pickle({"audio_fid2fname": {"development": ["not", "a", "mapping"]}}, tmp_path / "audio_info.pkl")
     with pytest.raises(UserError, match=r"audio_info.pkl: split 'development' is not a \{fid: file name\} mapping"):
         compute_logmels(config(tmp_path), **quiet)
+
+
+def test_the_parent_transform_route_reports_a_clip_without_log_mel(tmp_path):
+    """features.device cuda: the parent computes log_mel_torch; a clip it cannot transform is a
+    bad clip there too (run here on the CPU, the same code)."""
+    from utils.clotho import resolve_wav
+    from utils.features import Clip, _gpu_chunks, _init_worker, make_chunks, worker_params
+
+    names = dataset(tmp_path, n=2)
+    low_rate(tmp_path / "development" / names[0])
+    clips = [Clip(make_fid("development", n), n, str(resolve_wav(tmp_path / "development", n)), 1) for n in names]
+    features = load_config(REPO / "conf.yaml")["features"]
+    _init_worker(worker_params(features, "cuda"))  # load_only, as with a GPU
+    try:
+        done = list(_gpu_chunks(make_chunks(clips, parts_dir(tmp_path, "development"), 0, 4, 1), None, "cpu"))
+    finally:
+        _init_worker(worker_params(features, "cpu"))
+    assert [fid for d in done for fid in d.sigs] == [clips[1].fid]
+    assert [(f, r.split(":")[0]) for d in done for f, r in d.bad] == [(names[0], "no log-mel")]
