@@ -34,8 +34,8 @@ def mode(path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def write_every_kind(d) -> list:
-    """One file of every kind the pipeline writes, each through its real writer."""
+def write_every_kind(d) -> dict:
+    """One file of every kind the pipeline writes, each through its real writer: {name: mode}."""
     d.mkdir(parents=True, exist_ok=True)
     with atomic_open(d / "clip.wav", "wb") as f:                      # wavs (demo data)
         f.write(wav_bytes(np.zeros(100, dtype="<i2")))
@@ -54,9 +54,8 @@ def write_every_kind(d) -> list:
     with scores_db.writing(d / "over.db", meta, overwrite=True):       # scores.db (--overwrite)
         pass
     evaluation.save_clip_cache(d, "evaluation", ["a.wav"], ["f"], np.ones((1, 2)), "k")
-    with exclusive(d / ".lock", "run"):
-        pass
-    return sorted(p for p in d.rglob("*") if p.is_file())
+    with exclusive(d / ".lock", "run"):  # removed on release: looked at while held
+        return {p.name: mode(p) for p in d.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
@@ -66,10 +65,10 @@ def test_files_get_the_mode_a_plain_open_gives(tmp_path, umask, mask):
         pass
     expected = mode(tmp_path / "plain")
     assert expected == 0o666 & ~mask
-    files = write_every_kind(tmp_path / "out")
-    assert len(files) >= 11
-    assert {p.name: mode(p) for p in files} == {p.name: expected for p in files}
-    assert not [p for p in files if p.name.endswith(".tmp")]  # no temporaries left behind
+    modes = write_every_kind(tmp_path / "out")
+    assert len(modes) >= 11 and ".lock" in modes
+    assert modes == {name: expected for name in modes}
+    assert not [name for name in modes if name.endswith(".tmp")]  # no temporaries left behind
 
 
 def test_existing_file_replaced_gets_the_umask_mode(tmp_path, umask):

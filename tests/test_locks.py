@@ -59,14 +59,35 @@ def test_the_advice_works_kill_releases_the_lock(holder):
         assert "since" in record and "command" in record
 
 
-def test_released_after_the_block_and_after_an_exception(tmp_path):
+def test_released_and_removed_after_the_block_and_after_an_exception(tmp_path):
     lock = tmp_path / "sub" / "y.lock"  # parent folders are created
     with pytest.raises(RuntimeError):
         with exclusive(lock, "thing"):
+            assert lock.exists()
             raise RuntimeError("boom")
+    assert not lock.exists()  # nothing left in the folder it guards
     with exclusive(lock, "thing"):
         pass
-    assert read_holder(lock) is None  # no holder recorded once released
+    assert not lock.exists()
+
+
+def test_a_lock_file_removed_under_a_late_opener_is_not_trusted(tmp_path, monkeypatch):
+    """A process that opened the file just before its holder removed it must not lock that
+    dead file while a third process locks the new one: it notices and locks the live file."""
+    import utils.locks as locks
+
+    lock = tmp_path / "z.lock"
+    real_flock, swapped = locks.fcntl.flock, []
+
+    def flock_after_a_swap(fd, op):
+        if not swapped:  # between our open() and flock(): the holder finishes, another starts
+            swapped.append(1)
+            os.unlink(lock)
+            lock.write_text("")
+        return real_flock(fd, op)
+    monkeypatch.setattr(locks.fcntl, "flock", flock_after_a_swap)
+    with exclusive(lock, "thing"):
+        assert read_holder(lock)["pid"] == os.getpid()  # the record is in the live file
 
 
 def test_same_process_second_descriptor_is_refused(tmp_path):
@@ -81,7 +102,6 @@ def test_lock_file_follows_the_umask(tmp_path):
     old = os.umask(0o027)
     try:
         with exclusive(tmp_path / "m.lock", "thing"):
-            pass
+            assert (tmp_path / "m.lock").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
-    assert (tmp_path / "m.lock").stat().st_mode & 0o777 == 0o640

@@ -1,9 +1,10 @@
 """One process at a time on a run or a dataset step: an exclusive lock file.
 
-`with exclusive(path, what):` holds `fcntl.flock(LOCK_EX)` on `path` for the block. The kernel
-drops the lock when the holder's process ends in any way (kill -9 included), so a lock is never
-stale: the file may stay behind, but nobody holds it. While held, the file names its holder (pid,
-host, command line, start time) so that a second process can say who is in the way:
+`with exclusive(path, what):` holds `fcntl.flock(LOCK_EX)` on `path` for the block and removes
+the file at the end. The kernel drops the lock when the holder's process ends in any way (kill -9
+included), so a lock is never stale: after a kill the file stays behind, but nobody holds it and
+the next process takes it. While held, the file names its holder (pid, host, command line, start
+time) so that a second process can say who is in the way:
 
     error: run outputs/x is in use by pid 4242 on host gpu1 since 2026-01-05 10:15:02
     (python main.py --resume outputs/x); wait for it to finish or stop it (kill 4242), then rerun
@@ -77,34 +78,54 @@ def _busy_error(path: Path, what: str) -> UserError:
                      f"{stop}, then rerun (lock file {path})")
 
 
+def _open_locked(path: Path, what: str) -> int | None:
+    """A descriptor of `path` holding its flock (None where the file system has no locks).
+
+    The holder deletes the file when it is done, so a file we opened may be deleted between our
+    open() and our flock(): we would then hold a lock on a name nobody else sees. Locking, then
+    checking that `path` is still the very file locked, rules that out (else: try again).
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy_error(path, what) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            print(f"warning: {path}: the file system does not support locks; nothing stops a "
+                  f"second process on {what}", file=sys.stderr)
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it meanwhile: lock the new file
+
+
 @contextlib.contextmanager
 def exclusive(path: str | Path, what: str) -> Iterator[Path]:
-    """Hold an exclusive lock on `path` (created if missing) for the block.
+    """Hold an exclusive lock on `path` (created if missing, removed when released) for the block.
 
     `what` names the locked thing in the refusal ("run outputs/x", "step 02 on data/clotho").
     A second process, here or through another file descriptor, gets a one-line UserError.
     """
     path = Path(path)
     ensure_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    locked = False
+    fd = _open_locked(path, what)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            raise _busy_error(path, what) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            print(f"warning: {path}: the file system does not support locks; nothing stops a "
-                  f"second process on {what}", file=sys.stderr)
-        if locked:
+        if fd is not None:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder_record()) + "\n").encode(), 0)
         yield path
     finally:
-        if locked:
+        if fd is not None:
+            # removed while still held, so nobody can take the lock on a file about to go
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # the record describes a holder; there is none now
-        os.close(fd)  # closing the last descriptor releases the flock
+                os.unlink(path)
+            os.close(fd)  # closing the last descriptor releases the flock
