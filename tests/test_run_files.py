@@ -275,3 +275,11 @@ def test_read_only_scores_db_is_one_line(scripts, monkeypatch):
     line = error_line(call(RETRIEVAL, "--run", run_dir))  # 02 stores the t2a ranks in the db
     assert str(run_dir / "scores.db") in line
     assert "not writable" in line or "permission denied" in line
+
+
+@pytest.mark.parametrize("name", ["a/b", "../escape", "/tmp/abs", "..", ".", ""])
+def test_a_run_name_is_one_folder_name(tiny, monkeypatch, capsys, name):
+    conf = tiny_config(tiny)
+    line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf, "--name", name))
+    assert "a run name is one folder name" in line
+    assert not (tiny / "outputs").exists() or list((tiny / "outputs").iterdir()) == []

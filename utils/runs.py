@@ -24,6 +24,9 @@ def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
 def new_run_dir(cfg: dict, name: str | None = None) -> Path:
     """Create a fresh run directory; an existing one is never overwritten."""
     output_dir = Path(cfg["paths"]["output_dir"])
+    if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
+        raise UserError(f"--name {name!r}: a run name is one folder name inside paths.output_dir "
+                        "(no '/', not '.' or '..'); to put runs elsewhere set paths.output_dir")
     name = name or f"{cfg['experiment']}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = output_dir / name
     ensure_dir(output_dir)
