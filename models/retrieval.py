@@ -193,8 +193,10 @@ class Retriever:
                             f"(splits of this run: {', '.join(self.cfg['data']['splits'])})")
 
     def _clip_path(self, split: str, fname: str) -> str | None:
-        path = Path(self.cfg["paths"]["dataset_dir"]) / split / fname
-        return str(path) if path.is_file() else None
+        from utils.clotho import find_wav  # either dataset layout; a leading space may be gone
+
+        path = find_wav(self.cfg["paths"]["dataset_dir"], split, fname)
+        return str(path) if path is not None else None
 
     def clip_index(self, split: str | None = None, folder: str | Path | None = None) -> ClipIndex:
         """The clips of a split (default "evaluation") or of a folder (its .wav/.flac files,
@@ -230,12 +232,12 @@ class Retriever:
     def caption_index(self, split: str | None = None) -> CaptionIndex:
         """A split's captions (default "evaluation") embedded as scoring embeds them: their
         step-03 sentence embeddings through the run's text projection."""
-        from utils.data_utils import encode_text_rows, read_text_csv
+        from utils.data_utils import encode_text_rows, read_split_captions
 
         split = split or DEFAULT_SPLIT
         if split not in self._captions:
             self._check_split(split)
-            df = read_text_csv(self._features_dir(), split)
+            df, _ = read_split_captions(self._features_dir(), split)  # without skipped clips
             missing = [t for t in df["tid"] if t not in self.tid2row]
             if missing:
                 raise UserError(f"split '{split}': {len(missing)} caption(s) without a sentence "

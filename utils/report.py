@@ -167,7 +167,9 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
     rel = s.relevance()
     scores_t = np.ascontiguousarray(scores.T)             # [C, Q]: clips as queries
     a2t_ranks = rank_of_first_relevant(scores_t, np.ascontiguousarray(rel.T))
-    audio_root = Path(dataset_dir) / split
+    from utils.clotho import split_paths
+
+    audio_root = split_paths(dataset_dir, split)[1]  # Zenodo or aac-datasets layout
     refs: dict[int, ClipRef] = {}
 
     def ref(c: int) -> ClipRef:
