@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from utils import data_utils
 from utils.clotho import features_dir
