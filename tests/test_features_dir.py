@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from utils import data_utils
 from utils.clotho import features_dir
 from utils.config import load_config
