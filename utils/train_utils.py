@@ -183,6 +183,9 @@ class Trainer:
     text_embed_dim: int = 0
     train_model: torch.nn.Module | None = field(default=None)  # compiled / DDP wrapper, or the model
     compiled: bool = False              # train_model is torch.compile'd
+    dynamic_time: bool = True           # compiled for any clip length (else one graph per length)
+    compile_checked: bool = False       # the compiled model has run a step
+    plain_train_model: torch.nn.Module | None = None  # train_model without torch.compile
 
     @property
     def lr(self) -> float:
@@ -313,12 +316,31 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     negative). Under DDP each rank encodes its share of the batch; embeddings and clip ids are
     gathered so the negatives span the global batch, and every rank computes the same global loss.
     """
-    if tr.compiled:
-        # One graph for every clip length (and the epoch's last, smaller batch): without this,
-        # each new length would trigger a ~20 s recompilation.
-        torch._dynamo.mark_dynamic(audio, 0)
+    if not tr.compiled:
+        return _step(tr, audio, rows, clips, ctx)
+    # One graph for the epoch's last, smaller batch too, and (whole clips) for every length:
+    # otherwise each new shape would cost a recompilation of ~20 s.
+    torch._dynamo.mark_dynamic(audio, 0)
+    torch._dynamo.mark_dynamic(rows, 0)
+    if tr.dynamic_time:
         torch._dynamo.mark_dynamic(audio, 1)
-        torch._dynamo.mark_dynamic(rows, 0)
+    if tr.compile_checked:
+        return _step(tr, audio, rows, clips, ctx)
+    try:
+        loss = _step(tr, audio, rows, clips, ctx)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: train on without it
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        tqdm.write(f"warning: torch.compile failed on the first step ({type(e).__name__}: "
+                   f"{str(e).strip().splitlines()[0][:160]}); training continues without it "
+                   "(set training.compile=off to skip the attempt)")
+        tr.compiled, tr.train_model = False, tr.plain_train_model
+        loss = _step(tr, audio, rows, clips, ctx)
+    tr.compile_checked = True
+    return loss
+
+
+def _step(tr: Trainer, audio, rows, clips, ctx: DistContext) -> torch.Tensor:
     with autocast(tr.device, tr.amp):
         audio_emb, text_emb = tr.train_model(audio, rows)
     audio_emb = gather_with_grad(audio_emb.float(), ctx)
@@ -436,15 +458,23 @@ def cudnn_benchmark(cfg: dict, device: torch.device) -> bool:
 def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.device) -> None:
     """tr.train_model = the model, in DDP under torchrun, compiled if training.compile says so.
 
-    Only the training forward is compiled; validation and scoring use the plain module (its
-    weights are the same tensors).
+    Whole clips (the baseline) come in hundreds of lengths: the compiled graph takes the time
+    axis as a symbol. With lengths padded to a multiple or clips cropped there are few, and a
+    graph per length is faster. Only the training forward is compiled; validation and scoring
+    use the plain module (the same weights).
     """
     model = tr.model
     if ctx.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
-    tr.compiled = use_compile(cfg["training"]["compile"], device)
+    t = cfg["training"]
+    tr.plain_train_model = model
+    tr.compiled = use_compile(t["compile"], device)
+    tr.dynamic_time = t["pad_to_multiple"] == 0 and t["max_frames"] == 0
+    if not tr.dynamic_time:
+        # one graph per padded length: allow them all (dynamo's default limit is 8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     tr.train_model = torch.compile(model) if tr.compiled else model
 
 

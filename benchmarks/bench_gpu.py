@@ -1,0 +1,465 @@
+"""GPU speed figures, all measured in one run on one GPU (prints a table, writes JSON).
+
+    python benchmarks/bench_gpu.py [--out bench_gpu.json] [--work /tmp/bench_gpu]
+                                   [--dataset DIR] [--sections steps,lengths,loader,epoch,logmel]
+
+1. steps:   the training step at batch 32 x 1501 frames (30-s clips), full-width CNN14, 768-d
+            sentence embeddings: a faithful re-implementation of the original code's step
+            (fp32, NCHW, per-sample InfoNCE loop, plain Adam) against this repository's step with
+            each optimisation switched on in turn (bf16 autocast, channels_last, fused Adam,
+            torch.compile). Peak GPU memory of each.
+2. lengths: the same steps with whole clips of varying length, as a shuffled Clotho epoch gives
+            them (each batch padded to its longest of 32 clips of 751-1501 frames): cuDNN's
+            autotuner on/off, padding to a multiple of N frames (training.pad_to_multiple), and
+            the compiled model (graphs built: one compilation must serve every length).
+3. loader:  clips/s the training DataLoader delivers from a Clotho-shaped HDF5 file, for 1..16
+            worker processes (pinned memory, as on CUDA).
+4. epoch:   one real `main.py` run of 2 epochs on a Clotho-sized set (3839 clips / 19195 captions
+            for training, 1045 / 5225 for validation): seconds per epoch, time spent waiting for
+            data, GPU utilisation (nvidia-smi), graphs compiled.
+5. logmel:  preprocessing/02 on generated wavs of 15-30 s with features.device=cuda against cpu
+            (features.workers = the machine's cores), and how far apart the two results are.
+
+Without --dataset, a Clotho-shaped feature set is generated in --work (1.4 GB). Refuses to run
+without CUDA (`--smoke` runs every section at toy sizes on any device, to check the script).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchlib import (CLOTHO_CLIPS, batch_max_lengths, loader_throughput, make_clotho_features,
+                      original_infonce)
+from models.audio_encoders import DEFAULT_CHANNELS, CNN14Encoder
+from models.core import DualEncoderModel
+from models.text_encoders import SentBERTBaseEncoder
+from utils.criterion_utils import LogSoftmaxLoss
+from utils.dist_utils import DistContext
+from utils.train_utils import Trainer, compiled_graphs, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("steps", "lengths", "loader", "epoch", "logmel")
+
+
+class Bench:
+    """Sizes of one benchmark run (the full ones, or toy ones for --smoke)."""
+
+    def __init__(self, smoke: bool, device: torch.device):
+        self.device = device
+        self.smoke = smoke
+        self.batch = 4 if smoke else 32
+        self.frames = 160 if smoke else 1501
+        self.channels = (4, 8, 8, 16, 16, 16) if smoke else DEFAULT_CHANNELS
+        self.text_dim = 16 if smoke else 768
+        self.table_rows = 100 if smoke else 19195
+        self.warmup, self.timed = (1, 2) if smoke else (5, 20)
+        self.length_steps = 4 if smoke else 40
+        self.clips = {"development": 24, "validation": 8, "evaluation": 8} if smoke else CLOTHO_CLIPS
+        self.wavs = 6 if smoke else 256
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- 1 + 2: steps
+
+def make_trainer(b: Bench, amp: str = "off", channels_last: bool = False, fused: bool = False,
+                 compile_: bool = False, dynamic_time: bool = True) -> Trainer:
+    torch.manual_seed(0)
+    table = torch.randn(b.table_rows, b.text_dim)
+    model = DualEncoderModel(CNN14Encoder(300, b.channels), SentBERTBaseEncoder(b.text_dim, 300, table))
+    model = model.to(b.device)
+    if channels_last:
+        model.audio_enc.use_channels_last()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    tr = Trainer(model, opt, sched, None, LogSoftmaxLoss(0.07), b.device, amp,
+                 text_embed_dim=b.text_dim, train_model=model)
+    tr.plain_train_model = model
+    if compile_:  # as utils.train_utils.wrap_for_training does
+        tr.compiled, tr.dynamic_time, tr.train_model = True, dynamic_time, torch.compile(model)
+        torch._dynamo.config.recompile_limit = 64
+    return tr
+
+
+def random_batch(b: Bench, frames: int, g: torch.Generator):
+    audio = torch.randn(b.batch, frames, 64, generator=g).to(b.device) - 5  # (B, T, F)
+    rows = torch.randint(0, b.table_rows, (b.batch,), generator=g).to(b.device)
+    clips = torch.randint(0, b.batch * 2, (b.batch,), generator=g).to(b.device)  # some repeat
+    return audio, rows, clips
+
+
+def original_step(tr: Trainer, audio, rows, clips, ctx) -> torch.Tensor:
+    """The original code's step: fp32, its per-sample loss loop, clip ids as a Python list."""
+    audio_emb, text_emb = tr.train_model(audio, rows)
+    loss = original_infonce(audio_emb, text_emb, clips.tolist(), 0.07)
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    tr.optimizer.step()
+    return loss.detach()
+
+
+def time_steps(b: Bench, tr: Trainer, lengths: list[int], warmup: int, step=train_step) -> dict:
+    """ms per step over `lengths` (one batch each) after `warmup` steps of the first length."""
+    g = torch.Generator().manual_seed(1)
+    ctx = DistContext(rank=1)
+    graphs0 = compiled_graphs()
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step(tr, *random_batch(b, lengths[0], g), ctx).item()
+    b.sync()
+    warm_s = time.perf_counter() - start
+    if b.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for frames in lengths:
+        loss = step(tr, *random_batch(b, frames, g), ctx)
+    loss.item()
+    b.sync()
+    seconds = time.perf_counter() - start
+    out = {"ms_per_step": 1e3 * seconds / len(lengths), "clips_per_s": b.batch * len(lengths) / seconds,
+           "warmup_s": warm_s, "steps": len(lengths), "graphs_built": compiled_graphs() - graphs0}
+    if b.device.type == "cuda":
+        out["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def free(*objs) -> None:
+    del objs
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_steps(b: Bench, report) -> None:
+    fixed = [b.frames] * b.timed
+    torch.backends.cudnn.benchmark = False  # as main.py runs whole clips
+    variants = [
+        ("original: fp32, NCHW, per-sample loss, Adam", dict(), original_step),
+        ("repo: fp32", dict(), train_step),
+        ("repo: bf16 autocast", dict(amp="bf16"), train_step),
+        ("repo: bf16 + channels_last", dict(amp="bf16", channels_last=True), train_step),
+        ("repo: bf16 + channels_last + fused Adam", dict(amp="bf16", channels_last=True, fused=True), train_step),
+        ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA)",
+         dict(amp="bf16", channels_last=True, fused=True, compile_=True), train_step),
+    ]
+    if b.device.type != "cuda":
+        variants = [(n, {**kw, "amp": "off", "fused": False}, s) for n, kw, s in variants]
+    base = None
+    for name, kwargs, step in variants:
+        def run():
+            tr = make_trainer(b, **kwargs)
+            try:
+                return time_steps(b, tr, fixed, b.warmup, step)
+            finally:
+                free(tr)
+        result = report.section("steps", name, run)
+        if result and base is None:
+            base = result["ms_per_step"]
+        if result and base:
+            result["speedup_vs_original"] = base / result["ms_per_step"]
+            report.save()
+
+
+def bench_lengths(b: Bench, report) -> None:
+    lengths = batch_max_lengths(np.random.default_rng(0), b.length_steps, b.batch)
+    report.data["length_sequence"] = {"distinct": len(set(lengths)), "min": min(lengths),
+                                      "max": max(lengths), "steps": len(lengths)}
+    amp = "bf16" if b.device.type == "cuda" else "off"
+
+    def eager(channels_last: bool, benchmark: bool, multiple: int = 0):
+        def run():
+            torch.backends.cudnn.benchmark = benchmark
+            padded = [-(-n // multiple) * multiple for n in lengths] if multiple else lengths
+            tr = make_trainer(b, amp=amp, channels_last=channels_last, fused=b.device.type == "cuda")
+            try:
+                first = time_steps(b, tr, padded, b.warmup)      # new shapes: tuning included
+                again = time_steps(b, tr, padded, 0)             # every shape seen before
+                return {**again, "first_pass_ms_per_step": first["ms_per_step"],
+                        "distinct_shapes": len(set(padded))}
+            finally:
+                torch.backends.cudnn.benchmark = False
+                free(tr)
+        return run
+
+    report.section("lengths", "bf16 NCHW, cudnn.benchmark off", eager(False, False))
+    report.section("lengths", "bf16 channels_last, cudnn.benchmark off (main.py default)", eager(True, False))
+    report.section("lengths", "bf16 channels_last, cudnn.benchmark on", eager(True, True))
+    for multiple in (16, 64):
+        report.section("lengths", f"bf16 channels_last, pad to x{multiple}, cudnn.benchmark on",
+                       eager(True, True, multiple))
+
+    def compiled(multiple: int = 0):
+        def run():
+            torch.backends.cudnn.benchmark = multiple > 0  # as main.py sets it
+            padded = [-(-n // multiple) * multiple for n in lengths] if multiple else lengths
+            tr = make_trainer(b, amp=amp, channels_last=True, fused=b.device.type == "cuda",
+                              compile_=True, dynamic_time=multiple == 0)
+            try:
+                first = time_steps(b, tr, padded, b.warmup)
+                again = time_steps(b, tr, padded, 0)
+                return {**again, "first_pass_ms_per_step": first["ms_per_step"],
+                        "compile_and_warmup_s": first["warmup_s"], "still_compiled": tr.compiled,
+                        "distinct_shapes": len(set(padded)),
+                        "graphs_built": first["graphs_built"] + again["graphs_built"]}
+            finally:
+                torch.backends.cudnn.benchmark = False
+                free(tr)
+        return run
+
+    report.section("lengths", "bf16 channels_last + compile, dynamic time (main.py on CUDA)", compiled())
+    report.section("lengths", "bf16 channels_last + compile, pad to x64 (training.pad_to_multiple=64)",
+                   compiled(64))
+
+
+# --------------------------------------------------------------------------- 3: loader
+
+def bench_loader(b: Bench, report, dataset_dir: Path) -> None:
+    from utils.data_utils import CaptionDataset, load_text_table
+
+    _, tid2row = load_text_table(dataset_dir)
+    dataset = CaptionDataset(dataset_dir, "development", tid2row, train=True)
+    cores = os.cpu_count() or 1
+    for workers in sorted({1, 2, 4, 8, 16} & set(range(1, cores + 1))) or [1]:
+        report.section("loader", f"{workers} worker(s)", lambda: loader_throughput(
+            dataset, workers, batches=4 if b.smoke else 150, batch_size=b.batch,
+            pin_memory=b.device.type == "cuda"))
+
+
+# --------------------------------------------------------------------------- 4: epoch
+
+class GpuUtilisation:
+    """Samples `nvidia-smi` every 100 ms in the background: (time, utilisation %, memory MiB)."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float, float]] = []
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        values = [u for t, u, _ in self.samples if t0 <= t <= t1]
+        return float(np.mean(values)) if values else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, list[tuple[float, str]]]:
+    """Run a command, keeping each output line with the time it arrived."""
+    lines = []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            lines.append((time.time(), line.rstrip("\n")))
+            f.write(line)
+        proc.wait()
+    return proc.returncode, lines
+
+
+def bench_epoch(b: Bench, report, dataset_dir: Path, work: Path, workers: int) -> None:
+    from utils.tracking import read_jsonl
+
+    def run():
+        out_dir = work / "runs"
+        overrides = [f"paths.dataset_dir={dataset_dir}", f"paths.output_dir={out_dir}",
+                     "paths.features_dir=null", "audio_encoder.init=random", "training.epochs=2",
+                     f"training.num_workers={workers}", "wandb.mode=disabled",
+                     f"training.device={b.device.type}"]
+        if b.smoke:
+            overrides += [f"audio_encoder.channels={list(b.channels)}", f"training.batch_size={b.batch}"]
+        name = f"bench-{int(time.time())}"
+        gpu = GpuUtilisation() if b.device.type == "cuda" else None
+        env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+        t0 = time.time()
+        code, lines = run_logged([sys.executable, "main.py", "--name", name, "--set", *overrides],
+                                 work / "main_py.log", env)
+        if gpu is not None:
+            gpu.stop()
+        if code != 0:
+            raise RuntimeError(f"main.py exited {code}: " + " | ".join(l for _, l in lines[-5:]))
+        records = read_jsonl(out_dir / name / "metrics.jsonl")
+        ends = [t for t, l in lines if l.startswith("epoch ")]  # "epoch N/M ..." after each epoch
+        result = {"records": records, "process_s": time.time() - t0, "num_workers": workers}
+        if len(records) >= 2:
+            r = records[1]
+            result["epoch2_s"] = r["seconds"]
+            result["epoch2_train_s"] = r.get("train_seconds")
+            result["epoch2_data_wait_s"] = r.get("data_wait_seconds")
+            result["train_captions_per_s_epoch2"] = 5 * b.clips["development"] / r["train_seconds"]
+        if gpu is not None and len(ends) >= 2:
+            result["gpu_util_epoch2_pct"] = gpu.mean(ends[0], ends[1])
+            result["gpu_util_epoch1_pct"] = gpu.mean(t0, ends[0])
+        return result
+
+    report.section("epoch", "main.py, 2 epochs, Clotho-sized", run)
+
+
+# --------------------------------------------------------------------------- 5: log-mels
+
+def bench_logmel(b: Bench, report, work: Path) -> None:
+    import h5py
+
+    root = work / "wavs"
+    cores = os.cpu_count() or 1
+    common = ["--set", f"paths.dataset_dir={root}", f"paths.output_dir={work / 'runs'}",
+              f"demo.sizes.development={b.wavs}", "demo.sizes.validation=2", "demo.sizes.evaluation=2",
+              "demo.min_seconds=15.0", "demo.max_seconds=30.0", f"demo.workers={cores}",
+              "data.splits=[development]", f"features.workers={cores}", "wandb.mode=disabled"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def step(script: str, *extra: str) -> float:
+        start = time.time()
+        code, lines = run_logged([sys.executable, script, *common, *extra], work / "logmel.log", env)
+        if code != 0:
+            raise RuntimeError(f"{script} exited {code}: " + " | ".join(l for _, l in lines[-3:]))
+        return time.time() - start
+
+    def run():
+        if not (root / "clotho_captions_development.csv").exists():
+            step("preprocessing/00_make_demo_dataset.py")
+        step("preprocessing/01_clotho_dataset.py")
+        h5 = root / "development_audio_logmels.hdf5"
+        times = {}
+        for device in ("cpu", "cuda") if b.device.type == "cuda" else ("cpu",):
+            h5.unlink(missing_ok=True)
+            times[device] = step("preprocessing/02_audio_logmel.py", f"features.device={device}")
+            h5.rename(h5.with_name(f"{device}.hdf5"))
+        result = {"clips": b.wavs, "workers": cores, **{f"{d}_s": s for d, s in times.items()}}
+        if "cuda" in times:
+            result["cuda_speedup"] = times["cpu"] / times["cuda"]
+            with h5py.File(root / "cpu.hdf5") as a, h5py.File(root / "cuda.hdf5") as c:
+                result["max_abs_diff"] = float(max(np.abs(a[k][()] - c[k][()]).max() for k in a))
+        return result
+
+    report.section("logmel", "preprocessing/02, cuda vs cpu", run)
+
+
+# --------------------------------------------------------------------------- report
+
+class Report:
+    def __init__(self, path: Path, device: torch.device):
+        self.path = path
+        self.data: dict = {"device": device_name(device), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                           "cpu_cores": os.cpu_count()}
+        for name in SECTIONS:
+            self.data[name] = {}
+
+    def section(self, section: str, name: str, fn):
+        print(f"[{section}] {name} ...", flush=True)
+        start = time.time()
+        try:
+            result = fn()
+        except Exception as e:  # one variant failing must not lose the others' figures
+            result = None
+            self.data[section][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            traceback.print_exc()
+        else:
+            self.data[section][name] = result
+        print(f"[{section}] {name}: {json.dumps(self.data[section][name])[:400]} "
+              f"({time.time() - start:.0f} s)", flush=True)
+        self.save()
+        return result
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+    def table(self) -> str:
+        lines = [f"{self.data['device']} | torch {self.data['torch']} | CUDA {self.data['cuda']} | "
+                 f"cuDNN {self.data['cudnn']} | {self.data['cpu_cores']} CPU cores"]
+        for section in SECTIONS:
+            for name, r in self.data[section].items():
+                if not isinstance(r, dict) or "error" in r:
+                    lines.append(f"{section:7} {name:75} ERROR {r.get('error') if isinstance(r, dict) else r}")
+                    continue
+                keys = [k for k in ("ms_per_step", "speedup_vs_original", "first_pass_ms_per_step",
+                                    "graphs_built", "peak_mem_GB", "clips_per_s", "epoch2_s",
+                                    "epoch2_data_wait_s", "gpu_util_epoch2_pct", "cpu_s", "cuda_s",
+                                    "cuda_speedup", "max_abs_diff") if r.get(k) is not None]
+                lines.append(f"{section:7} {name:75} " + "  ".join(
+                    f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys))
+        return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_gpu.json", help="JSON file for every figure")
+    parser.add_argument("--work", default="/tmp/bench_gpu", help="folder for generated data and runs")
+    parser.add_argument("--dataset", help="a folder with step 01-03 outputs (default: generate one)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    parser.add_argument("--epoch-workers", type=int, default=0,
+                        help="training.num_workers for the epoch (default: the config's)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script")
+    args = parser.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    if not torch.cuda.is_available() and not args.smoke:
+        print("error: bench_gpu.py measures CUDA training and found no CUDA device "
+              "(torch.cuda.is_available() is False); run it on a GPU machine", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    b = Bench(args.smoke, device)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report = Report(Path(args.out), device)
+    if "steps" in sections:
+        bench_steps(b, report)
+    if "lengths" in sections:
+        bench_lengths(b, report)
+    dataset = Path(args.dataset) if args.dataset else None
+    if {"loader", "epoch"} & set(sections) and dataset is None:
+        dataset = work / "clotho_shaped"
+        if not (dataset / "sbert_embeds.pkl").exists():
+            start = time.time()
+            make_clotho_features(dataset, b.clips, b.text_dim)
+            report.data["generated_features_s"] = time.time() - start
+    if "loader" in sections:
+        bench_loader(b, report, dataset)
+    if "epoch" in sections:
+        from utils.config import load_config
+
+        workers = args.epoch_workers or load_config(REPO / "conf.yaml")["training"]["num_workers"]
+        bench_epoch(b, report, dataset, work, workers)
+    if "logmel" in sections:
+        bench_logmel(b, report, work)
+    report.save()
+    print(report.table())
+    print(f"wrote {report.path}")
+
+
+if __name__ == "__main__":
+    main()

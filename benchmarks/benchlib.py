@@ -1,0 +1,105 @@
+"""Pieces the benchmark scripts share: the original code's loss, a Clotho-shaped feature set,
+and the data loader's throughput. Not part of the library: nothing under utils/ imports it.
+
+`python benchmarks/<script>.py` puts this folder on sys.path, so the scripts import it as
+`benchlib`.
+"""
+from __future__ import annotations
+
+import csv
+import time
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.io_utils import save_pickle
+
+# Clotho v2.1: clips of 15-30 s at a 20 ms hop -> 751-1501 frames; 5 captions per clip
+CLOTHO_CLIPS = {"development": 3839, "validation": 1045, "evaluation": 1045}
+MIN_FRAMES, MAX_FRAMES = 751, 1501
+NAMESPACE = uuid.UUID("2b0e5c9e-8a55-4c61-9d5e-5f1f6c0b7a13")
+
+
+def original_infonce(audio: torch.Tensor, text: torch.Tensor, fids: list, temperature: float = 0.07
+                     ) -> torch.Tensor:
+    """The original code's loss: one pair at a time in Python, from the definition (the
+    reference that utils.criterion_utils.LogSoftmaxLoss, one masked matrix, replaces)."""
+    n = audio.shape[0]
+    total = audio.new_zeros(())
+    for i in range(n):
+        keep = [j for j in range(n) if j == i or fids[j] != fids[i]]
+        pos = keep.index(i)
+        a2t = torch.stack([audio[i] @ text[j] for j in keep]) / temperature
+        t2a = torch.stack([audio[j] @ text[i] for j in keep]) / temperature
+        total = total - F.log_softmax(a2t, 0)[pos] - F.log_softmax(t2a, 0)[pos]
+    return total / n
+
+
+def batch_max_lengths(rng: np.random.Generator, steps: int, batch: int = 32) -> list[int]:
+    """The padded length of `steps` batches of whole clips: the longest of `batch` lengths drawn
+    uniformly from Clotho's 751-1501 frames (what collate_pad gives a shuffled epoch)."""
+    return [int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1, batch).max()) for _ in range(steps)]
+
+
+def make_clotho_features(root: Path, clips: dict[str, int] = CLOTHO_CLIPS, embed_dim: int = 768,
+                         captions_per_clip: int = 5, seed: int = 0) -> Path:
+    """Write step 01-03 outputs of a Clotho-shaped set into `root` (random log-mels of 751-1501
+    frames, random sentence embeddings): what main.py and the loaders read. Returns `root`."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    embeds, info = {}, {"audio_fid2fname": {}, "audio_durations": {}}
+    for split, n in clips.items():
+        fid2fname, durations = {}, []
+        with h5py.File(root / f"{split}_audio_logmels.hdf5", "w") as h5, \
+                open(root / f"{split}_text.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["tid", "fid", "fname", "raw_text", "text", "tokens"])
+            for i in range(n):
+                fname = f"{split}_{i:05d}.wav"
+                fid = uuid.uuid5(NAMESPACE, f"{split}/{fname}").hex
+                frames = int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1))
+                h5[fid] = rng.standard_normal((frames, 64), dtype=np.float32) - 5  # (T, F)
+                fid2fname[fid] = fname
+                durations.append(frames * 0.02)
+                for c in range(captions_per_clip):
+                    tid = uuid.uuid5(NAMESPACE, f"{fid}/{c + 1}").hex
+                    writer.writerow([tid, fid, fname, f"caption {c} of {fname}",
+                                     f"caption {c} of {fname}", f"caption {c} of {fname}"])
+                    embeds[tid] = rng.standard_normal(embed_dim, dtype=np.float32)
+        info["audio_fid2fname"][split] = fid2fname
+        info["audio_durations"][split] = durations
+    save_pickle(embeds, root / "sbert_embeds.pkl")
+    save_pickle(info, root / "audio_info.pkl")
+    return root
+
+
+def loader_throughput(dataset, workers: int, batches: int, batch_size: int = 32,
+                      pin_memory: bool = False, seed: int = 0) -> dict:
+    """Clips/s the training DataLoader delivers (HDF5 reads + collation [+ pinning]) with
+    `workers` processes, shuffled as in training, nothing else running. The first batches,
+    which pay for starting the workers, are not timed."""
+    from torch.utils.data import DataLoader
+
+    from utils.data_utils import collate_pad
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        collate_fn=collate_pad, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    warm = max(2, workers)
+    for _ in range(warm):
+        next(it)
+    start = time.perf_counter()
+    clips = frames = 0
+    for _ in range(batches):
+        audio, _, _ = next(it)
+        clips += audio.shape[0]
+        frames += audio.shape[0] * audio.shape[1]
+    seconds = time.perf_counter() - start
+    del it
+    return {"workers": workers, "pin_memory": pin_memory, "clips_per_s": clips / seconds,
+            "MB_per_s": frames * 64 * 4 / seconds / 1e6, "batches": batches}
