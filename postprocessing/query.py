@@ -4,6 +4,7 @@
     python postprocessing/query.py --folder my_recordings/ "a dog barks"     # your own audio
     python postprocessing/query.py --queries queries.txt --json              # one query per line
     python postprocessing/query.py --audio my_recordings/garden.wav          # captions of a split
+    python postprocessing/query.py --html out.html "a dog barks"             # ... and a page with players
 
 --run DIR picks the run (default: the newest in paths.output_dir of --conf); with --run the
 command works from any directory. The checkpoint is the run's eval.checkpoint (`best`), on
@@ -17,6 +18,7 @@ from pathlib import Path
 import utils.cli
 from models.retrieval import Retriever, results_json
 from utils.config import load_config
+from utils import report
 from utils.errors import UserError
 from utils.provenance import resolved_overrides
 from utils.runs import load_run_config, resolve_run_dir
@@ -56,6 +58,9 @@ def main():
     where.add_argument("--folder", metavar="DIR", help="search the .wav/.flac files of DIR instead")
     parser.add_argument("--top-k", type=int, default=10, help="results per query (default: 10)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--html", metavar="OUT.html",
+                        help="also write the results as a page with a player per clip (the clips "
+                             "go to OUT_audio/ beside it, or are linked: eval.report.audio)")
     args = parser.parse_args()
 
     # --conf is only read to find the newest run: with --run it may be absent (any directory)
@@ -98,6 +103,13 @@ def main():
         print(results_json(retriever, what, queries, results))
     else:
         print_table(retriever, what, queries, results)
+    if args.html:
+        page = report.write_query_results(
+            args.html, queries, results, audio_queries=bool(args.audio),
+            audio=retriever.cfg["eval"]["report"]["audio"],
+            subtitle=f"run {Path(about['run']).name} · checkpoint {about['checkpoint']} (epoch {about['epoch']}) "
+                     f"· {what}")
+        print(f"wrote {page}", file=out)
 
 
 if __name__ == "__main__":

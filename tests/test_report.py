@@ -419,3 +419,31 @@ def test_query_results_page_from_retriever_hits(tmp_path):
                                        [[Hit(1, 0.7, "c.wav", "rain <falls>", str(clip))]],
                                        audio_queries=True, audio="link")
     assert audio_srcs(clips) == ["c.wav"] and "rain &lt;falls&gt;" in clips.read_text()
+
+
+def test_query_py_html_for_text_and_audio_queries(tmp_path, monkeypatch, capsys):
+    conf, run_dir = make_run(tmp_path, embed_dim=384,
+                             extra={"sbert": {"model": "bundled:all-MiniLM-L6-v2", "device": "cpu"}})
+    clips = tmp_path / "data" / "evaluation"
+    for i in range(1, 6):  # evaluation_000.wav is missing
+        write_wav(clips / f"evaluation_{i:03d}.wav", seconds=0.5, seed=i)
+
+    def query(*args):
+        p = run_script("postprocessing/query.py", "--conf", conf, "--run", run_dir, "--top-k", "6",
+                       *args, monkeypatch=monkeypatch, capsys=capsys)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    out = tmp_path / "pages" / "text.html"
+    assert f"wrote {out}" in query("--html", out, "a <b>dog</b> barks").stdout
+    text = out.read_text()
+    assert "a &lt;b&gt;dog&lt;/b&gt; barks" in text and "run tiny-run" in text
+    assert "audio file not found (evaluation_000.wav)" in text
+    srcs = audio_srcs(out)
+    assert len(srcs) == 5 and all((out.parent / unquote(s)).is_file() for s in srcs)
+
+    out = tmp_path / "pages" / "audio.html"
+    query("--html", out, "--audio", clips / "evaluation_001.wav")
+    text = out.read_text()
+    assert audio_srcs(out) == ["audio_audio/query/evaluation_001-" + audio_srcs(out)[0].split("-")[-1]]
+    assert "Sound of class" in text and text.count('class="panel"') == 1

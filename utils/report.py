@@ -417,7 +417,7 @@ nav a{margin-right:12px}table{border-collapse:collapse;margin:8px 0}
 td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:right}
 th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
 tr.chance td{color:#777;font-size:.9em}figure{display:inline-block;margin:6px 12px 6px 0}
-figure img{max-width:100%;border:1px solid #ddd;background:#fff}
+figure img{max-width:100%;border:1px solid #ddd;background:#fff}figure.wide img{width:600px}
 .panels{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
 .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px}
 .panel h3{font-size:1em;margin:0 0 4px;font-weight:600}
@@ -430,6 +430,7 @@ gap:6px;padding:3px 4px;border-radius:4px}
 ol.hits li.with-audio{grid-template-columns:2em 1.3em minmax(0,1fr) 4.2em 250px}
 ol.hits li.correct{background:#e5f5e5}.pos{color:#777;text-align:right}.mark{color:#116611;font-weight:700}
 .name{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.88em;overflow-wrap:anywhere}
+.text{overflow-wrap:anywhere}
 .score{color:#777;font-size:.85em;text-align:right}audio{width:250px;height:32px}
 .missing{color:#a40000;font-size:.88em}.truth{margin-top:6px;padding:4px;border-top:1px dashed #ccc}
 details{margin-top:6px;font-size:.92em}summary{cursor:pointer}
@@ -449,12 +450,13 @@ function show(){if(!out)return;
   out.className=bad?"meta warn":(ok==players.length?"meta ok":"meta");}
 function record(a){a.dataset.readyState=a.readyState;a.dataset.duration=a.duration;
   if(a.error)a.dataset.error=a.error.code;}
+function loaded(a){if(!a.dataset.loaded){a.dataset.loaded="1";ok++;}record(a);show();}
+function failed(a){if(!a.dataset.failed){a.dataset.failed="1";bad++;}record(a);show();}
 players.forEach(function(a){
-  a.addEventListener("loadeddata",function(){if(!a.dataset.loaded){a.dataset.loaded="1";ok++;}
-    record(a);show();});
-  a.addEventListener("error",function(){if(!a.dataset.failed){a.dataset.failed="1";bad++;}
-    record(a);show();});
+  a.addEventListener("loadeddata",function(){loaded(a);});
+  a.addEventListener("error",function(){failed(a);});
   a.addEventListener("play",function(){players.forEach(function(b){if(b!==a)b.pause();});});
+  if(a.error)failed(a);else if(a.readyState>=2)loaded(a);  // settled before this script ran
 });
 show();
 })();
@@ -477,7 +479,7 @@ def _hits_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
         mark = '<span class="mark" title="correct">✓</span>' if hit.correct else "<span></span>"
         player = f"<span>{_player(playable.get(hit.clip))}</span>" if audio else ""
         items.append(f'<li class="{cls}"><span class="pos">{pos}</span>{mark}'
-                     f'<span class="name">{esc(hit.text)}</span>'
+                     f'<span class="{"name" if audio else "text"}">{esc(hit.text)}</span>'
                      f'<span class="score">{hit.score:+.3f}</span>{player}</li>')
     return '<ol class="hits">' + "".join(items) + "</ol>"
 
@@ -588,7 +590,10 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
                             + "".join(f"<td>{esc(_fmt(ch[c])) if c in ch else ''}</td>" for c in columns)
                             + "</tr>")
     parts = [f"<table>{head}{''.join(rows)}</table>",
-             '<p class="meta">chance: the expected value under a random ranking.</p>']
+             '<p class="meta">chance: the expected value under a random ranking; R@k: the share of '
+             "a query's relevant items in its top k (the DCASE baseline's); R@k_any: whether any "
+             "is (CLAP-style); ranks: of the best-ranked relevant item. Exact definitions below."
+             "</p>"]
     extra = [(f"{split}.{k}", v) for split in splits
              for k, v in _flat({k: v for k, v in metrics[split].items()
                                 if k not in DIRECTIONS and k not in ("chance", "ranks")})]
@@ -599,8 +604,7 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
     for key, title in (("definitions", "definitions"), ("provenance", "provenance")):
         if isinstance(metrics.get(key), Mapping) and metrics[key]:
             items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(_fmt(v))}</dd>" for k, v in _flat(metrics[key]))
-            parts.append(f"<details{' open' if key == 'definitions' else ''}><summary>{title}"
-                         f"</summary><dl>{items}</dl></details>")
+            parts.append(f"<details><summary>{title}</summary><dl>{items}</dl></details>")
     return "\n".join(parts)
 
 
@@ -674,10 +678,16 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
 
     nav = ["<a href=\"#metrics\">metrics</a>", "<a href=\"#plots\">plots</a>"]
     body = ['<section id="metrics"><h2>Metrics</h2>', metrics_html(metrics, chance), "</section>"]
-    figs = "".join(f'<figure><img src="{esc(_href(p, out))}" alt="{esc(name)}"></figure>'
-                   for name, p in images.items())
+    def fig(name: str, path: Path, cls: str) -> str:  # a click opens the full-size image
+        href = esc(_href(path, out))
+        return (f'<figure class="{cls}"><a href="{href}"><img src="{href}" alt="{esc(name)}"></a>'
+                "</figure>")
+
+    hists = {n for n in images if n.endswith("_t2a_rank_histogram")}
     body += ['<section id="plots"><h2>Training, recall@k and the rank of the true clip</h2>',
-             figs, "</section>"]
+             "<div>" + "".join(fig(n, p, "wide") for n, p in images.items() if n not in hists)
+             + "</div><div>" + "".join(fig(n, p, "hist") for n, p in images.items() if n in hists)
+             + "</div></section>"]
     how = {"t2a": "each caption's top {k} clips; ✓ marks its own clip, which gets its own player "
                   "below when it is not among them",
            "a2t": "each clip's top {k} captions; ✓ marks its own captions"}
