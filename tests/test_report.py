@@ -314,6 +314,7 @@ def test_step_02_writes_the_report_and_prints_its_path_last(run_with_wavs):
     # 30 captions a split: 20 worst + 10 random t2a panels, 6 a2t panels
     assert text.count('class="panel"') == 2 * (30 + 6)
     assert len(list((run_dir / "report" / "audio").rglob("*.opus"))) == 11
+    assert not (run_dir / "wandb").exists()  # wandb disabled: nothing logged
 
 
 def test_step_02_without_the_report(run_with_wavs):
@@ -447,3 +448,32 @@ def test_query_py_html_for_text_and_audio_queries(tmp_path, monkeypatch, capsys)
     text = out.read_text()
     assert audio_srcs(out) == ["audio_audio/query/evaluation_001-" + audio_srcs(out)[0].split("-")[-1]]
     assert "Sound of class" in text and text.count('class="panel"') == 1
+
+
+def test_tracker_calls_and_no_audio_uploaded_in_link_mode(tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kw: self.calls.append((name, args))
+
+    for mode in ("copy", "link"):
+        page, samples = build_report(tmp_path / mode, audio=mode)
+        rec = Recorder()
+        report.log_to_tracker(rec, samples, page, page.images, 3)
+        names = [(n, a[0] if isinstance(a[0], str) else sorted(a[0])) for n, a in rec.calls]
+        assert names == [("log_table", "retrieval_results_validation"),
+                         ("log_audio_table", "listening_validation"),
+                         ("log_histogram", "validation/t2a_rank"),
+                         ("log_table", "retrieval_results_evaluation"),
+                         ("log_audio_table", "listening_evaluation"),
+                         ("log_histogram", "evaluation/t2a_rank"),
+                         ("log_images", ["evaluation_t2a_rank_histogram",
+                                         "validation_t2a_rank_histogram"])]
+        _, columns, rows, audio_cols = next(a for n, a in rec.calls if n == "log_audio_table")
+        cells = [r[columns.index(c)] for r in rows for c in audio_cols]
+        if mode == "copy":
+            assert all(c is not None and c.endswith(".opus") and Path(c).is_file() for c in cells)
+        else:
+            assert cells and all(c is None for c in cells)  # link: no audio copied into wandb

@@ -639,6 +639,7 @@ class Report:
     size: int                                # bytes of the report folder
     playable: dict[ClipRef, Playable]
     images: dict[str, Path]                  # name -> PNG (rank histograms, copied plots)
+    audio: str = "copy"                      # eval.report.audio
 
 
 def _sample_clips(samples: Sequence[SplitSample]) -> list[ClipRef]:
@@ -720,7 +721,7 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
 
     index = out / INDEX
     size = _write_sized(index, render)
-    return Report(index, size, playable, images)
+    return Report(index, size, playable, images, opts.audio)
 
 
 # --------------------------------------------------------------------------- wandb
@@ -754,12 +755,14 @@ def listening_rows(smp: SplitSample, playable: Mapping[ClipRef, Playable], k: in
 def log_to_tracker(tracker, samples: Sequence[SplitSample], report: Report | None,
                    images: Mapping[str, Path], k: int) -> None:
     """Per split: `retrieval_results_{split}` (every caption: caption, true file, rank, top-10
-    file names), `listening_{split}` (the t2a sample with wandb.Audio; needs the report's
-    clips), `{split}/t2a_rank` (histogram); and the figures. No-op when wandb is disabled."""
+    file names), `listening_{split}` (the t2a sample with wandb.Audio of the report's
+    transcoded clips; in link mode no audio is copied anywhere, wandb included: the cells stay
+    empty), `{split}/t2a_rank` (histogram); and the figures. No-op when wandb is disabled."""
     for smp in samples:
         tracker.log_table(f"retrieval_results_{smp.split}", table_columns(), smp.table_rows)
         if report is not None:
-            columns, rows, audio_cols = listening_rows(smp, report.playable, k)
+            playable = report.playable if report.audio == "copy" else {}
+            columns, rows, audio_cols = listening_rows(smp, playable, k)
             tracker.log_audio_table(f"listening_{smp.split}", columns, rows, audio_cols)
         tracker.log_histogram(f"{smp.split}/t2a_rank", smp.t2a_ranks.tolist())
     if images:
