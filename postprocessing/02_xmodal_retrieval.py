@@ -50,7 +50,8 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
             results.append(r)
             scores_db.write_t2a_ranks(conn, split, r.ranks)
             written += evaluation.write_split_files(run_dir, s, r, top_k)
-            samples.append(report.split_sample(s, r.ranks, r.top, cfg["paths"]["dataset_dir"], opts))
+            samples.append(report.split_sample(s, r.ranks, r.top, cfg["paths"]["dataset_dir"], opts,
+                                               a2t_ranks=r.a2t_ranks))
             skipped[split] = len(read_skipped(features_dir(cfg) / f"{split}_skipped_audio.csv"))
     finally:
         scores_db.close(conn)

@@ -135,6 +135,7 @@ def test_panels_rank_and_mark_the_true_items(tmp_path):
         assert [h.score for h in p.hits] == sorted((h.score for h in p.hits), reverse=True)
     a2t_ranks = rank_of_first_relevant(s.scores.T, s.relevance().T)
     assert smp.t2a[0].rank == r.ranks.max() and smp.a2t[0].rank == a2t_ranks.max()
+    assert np.array_equal(smp.a2t_ranks, r.a2t_ranks)  # evaluation's ranks, the same numbers
     for p in smp.a2t:
         c = s.fnames.index(p.query)
         assert p.rank == a2t_ranks[c] and len(p.own) == 5 and p.own[0][0] == p.rank

@@ -151,12 +151,13 @@ def _clip_ref(audio_root: Path, group: str, fname: str) -> ClipRef:
 
 
 def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | Path,
-                 opts: ReportSettings) -> SplitSample:
+                 opts: ReportSettings, a2t_ranks: np.ndarray | None = None) -> SplitSample:
     """The listening panels and the table of every query of one split.
 
     s: a utils.scores_db.ScoredSplit (scores `[Q, C]`); t2a_ranks: int `[Q]` (evaluation's);
     top: int `[Q, >=1]`, each caption's best clips (evaluation's top-k, for the table);
-    dataset_dir: where `{split}/{fname}` wavs are (paths.dataset_dir).
+    dataset_dir: where `{split}/{fname}` wavs are (paths.dataset_dir); a2t_ranks: int `[C]`,
+    each clip's best caption rank (evaluation's; computed here when not given).
     """
     from utils.evaluation import top_k_indices
     from utils.metrics import rank_of_first_relevant, relevant_ranks
@@ -166,7 +167,9 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
     t2a_ranks = np.asarray(t2a_ranks, dtype=np.int64)
     rel = s.relevance()
     scores_t = np.ascontiguousarray(scores.T)             # [C, Q]: clips as queries
-    a2t_ranks = rank_of_first_relevant(scores_t, np.ascontiguousarray(rel.T))
+    if a2t_ranks is None:
+        a2t_ranks = rank_of_first_relevant(scores_t, np.ascontiguousarray(rel.T))
+    a2t_ranks = np.asarray(a2t_ranks, dtype=np.int64)
     from utils.clotho import split_paths
 
     audio_root = split_paths(dataset_dir, split)[1]  # Zenodo or aac-datasets layout
