@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -75,7 +76,7 @@ class Bench:
 # --------------------------------------------------------------------------- 1 + 2: steps
 
 def make_trainer(b: Bench, amp: str = "off", channels_last: bool = False, fused: bool = False,
-                 compile_: bool = False, dynamic_time: bool = True) -> Trainer:
+                 compile_: bool = False) -> Trainer:
     torch.manual_seed(0)
     table = torch.randn(b.table_rows, b.text_dim)
     model = DualEncoderModel(CNN14Encoder(300, b.channels), SentBERTBaseEncoder(b.text_dim, 300, table))
@@ -88,7 +89,7 @@ def make_trainer(b: Bench, amp: str = "off", channels_last: bool = False, fused:
                  text_embed_dim=b.text_dim, train_model=model)
     tr.plain_train_model = model
     if compile_:  # as utils.train_utils.wrap_for_training does
-        tr.compiled, tr.dynamic_time, tr.train_model = True, dynamic_time, torch.compile(model)
+        tr.compiled, tr.train_model = True, torch.compile(model)
         torch._dynamo.config.recompile_limit = 64
     return tr
 
@@ -149,8 +150,9 @@ def bench_steps(b: Bench, report) -> None:
         ("repo: fp32", dict(), train_step),
         ("repo: bf16 autocast", dict(amp="bf16"), train_step),
         ("repo: bf16 + channels_last", dict(amp="bf16", channels_last=True), train_step),
-        ("repo: bf16 + channels_last + fused Adam", dict(amp="bf16", channels_last=True, fused=True), train_step),
-        ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA)",
+        ("repo: bf16 + channels_last + fused Adam (main.py on CUDA, whole clips)",
+         dict(amp="bf16", channels_last=True, fused=True), train_step),
+        ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA, padded or cropped clips)",
          dict(amp="bf16", channels_last=True, fused=True, compile_=True), train_step),
     ]
     if b.device.type != "cuda":
@@ -193,7 +195,7 @@ def bench_lengths(b: Bench, report) -> None:
         return run
 
     report.section("lengths", "bf16 NCHW, cudnn.benchmark off", eager(False, False))
-    report.section("lengths", "bf16 channels_last, cudnn.benchmark off (main.py default)", eager(True, False))
+    report.section("lengths", "bf16 channels_last, cudnn.benchmark off (main.py, whole clips)", eager(True, False))
     report.section("lengths", "bf16 channels_last, cudnn.benchmark on", eager(True, True))
     for multiple in (16, 64):
         report.section("lengths", f"bf16 channels_last, pad to x{multiple}, cudnn.benchmark on",
@@ -204,7 +206,7 @@ def bench_lengths(b: Bench, report) -> None:
             torch.backends.cudnn.benchmark = multiple > 0  # as main.py sets it
             padded = [-(-n // multiple) * multiple for n in lengths] if multiple else lengths
             tr = make_trainer(b, amp=amp, channels_last=True, fused=b.device.type == "cuda",
-                              compile_=True, dynamic_time=multiple == 0)
+                              compile_=True)
             try:
                 first = time_steps(b, tr, padded, b.warmup)
                 again = time_steps(b, tr, padded, 0)
@@ -217,8 +219,8 @@ def bench_lengths(b: Bench, report) -> None:
                 free(tr)
         return run
 
-    report.section("lengths", "bf16 channels_last + compile, dynamic time (main.py on CUDA)", compiled())
-    report.section("lengths", "bf16 channels_last + compile, pad to x64 (training.pad_to_multiple=64)",
+    report.section("lengths", "bf16 channels_last + compile, whole clips (a graph per length)", compiled())
+    report.section("lengths", "bf16 channels_last + compile, pad to x64 (main.py, training.pad_to_multiple=64)",
                    compiled(64))
 
 
@@ -304,7 +306,7 @@ def bench_epoch(b: Bench, report, dataset_dir: Path, work: Path, workers: int) -
         if code != 0:
             raise RuntimeError(f"main.py exited {code}: " + " | ".join(l for _, l in lines[-5:]))
         records = read_jsonl(out_dir / name / "metrics.jsonl")
-        ends = [t for t, l in lines if l.startswith("epoch ")]  # "epoch N/M ..." after each epoch
+        ends = [t for t, l in lines if re.match(r"epoch \d+/\d+ ", l)]  # printed after each epoch
         result = {"records": records, "process_s": time.time() - t0, "num_workers": workers}
         if len(records) >= 2:
             r = records[1]
@@ -363,8 +365,9 @@ def bench_logmel(b: Bench, report, work: Path) -> None:
 # --------------------------------------------------------------------------- report
 
 class Report:
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, only: list[str] = ()):
         self.path = path
+        self.only = list(only)  # measure only the variants whose name contains one of these
         self.data: dict = {"device": device_name(device), "torch": torch.__version__,
                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                            "cpu_cores": os.cpu_count()}
@@ -372,6 +375,8 @@ class Report:
             self.data[name] = {}
 
     def section(self, section: str, name: str, fn):
+        if self.only and not any(o in name for o in self.only):
+            return None
         print(f"[{section}] {name} ...", flush=True)
         start = time.time()
         try:
@@ -421,6 +426,8 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     parser.add_argument("--epoch-workers", type=int, default=0,
                         help="training.num_workers for the epoch (default: the config's)")
+    parser.add_argument("--only", default="", help="comma-separated name fragments: measure only "
+                        "the variants whose name contains one (e.g. 'original,2 epochs')")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script")
     args = parser.parse_args()
     sections = [s for s in args.sections.split(",") if s]
@@ -435,7 +442,7 @@ def main() -> None:
     b = Bench(args.smoke, device)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report = Report(Path(args.out), device)
+    report = Report(Path(args.out), device, [o for o in args.only.split(",") if o])
     dataset = Path(args.dataset) if args.dataset else None
     for section in sections:  # in the order given: the first ones get measured first
         if section in ("loader", "epoch") and dataset is None:

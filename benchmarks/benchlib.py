@@ -26,17 +26,20 @@ NAMESPACE = uuid.UUID("2b0e5c9e-8a55-4c61-9d5e-5f1f6c0b7a13")
 
 def original_infonce(audio: torch.Tensor, text: torch.Tensor, fids: list, temperature: float = 0.07
                      ) -> torch.Tensor:
-    """The original code's loss: one pair at a time in Python, from the definition (the
-    reference that utils.criterion_utils.LogSoftmaxLoss, one masked matrix, replaces)."""
+    """The original code's loss, as it computes it: a Python loop over the batch; for each pair
+    the candidates (itself and every pair of another clip) are gathered, scored with one matmul
+    per direction, and a float target built on the device from a Python list feeds
+    cross_entropy. The reference that utils.criterion_utils.LogSoftmaxLoss (one masked matrix)
+    replaces; both give the same value."""
     n = audio.shape[0]
-    total = audio.new_zeros(())
+    loss = torch.zeros((), device=audio.device)
     for i in range(n):
-        keep = [j for j in range(n) if j == i or fids[j] != fids[i]]
-        pos = keep.index(i)
-        a2t = torch.stack([audio[i] @ text[j] for j in keep]) / temperature
-        t2a = torch.stack([audio[j] @ text[i] for j in keep]) / temperature
-        total = total - F.log_softmax(a2t, 0)[pos] - F.log_softmax(t2a, 0)[pos]
-    return total / n
+        candidates = [j for j in range(n) if fids[j] != fids[i]] + [i]
+        audio_vs_caption_i = audio[candidates] @ text[i] / temperature      # (N')
+        clip_i_vs_captions = text[candidates] @ audio[i] / temperature      # (N')
+        target = torch.as_tensor([float(j == i) for j in candidates], device=audio.device)
+        loss = loss + F.cross_entropy(audio_vs_caption_i, target) + F.cross_entropy(clip_i_vs_captions, target)
+    return loss / n
 
 
 def batch_max_lengths(rng: np.random.Generator, steps: int, batch: int = 32) -> list[int]:

@@ -46,8 +46,10 @@ FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
 # --------------------------------------------------------------------------- config
 
 def check_training_config(cfg: dict) -> None:
-    """Every key's type and range (utils/config_schema.py); run before any data is read."""
+    """Every key's type and range (utils/config_schema.py), and training.compile's rule; run
+    before any data is read."""
     validate_config(cfg)
+    use_compile(cfg, torch.device("cpu"))
 
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
@@ -183,7 +185,6 @@ class Trainer:
     text_embed_dim: int = 0
     train_model: torch.nn.Module | None = field(default=None)  # compiled / DDP wrapper, or the model
     compiled: bool = False              # train_model is torch.compile'd
-    dynamic_time: bool = True           # compiled for any clip length (else one graph per length)
     compile_checked: bool = False       # the compiled model has run a step
     plain_train_model: torch.nn.Module | None = None  # train_model without torch.compile
 
@@ -318,12 +319,11 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     """
     if not tr.compiled:
         return _step(tr, audio, rows, clips, ctx)
-    # One graph for the epoch's last, smaller batch too, and (whole clips) for every length:
-    # otherwise each new shape would cost a recompilation of ~20 s.
-    torch._dynamo.mark_dynamic(audio, 0)
-    torch._dynamo.mark_dynamic(rows, 0)
-    if tr.dynamic_time:
-        torch._dynamo.mark_dynamic(audio, 1)
+    # A graph per padded length (a symbolic time axis specialises anyway, see use_compile);
+    # the epoch's last, smaller batch may share the graph of its length.
+    torch._dynamo.mark_static(audio, 1)
+    torch._dynamo.maybe_mark_dynamic(audio, 0)
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
     if tr.compile_checked:
         return _step(tr, audio, rows, clips, ctx)
     try:
@@ -442,9 +442,21 @@ class FitResult:
     checksum: str
 
 
-def use_compile(setting: str, device: torch.device) -> bool:
-    """training.compile: auto is on for CUDA (where it pays) and off on the CPU."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+def use_compile(cfg: dict, device: torch.device) -> bool:
+    """training.compile. torch.compile builds one graph per input length (~30 s each on an
+    H200): a symbolic time axis does not survive CNN14's backward pass (torch 2.13 specialises
+    it), so whole clips, with hundreds of lengths, would recompile all epoch long. It pays when
+    the lengths are few: padded to a multiple (training.pad_to_multiple) or cropped
+    (training.max_frames). auto: on for CUDA with few lengths, else off; on: refused for whole
+    clips."""
+    t = cfg["training"]
+    few_lengths = t["pad_to_multiple"] > 0 or t["max_frames"] > 0
+    if t["compile"] == "on" and not few_lengths:
+        raise ConfigError("config key 'training.compile' is on, but whole clips come in hundreds "
+                          "of lengths and each would be compiled anew (~30 s each); set "
+                          "training.pad_to_multiple=64 (or training.max_frames) to use it, or "
+                          "training.compile=auto")
+    return t["compile"] == "on" or (t["compile"] == "auto" and device.type == "cuda" and few_lengths)
 
 
 def cudnn_benchmark(cfg: dict, device: torch.device) -> bool:
@@ -458,10 +470,8 @@ def cudnn_benchmark(cfg: dict, device: torch.device) -> bool:
 def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.device) -> None:
     """tr.train_model = the model, in DDP under torchrun, compiled if training.compile says so.
 
-    Whole clips (the baseline) come in hundreds of lengths: the compiled graph takes the time
-    axis as a symbol. With lengths padded to a multiple or clips cropped there are few, and a
-    graph per length is faster. Only the training forward is compiled; validation and scoring
-    use the plain module (the same weights).
+    Only the training forward is compiled (see use_compile); validation and scoring use the
+    plain module (the same weights).
     """
     model = tr.model
     if ctx.enabled:
@@ -470,10 +480,8 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
             forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
     t = cfg["training"]
     tr.plain_train_model = model
-    tr.compiled = use_compile(t["compile"], device)
-    tr.dynamic_time = t["pad_to_multiple"] == 0 and t["max_frames"] == 0
-    if not tr.dynamic_time:
-        # one graph per padded length: allow them all (dynamo's default limit is 8)
+    tr.compiled = use_compile(cfg, device)
+    if tr.compiled:  # one graph per padded length: allow them all (dynamo's default is 8)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     tr.train_model = torch.compile(model) if tr.compiled else model
 
