@@ -1,21 +1,27 @@
-"""Training-speed figures on this machine (prints numbers, asserts nothing).
+"""Training-speed figures on this machine, the CPU (prints numbers, asserts nothing).
+GPU figures: benchmarks/bench_gpu.py.
 
 1. The InfoNCE loss at batch 32 (E = 300, captions drawn as in Clotho: 5 per clip, so some
-   clips repeat in a batch): the vectorised LogSoftmaxLoss against a per-sample Python loop
-   written from the definition, forward + backward.
+   clips repeat in a batch): the vectorised LogSoftmaxLoss against the original code's
+   per-sample loop (benchlib.original_infonce), forward + backward.
 2. Training steps/s of the real training step (utils.train_utils.train_one_epoch) on the CPU:
    a narrow CNN14 and the full CNN14 widths, batch 32 of 3 s clips (150 frames).
+3. The training DataLoader on a Clotho-shaped development split (HDF5 reads + collation of
+   751-1501-frame log-mels): clips/s with 1 and 2 worker processes.
 
     python benchmarks/bench_training.py [--steps 10] [--full-steps 2] [--threads N]
+                                        [--loader-clips 800] [--work /tmp/bench_training]
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchlib import loader_throughput, make_clotho_features, original_infonce
 from models.audio_encoders import CNN14Encoder
 from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
@@ -25,19 +31,6 @@ from utils.train_utils import Trainer, train_one_epoch
 
 SMALL = (16, 32, 64, 128, 128, 256)
 FULL = (64, 128, 256, 512, 1024, 2048)
-
-
-def loop_loss(audio: torch.Tensor, text: torch.Tensor, fids: list, temperature: float) -> torch.Tensor:
-    """InfoNCE from its definition, one pair at a time (the reference the vectorised one beats)."""
-    n = audio.shape[0]
-    total = audio.new_zeros(())
-    for i in range(n):
-        keep = [j for j in range(n) if j == i or fids[j] != fids[i]]
-        pos = keep.index(i)
-        a2t = torch.stack([audio[i] @ text[j] for j in keep]) / temperature
-        t2a = torch.stack([audio[j] @ text[i] for j in keep]) / temperature
-        total = total - F.log_softmax(a2t, 0)[pos] - F.log_softmax(t2a, 0)[pos]
-    return total / n
 
 
 def time_it(fn, repeats: int) -> float:
@@ -62,15 +55,15 @@ def bench_loss(batch: int = 32, dim: int = 300) -> None:
 
     def looped():
         audio.grad = text.grad = None
-        loop_loss(audio, text, fids, 0.07).backward()
+        original_infonce(audio, text, fids, 0.07).backward()
 
-    ref = loop_loss(audio, text, fids, 0.07).item()
+    ref = original_infonce(audio, text, fids, 0.07).item()
     got = criterion(audio, text, fids).item()
     t_vec, t_loop = time_it(vectorised, 200), time_it(looped, 5)
     print(f"loss, batch {batch}, E={dim}, {len(set(fids))} distinct clips "
           f"(values agree: {got:.6f} vs {ref:.6f})")
     print(f"  vectorised LogSoftmaxLoss  fwd+bwd {t_vec * 1e3:8.3f} ms")
-    print(f"  per-sample Python loop     fwd+bwd {t_loop * 1e3:8.3f} ms")
+    print(f"  the original's per-sample loop fwd+bwd {t_loop * 1e3:8.3f} ms")
     print(f"  speed-up                   {t_loop / t_vec:8.1f}x")
 
 
@@ -93,11 +86,31 @@ def bench_steps(channels, steps: int, batch: int = 32, frames: int = 150, text_d
           f"{elapsed:.1f} s -> {steps / elapsed:.2f} steps/s, {steps * batch / elapsed:.1f} captions/s")
 
 
+def bench_loader(clips: int, work: Path, batches: int) -> None:
+    from utils.data_utils import CaptionDataset, load_text_table
+
+    root = work / f"clotho_shaped_{clips}"
+    if not (root / "sbert_embeds.pkl").exists():
+        make_clotho_features(root, {"development": clips}, embed_dim=16)
+    _, tid2row = load_text_table(root)
+    dataset = CaptionDataset(root, "development", tid2row, train=True)
+    print(f"training DataLoader, {clips} Clotho-shaped clips (751-1501 frames), batch 32, shuffled")
+    one = None
+    for workers in (1, 2):
+        r = loader_throughput(dataset, workers, batches)
+        one = one or r["clips_per_s"]
+        print(f"  {workers} worker(s): {r['clips_per_s']:7.0f} clips/s ({r['MB_per_s']:.0f} MB/s), "
+              f"{r['clips_per_s'] / one:.2f}x one worker")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="steps timed for the narrow CNN14")
     parser.add_argument("--full-steps", type=int, default=2, help="steps timed for the full CNN14")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--loader-clips", type=int, default=800, help="clips of the loader's split")
+    parser.add_argument("--loader-batches", type=int, default=60, help="batches timed per setting")
+    parser.add_argument("--work", default="/tmp/bench_training", help="folder for the generated split")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,6 +119,7 @@ def main() -> None:
     print("training steps on the CPU, batch 32, 150 frames (3 s clips), Adam, AMP off")
     bench_steps(SMALL, args.steps)
     bench_steps(FULL, args.full_steps)
+    bench_loader(args.loader_clips, Path(args.work), args.loader_batches)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""The GPU speed paths, checked on the CPU: channels_last, torch.compile, padding, eval.amp.
+
+Each must leave the numbers as they were (channels_last, compile) or change them only when a
+key asks for it (training.pad_to_multiple); scoring follows eval.amp, not training.amp.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from models.audio_encoders import CNN14Encoder
+from models.core import DualEncoderModel
+from models.text_encoders import SentBERTBaseEncoder
+from tests.tiny_data import make_tiny_features, tiny_config
+from utils import data_utils as du
+from utils import train_utils as tu
+from utils.config import ConfigError, load_config
+from utils.criterion_utils import LogSoftmaxLoss
+from utils.dist_utils import DistContext
+
+CHANNELS = (4, 8, 8, 16, 16, 16)
+
+
+def tiny_model(seed: int = 0) -> DualEncoderModel:
+    torch.manual_seed(seed)
+    table = torch.randn(40, 12)
+    model = DualEncoderModel(CNN14Encoder(8, CHANNELS), SentBERTBaseEncoder(12, 8, table))
+    for m in model.modules():  # dropout draws random masks: off, so two models can be compared
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.train()
+
+
+def batch(frames: int = 96, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(6, frames, 64, generator=g) - 5, torch.arange(6),
+            torch.tensor([0, 0, 1, 2, 3, 4]))
+
+
+def loss_and_grads(model, audio, rows, clips):
+    model.zero_grad(set_to_none=True)
+    a, t = model(audio, rows)
+    loss = LogSoftmaxLoss(0.07)(a, t, clips)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_grads(ref: dict, got: dict, rel: float = 1e-4) -> None:
+    """Each gradient equal to `rel` of its largest entry (fp32 sums in another order)."""
+    assert ref.keys() == got.keys()
+    for name in ref:
+        scale = ref[name].abs().max().item()
+        assert (got[name] - ref[name]).abs().max().item() <= rel * scale + 1e-7, name
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    plain = tiny_model()
+    nhwc = copy.deepcopy(plain)
+    nhwc.audio_enc.use_channels_last()
+    assert nhwc.audio_enc.cnn[0].weight.is_contiguous(memory_format=torch.channels_last)
+    ref_loss, ref_grads = loss_and_grads(plain, *batch())
+    loss, grads = loss_and_grads(nhwc, *batch())
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_close_grads(ref_grads, grads)
+    # and its weights load back into a plain model unchanged
+    fresh = tiny_model()  # the same caption table (a buffer that state dicts leave out)
+    for p in fresh.parameters():
+        p.data.add_(0.5)
+    fresh.load_state_dict(nhwc.state_dict())
+    assert loss_and_grads(fresh, *batch())[0] == pytest.approx(ref_loss, rel=1e-6)
+
+
+def test_compiled_training_step_equals_the_eager_one(tmp_path):
+    """One step of utils.train_utils.train_step, compiled (as main.py does with
+    training.compile=on) and eager: same loss, same updated weights."""
+    cfg = load_config(tiny_config(tmp_path), ["training.compile=on", "training.pad_to_multiple=32"])
+    trainers = []
+    for compiled in (False, True):
+        model = tiny_model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        tr = tu.Trainer(model, opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt), None,
+                        LogSoftmaxLoss(0.07), torch.device("cpu"), "off", train_model=model)
+        if compiled:
+            tu.wrap_for_training(tr, cfg, DistContext(), torch.device("cpu"))
+            assert tr.compiled
+        trainers.append(tr)
+    losses = [tu.train_step(tr, *batch(frames=96), DistContext()).item() for tr in trainers]
+    assert trainers[1].compiled, "the compiled step fell back to eager"
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    eager = dict(trainers[0].model.named_parameters())
+    assert_close_grads({n: p.detach() for n, p in eager.items()},
+                       {n: p.detach() for n, p in trainers[1].model.named_parameters()}, rel=1e-5)
+
+
+def test_compile_is_used_only_where_lengths_are_few(tmp_path):
+    conf = tiny_config(tmp_path)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # use_compile only reads .type
+    whole = load_config(conf)
+    assert not tu.use_compile(whole, cuda)  # auto, whole clips: eager
+    assert not tu.use_compile(load_config(conf, ["training.pad_to_multiple=64"]), cpu)
+    assert tu.use_compile(load_config(conf, ["training.pad_to_multiple=64"]), cuda)
+    assert tu.use_compile(load_config(conf, ["training.max_frames=500"]), cuda)
+    assert not tu.use_compile(load_config(conf, ["training.compile=off", "training.max_frames=500"]), cuda)
+    with pytest.raises(ConfigError, match="training.compile.*training.pad_to_multiple=64"):
+        tu.check_training_config(load_config(conf, ["training.compile=on"]))
+    # the advice works
+    tu.check_training_config(load_config(conf, ["training.compile=on", "training.pad_to_multiple=64"]))
+
+
+def reference_collate(items):
+    """collate_pad as it was before training.pad_to_multiple existed."""
+    xs = [x for x, *_ in items]
+    audio = torch.zeros(len(xs), max(x.shape[0] for x in xs), 64)
+    for b, x in enumerate(xs):
+        audio[b, :x.shape[0]] = x
+    return (audio, *(torch.tensor([it[k] for it in items]) for k in range(1, len(items[0]))))
+
+
+def test_default_padding_is_the_baselines_and_multiples_only_add_zero_frames():
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(n, 64, generator=g), i, i // 2) for i, n in enumerate((70, 97, 33))]
+    default = du.collate_pad(items)
+    for got, ref in zip(default, reference_collate(items)):
+        assert torch.equal(got, ref)
+    padded = du.collate_pad(items, multiple=32)
+    assert padded[0].shape == (3, 128, 64)
+    assert torch.equal(padded[0][:, :97], default[0]) and not padded[0][:, 97:].any()
+    assert du.collate_pad(items, multiple=97)[0].shape[1] == 97
+
+
+def test_train_loader_pads_as_configured(tmp_path):
+    make_tiny_features(tmp_path / "data")
+    for overrides, check in (([], lambda a, longest: a.shape[1] == longest),
+                             (["training.pad_to_multiple=64"], lambda a, longest: a.shape[1] % 64 == 0)):
+        cfg = load_config(tiny_config(tmp_path), overrides)
+        data = tu.load_training_data(cfg)
+        loader, seeding = tu.make_train_loader(data.train_set, cfg, torch.device("cpu"), DistContext())
+        seeding.set_epoch(1)
+        for audio, rows, _ in loader:
+            longest = max(data.train_set[data.train_set.rows.tolist().index(int(r))][0].shape[0]
+                          for r in rows)
+            assert check(audio, longest), (overrides, audio.shape, longest)
+
+
+def test_scoring_follows_eval_amp_not_training_amp(tmp_path, monkeypatch):
+    """Validation metrics run with eval.amp (default off: fp32), whatever training.amp says."""
+    make_tiny_features(tmp_path / "data")
+    seen = []
+    real = du.inference_autocast
+
+    def spy(device, amp="off"):
+        seen.append(amp)
+        return real(device, amp)
+
+    monkeypatch.setattr(du, "inference_autocast", spy)
+    for eval_amp in ("off", "bf16"):
+        seen.clear()
+        cfg = load_config(tiny_config(tmp_path), ["training.amp=bf16", f"eval.amp={eval_amp}"])
+        data = tu.load_training_data(cfg)
+        tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+        val_loader = tu.make_val_loader(data.val_set, 8, 0, 0, "cpu")
+        tu.validate(tr, cfg, data.tid2row, val_loader)
+        assert seen and set(seen) == {eval_amp}
+    # off is fp32 even on CUDA; the others autocast there (never on the CPU)
+    assert isinstance(real(torch.device("cuda"), "off"), type(real("cpu", "bf16")))
+    assert not isinstance(real(torch.device("cuda"), "bf16"), type(real("cpu", "bf16")))
+
+
+def test_fused_adam_and_channels_last_only_on_cuda(tmp_path):
+    make_tiny_features(tmp_path / "data")
+    cfg = load_config(tiny_config(tmp_path))
+    data = tu.load_training_data(cfg)
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    assert not tr.model.audio_enc.channels_last
+    assert not tr.optimizer.defaults.get("fused")
+
+
+def test_partial_collate_pickles_for_worker_processes():
+    import pickle
+
+    fn = functools.partial(du.collate_pad, multiple=16)
+    assert pickle.loads(pickle.dumps(fn)).keywords == {"multiple": 16}
