@@ -28,21 +28,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.resume and args.name:
         parser.error("--name names a new run; it cannot be combined with --resume")
-    # --- #14: a run folder from the released baseline (utils/baseline_release.py) ---
     if args.import_baseline:
         if args.resume:
             parser.error("--import-baseline makes a new run; it cannot be combined with --resume")
-        cfg = load_config(args.conf, args.overrides)
-        cli.print_config_if_asked(args, cfg)
-        run_dir, written = baseline_release.import_release(cfg, args.import_baseline, args.name)
-        print(f"imported {args.import_baseline} as run {run_dir}")
-        for path in written:
-            print(f"wrote {path}")
-        return
+        return _import_baseline(args)
     if args.resume:
-        baseline_release.refuse_resume(args.resume)
-    # --- end #14 ---
-    if args.resume:
+        baseline_release.refuse_resume(args.resume)  # an imported run has no training state
         cfg = train_utils.resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(args.conf, args.overrides)
@@ -51,8 +42,8 @@ def main() -> None:
 
     with contextlib.ExitStack() as held, \
             dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
-        # --- #10.4 (FILES): one process per run; locked before the checkpoint is read, so a
-        # second --resume is refused instead of training on from a state the first one has left
+        # One process per run, locked before the checkpoint is read: a second --resume is
+        # refused instead of training on from a state the first one is about to replace
         if args.resume and ctx.is_master:
             held.enter_context(lock_run(args.resume))
         state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
@@ -78,8 +69,8 @@ def main() -> None:
                       + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
             result = train_utils.fit(cfg, run_dir, data, ctx, device, state)
         except (UserError, OSError):
-            # --- #10.5 (FILES): a new run that failed before its first checkpoint leaves no
-            # folder behind to block its --name or to pass for a run
+            # a new run that failed before its first checkpoint leaves no folder behind to
+            # block its --name or to pass for a run
             if not args.resume and ctx.is_master:
                 remove_unstarted_run(run_dir)
             raise
@@ -93,6 +84,16 @@ def main() -> None:
             print(f"DDP: weights identical on {ctx.world_size} ranks (checksum {result.checksum})")
         for path in result.written:
             print(f"wrote {path}")
+
+
+def _import_baseline(args) -> None:
+    """A run folder from the released DCASE 2023 baseline checkpoint (no training)."""
+    cfg = load_config(args.conf, args.overrides)
+    cli.print_config_if_asked(args, cfg)
+    run_dir, written = baseline_release.import_release(cfg, args.import_baseline, args.name)
+    print(f"imported {args.import_baseline} as run {run_dir}")
+    for path in written:
+        print(f"wrote {path}")
 
 
 def _new_run(cfg: dict, name: str | None, held: contextlib.ExitStack) -> Path:

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 import yaml
 
 from models.audio_encoders import CNN14Encoder
-from tests.cli_helpers import error_line
-from tests.test_postprocessing import run_script
+from tests.cli_helpers import error_line, run_in_process
 from tests.tiny_data import make_tiny_features, tiny_config
 from tests.wav_fixtures import write_wav
 from utils import scores_db
 from utils.checkpoint import load_checkpoint
-from utils.io_utils import load_pickle, md5sum, save_pickle
+from utils.io_utils import load_pickle, md5sum
 from utils.runs import checkpoint_path
 
 MAIN = "main.py"
@@ -114,25 +113,7 @@ def imported(release, sbert768, tmp_path_factory) -> dict:
 
 def _call(monkeypatch, script, *args):
     """Run a script in-process; returns a CompletedProcess-like result (stdout, stderr, code)."""
-    import contextlib
-    import io
-    import runpy
-    import subprocess
-    import sys
-
-    from tests.tiny_data import REPO
-
-    argv = [script, *map(str, args)]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(REPO)
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(str(REPO / script), run_name="__main__")
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    return run_in_process(monkeypatch, script, *args)
 
 
 def _by_hand(release: dict, data: Path, split: str) -> tuple[dict, dict]:

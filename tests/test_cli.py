@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import runpy
 import shlex
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli_helpers import error_line
+from tests.cli_helpers import error_line, run_in_process
 from tests.test_training import script_env
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import cli, io_utils
@@ -76,15 +75,7 @@ OVERRIDES = ["--set", "training.lr=5e-4", "training.amp=off", "eval.top_k=3"]
 
 def _run_script(monkeypatch, capsys, script: str, *args) -> subprocess.CompletedProcess:
     """A script's __main__ in this process (as a user runs it, through utils.cli.run)."""
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    capsys.readouterr()
-    code = 0
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    return run_in_process(monkeypatch, script, *args, cwd=None)
 
 
 def _tree(root: Path) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from cli_helpers import error_line
+from tests.cli_helpers import error_line
 from utils.clotho import find_layout, make_fid, prepare_clotho, resolve_wav, split_paths
 from utils.errors import UserError
 from utils.features import logmel_path

@@ -31,7 +31,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={free_port()}", "main.py", "--conf", str(conf)],
-        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=240)
+        cwd=REPO, env=dict(script_env(), GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True,
+        timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = list((tmp_path / "outputs").iterdir())
     assert len(runs) == 1  # rank 0 made it and the other rank used it
@@ -49,7 +50,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 def _gradient_worker(rank: int, world: int, port: int, result_file: str) -> None:
     """Each rank embeds half the batch; the gathered loss gives the global-batch gradient."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # loopback for gloo too: the host name may resolve to an interface the sandbox does not route
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     x, clip_ids, lin = _problem()
@@ -64,6 +66,9 @@ def _gradient_worker(rank: int, world: int, port: int, result_file: str) -> None
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, result_file)
+    # both ranks leave together: a rank that tears gloo down while its peer is still in the
+    # backward's collectives aborts ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -100,7 +100,7 @@ def test_without_skipping_step_02_is_one_line_listing_the_file_never_a_worker_tr
     maker(tmp_path / "development" / names[1])
     prepare_clotho(tmp_path, ["development"])  # step 01 probes the header only: it passes
     line = error_line(run_step("02", tmp_path, "features.workers=2", "features.flush_every=1"))
-    assert f"development: 1 unusable audio file" in line and names[1] in line
+    assert "development: 1 unusable audio file" in line and names[1] in line
     assert "data.skip_bad_audio: true" in line
     if reason.startswith("no log-mel"):
         assert "sample rate 1000 Hz is too low for the 40 ms window" in line
@@ -412,7 +412,7 @@ def test_nan_log_mels_advice_works(tmp_path):
 # Clips without log-mels: the advice names the step that fixes it
 
 def test_missing_log_mels_advice_works_after_a_new_step_01(tmp_path):
-    names = dataset(tmp_path, n=2)
+    dataset(tmp_path, n=2)
     compute_logmels(config(tmp_path), **quiet)
     write_wav(tmp_path / "development" / "new.wav", seconds=0.2, seed=7)
     with open(tmp_path / "clotho_captions_development.csv", "a", encoding="utf-8") as f:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import runpy
 import shutil
 import sqlite3
 import subprocess
@@ -28,7 +27,7 @@ from utils.data_utils import encode_split, relevance
 from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path
 from utils.train_utils import load_trained_model
-from tests.cli_helpers import error_line
+from tests.cli_helpers import error_line, run_in_process
 
 SCORES = "postprocessing/01_xmodal_scores.py"
 RETRIEVAL = "postprocessing/02_xmodal_retrieval.py"
@@ -61,20 +60,10 @@ def script_env() -> dict:
 def run_script(script: str, *args, subproc: bool = False, monkeypatch=None, capsys=None
                ) -> subprocess.CompletedProcess:
     """Run a numbered script: as a subprocess, or in-process (faster: no interpreter/torch start)."""
-    argv = [script, *map(str, args)]
     if subproc:
-        return subprocess.run([sys.executable, *argv], cwd=REPO, env=script_env(),
+        return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=script_env(),
                               capture_output=True, text=True, timeout=300)
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(REPO)
-    capsys.readouterr()
-    code = 0
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+    return run_in_process(monkeypatch, script, *args)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 
 from models.core import build_model
 from models.retrieval import Retriever
-from tests.cli_helpers import error_line
+from tests.cli_helpers import error_line, run_in_process
 from tests.test_postprocessing import make_run
 from tests.tiny_data import REPO
 from tests.wav_fixtures import write_text_as_wav, write_wav
@@ -99,17 +99,7 @@ def fresh_run(scored_run, tmp_path):
 
 def run_query(monkeypatch, capsys, *args, cwd=REPO) -> subprocess.CompletedProcess:
     """query.py in-process (no interpreter start-up) from `cwd`."""
-    argv = [QUERY, *map(str, args)]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    code = 0
-    try:
-        runpy.run_path(str(REPO / QUERY), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+    return run_in_process(monkeypatch, QUERY, *args, cwd=cwd)
 
 
 @pytest.fixture

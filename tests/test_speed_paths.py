@@ -45,15 +45,24 @@ def loss_and_grads(model, audio, rows, clips):
     a, t = model(audio, rows)
     loss = LogSoftmaxLoss(0.07)(a, t, clips)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads_of(model)
 
 
-def assert_close_grads(ref: dict, got: dict, rel: float = 1e-4) -> None:
-    """Each gradient equal to `rel` of its largest entry (fp32 sums in another order)."""
-    assert ref.keys() == got.keys()
-    for name in ref:
-        scale = ref[name].abs().max().item()
-        assert (got[name] - ref[name]).abs().max().item() <= rel * scale + 1e-7, name
+def grads_of(model) -> dict:
+    return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def float64_grads(model) -> dict:
+    """The gradients of `batch()` in float64: the reference both fp32 layouts are measured by."""
+    return loss_and_grads(copy.deepcopy(model).double(), *(x.double() if x.is_floating_point() else x
+                                                           for x in batch()))[1]
+
+
+def grad_error(grads: dict, ref: dict) -> float:
+    """Largest difference from `ref`, relative to each gradient's largest entry. fp32 sums in
+    CNN14's batch norms cancel, so even the plain model is ~1e-3 from float64 here."""
+    assert grads.keys() == ref.keys()
+    return max(((grads[n] - ref[n]).abs().max() / ref[n].abs().max()).item() for n in ref)
 
 
 def test_channels_last_gives_the_same_loss_and_gradients():
@@ -61,10 +70,11 @@ def test_channels_last_gives_the_same_loss_and_gradients():
     nhwc = copy.deepcopy(plain)
     nhwc.audio_enc.use_channels_last()
     assert nhwc.audio_enc.cnn[0].weight.is_contiguous(memory_format=torch.channels_last)
+    ref64 = float64_grads(plain)
     ref_loss, ref_grads = loss_and_grads(plain, *batch())
     loss, grads = loss_and_grads(nhwc, *batch())
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert_close_grads(ref_grads, grads)
+    assert grad_error(grads, ref64) <= 2 * grad_error(ref_grads, ref64) + 1e-5
     # and its weights load back into a plain model unchanged
     fresh = tiny_model()  # the same caption table (a buffer that state dicts leave out)
     for p in fresh.parameters():
@@ -87,12 +97,13 @@ def test_compiled_training_step_equals_the_eager_one(tmp_path):
             tu.wrap_for_training(tr, cfg, DistContext(), torch.device("cpu"))
             assert tr.compiled
         trainers.append(tr)
-    losses = [tu.train_step(tr, *batch(frames=96), DistContext()).item() for tr in trainers]
+    ref64 = float64_grads(trainers[0].model)
+    losses = [tu.train_step(tr, *batch(), DistContext()).item() for tr in trainers]
     assert trainers[1].compiled, "the compiled step fell back to eager"
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    eager = dict(trainers[0].model.named_parameters())
-    assert_close_grads({n: p.detach() for n, p in eager.items()},
-                       {n: p.detach() for n, p in trainers[1].model.named_parameters()}, rel=1e-5)
+    # the step's gradients (left in .grad) are as close to float64 as the eager step's
+    eager, compiled = (grads_of(tr.model) for tr in trainers)
+    assert grad_error(compiled, ref64) <= 2 * grad_error(eager, ref64) + 1e-5
 
 
 def test_compile_is_used_only_where_lengths_are_few(tmp_path):

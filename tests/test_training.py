@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from utils.dist_utils import DistContext
 from utils.runs import new_run_dir
 from utils.errors import UserError
 from utils.tracking import read_jsonl
-from tests.cli_helpers import error_line
+from tests.cli_helpers import error_line, run_in_process
 
 RECORD_KEYS = {"epoch", "train_loss", "val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5",
                "val_t2a_R@10", "lr", "seconds", "train_seconds", "data_wait_seconds"}
@@ -58,17 +57,8 @@ def one_thread():
 
 def main_in_process(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
     """Run main.py's __main__ inside pytest (no interpreter start-up): exit code and output."""
-    monkeypatch.setattr(sys, "argv", ["main.py", *map(str, args)])
-    monkeypatch.chdir(REPO)
-    capsys.readouterr()
-    code = 0
-    try:
-        with one_thread():
-            runpy.run_path(str(REPO / "main.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    with one_thread():
+        return run_in_process(monkeypatch, "main.py", *args)
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:

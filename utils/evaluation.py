@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_open, atomic_path
 from utils.provenance import git_state

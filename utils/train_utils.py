@@ -478,7 +478,6 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
-    t = cfg["training"]
     tr.plain_train_model = model
     tr.compiled = use_compile(cfg, device)
     if tr.compiled:  # one graph per padded length: allow them all (dynamo's default is 8)
