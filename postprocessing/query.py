@@ -56,7 +56,7 @@ def main():
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--split", help="split to search (default: evaluation)")
     where.add_argument("--folder", metavar="DIR", help="search the .wav/.flac files of DIR instead")
-    parser.add_argument("--top-k", type=int, default=10, help="results per query (default: 10)")
+    parser.add_argument("--top-k", type=int, help="results per query (default: the run's eval.top_k, 10)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--html", metavar="OUT.html",
                         help="also write the results as a page with a player per clip (the clips "
@@ -77,7 +77,7 @@ def main():
     if not asked or (args.text and not text):
         raise UserError("the query is empty: pass the text to search for, e.g. \"a dog barks\" "
                         "(or --queries FILE, or --audio FILE)")
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     queries = read_queries(args.queries) if args.queries else args.audio or [text]
 
@@ -86,16 +86,17 @@ def main():
     retriever = Retriever.from_run(run_dir, overrides=overrides,
                                    which=load_run_config(run_dir, overrides)["eval"]["checkpoint"],
                                    log=lambda message: print(message, file=out))
+    top_k = args.top_k or retriever.cfg["eval"]["top_k"]
     about = retriever.describe()
     print(f"run {about['run']} · checkpoint {about['checkpoint']} (epoch {about['epoch']}, "
           f"sha1 {about['checkpoint_sha1'][:10]}) · {about['device']}", file=out)
     if args.audio:
         index = retriever.caption_index(args.split)
-        results = retriever.captions_for(queries, args.top_k, split=args.split)
+        results = retriever.captions_for(queries, top_k, split=args.split)
         what = f"{len(index.captions)} {index.split} captions"
     else:
         index = retriever.clip_index(args.split, args.folder)
-        results = retriever.search(queries, args.top_k, split=args.split, folder=args.folder)
+        results = retriever.search(queries, top_k, split=args.split, folder=args.folder)
         what = f"{len(index.fnames)} clips of {index.source}"
         for name, why in index.skipped:
             print(f"skipped {name}: {why}", file=out)

@@ -296,6 +296,14 @@ def test_query_table_matches_the_api(q, retriever, scored_run):
     assert [s for _, s, _, _ in block] == pytest.approx([h.score for h in want], abs=1e-4)
 
 
+def test_query_top_k_defaults_to_eval_top_k(q):
+    p = q("--set", "eval.top_k=2", "a high tone")
+    assert p.returncode == 0, p.stderr
+    [block] = table(p.stdout)
+    assert len(block) == 2
+    assert len(table(q("a high tone").stdout)[0]) == 6  # the tiny run's eval.top_k (10) > 6 clips
+
+
 def test_query_json_batch_from_a_file(q, retriever, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("a high tone\n\n  rain on a roof  \n", encoding="utf-8")
