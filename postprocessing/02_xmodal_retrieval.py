@@ -13,7 +13,7 @@ from pathlib import Path
 
 import utils.cli
 from utils import evaluation, report, scores_db
-from utils.clotho import read_skipped
+from utils.clotho import read_skipped, skipped_path
 from utils.data_utils import features_dir
 from utils.errors import UserError
 from utils.plots import plot_run_figures
@@ -52,7 +52,7 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
             written += evaluation.write_split_files(run_dir, s, r, top_k)
             samples.append(report.split_sample(s, r.ranks, r.top, cfg["paths"]["dataset_dir"], opts,
                                                a2t_ranks=r.a2t_ranks))
-            skipped[split] = len(read_skipped(features_dir(cfg) / f"{split}_skipped_audio.csv"))
+            skipped[split] = len(read_skipped(skipped_path(features_dir(cfg), split)))
     finally:
         scores_db.close(conn)
     doc = evaluation.metrics_document(

@@ -58,9 +58,3 @@ def os_error_message(e: OSError) -> str | None:
     if isinstance(path, bytes):
         path = path.decode(errors="replace")
     return template.format(path=path)
-
-
-def user_error_from_os_error(e: OSError) -> UserError | None:
-    """`UserError(os_error_message(e))`, or None when `e` is not the user's to fix."""
-    message = os_error_message(e)
-    return UserError(message) if message is not None else None
