@@ -1,6 +1,7 @@
 """DDP on CPU (gloo): torchrun with two processes, and the global-batch gradient it computes."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -66,8 +67,11 @@ def _gradient_worker(rank: int, world: int, port: int, result_file: str) -> None
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grad": lin.weight.grad.clone()}, result_file)
-    # both ranks leave together: a rank that tears gloo down while its peer is still in the
-    # backward's collectives aborts ("terminate called without an active exception")
+    # both ranks leave together, and the DDP wrapper (whose reducer holds the process group)
+    # goes first: gloo torn down while a peer is still in the backward's collectives, or by
+    # the interpreter's exit, aborts ("terminate called without an active exception")
+    del ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -194,3 +194,82 @@ def test_partial_collate_pickles_for_worker_processes():
 
     fn = functools.partial(du.collate_pad, multiple=16)
     assert pickle.loads(pickle.dumps(fn)).keywords == {"multiple": 16}
+
+
+def _tiny_training(tmp_path, overrides=()):
+    make_tiny_features(tmp_path / "data")
+    cfg = load_config(tiny_config(tmp_path), ["training.log_every=1", *overrides])
+    return cfg, tu.load_training_data(cfg)
+
+
+def _trainer_and_loader(cfg, data):
+    tu.seed_everything(cfg["seed"])
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    loader, seeding = tu.make_train_loader(data.train_set, cfg, torch.device("cpu"), DistContext())
+    seeding.set_epoch(1)
+    return tr, loader
+
+
+def test_losses_read_a_step_late_are_each_steps_own(tmp_path):
+    """train_one_epoch reads a step's loss after queuing the next step (the GPU never waits
+    idle for the Python loop); the logged losses are still exactly those of each step."""
+    cfg, data = _tiny_training(tmp_path)
+    tr, loader = _trainer_and_loader(cfg, data)
+    logged = []
+    stats = tu.train_one_epoch(tr, loader, 1, DistContext(), 1, logged.append)
+    tr2, loader2 = _trainer_and_loader(cfg, data)
+    each = [tu.train_step(tr2, audio, rows, clips, DistContext()).item() for audio, rows, clips in loader2]
+    assert len(each) == stats.steps == 8
+    assert [r["train/loss"] for r in logged] == each
+    assert stats.loss == sum(each) / len(each) and stats.captions == 60
+    for a, b in zip(tr.model.state_dict().values(), tr2.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_nan_loss_names_its_own_step_though_read_a_step_late(tmp_path):
+    import h5py
+
+    cfg, data = _tiny_training(tmp_path)
+    fid = data.train_set.fids[5]
+    with h5py.File(tmp_path / "data" / "development_audio_logmels.hdf5", "a") as h5:
+        h5[fid][2, 3] = float("nan")
+    data = tu.load_training_data(cfg)
+    tr, loader = _trainer_and_loader(cfg, data)
+    bad = next(step for step, (audio, _, _) in enumerate(loader, 1) if not torch.isfinite(audio).all())
+    tr, loader = _trainer_and_loader(cfg, data)
+    with pytest.raises(tu.UserError, match=rf"epoch 1, step {bad}: training loss is nan.*{fid}"):
+        tu.train_one_epoch(tr, loader, 1, DistContext(), 1)
+
+
+def test_validation_loss_summed_on_the_device_is_the_float_sum(tmp_path):
+    """validation_loss reads the loss once, not per batch: the same float64 sum as before."""
+    cfg, data = _tiny_training(tmp_path)
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    val_loader = tu.make_val_loader(data.val_set, 8, 0, 0, "cpu")
+    tr.model.eval()
+    with torch.no_grad():
+        losses = [tr.criterion(*tr.model(audio, rows), clips).item() for audio, rows, clips in val_loader]
+    total = 0.0
+    for v in losses:
+        total += v
+    assert tu.validation_loss(tr, val_loader) == total / len(losses)
+
+
+def test_embeddings_copied_off_the_device_in_chunks_land_in_clip_order(tmp_path):
+    """encode_audio copies embeddings back every `copy_every` batches (not per batch, which would
+    wait for the GPU each time); any chunking gives each clip its own unpadded embedding."""
+    make_tiny_features(tmp_path / "data")
+    model = tiny_model().eval()
+    fids = du.read_split_captions(tmp_path / "data", "development")[0]["fid"].unique().tolist()
+
+    def dataset():
+        return du.ClipDataset(tmp_path / "data", "development", fids)
+
+    once = du.encode_audio(model, dataset(), 2, "cpu", copy_every=10_000)
+    chunked = du.encode_audio(model, dataset(), 2, "cpu", copy_every=1)
+    assert once.shape == (12, 8) and (chunked == once).all()
+    ds = dataset()
+    with torch.no_grad():
+        for c in (0, 7, 11):
+            alone = model.audio_branch(ds[c][0][None])[0].numpy()
+            assert abs(alone - once[c]).max() < 1e-5

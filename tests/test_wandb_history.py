@@ -38,8 +38,8 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 save = tu.save_checkpoint
-def save_then_die(path, state):
-    save(path, state)
+def save_then_die(path, state, **kwargs):  # runs in the checkpoint writer's thread
+    save(path, state, **kwargs)
     if when == "after-checkpoint" and path.name == "last.pt" and int(state["epoch"]) == at:
         die()
 tu.save_checkpoint = save_then_die

@@ -430,21 +430,36 @@ def inference_autocast(device: torch.device | str, amp: str = "off"):
 
 @torch.no_grad()
 def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
-                 num_workers: int = 0, amp: str = "off") -> np.ndarray:
-    """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`."""
+                 num_workers: int = 0, amp: str = "off", copy_every: int = 256) -> np.ndarray:
+    """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`
+    (embeddings are copied off the device every `copy_every` batches)."""
     device = torch.device(device)
     loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, batch_size),
                         collate_fn=collate_pad, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     out: np.ndarray | None = None
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (clip ids [b], embeddings [b, E])
+
+    def flush():
+        # one copy for many batches: a copy per batch would wait for the GPU at every batch,
+        # and whole clips make many small batches (one per distinct length)
+        nonlocal out
+        ids = torch.cat([i for i, _ in pending]).numpy()
+        emb = torch.cat([e for _, e in pending]).cpu().numpy()
+        if out is None:
+            out = np.empty((len(dataset), emb.shape[1]), dtype=np.float32)
+        out[ids] = emb
+        pending.clear()
+
     with _eval_mode(model):
         for audio, clip_ids in loader:
             with inference_autocast(device, amp):
                 emb = model.audio_branch(audio.to(device, non_blocking=True))
-            emb = emb.float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(dataset), emb.shape[1]), dtype=np.float32)
-            out[clip_ids.numpy()] = emb
+            pending.append((clip_ids, emb.float()))
+            if len(pending) == copy_every:
+                flush()
+        if pending:
+            flush()
     dataset.close()
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -62,6 +63,7 @@ def distributed(device_setting: str) -> Iterator[tuple[DistContext, torch.device
     try:
         yield ctx, device
     finally:
+        gc.collect()  # DDP wrappers (their reducers hold the group) go before the group does
         dist.destroy_process_group()
 
 

@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import secrets
+import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -75,6 +76,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> Path:
+    """Give the finished file `src` a second name `dst`, atomically: a hard link, so the data is
+    not written twice (a later atomic replace of `src` leaves `dst` as it was). Where the file
+    system has no hard links (some network and FUSE mounts), `dst` gets a copy instead."""
+    dst = Path(dst)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()  # link() wants a free name; the random one stays ours
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            shutil.copyfile(src, tmp)
+    return dst
 
 
 def remove_stale_temps(directory: str | Path, name: str = "") -> list[Path]:

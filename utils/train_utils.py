@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from models.core import build_model
-from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save_checkpoint,
+                              set_rng_state)
 from utils.config import CONFIG_NAME, ConfigError, load_config, validate as validate_config
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
@@ -367,13 +368,33 @@ class EpochStats:
 
 
 def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContext,
-                    log_every: int = 50, on_log: Callable[[dict], None] | None = None) -> EpochStats:
-    """One pass over the training captions (see train_step)."""
+                    log_every: int = 50, on_log: Callable[[dict], None] | None = None,
+                    check: Callable[[], None] | None = None) -> EpochStats:
+    """One pass over the training captions (see train_step); `check()` runs between steps
+    (the background checkpoint write's error surfaces there, not an epoch later)."""
     tr.train_model.train()
     total, n, window, captions, wait = 0.0, 0, [], 0, 0.0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not ctx.is_master, leave=False,
                dynamic_ncols=True)
+
+    def account(step: int, loss: torch.Tensor, audio: torch.Tensor, clips: torch.Tensor) -> None:
+        nonlocal total, n, window, captions
+        value = loss.item()  # waits for this step only: the next one is already queued
+        if not math.isfinite(value):
+            raise nonfinite_loss_error(epoch, step, value, audio, clips, loader.dataset)
+        total, n, captions = total + value, n + 1, captions + len(clips)
+        window.append(value)
+        bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
+        if on_log is not None and step % log_every == 0:
+            on_log({"train/loss": sum(window) / len(window), "train/epoch": epoch - 1 + step / len(loader),
+                    "train/lr": tr.lr})
+            window = []
+
+    # Each step's loss is read after the next step is queued: reading it at once would make the
+    # GPU wait, idle, for the CPU to load and launch every next step. A NaN still stops the run
+    # at its own step (one more step runs on the spoilt weights; nothing is saved).
+    pending = None  # (step, loss, audio, clips) of the step whose loss is not read yet
     batches = iter(bar)
     for step in itertools.count(1):
         t0 = time.perf_counter()
@@ -386,16 +407,13 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
         rows = rows.to(tr.device, non_blocking=True)
         clips = clips.to(tr.device, non_blocking=True)
         loss = train_step(tr, audio, rows, clips, ctx)
-        value = loss.item()  # one sync per step: the price of stopping at the first bad batch
-        if not math.isfinite(value):
-            raise nonfinite_loss_error(epoch, step, value, audio, clips, loader.dataset)
-        total, n, captions = total + value, n + 1, captions + len(rows)
-        window.append(value)
-        bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
-        if on_log is not None and step % log_every == 0:
-            on_log({"train/loss": sum(window) / len(window), "train/epoch": epoch - 1 + step / len(loader),
-                    "train/lr": tr.lr})
-            window = []
+        if pending is not None:
+            account(*pending)
+        pending = (step, loss, audio, clips)
+        if check is not None:
+            check()
+    if pending is not None:
+        account(*pending)
     return EpochStats(total / max(n, 1), n, captions, time.perf_counter() - start, wait)
 
 
@@ -405,14 +423,18 @@ def validation_loss(tr: Trainer, loader: DataLoader) -> float:
     model = tr.model
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    # summed on the device in float64 (what a Python float sum of the batch losses gives),
+    # read once: a read per batch would stall the GPU at every batch
+    total, n = torch.zeros((), dtype=torch.float64, device=tr.device), 0
     for audio, rows, clips in loader:
         with autocast(tr.device, tr.amp):
-            audio_emb, text_emb = model(audio.to(tr.device), rows.to(tr.device))
-        total += tr.criterion(audio_emb.float(), text_emb.float(), clips.to(tr.device)).item()
+            audio_emb, text_emb = model(audio.to(tr.device, non_blocking=True),
+                                        rows.to(tr.device, non_blocking=True))
+        total += tr.criterion(audio_emb.float(), text_emb.float(),
+                              clips.to(tr.device, non_blocking=True)).double()
         n += 1
     model.train(was_training)
-    return total / max(n, 1)
+    return total.item() / max(n, 1)
 
 
 def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
@@ -514,6 +536,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     monitor, patience = t["monitor"], t["early_stopping"]
     last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
     stopped_early = patience > 0 and tr.epoch - tr.best_epoch >= patience and tr.epoch > 0
+    writer = CheckpointWriter()
 
     try:
         for epoch in range(tr.epoch + 1, t["epochs"] + 1):
@@ -521,8 +544,11 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
                 break
             start = time.time()
             seeding.set_epoch(epoch)
+            # a failed write stops a single process at once; under DDP it stops every rank
+            # together at the next checkpoint (rank 0 alone must not leave the collectives)
             stats = train_one_epoch(tr, loader, epoch, ctx, t["log_every"],
-                                    tracker.log_train if tracker is not None else None)
+                                    tracker.log_train if tracker is not None else None,
+                                    None if ctx.enabled else writer.check)
             sync_buffers(tr.model, ctx)
             lr = tr.lr
             record = on_master(ctx, lambda: validate(tr, cfg, data.tid2row, val_loader))
@@ -537,16 +563,19 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
             if tr.compiled:
                 record["compiled_graphs"] = compiled_graphs()
             rng_states = gather_objects(rng_state(), ctx)  # every rank's, for an exact resume
-            on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states))
+            on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states,
+                                                 writer))
             if patience > 0 and epoch - tr.best_epoch >= patience:
                 stopped_early = True
                 if ctx.is_master:
                     tqdm.write(f"early stopping: {monitor} has not improved for {patience} epochs "
                                f"(best {tr.best_metric:.4f} at epoch {tr.best_epoch})")
+        on_master(ctx, writer.wait)  # the last checkpoint is on disk before the run says done
         checksum = weights_checksum(tr.model, ctx)
         if tracker is not None:
             tracker.summary({"best_epoch": tr.best_epoch, f"best_{monitor}": tr.best_metric})
     finally:
+        writer.close()  # a write under way is finished, whatever stopped the run
         if tracker is not None:
             tracker.finish()
     written = [p for p in (run_dir / CONFIG_NAME, last, best, tracker.jsonl if tracker else None)
@@ -556,14 +585,17 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
 
 
 def _end_of_epoch(tr: Trainer, cfg: dict, tracker: Tracker, record: dict, is_best: bool,
-                  best: Path, last: Path, rng_states: list[dict]) -> None:
+                  best: Path, last: Path, rng_states: list[dict], writer: CheckpointWriter) -> None:
     """Log, then `best`, then `last`: whatever moment a kill comes, resuming from `last`
-    redoes exactly the epochs whose records or `best` weights might not have been written."""
+    redoes exactly the epochs whose records or `best` weights might not have been written.
+
+    The checkpoint is copied off the GPU here (a fraction of a second) and written to disk in
+    the background while the next epoch trains: one file, which `best` shares as a hard link.
+    """
     tracker.log_epoch(record)
-    state = checkpoint_dict(tr, cfg, rng_states)
-    if is_best:
-        save_checkpoint(best, state)
-    save_checkpoint(last, state)
+    state = writer.snapshot(checkpoint_dict(tr, cfg, rng_states))
+    writer.submit(f"the checkpoint of epoch {record['epoch']} ({last})", save_checkpoint,
+                  last, state, copies=[best] if is_best else [])
     tqdm.write(format_epoch(record, cfg["training"]["epochs"], is_best))
 
 
