@@ -166,7 +166,10 @@ def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, devic
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
                       shuffle=False, num_workers=num_workers, collate_fn=collate_pad,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda",
+                      # nothing random here: the workers can stay, and spare the GPU their
+                      # start-up at every epoch's validation
+                      persistent_workers=num_workers > 0)
 
 
 # --------------------------------------------------------------------------- model & optimiser
