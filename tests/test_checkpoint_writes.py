@@ -79,6 +79,17 @@ def test_the_next_snapshot_reuses_the_buffers_of_the_finished_write(tmp_path):
     assert bigger["model"]["weight"].shape == (2, 4)
 
 
+def test_snapshot_keeps_channels_last_strides_as_torch_save_does():
+    """channels_last conv weights (and their Adam moments) come back in the layout they were
+    trained in, as they did when checkpoints were torch.save'd straight from the model."""
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    frozen = snapshot({"w": conv.weight, "t": conv.weight.detach().transpose(0, 3)})  # and a view
+    assert frozen["w"].stride() == conv.weight.stride()
+    assert torch.equal(frozen["t"], conv.weight.detach().transpose(0, 3))
+    again = snapshot({"w": conv.weight.detach().contiguous()}, into=frozen)  # another layout: new buffer
+    assert again["w"].is_contiguous() and torch.equal(again["w"], conv.weight.detach())
+
+
 def test_a_failed_background_write_is_raised_once_as_what_it_was():
     writer = CheckpointWriter()
 

@@ -60,8 +60,11 @@ def snapshot(obj, into=None):
 def _copy_tensors(obj, into, devices: set):
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
-        if not (isinstance(into, torch.Tensor) and into.shape == src.shape and into.dtype == src.dtype):
-            into = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+        if not (isinstance(into, torch.Tensor) and into.shape == src.shape and into.dtype == src.dtype
+                and into.stride() == src.stride()):
+            # the source's strides, as torch.save keeps them: channels_last weights and their
+            # Adam moments are resumed in the layout they were trained in
+            into = torch.empty_like(src, device="cpu", pin_memory=src.is_cuda)
         if src.is_cuda:
             devices.add(src.device)
         return into.copy_(src, non_blocking=src.is_cuda)
