@@ -450,8 +450,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated name fragments: measure only "
                         "the variants whose name contains one (e.g. 'original,2 epochs')")
     parser.add_argument("--goal", action="store_true", help="only what the speed goals are judged by, "
-                        "in one run (about 6 minutes on an H200): the original's step and main.py's "
-                        "two steps, the two main.py epochs, step 02 cuda vs cpu")
+                        "in one run: the original's step and main.py's two steps, the two main.py "
+                        "epochs, step 02 cuda vs cpu")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script")
     args = parser.parse_args()
     if args.goal:
