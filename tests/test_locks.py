@@ -105,3 +105,38 @@ def test_lock_file_follows_the_umask(tmp_path):
             assert (tmp_path / "m.lock").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+FORKING_HOLDER = textwrap.dedent("""
+    import multiprocessing, os, signal, sys, time
+    from utils.locks import exclusive
+
+    def worker(lock):  # a DataLoader worker: forked while the lock is held, outlives a kill -9
+        with exclusive(lock, "a child's own lock"):  # it may lock files of its own
+            pass
+        time.sleep(60)
+
+    with exclusive(sys.argv[1], "thing"):
+        child = multiprocessing.get_context("fork").Process(target=worker, args=(sys.argv[2],))
+        child.start()
+        print(child.pid, flush=True)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_forked_workers_do_not_keep_a_killed_holders_lock(tmp_path, repo):
+    """After kill -9 of the holder, its orphaned worker processes (inherited descriptors) do
+    not hold the lock: the next process gets it at once, not once they notice and exit."""
+    lock = tmp_path / "x.lock"
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(lock), str(tmp_path / "own.lock")],
+                            cwd=repo, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        os.kill(child, 0)  # the orphaned worker is still alive
+        with exclusive(lock, "thing"):
+            assert read_holder(lock)["pid"] == os.getpid()
+        assert not (tmp_path / "own.lock").exists()  # the child's own lock worked as usual
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -35,6 +35,22 @@ from utils.io_utils import ensure_dir
 # empty retries for this long before reporting an unknown holder
 _READ_RETRY_S = 1.0
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker, a step-02
+# worker) inherits them, and an flock lasts until every copy is closed: after a kill -9 of the
+# holder its orphaned workers would keep the run locked until they noticed (seconds, or never
+# for a stuck one), and the refusal would name a dead pid. Children close their copies at once.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the parent's descriptor still holds the lock
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def holder_record() -> dict:
     """Who this process is, as written into a lock file it holds."""
@@ -118,13 +134,16 @@ def exclusive(path: str | Path, what: str) -> Iterator[Path]:
     path = Path(path)
     ensure_dir(path.parent)
     fd = _open_locked(path, what)
+    if fd is not None:
+        _HELD.add(fd)
     try:
         if fd is not None:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder_record()) + "\n").encode(), 0)
         yield path
     finally:
-        if fd is not None:
+        if fd is not None and fd in _HELD:  # not in a forked child, which closed its copy
+            _HELD.discard(fd)
             # removed while still held, so nobody can take the lock on a file about to go
             with contextlib.suppress(OSError):
                 os.unlink(path)

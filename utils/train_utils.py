@@ -164,12 +164,12 @@ def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, devic
     batch would hold the five captions of a few clips and the loss would mask most pairs.
     """
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    # Not persistent_workers: each new iterator draws its workers' seed from the global torch
+    # RNG, and persistent workers would draw it only in a process's first epoch, so a resumed
+    # run's dropout masks would part from the uninterrupted run's.
     return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
                       shuffle=False, num_workers=num_workers, collate_fn=collate_pad,
-                      pin_memory=torch.device(device).type == "cuda",
-                      # nothing random here: the workers can stay, and spare the GPU their
-                      # start-up at every epoch's validation
-                      persistent_workers=num_workers > 0)
+                      pin_memory=torch.device(device).type == "cuda")
 
 
 # --------------------------------------------------------------------------- model & optimiser
