@@ -111,8 +111,9 @@ class CheckpointWriter:
             except BaseException as e:  # noqa: BLE001 - handed to the training thread
                 self._error = e
         # not a daemon: even an unexpected exit lets the file be finished, never half-named
-        self._thread = threading.Thread(target=run, name="checkpoint-writer")
-        self._thread.start()
+        thread = threading.Thread(target=run, name="checkpoint-writer")
+        thread.start()
+        self._thread = thread  # only once started: close() must never join a thread not started
 
     def check(self) -> None:
         """Raise the error of a finished write, if it failed (cheap: call it every step)."""
