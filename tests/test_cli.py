@@ -300,7 +300,9 @@ def test_resume_advice_names_the_command(capsys, monkeypatch):
 
 def test_ctrl_c_during_training_prints_a_resume_command_that_works(tmp_path):
     """#12.4: Ctrl-C after epoch 1; the printed command finishes the run exactly once per epoch."""
-    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))  # 20 steps an epoch
+    # 60 steps an epoch: epoch 1's checkpoint is written in the background, and may appear only
+    # as epoch 2 ends; epoch 3 must then still be long enough for the Ctrl-C to land in it
+    make_tiny_features(tmp_path / "data", n_clips=(96, 6, 6))
     conf = tiny_config(tmp_path, {"training": {"epochs": 2, "max_frames": 80}})
     run = tmp_path / "outputs" / "ctrlc"
     proc = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "ctrlc",

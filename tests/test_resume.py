@@ -32,7 +32,9 @@ def conf(tmp_path):
 def conf_workers(request, tmp_path):
     """`conf`, with the DataLoaders in the main process or in worker processes (whose seeds,
     drawn as each epoch's loaders start, must follow the same streams after a resume)."""
-    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))
+    # 64 clips: 40 steps an epoch. Epoch 1's checkpoint is written in the background and may
+    # appear only as epoch 2 ends; epoch 3 must then still outlast the kill's delay below
+    make_tiny_features(tmp_path / "data", n_clips=(64, 6, 6))
     return tiny_config(tmp_path, {"training": {"epochs": EPOCHS, "num_workers": request.param,
                                                "max_frames": 80}})
 
@@ -58,7 +60,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf_workers, t
             assert victim.poll() is None, "the run ended before its first checkpoint"
             assert time.time() - started < 120, "no checkpoint after 120 s"
             time.sleep(0.05)
-        time.sleep(0.3)  # epoch 1 is saved; epoch 2 (20 steps, >= 0.5 s) is under way
+        time.sleep(0.3)  # a checkpoint is saved; a later epoch (40 steps, ~0.8 s) is under way
         assert victim.poll() is None, "the run finished before it could be killed"
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
