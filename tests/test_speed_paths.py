@@ -196,9 +196,9 @@ def test_partial_collate_pickles_for_worker_processes():
     assert pickle.loads(pickle.dumps(fn)).keywords == {"multiple": 16}
 
 
-def _tiny_training(tmp_path, overrides=()):
+def _tiny_training(tmp_path):
     make_tiny_features(tmp_path / "data")
-    cfg = load_config(tiny_config(tmp_path), ["training.log_every=1", *overrides])
+    cfg = load_config(tiny_config(tmp_path), ["training.log_every=1"])
     return cfg, tu.load_training_data(cfg)
 
 
