@@ -255,6 +255,37 @@ def test_validation_loss_summed_on_the_device_is_the_float_sum(tmp_path):
     assert tu.validation_loss(tr, val_loader) == total / len(losses)
 
 
+def test_batch_groups_join_whole_batches_up_to_a_clip_count():
+    assert du.batch_groups([[0, 1], [2], [3, 4, 5], [6]], 3) == [[[0, 1], [2]], [[3, 4, 5]], [[6]]]
+    assert du.batch_groups([[0, 1, 2, 3], [4], [5]], 2) == [[[0, 1, 2, 3]], [[4], [5]]]
+    assert du.batch_groups([], 4) == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_encode_audio_runs_each_equal_length_batch_as_before_several_per_hand_over(tmp_path, workers):
+    """Workers hand over groups of batches (one hand-over per batch left the GPU waiting); the
+    model still sees exactly the equal-length batches, in order, and every clip is encoded."""
+    make_tiny_features(tmp_path / "data", frames=(64, 70))  # 12 clips, 6 lengths
+    model = tiny_model().eval()
+    fids = du.read_split_captions(tmp_path / "data", "development")[0]["fid"].unique().tolist()
+    dataset = du.ClipDataset(tmp_path / "data", "development", fids)
+    batches = du.equal_length_batches(dataset.lengths, 4)
+    expected = [du.collate_pad([dataset[i] for i in b])[0] for b in batches]
+    assert len(du.batch_groups(batches, 4)) < len(batches)  # some groups hold several batches
+    seen = []
+    branch = model.audio_branch
+
+    def recording(audio):
+        seen.append(audio.clone())
+        return branch(audio)
+    model.audio_branch = recording
+    emb = du.encode_audio(model, dataset, 4, "cpu", num_workers=workers)
+    assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
+    with torch.no_grad():
+        for c in range(len(fids)):
+            assert abs(branch(dataset[c][0][None])[0].numpy() - emb[c]).max() < 1e-5
+
+
 def test_embeddings_copied_off_the_device_in_chunks_land_in_clip_order(tmp_path):
     """encode_audio copies embeddings back every `copy_every` batches (not per batch, which would
     wait for the GPU each time); any chunking gives each clip its own unpadded embedding."""

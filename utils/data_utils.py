@@ -428,14 +428,63 @@ def inference_autocast(device: torch.device | str, amp: str = "off"):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def batch_groups(batches: Sequence[list[int]], clips_per_group: int) -> list[list[list[int]]]:
+    """Consecutive batches joined into groups of at most `clips_per_group` clips (a larger batch
+    is a group of its own); the batches themselves are kept as they are."""
+    groups: list[list[list[int]]] = []
+    clips = 0
+    for batch in batches:
+        if not groups or clips + len(batch) > clips_per_group:
+            groups.append([])
+            clips = 0
+        groups[-1].append(list(batch))
+        clips += len(batch)
+    return groups
+
+
+class BatchGroups(Dataset):
+    """Item `g`: the batches of group `g` in three tensors, for a DataLoader with
+    `batch_size=None`: `(audio [sum of B*T*F], clip ids [sum of B], shapes [n, 3] (B, T, F))`;
+    `unpack_group` gives back the batches `[(audio [B, T, F], clip ids [B]), ...]`.
+
+    Whole clips make one batch per distinct length (~550 for Clotho's 1045 validation clips).
+    A worker's hand-over costs the main process per message and per tensor, about as much as a
+    small batch's GPU time: one message per batch left the GPU waiting. One flat tensor per
+    group is also pinned and copied to the GPU in one go.
+    """
+
+    def __init__(self, dataset: Dataset, groups: list[list[list[int]]]):
+        self.dataset, self.groups = dataset, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batches = [collate_pad([self.dataset[i] for i in batch]) for batch in self.groups[g]]
+        audio = torch.cat([a.flatten() for a, _ in batches])
+        ids = torch.cat([i for _, i in batches])
+        shapes = torch.tensor([a.shape for a, _ in batches], dtype=torch.long)
+        return audio, ids, shapes
+
+
+def unpack_group(audio: torch.Tensor, ids: torch.Tensor, shapes: torch.Tensor
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a `BatchGroups` item, as views of its tensors (on whatever device)."""
+    out, at, row = [], 0, 0
+    for b, t, f in shapes.tolist():
+        out.append((audio[at:at + b * t * f].view(b, t, f), ids[row:row + b]))
+        at, row = at + b * t * f, row + b
+    return out
+
+
 @torch.no_grad()
 def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
                  num_workers: int = 0, amp: str = "off", copy_every: int = 256) -> np.ndarray:
     """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`
     (embeddings are copied off the device every `copy_every` batches)."""
     device = torch.device(device)
-    loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, batch_size),
-                        collate_fn=collate_pad, num_workers=num_workers,
+    groups = batch_groups(equal_length_batches(dataset.lengths, batch_size), batch_size)
+    loader = DataLoader(BatchGroups(dataset, groups), batch_size=None, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     out: np.ndarray | None = None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (clip ids [b], embeddings [b, E])
@@ -452,12 +501,14 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
         pending.clear()
 
     with _eval_mode(model):
-        for audio, clip_ids in loader:
-            with inference_autocast(device, amp):
-                emb = model.audio_branch(audio.to(device, non_blocking=True))
-            pending.append((clip_ids, emb.float()))
-            if len(pending) == copy_every:
-                flush()
+        for audio, clip_ids, shapes in loader:
+            audio = audio.to(device, non_blocking=True)  # the group's batches in one copy
+            for batch, ids in unpack_group(audio, clip_ids, shapes):
+                with inference_autocast(device, amp):
+                    emb = model.audio_branch(batch)
+                pending.append((ids, emb.float()))
+                if len(pending) == copy_every:
+                    flush()
         if pending:
             flush()
     dataset.close()
@@ -474,8 +525,8 @@ def encode_text_rows(model: torch.nn.Module, rows: np.ndarray, batch_size: int, 
         for s in range(0, len(rows), batch_size):
             ids = torch.as_tensor(rows[s:s + batch_size], dtype=torch.long, device=device)
             with inference_autocast(device, amp):
-                parts.append(model.text_branch(ids).float().cpu().numpy())
-    return np.concatenate(parts).astype(np.float32, copy=False)
+                parts.append(model.text_branch(ids).float())
+    return torch.cat(parts).cpu().numpy()  # one copy: a copy per batch waits for the GPU each time
 
 
 def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
