@@ -255,6 +255,27 @@ def test_validation_loss_summed_on_the_device_is_the_float_sum(tmp_path):
     assert tu.validation_loss(tr, val_loader) == total / len(losses)
 
 
+def test_validation_workers_live_for_the_run_and_each_epoch_draws_the_global_rng_as_before(tmp_path):
+    """The validation loader's workers are forked once (each fork of a GPU process idles the
+    GPU); the loss is unchanged, and every validation still takes the one global RNG draw a
+    fresh loader took, so a seed's dropout masks (and numbers) stay those of earlier versions."""
+    cfg, data = _tiny_training(tmp_path)
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    loader = tu.make_val_loader(data.val_set, 8, 0, 2, "cpu")
+    assert loader.persistent_workers
+    fresh = torch.utils.data.DataLoader(loader.dataset, batch_size=8, num_workers=2,
+                                        collate_fn=du.collate_pad)  # as earlier versions made it
+    in_process = tu.validation_loss(tr, tu.make_val_loader(data.val_set, 8, 0, 0, "cpu"))
+    for _ in range(2):  # epoch after epoch
+        torch.manual_seed(5)
+        for _ in fresh:  # what validation drew from the global RNG: a fresh iterator's seed
+            pass
+        expected = torch.rand(3)
+        torch.manual_seed(5)
+        assert tu.validation_loss(tr, loader) == in_process
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_batch_groups_join_whole_batches_up_to_a_clip_count():
     assert du.batch_groups([[0, 1], [2], [3, 4, 5], [6]], 3) == [[[0, 1], [2]], [[3, 4, 5]], [[6]]]
     assert du.batch_groups([[0, 1, 2, 3], [4], [5]], 2) == [[[0, 1, 2, 3]], [[4], [5]]]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import train_utils as tu
@@ -261,6 +262,47 @@ def test_an_epochs_random_crops_do_not_depend_on_earlier_epochs(tmp_path):
     for (a_audio, a_rows), (b_audio, b_rows) in zip(continued, resumed):
         assert torch.equal(a_rows, b_rows)
         assert torch.equal(a_audio, b_audio)
+    data.train_set.close()
+
+
+def test_epoch_orders_are_those_of_a_shuffling_dataloader_seeded_each_epoch():
+    """EpochPermutation keeps the batches of earlier versions (DataLoader(shuffle=True) with a
+    generator seeded from (seed, epoch)), so a seed trains as it did before."""
+    data = list(range(50))
+    sampler = tu.EpochPermutation(len(data), seed=7)
+    for epoch in (1, 2, 5):
+        g = torch.Generator().manual_seed(tu.epoch_seed(7, epoch))
+        before = [int(i) for b in DataLoader(data, batch_size=8, shuffle=True, generator=g) for i in b]
+        sampler.set_epoch(epoch)
+        assert list(sampler) == before
+    assert sorted(sampler) == data and len(sampler) == 50
+
+
+def _epoch_rows(cfg, data, epochs):
+    loader, seeding = tu.make_train_loader(data.train_set, cfg, torch.device("cpu"), DistContext())
+    out = []
+    for epoch in epochs:
+        seeding.set_epoch(epoch)
+        out.append([(audio, rows) for audio, rows, _ in loader])
+    return loader, out
+
+
+def test_whole_clip_workers_live_across_epochs_and_give_the_batches_of_fresh_ones(tmp_path):
+    """Whole clips: the workers are forked once for the run (each fork of a GPU process idles
+    the GPU); every epoch's batches are still those of a loader made for that epoch alone."""
+    make_tiny_features(tmp_path / "data", frames=(64, 100))
+    cfg = load_config(tiny_config(tmp_path, {"training": {"num_workers": 2}}))
+    data = tu.load_training_data(cfg)
+    loader, (one, two, three) = _epoch_rows(cfg, data, (1, 2, 3))
+    assert loader.persistent_workers
+    for epoch, continued in ((2, two), (3, three)):
+        _, (alone,) = _epoch_rows(cfg, data, (epoch,))  # as after --resume
+        assert len(alone) == len(continued) > 1
+        for (a_audio, a_rows), (b_audio, b_rows) in zip(continued, alone):
+            assert torch.equal(a_rows, b_rows) and torch.equal(a_audio, b_audio)
+    assert [r.tolist() for _, r in one] != [r.tolist() for _, r in two]  # reshuffled every epoch
+    cropped = load_config(tiny_config(tmp_path, {"training": {"num_workers": 2, "max_frames": 40}}))
+    assert not tu.make_train_loader(data.train_set, cropped, torch.device("cpu"), DistContext())[0].persistent_workers
     data.train_set.close()
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from models.core import build_model
@@ -120,20 +120,47 @@ def load_training_data(cfg: dict) -> TrainingData:
                         feat_dir / cfg["text_encoder"]["embeddings"])
 
 
+class EpochPermutation(Sampler[int]):
+    """Every index once per epoch, in an order that depends only on (seed, epoch).
+
+    The same orders as a DataLoader with `shuffle=True` and a generator seeded that way at each
+    epoch: its iterator first drew its workers' seed from the generator, then RandomSampler
+    permuted with the rest. A sampler of our own keeps them with workers that outlive an epoch
+    (they draw no seed after the first).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # the workers' seed, as before
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
 class EpochSeeded:
     """Shuffling that depends only on (seed, epoch): a resumed run sees the same batches."""
 
     def __init__(self, dataset, seed: int, ctx: DistContext):
         self.seed = seed
-        self.generator = torch.Generator()
+        self.generator = torch.Generator()  # the DataLoader's: its workers' seed (random crops)
         self.sampler = (DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                            shuffle=True, seed=seed, drop_last=False)
-                        if ctx.enabled else None)
+                        if ctx.enabled else EpochPermutation(len(dataset), seed))
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.sampler.set_epoch(epoch)
 
 
 def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
@@ -145,31 +172,34 @@ def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
                           f"the number of processes ({ctx.world_size}): it is the global batch")
     workers = cfg["training"]["num_workers"]
     seeding = EpochSeeded(dataset, cfg["seed"], ctx)
-    loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size,
-                        shuffle=seeding.sampler is None, sampler=seeding.sampler,
+    # Random crops (training.max_frames) are drawn in the workers, which are then started
+    # afresh each epoch, seeded from the epoch's generator: a resumed run crops as the
+    # uninterrupted one. Whole clips draw nothing there, so the workers live for the whole
+    # run: starting them forks this process, which costs a GPU run ~0.3 s of idle GPU an epoch.
+    persistent = workers > 0 and cfg["training"]["max_frames"] == 0
+    loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=seeding.sampler,
                         generator=seeding.generator, num_workers=workers,
                         collate_fn=functools.partial(collate_pad, multiple=cfg["training"]["pad_to_multiple"]),
-                        # fresh workers each epoch, seeded from the epoch's generator: their
-                        # random crops then depend on (seed, epoch) only, so a resumed run crops
-                        # as the uninterrupted one (persistent workers carry their RNG across epochs)
-                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        pin_memory=device.type == "cuda", persistent_workers=persistent,
                         drop_last=False)
     return loader, seeding
 
 
 def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, device) -> DataLoader:
-    """Validation batches in one fixed shuffled order.
+    """Validation batches in one fixed shuffled order, read by workers that live for the run.
 
     Fixed, so the loss is comparable from epoch to epoch; shuffled, because in CSV order a
     batch would hold the five captions of a few clips and the loss would mask most pairs.
     """
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    # Not persistent_workers: each new iterator draws its workers' seed from the global torch
-    # RNG, and persistent workers would draw it only in a process's first epoch, so a resumed
-    # run's dropout masks would part from the uninterrupted run's.
+    # The workers draw nothing random. Their seed comes from a generator of their own, not from
+    # the global RNG: persistent workers take it only in a process's first epoch, which would
+    # make a resumed run's dropout masks part from the uninterrupted run's (validation_loss
+    # takes the global draw itself, every epoch).
     return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
                       shuffle=False, num_workers=num_workers, collate_fn=collate_pad,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- model & optimiser
@@ -426,6 +456,9 @@ def validation_loss(tr: Trainer, loader: DataLoader) -> float:
     model = tr.model
     was_training = model.training
     model.eval()
+    # the one draw from the global RNG that a fresh DataLoader iterator took in earlier
+    # versions (make_val_loader): a seed gives the numbers it gave before
+    torch.empty((), dtype=torch.int64).random_()
     # summed on the device in float64 (what a Python float sum of the batch losses gives),
     # read once: a read per batch would stall the GPU at every batch
     total, n = torch.zeros((), dtype=torch.float64, device=tr.device), 0
@@ -443,9 +476,11 @@ def validation_loss(tr: Trainer, loader: DataLoader) -> float:
 def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
     """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split."""
     val_loss = validation_loss(tr, val_loader)
+    # The clips are read in this process (num_workers=0), while the GPU works on the batches
+    # already launched: Clotho's 1045 validation clips take ~0.3 s to read (2-core CPU), about
+    # what starting 8 workers costs (a fork of this multi-GB process each), GPU idle meanwhile.
     emb = encode_split(tr.model, features_dir(cfg), cfg["data"]["val_split"], tid2row,
-                       cfg["eval"]["batch_size"], tr.device, cfg["training"]["num_workers"],
-                       cfg["eval"]["amp"])
+                       cfg["eval"]["batch_size"], tr.device, 0, cfg["eval"]["amp"])
     if not (np.isfinite(emb.audio).all() and np.isfinite(emb.text).all()):
         raise UserError(f"validation ({cfg['data']['val_split']}): the model gives NaN/inf "
                         "embeddings; check the validation log-mels or lower training.lr")
