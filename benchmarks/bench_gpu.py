@@ -8,16 +8,16 @@
             sentence embeddings: a faithful re-implementation of the original code's step
             (fp32, NCHW, per-sample InfoNCE loop, plain Adam) against this repository's step with
             each optimisation switched on in turn (bf16 autocast, channels_last, fused Adam,
-            torch.compile). Peak GPU memory of each.
+            torch.compile with a fixed, then a symbolic time axis). Peak GPU memory of each.
 2. lengths: the same steps with whole clips of varying length, as a shuffled Clotho epoch gives
             them (each batch padded to its longest of 32 clips of 751-1501 frames): cuDNN's
             autotuner on/off, padding to a multiple of N frames (training.pad_to_multiple), and
-            the compiled model (graphs built: one compilation must serve every length).
+            the compiled model, padded and with a symbolic time axis (graphs built).
 3. loader:  clips/s the training DataLoader delivers from a Clotho-shaped HDF5 file, for 1..16
             worker processes (pinned memory, as on CUDA).
 4. epoch:   real `main.py` runs of 2 epochs on a Clotho-sized set (3839 clips / 19195 captions
-            for training, 1045 / 5225 for validation), whole clips and padded to a multiple of 64
-            frames (compiled): seconds per epoch, time spent waiting for data, GPU utilisation
+            for training, 1045 / 5225 for validation): whole clips, whole clips compiled
+            (training.compile=on) and padded to a multiple of 64 frames (compiled): seconds per epoch, time spent waiting for data, GPU utilisation
             (nvidia-smi) over epoch 2 and over its training pass alone, graphs compiled.
 5. logmel:  preprocessing/02 on generated wavs of 15-30 s with features.device=cuda against cpu
             (features.workers = the machine's cores), and how far apart the two results are.
@@ -47,6 +47,7 @@ from benchlib import (CLOTHO_CLIPS, batch_max_lengths, loader_throughput, make_c
 from models.audio_encoders import DEFAULT_CHANNELS, CNN14Encoder
 from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
+from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import LogSoftmaxLoss
 from utils.dist_utils import DistContext
 from utils.train_utils import Trainer, compiled_graphs, train_step
@@ -79,7 +80,7 @@ class Bench:
 # --------------------------------------------------------------------------- 1 + 2: steps
 
 def make_trainer(b: Bench, amp: str = "off", channels_last: bool = False, fused: bool = False,
-                 compile_: bool = False) -> Trainer:
+                 compile_: bool = False, symbolic: bool = False) -> Trainer:
     torch.manual_seed(0)
     table = torch.randn(b.table_rows, b.text_dim)
     model = DualEncoderModel(CNN14Encoder(300, b.channels), SentBERTBaseEncoder(b.text_dim, 300, table))
@@ -92,7 +93,10 @@ def make_trainer(b: Bench, amp: str = "off", channels_last: bool = False, fused:
                  text_embed_dim=b.text_dim, train_model=model)
     tr.plain_train_model = model
     if compile_:  # as utils.train_utils.wrap_for_training does
-        tr.compiled, tr.train_model = True, torch.compile(model)
+        if symbolic:
+            allow_symbolic_time()
+        tr.compiled, tr.symbolic_time = True, symbolic
+        tr.train_model = torch.compile(model, options=SYMBOLIC_TIME_OPTIONS if symbolic else None)
         torch._dynamo.config.recompile_limit = 64
     return tr
 
@@ -157,6 +161,8 @@ def bench_steps(b: Bench, report) -> None:
          dict(amp="bf16", channels_last=True, fused=True), train_step),
         ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA, padded or cropped clips)",
          dict(amp="bf16", channels_last=True, fused=True, compile_=True), train_step),
+        ("repo: ... + compile with a symbolic time axis (main.py, whole clips, training.compile=on)",
+         dict(amp="bf16", channels_last=True, fused=True, compile_=True, symbolic=True), train_step),
     ]
     if b.device.type != "cuda":
         variants = [(n, {**kw, "amp": "off", "fused": False}, s) for n, kw, s in variants]
@@ -209,7 +215,7 @@ def bench_lengths(b: Bench, report) -> None:
             torch.backends.cudnn.benchmark = multiple > 0  # as main.py sets it
             padded = [-(-n // multiple) * multiple for n in lengths] if multiple else lengths
             tr = make_trainer(b, amp=amp, channels_last=True, fused=b.device.type == "cuda",
-                              compile_=True)
+                              compile_=True, symbolic=multiple == 0)
             try:
                 first = time_steps(b, tr, padded, b.warmup)
                 again = time_steps(b, tr, padded, 0)
@@ -222,9 +228,11 @@ def bench_lengths(b: Bench, report) -> None:
                 free(tr)
         return run
 
-    report.section("lengths", "bf16 channels_last + compile, whole clips (a graph per length)", compiled())
+    # padded first: the symbolic time axis changes how this process compiles every later model
     report.section("lengths", "bf16 channels_last + compile, pad to x64 (main.py, training.pad_to_multiple=64)",
                    compiled(64))
+    report.section("lengths", "bf16 channels_last + compile, whole clips, symbolic time axis (main.py, training.compile=on)",
+                   compiled())
 
 
 # --------------------------------------------------------------------------- 3: loader
@@ -289,6 +297,8 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, list[tuple[fl
 
 EPOCH_VARIANTS = (
     ("main.py, 2 epochs, Clotho-sized", []),
+    ("main.py, 2 epochs, Clotho-sized, training.compile=on (whole clips, symbolic time axis)",
+     ["training.compile=on"]),
     ("main.py, 2 epochs, Clotho-sized, training.pad_to_multiple=64 (compiled)", ["training.pad_to_multiple=64"]),
 )
 

@@ -29,6 +29,7 @@ from models.core import build_model
 from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save_checkpoint,
                               set_rng_state)
 from utils.config import CONFIG_NAME, ConfigError, load_config, validate as validate_config
+from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
                               load_text_table, logmels_path, relevance)
@@ -47,10 +48,8 @@ FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
 # --------------------------------------------------------------------------- config
 
 def check_training_config(cfg: dict) -> None:
-    """Every key's type and range (utils/config_schema.py), and training.compile's rule; run
-    before any data is read."""
+    """Every key's type and range (utils/config_schema.py); run before any data is read."""
     validate_config(cfg)
-    use_compile(cfg, torch.device("cpu"))
 
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
@@ -219,6 +218,7 @@ class Trainer:
     text_embed_dim: int = 0
     train_model: torch.nn.Module | None = field(default=None)  # compiled / DDP wrapper, or the model
     compiled: bool = False              # train_model is torch.compile'd
+    symbolic_time: bool = False         # ... with one graph for every clip length (whole clips)
     compile_checked: bool = False       # the compiled model has run a step
     plain_train_model: torch.nn.Module | None = None  # train_model without torch.compile
 
@@ -353,25 +353,40 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     """
     if not tr.compiled:
         return _step(tr, audio, rows, clips, ctx)
-    # A graph per padded length (a symbolic time axis specialises anyway, see use_compile);
-    # the epoch's last, smaller batch may share the graph of its length.
-    torch._dynamo.mark_static(audio, 1)
+    if tr.symbolic_time:  # whole clips: a graph pinned to one length is an error (below)
+        torch._dynamo.mark_dynamic(audio, 1)
+    else:  # a graph per padded or cropped length
+        torch._dynamo.mark_static(audio, 1)
+    # the epoch's last, smaller batch may share the graph of the full ones
     torch._dynamo.maybe_mark_dynamic(audio, 0)
     torch._dynamo.maybe_mark_dynamic(rows, 0)
-    if tr.compile_checked:
+    if tr.compile_checked and not tr.symbolic_time:
         return _step(tr, audio, rows, clips, ctx)
     try:
         loss = _step(tr, audio, rows, clips, ctx)
     except Exception as e:  # noqa: BLE001 - any compiler failure: train on without it
-        if isinstance(e, torch.cuda.OutOfMemoryError):
+        # later, only a time axis pinned to one length (it fails before the step runs)
+        if isinstance(e, torch.cuda.OutOfMemoryError) or (tr.compile_checked and not pinned_length(e)):
             raise
-        tqdm.write(f"warning: torch.compile failed on the first step ({type(e).__name__}: "
+        when = "on the first step" if not tr.compile_checked else "on a new clip length"
+        tqdm.write(f"warning: torch.compile failed {when} ({type(e).__name__}: "
                    f"{str(e).strip().splitlines()[0][:160]}); training continues without it "
                    "(set training.compile=off to skip the attempt)")
-        tr.compiled, tr.train_model = False, tr.plain_train_model
+        tr.compiled, tr.symbolic_time, tr.train_model = False, False, tr.plain_train_model
         loss = _step(tr, audio, rows, clips, ctx)
     tr.compile_checked = True
     return loss
+
+
+def pinned_length(e: BaseException) -> bool:
+    """torch.compile specialised an axis marked dynamic (utils.compiling says where it did)."""
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    while e is not None:
+        if isinstance(e, ConstraintViolationError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _step(tr: Trainer, audio, rows, clips, ctx: DistContext) -> torch.Tensor:
@@ -503,28 +518,25 @@ class FitResult:
 
 
 def use_compile(cfg: dict, device: torch.device) -> bool:
-    """training.compile. torch.compile builds one graph per input length (~30 s each on an
-    H200): a symbolic time axis does not survive CNN14's backward pass (torch 2.13 specialises
-    it), so whole clips, with hundreds of lengths, would recompile all epoch long. It pays when
-    the lengths are few: padded to a multiple (training.pad_to_multiple) or cropped
-    (training.max_frames). auto: on for CUDA with few lengths, else off; on: refused for whole
-    clips."""
+    """training.compile: auto = on for CUDA with few input lengths (training.pad_to_multiple
+    or training.max_frames: a graph for each, ~30 s to build on an H200), else off; on = also
+    whole clips, with a symbolic time axis (one graph for every length, utils.compiling)."""
     t = cfg["training"]
-    few_lengths = t["pad_to_multiple"] > 0 or t["max_frames"] > 0
-    if t["compile"] == "on" and not few_lengths:
-        raise ConfigError("config key 'training.compile' is on, but whole clips come in hundreds "
-                          "of lengths and each would be compiled anew (~30 s each); set "
-                          "training.pad_to_multiple=64 (or training.max_frames) to use it, or "
-                          "training.compile=auto")
-    return t["compile"] == "on" or (t["compile"] == "auto" and device.type == "cuda" and few_lengths)
+    return t["compile"] == "on" or (t["compile"] == "auto" and device.type == "cuda"
+                                    and few_lengths(cfg))
+
+
+def few_lengths(cfg: dict) -> bool:
+    """Training batches come in a few lengths: padded to a multiple, or cropped."""
+    t = cfg["training"]
+    return t["pad_to_multiple"] > 0 or t["max_frames"] > 0
 
 
 def cudnn_benchmark(cfg: dict, device: torch.device) -> bool:
     """cuDNN's autotuner times every kernel for each new input shape: worth it only when a run
     has few shapes (cropped clips, or lengths padded to a multiple), not for whole clips of
     hundreds of different lengths, where each new length would be tuned anew."""
-    t = cfg["training"]
-    return device.type == "cuda" and (t["max_frames"] > 0 or t["pad_to_multiple"] > 0)
+    return device.type == "cuda" and few_lengths(cfg)
 
 
 def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.device) -> None:
@@ -540,9 +552,20 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
             forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
     tr.plain_train_model = model
     tr.compiled = use_compile(cfg, device)
-    if tr.compiled:  # one graph per padded length: allow them all (dynamo's default is 8)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    tr.train_model = torch.compile(model) if tr.compiled else model
+    tr.train_model = model
+    if not tr.compiled:
+        return
+    # one graph per padded length: allow them all (dynamo's default is 8)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    tr.symbolic_time = not few_lengths(cfg)
+    if tr.symbolic_time:
+        try:
+            allow_symbolic_time()
+        except RuntimeError as e:
+            tqdm.write(f"warning: {e}; training continues without torch.compile")
+            tr.compiled = tr.symbolic_time = False
+            return
+    tr.train_model = torch.compile(model, options=SYMBOLIC_TIME_OPTIONS if tr.symbolic_time else None)
 
 
 def compiled_graphs() -> int:
