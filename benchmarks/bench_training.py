@@ -12,6 +12,11 @@ GPU figures: benchmarks/bench_gpu.py.
    by the checkpoint (full CNN14 + Adam's state), written the old way (best.pt, then last.pt,
    each in full, before training goes on) and as main.py writes it now (copied off the model,
    then written once in the background, best.pt a hard link to the same file).
+5. Clip embeddings of a Clotho-validation-shaped split (1045 clips of 751-1501 frames: one
+   batch per distinct length), the data path alone (a model that costs nothing): the loader's
+   workers handing over each batch (the reference, as encode_audio did) against groups of
+   batches in one flat tensor (utils.data_utils.BatchGroups), and read in-process, as
+   validation does.
 
     python benchmarks/bench_training.py [--steps 10] [--full-steps 2] [--threads N]
                                         [--loader-clips 800] [--work /tmp/bench_training]
@@ -146,6 +151,51 @@ def bench_checkpoint(work: Path) -> None:
           f"{held[0]:.2f} s; the write itself, once: {background:.2f} s)")
 
 
+def bench_embeddings(work: Path, workers: int = 2, repeats: int = 3) -> None:
+    import statistics
+
+    from torch.utils.data import DataLoader
+
+    from utils.data_utils import (ClipDataset, collate_pad, encode_audio, equal_length_batches,
+                                  read_text_csv)
+
+    root = work / "clotho_validation_shaped"
+    if not (root / "sbert_embeds.pkl").exists():
+        make_clotho_features(root, {"validation": 1045}, embed_dim=16)
+    fids = list(dict.fromkeys(read_text_csv(root, "validation")["fid"]))
+
+    class Free(torch.nn.Module):  # only the data path is timed
+        def audio_branch(self, audio):
+            return audio[:, 0, :]  # (B, 64)
+
+    def per_batch():
+        dataset = ClipDataset(root, "validation", fids)
+        loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, 32),
+                            collate_fn=collate_pad, num_workers=workers)
+        for audio, _ in loader:
+            Free().audio_branch(audio)
+
+    def grouped(n):
+        return lambda: encode_audio(Free(), ClipDataset(root, "validation", fids), 32, "cpu", n)
+
+    runs = {"reference": per_batch, "grouped": grouped(workers), "in-process": grouped(0)}
+    times = {name: [] for name in runs}
+    for _ in range(repeats):  # alternating, so drifts of the machine hit all three alike
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    batches = len(equal_length_batches(ClipDataset(root, "validation", fids).lengths, 32))
+    print(f"clip embeddings, 1045 Clotho-shaped clips ({batches} equal-length batches), data path only, "
+          f"median of {repeats}")
+    print(f"  {workers} workers, a hand-over per batch        {t['reference']:6.2f} s")
+    print(f"  {workers} workers, groups in one flat tensor    {t['grouped']:6.2f} s "
+          f"({t['reference'] / t['grouped']:.2f}x)")
+    print(f"  in-process (validation)                {t['in-process']:6.2f} s "
+          f"({t['reference'] / t['in-process']:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="steps timed for the narrow CNN14")
@@ -164,6 +214,7 @@ def main() -> None:
     bench_steps(FULL, args.full_steps)
     bench_loader(args.loader_clips, Path(args.work), args.loader_batches)
     bench_checkpoint(Path(args.work))
+    bench_embeddings(Path(args.work))
 
 
 if __name__ == "__main__":
