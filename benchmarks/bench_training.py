@@ -172,8 +172,9 @@ def bench_embeddings(work: Path, workers: int = 2, repeats: int = 3) -> None:
         dataset = ClipDataset(root, "validation", fids)
         loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, 32),
                             collate_fn=collate_pad, num_workers=workers)
+        model = Free()
         for audio, _ in loader:
-            Free().audio_branch(audio)
+            model.audio_branch(audio)
 
     def grouped(n):
         return lambda: encode_audio(Free(), ClipDataset(root, "validation", fids), 32, "cpu", n)

@@ -1,8 +1,8 @@
 """torch.compile with a symbolic time axis: one graph for whole clips of every length.
 
 Marked dynamic, CNN14's time axis still ends up pinned to the first batch's length by
-PyTorch 2.13's inductor, in two places of the backward pass, so every new length was compiled
-anew (~30 s each on an H200):
+PyTorch 2.13's inductor (found on the CPU), in two places of the backward pass, so every new
+length is compiled anew (an H200 run with torch 2.11 spent ~30 s on each):
 
 - its lowering of `convolution_backward` reads the gradient's strides as integers to choose a
   memory layout (a guard `T == <first length>`);

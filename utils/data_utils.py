@@ -448,9 +448,9 @@ class BatchGroups(Dataset):
     `unpack_group` gives back the batches `[(audio [B, T, F], clip ids [B]), ...]`.
 
     Whole clips make one batch per distinct length (~550 for Clotho's 1045 validation clips).
-    A worker's hand-over costs the main process per message and per tensor, about as much as a
-    small batch's GPU time: one message per batch left the GPU waiting. One flat tensor per
-    group is also pinned and copied to the GPU in one go.
+    A worker's hand-over costs the main process per message and per tensor (~2 ms a batch on a
+    2-core CPU machine; `benchmarks/bench_training.py` times it), while the GPU waits for the
+    next batch. One flat tensor per group is also pinned and copied to the GPU in one go.
     """
 
     def __init__(self, dataset: Dataset, groups: list[list[list[int]]]):
