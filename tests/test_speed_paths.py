@@ -148,6 +148,37 @@ def test_compiled_whole_clips_build_one_graph_for_every_length(tmp_path):
     assert tu.compiled_graphs() - graphs == 1
 
 
+def test_pooled_lengths_do_not_split_the_graph_by_parity(monkeypatch):
+    """torch < 2.13 rounded avg_pool2d's output length with a test of the remainder: a guard on
+    the parity of T at each of CNN14's 6 poolings, so up to 64 graphs (seen with 2.11). Here
+    that old rounding is put back, then compiling's fix is applied to it."""
+    from torch import _meta_registrations as meta
+    from torch._dynamo.testing import CompileCounter
+    from utils import compiling
+
+    def rounding_before_2_13(x, y):
+        q, r = x // y, x % y
+        if r != 0 and (bool(r < 0) != bool(y < 0)):
+            q -= 1
+        return q
+
+    def graphs_for_lengths() -> int:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        pool = torch.compile(lambda x: torch.nn.functional.avg_pool2d(x, 2), backend=counter)
+        for frames in (150, 131, 171, 152):  # even, odd, odd, T // 2 even
+            x = torch.ones(2, 1, frames, 8)
+            torch._dynamo.mark_dynamic(x, 2)
+            assert pool(x).shape[2] == frames // 2
+        return counter.frame_count
+
+    monkeypatch.setattr(meta, "div_rtn", rounding_before_2_13)
+    assert graphs_for_lengths() > 1
+    compiling._unguarded_pooled_lengths()
+    assert graphs_for_lengths() == 1
+    torch._dynamo.reset()
+
+
 def test_a_length_the_compiler_pins_later_falls_back_to_eager_other_errors_stop(tmp_path, capsys):
     """With whole clips compiled, a later batch whose length torch.compile cannot keep symbolic
     fails before the step runs: training goes on eagerly, saying so. Any other error stops it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -144,10 +145,20 @@ def on_master(ctx: DistContext, fn: Callable[[], T]) -> T:
     raise RuntimeError(value)
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP that does not broadcast the buffers in every forward (see sync_buffers)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed the switch; the old name also leaves buffers out of DDP's start-up
+    # sync, where every rank holds the same ones anyway (same seed, same checkpoint)
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else "broadcast_buffers")
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: False})
+
+
 def sync_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
     """Copy rank 0's persistent buffers (BatchNorm statistics) to every rank.
 
-    DDP runs with forward_sync_buffers=False so the frozen caption table (a large non-persistent
+    DDP runs without forward_sync_buffers (wrap_ddp) so the frozen caption table (a large non-persistent
     buffer) is not broadcast every step; the running statistics are synced here once an epoch,
     so every rank ends the epoch with identical weights.
     """

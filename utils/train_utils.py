@@ -34,7 +34,7 @@ from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
                               load_text_table, logmels_path, relevance)
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
-                              weights_checksum)
+                              weights_checksum, wrap_ddp)
 from utils.errors import UserError
 from utils.io_utils import remove_stale_temps
 from utils.metrics import retrieval_metrics
@@ -548,9 +548,7 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
     """
     model = tr.model
     if ctx.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False)  # BatchNorm stats: synced per epoch (sync_buffers)
+        model = wrap_ddp(model, device)  # BatchNorm stats: synced per epoch (sync_buffers)
     tr.plain_train_model = model
     tr.compiled = use_compile(cfg, device)
     tr.train_model = model
