@@ -138,6 +138,8 @@ def time_steps(b: Bench, tr: Trainer, lengths: list[int], warmup: int, step=trai
     seconds = time.perf_counter() - start
     out = {"ms_per_step": 1e3 * seconds / len(lengths), "clips_per_s": b.batch * len(lengths) / seconds,
            "warmup_s": warm_s, "steps": len(lengths), "graphs_built": compiled_graphs() - graphs0}
+    if tr.symbolic_time:  # steps the one graph did not fit, trained eagerly
+        out["eager_steps"] = tr.eager_steps
     if b.device.type == "cuda":
         out["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
     return out
@@ -334,6 +336,7 @@ def bench_epoch(b: Bench, report, dataset_dir: Path, work: Path, workers: int) -
             result["epoch2_data_wait_s"] = r.get("data_wait_seconds")
             result["train_captions_per_s_epoch2"] = 5 * b.clips["development"] / r["train_seconds"]
             result["compiled_graphs"] = r.get("compiled_graphs")
+            result["eager_steps"] = r.get("eager_steps")
         if len(ends) >= 2:
             # From one epoch line to the next: the epoch's training pass, its validation, and
             # whatever else holds the GPU up between epochs (the checkpoint's copy, the loaders).
@@ -436,7 +439,7 @@ class Report:
                                     "graphs_built", "peak_mem_GB", "clips_per_s", "epoch2_s",
                                     "epoch2_data_wait_s", "epoch2_line_to_line_s", "gpu_util_epoch2_pct",
                                     "gpu_util_epoch2_train_pct", "gpu_util_epoch2_rest_pct",
-                                    "compiled_graphs", "cpu_s", "cuda_s",
+                                    "compiled_graphs", "eager_steps", "cpu_s", "cuda_s",
                                     "cuda_speedup", "max_abs_diff") if r.get(k) is not None]
                 lines.append(f"{section:7} {name:75} " + "  ".join(
                     f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys))

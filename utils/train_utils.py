@@ -221,6 +221,7 @@ class Trainer:
     compiled: bool = False              # train_model is torch.compile'd
     symbolic_time: bool = False         # ... with one graph for every clip length (whole clips)
     compile_checked: bool = False       # the compiled model has run a step
+    eager_steps: int = 0                # symbolic time: steps the graph did not fit, run eagerly
     plain_train_model: torch.nn.Module | None = None  # train_model without torch.compile
 
     @property
@@ -354,7 +355,7 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     """
     if not tr.compiled:
         return _step(tr, audio, rows, clips, ctx)
-    if tr.symbolic_time:  # whole clips: a graph pinned to one length is an error (below)
+    if tr.symbolic_time:  # whole clips: a graph pinned to the first length fails that step
         torch._dynamo.mark_dynamic(audio, 1)
     else:  # a graph per padded or cropped length
         torch._dynamo.mark_static(audio, 1)
@@ -363,14 +364,14 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     torch._dynamo.maybe_mark_dynamic(rows, 0)
     if tr.compile_checked and not tr.symbolic_time:
         return _step(tr, audio, rows, clips, ctx)
+    if tr.compile_checked:
+        return _symbolic_step(tr, audio, rows, clips, ctx)
     try:
         loss = _step(tr, audio, rows, clips, ctx)
     except Exception as e:  # noqa: BLE001 - any compiler failure: train on without it
-        # later, only a time axis pinned to one length (it fails before the step runs)
-        if isinstance(e, torch.cuda.OutOfMemoryError) or (tr.compile_checked and not pinned_length(e)):
+        if isinstance(e, torch.cuda.OutOfMemoryError):
             raise
-        when = "on the first step" if not tr.compile_checked else "on a new clip length"
-        tqdm.write(f"warning: torch.compile failed {when} ({type(e).__name__}: "
+        tqdm.write(f"warning: torch.compile failed on the first step ({type(e).__name__}: "
                    f"{str(e).strip().splitlines()[0][:160]}); training continues without it "
                    "(set training.compile=off to skip the attempt)")
         tr.compiled, tr.symbolic_time, tr.train_model = False, False, tr.plain_train_model
@@ -379,20 +380,31 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     return loss
 
 
-def pinned_length(e: BaseException) -> bool:
-    """torch.compile specialised an axis marked dynamic (utils.compiling says where it did)."""
-    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+def _symbolic_step(tr: Trainer, audio, rows, clips, ctx: DistContext) -> torch.Tensor:
+    """Whole clips: the one graph serves every length, and no other is built (each would cost
+    ~30 s, and a compiler that pins the length would build one per length). A batch the graph
+    does not fit (its guards fail before the step runs) is trained eagerly."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is None:  # torch < 2.6: recompiling is the only way
+        return _step(tr, audio, rows, clips, ctx)
+    try:
+        with stance("fail_on_recompile"):
+            return _step(tr, audio, rows, clips, ctx)
+    except RuntimeError as e:
+        if "fail_on_recompile" not in str(e):
+            raise
+        if tr.eager_steps == 0:
+            guards = [line.strip()[2:] for line in str(e).splitlines() if line.strip().startswith("- ")]
+            tqdm.write(f"warning: a batch of {audio.shape[0]} clips x {audio.shape[1]} frames does not "
+                       f"fit the compiled graph ({(guards or ['guards failed'])[0][:160]}); such "
+                       "batches are trained without torch.compile (eager_steps in metrics.jsonl)")
+        tr.eager_steps += 1
+        return _step(tr, audio, rows, clips, ctx, tr.plain_train_model)
 
-    while e is not None:
-        if isinstance(e, ConstraintViolationError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
-
-def _step(tr: Trainer, audio, rows, clips, ctx: DistContext) -> torch.Tensor:
+def _step(tr: Trainer, audio, rows, clips, ctx: DistContext, model=None) -> torch.Tensor:
     with autocast(tr.device, tr.amp):
-        audio_emb, text_emb = tr.train_model(audio, rows)
+        audio_emb, text_emb = (model or tr.train_model)(audio, rows)
     audio_emb = gather_with_grad(audio_emb.float(), ctx)
     text_emb = gather_with_grad(text_emb.float(), ctx)
     loss = tr.criterion(audio_emb, text_emb, gather(clips, ctx))  # [global B] clip ids
@@ -622,6 +634,8 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
                       "data_wait_seconds": stats.data_wait}
             if tr.compiled:
                 record["compiled_graphs"] = compiled_graphs()
+            if tr.symbolic_time:
+                record["eager_steps"] = tr.eager_steps
             rng_states = gather_objects(rng_state(), ctx)  # every rank's, for an exact resume
             on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states,
                                                  writer))
