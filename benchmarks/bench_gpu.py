@@ -285,9 +285,10 @@ class GpuUtilisation:
 
 
 def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, list[tuple[float, str]]]:
-    """Run a command, keeping each output line with the time it arrived."""
+    """Run a command, keeping each output line with the time it arrived (appended to `log`)."""
     lines = []
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
