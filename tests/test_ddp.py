@@ -49,6 +49,23 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "DDP: weights identical on 2 ranks" in proc.stdout
 
 
+def test_torchrun_with_compiled_whole_clips(tmp_path):
+    """training.compile=on under DDP: the compiled DDP model trains, batches its one graph does
+    not fit run eagerly, and the ranks end with identical weights."""
+    make_tiny_features(tmp_path / "data")
+    conf = tiny_config(tmp_path, {"training": {"epochs": 1, "batch_size": 8, "compile": "on"}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", "main.py", "--conf", str(conf)],
+        cwd=REPO, env=dict(script_env(), GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True,
+        timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torch.compile failed" not in proc.stdout + proc.stderr
+    [record] = read_jsonl(next((tmp_path / "outputs").iterdir()) / "metrics.jsonl")
+    assert record["compiled_graphs"] >= 1 and record["eager_steps"] < 8  # 8 steps in all
+    assert "DDP: weights identical on 2 ranks" in proc.stdout
+
+
 def _gradient_worker(rank: int, world: int, port: int, result_file: str) -> None:
     """Each rank embeds half the batch; the gathered loss gives the global-batch gradient."""
     # loopback for gloo too: the host name may resolve to an interface the sandbox does not route
