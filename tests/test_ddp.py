@@ -26,15 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
+def torchrun_main(tmp_path, training: dict) -> subprocess.CompletedProcess:
+    """main.py in two processes (gloo on loopback) on tiny features; asserts it exits 0."""
     make_tiny_features(tmp_path / "data")
-    conf = tiny_config(tmp_path, {"training": {"epochs": 2, "batch_size": 8}})
+    conf = tiny_config(tmp_path, {"training": {"batch_size": 8, **training}})
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={free_port()}", "main.py", "--conf", str(conf)],
         cwd=REPO, env=dict(script_env(), GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True,
-        timeout=240)
+        timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    proc = torchrun_main(tmp_path, {"epochs": 2})
     runs = list((tmp_path / "outputs").iterdir())
     assert len(runs) == 1  # rank 0 made it and the other rank used it
     run = runs[0]
@@ -52,14 +58,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 def test_torchrun_with_compiled_whole_clips(tmp_path):
     """training.compile=on under DDP: the compiled DDP model trains, batches its one graph does
     not fit run eagerly, and the ranks end with identical weights."""
-    make_tiny_features(tmp_path / "data")
-    conf = tiny_config(tmp_path, {"training": {"epochs": 1, "batch_size": 8, "compile": "on"}})
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={free_port()}", "main.py", "--conf", str(conf)],
-        cwd=REPO, env=dict(script_env(), GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True,
-        timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_main(tmp_path, {"epochs": 1, "compile": "on"})
     assert "torch.compile failed" not in proc.stdout + proc.stderr
     [record] = read_jsonl(next((tmp_path / "outputs").iterdir()) / "metrics.jsonl")
     assert record["compiled_graphs"] >= 1 and record["eager_steps"] < 8  # 8 steps in all
