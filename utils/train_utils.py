@@ -394,7 +394,9 @@ def _symbolic_step(tr: Trainer, audio, rows, clips, ctx: DistContext) -> torch.T
         if "fail_on_recompile" not in str(e):
             raise
         if tr.eager_steps == 0:
-            guards = [line.strip()[2:] for line in str(e).splitlines() if line.strip().startswith("- ")]
+            # "- 0/0: <guard>  # <where it was added>", one line per failed guard
+            guards = [line.strip()[2:].split(": ", 1)[-1] for line in str(e).splitlines()
+                      if line.strip().startswith("- ")]
             tqdm.write(f"warning: a batch of {audio.shape[0]} clips x {audio.shape[1]} frames does not "
                        f"fit the compiled graph ({(guards or ['guards failed'])[0][:160]}); such "
                        "batches are trained without torch.compile (eager_steps in metrics.jsonl)")
