@@ -616,7 +616,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
         for epoch in range(tr.epoch + 1, t["epochs"] + 1):
             if stopped_early:
                 break
-            start = time.time()
+            start, eager_before = time.time(), tr.eager_steps
             seeding.set_epoch(epoch)
             # a failed write stops a single process at once; under DDP it stops every rank
             # together at the next checkpoint (rank 0 alone must not leave the collectives)
@@ -636,8 +636,8 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
                       "data_wait_seconds": stats.data_wait}
             if tr.compiled:
                 record["compiled_graphs"] = compiled_graphs()
-            if tr.symbolic_time:
-                record["eager_steps"] = tr.eager_steps
+            if tr.symbolic_time:  # this epoch's steps the graph did not fit
+                record["eager_steps"] = tr.eager_steps - eager_before
             rng_states = gather_objects(rng_state(), ctx)  # every rank's, for an exact resume
             on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states,
                                                  writer))
