@@ -277,6 +277,42 @@ def test_fused_adam_and_channels_last_only_on_cuda(tmp_path):
     assert not tr.optimizer.defaults.get("fused")
 
 
+def test_a_cpu_checkpoint_resumes_into_the_cuda_trainers_layout_and_fused_adam(tmp_path):
+    """On CUDA the weights are channels_last and Adam fused; a checkpoint written on the CPU
+    (NCHW moments, unfused groups) must resume into that, not bring its own settings back.
+    The CUDA trainer is imitated on the CPU, where fused Adam also exists."""
+    cfg, data = _tiny_training(tmp_path)
+    cpu, loader = _trainer_and_loader(cfg, data)
+    batches = list(loader)
+    for audio, rows, clips in batches[:2]:
+        tu.train_step(cpu, audio, rows, clips, DistContext())
+    saved = copy.deepcopy(tu.checkpoint_dict(cpu, cfg))  # as read from disk: shares no tensor
+
+    cuda_like = tu.build_trainer(cfg, data.table, torch.device("cpu"), fresh=False)
+    cuda_like.model.audio_enc.use_channels_last()
+    params = [p for p in cuda_like.model.parameters() if p.requires_grad]
+    cuda_like.optimizer = torch.optim.Adam(params, lr=cfg["training"]["lr"], fused=True)
+    cuda_like.scheduler.optimizer = cuda_like.optimizer
+    tu.restore(cuda_like, saved, tmp_path / "last.pt")
+
+    group = cuda_like.optimizer.param_groups[0]
+    assert group["fused"] is True and group["lr"] == cfg["training"]["lr"]
+    convs = [p for p in params if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for p in params:
+        state = cuda_like.optimizer.state[p]
+        assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == p.stride()
+        assert state["step"].dtype == torch.float32 and state["step"].item() == 2
+    # the same Adam update from the same state (a train step would draw other dropout masks:
+    # dropout numbers channels_last tensors in memory order)
+    for tr in (cpu, cuda_like):
+        for i, p in enumerate(q for q in tr.model.parameters() if q.requires_grad):
+            p.grad = torch.empty_like(p).copy_(torch.linspace(-1, 1, p.numel()).view(p.shape) * (i + 1))
+        tr.optimizer.step()
+    for a, b in zip(cpu.model.state_dict().values(), cuda_like.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_partial_collate_pickles_for_worker_processes():
     import pickle
 

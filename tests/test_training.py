@@ -306,6 +306,28 @@ def test_whole_clip_workers_live_across_epochs_and_give_the_batches_of_fresh_one
     data.train_set.close()
 
 
+def test_cuda_rng_state_is_this_gpus_alone(monkeypatch):
+    """A checkpoint keeps the training GPU's CUDA stream only, and a resume sets that GPU's;
+    a checkpoint of an older version (one state per GPU visible then) still resumes when fewer
+    GPUs are visible now. torch.cuda is faked: CI has no GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: f"state of {device}")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((s, str(device))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: pytest.fail("every GPU's state read"))
+    gpu1 = torch.device("cuda", 1)
+    state = rng_state(gpu1)
+    assert state["cuda"] == "state of cuda:1"
+    assert "cuda" not in rng_state(torch.device("cpu")) and "cuda" not in rng_state()
+    set_rng_state(state, gpu1)
+    assert calls == [("state of cuda:1", "cuda:1")]
+    old = {**state, "cuda": ["gpu0", "gpu1", "gpu2"]}  # saved with three GPUs visible
+    set_rng_state(old, gpu1)
+    set_rng_state(old, torch.device("cuda", 5))  # resumed where that GPU's index is not saved
+    set_rng_state(old, torch.device("cpu"))
+    assert calls[1:] == [("gpu1", "cuda:1")]
+
+
 def test_each_rank_continues_its_own_saved_rng_streams(tmp_path):
     cfg = {"seed": 7}
     saved = []
@@ -320,13 +342,13 @@ def test_each_rank_continues_its_own_saved_rng_streams(tmp_path):
 
     state = {"rng": saved, "epoch": 4}
     for rank in range(2):
-        tu.restore_rng_of_rank(state, DistContext(rank, 2, rank), cfg)
+        tu.restore_rng_of_rank(state, DistContext(rank, 2, rank), cfg, torch.device("cpu"))
         assert torch.equal(torch.rand(3), expected[rank])
     # a checkpoint of rank 0 only (older version, or fewer processes): rank 0 goes on, rank 1
     # gets a fresh stream of its own
     for old in ({"rng": saved[0], "epoch": 4}, {"rng": saved[:1], "epoch": 4}):
-        tu.restore_rng_of_rank(old, DistContext(0, 2, 0), cfg)
+        tu.restore_rng_of_rank(old, DistContext(0, 2, 0), cfg, torch.device("cpu"))
         assert torch.equal(torch.rand(3), expected[0])
-        tu.restore_rng_of_rank(old, DistContext(1, 2, 1), cfg)
+        tu.restore_rng_of_rank(old, DistContext(1, 2, 1), cfg, torch.device("cpu"))
         fresh = torch.rand(3)
         assert not torch.equal(fresh, expected[0]) and not torch.equal(fresh, expected[1])

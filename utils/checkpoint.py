@@ -218,8 +218,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) generator states as tensors and plain data."""
+def rng_state(device: torch.device | str | None = None) -> dict:
+    """Python, NumPy and torch generator states as tensors and plain data, with the CUDA one of
+    `device` (this process's GPU; no other: a resume may see fewer GPUs, and the others' streams
+    are not used)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -227,18 +229,26 @@ def rng_state() -> dict:
             lambda v: v.item() if hasattr(v, "item") else v, np_state[2:])),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | str | None = None) -> None:
     random.setstate(_as_tuple(state["python"]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or torch.device(device).type != "cuda":
+        return
+    device = torch.device(device)
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible then
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _as_tuple(value):

@@ -268,7 +268,7 @@ def checkpoint_dict(tr: Trainer, cfg: dict, rng_states: list[dict] | None = None
         "best_metric": tr.best_metric,
         "best_epoch": tr.best_epoch,
         "config": cfg,
-        "rng": rng_states if rng_states is not None else [rng_state()],  # one per rank
+        "rng": rng_states if rng_states is not None else [rng_state(tr.device)],  # one per rank
         "text_embed_dim": tr.text_embed_dim,
     }
 
@@ -297,7 +297,7 @@ def restore(tr: Trainer, state: dict, ckpt: Path) -> None:
     """Put a trainer back in the state saved at the end of epoch `state['epoch']`."""
     try:
         tr.model.load_state_dict(state["model"])
-        tr.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(tr.optimizer, state["optimizer"])
         tr.scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{ckpt}: does not fit the model of this run's config "
@@ -308,13 +308,38 @@ def restore(tr: Trainer, state: dict, ckpt: Path) -> None:
     tr.best_metric = state["best_metric"]
 
 
-def restore_rng_of_rank(state: dict, ctx: DistContext, cfg: dict) -> None:
+# How Adam runs, chosen for this process's device (fused on CUDA): not a hyper-parameter, so a
+# checkpoint written elsewhere (on the CPU, say) must not bring its own back with the saved groups.
+_OPTIMIZER_RUNTIME_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """`optimizer.load_state_dict(saved)`, keeping this run's runtime settings, and each moment
+    in its parameter's memory layout: CUDA's fused Adam refuses an NCHW moment of a
+    channels_last weight, and `load_state_dict` moves tensors without changing their layout."""
+    own = [{k: g[k] for k in _OPTIMIZER_RUNTIME_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+        on_device_step = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":  # fused and capturable Adam keep it on the device, as fp32
+                    state[key] = value.to(device=p.device, dtype=torch.float32) if on_device_step else value.cpu()
+                elif value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def restore_rng_of_rank(state: dict, ctx: DistContext, cfg: dict, device: torch.device) -> None:
     """Continue this rank's saved RNG streams. Where the checkpoint has none for this rank (it
     was written with fewer processes, or by a version that kept rank 0's only), seed a fresh,
     distinct stream: the run goes on correctly but no longer repeats an uninterrupted one."""
     states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(states) == ctx.world_size or ctx.is_master:
-        set_rng_state(states[ctx.rank])
+        set_rng_state(states[ctx.rank], device)
     else:
         seed_everything(cfg["seed"] + ctx.rank + 1_000_003 * int(state["epoch"]))
 
@@ -597,7 +622,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
     if resume_state is not None:
         restore(tr, resume_state, checkpoint_path(run_dir, "last"))
-        restore_rng_of_rank(resume_state, ctx, cfg)
+        restore_rng_of_rank(resume_state, ctx, cfg, device)
     wrap_for_training(tr, cfg, ctx, device)
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
@@ -638,7 +663,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
                 record["compiled_graphs"] = compiled_graphs()
             if tr.symbolic_time:  # this epoch's steps the graph did not fit
                 record["eager_steps"] = tr.eager_steps - eager_before
-            rng_states = gather_objects(rng_state(), ctx)  # every rank's, for an exact resume
+            rng_states = gather_objects(rng_state(device), ctx)  # every rank's, for an exact resume
             on_master(ctx, lambda: _end_of_epoch(tr, cfg, tracker, record, is_best, best, last, rng_states,
                                                  writer))
             if patience > 0 and epoch - tr.best_epoch >= patience:
