@@ -20,3 +20,23 @@ def test_unknown_setting_names_the_key():
 def test_cuda_without_a_gpu_is_a_user_error():
     with pytest.raises(UserError, match="training.device.*no CUDA device"):
         resolve_device("cuda", "training.device")
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, native):
+    """torch counts emulated bf16 as supported by default (a V100 or T4 says yes); autocast
+    `auto` must then fall back to fp16 with a gradient scaler, and `bf16` is refused."""
+    from utils.data_utils import inference_autocast
+    from utils.train_utils import amp_mode
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or including_emulation)
+    cuda = torch.device("cuda")
+    assert amp_mode("auto", cuda) == ("bf16" if native else "fp16")
+    assert inference_autocast(cuda, "auto").fast_dtype == (torch.bfloat16 if native else torch.float16)
+    if native:
+        assert amp_mode("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(UserError, match="training.amp"):
+            amp_mode("bf16", cuda)

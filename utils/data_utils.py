@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from utils.clotho import CAPTIONS_PER_CLIP, make_fid, read_skipped, skipped_path
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
+from utils.devices import cuda_bf16
 from utils.errors import UserError
 from utils.io_utils import load_pickle
 
@@ -424,7 +425,7 @@ def inference_autocast(device: torch.device | str, amp: str = "off"):
     if device.type != "cuda" or amp == "off":
         return contextlib.nullcontext()
     if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amp = "bf16" if cuda_bf16() else "fp16"
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 

@@ -17,3 +17,14 @@ def resolve_device(setting: str, key: str) -> str:
         raise UserError(f"config key '{key}' is '{setting}' but no CUDA device is available; "
                         "use auto or cpu")
     return setting
+
+
+def cuda_bf16() -> bool:
+    """Whether the GPU computes in bf16 natively (Ampere and newer). torch's default answer also
+    counts emulation, so a V100 or T4 says yes, and its bf16 convolutions are slow or fail there."""
+    import torch
+
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3: no emulation counted
+        return torch.cuda.is_bf16_supported()
