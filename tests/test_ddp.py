@@ -122,3 +122,19 @@ def test_gathered_loss_gradient_equals_single_process_global_batch(tmp_path):
 def test_single_process_gather_is_identity(ctx):
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_with_grad(x, ctx) is x and gather(x, ctx) is x
+
+
+def test_one_process_on_cuda_n_makes_that_gpu_current(monkeypatch):
+    """training.device=cuda:1 without torchrun: compiled kernels, memory stats and the CUDA RNG
+    then use GPU 1, not GPU 0 (torch.cuda is faked: CI has no GPU)."""
+    from utils import dist_utils
+
+    current = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(dist_utils, "resolve_device", lambda setting, key: setting)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
+    with dist_utils.distributed("cuda:1") as (ctx, device):
+        assert device == torch.device("cuda", 1) and not ctx.enabled
+    with dist_utils.distributed("cpu") as (ctx, device):
+        assert device == torch.device("cpu")
+    assert current == ["cuda:1"]

@@ -52,7 +52,10 @@ def torch_device(setting: str, local_rank: int = 0) -> torch.device:
 def distributed(device_setting: str) -> Iterator[tuple[DistContext, torch.device]]:
     """Join the process group if launched by torchrun (nccl on GPUs, gloo on CPU); leave it after."""
     if not launched_with_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        yield DistContext(), torch_device(device_setting)
+        device = torch_device(device_setting)
+        if device.type == "cuda":  # cuda:N: the GPU that compiled kernels and memory stats use
+            torch.cuda.set_device(device)
+        yield DistContext(), device
         return
     ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                       int(os.environ.get("LOCAL_RANK", 0)))
