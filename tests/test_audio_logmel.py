@@ -21,8 +21,8 @@ from utils.audio_utils import AudioError, load_audio, log_mel, log_mel_torch, n_
 from utils.clotho import make_fid, prepare_clotho, read_skipped, resolve_wav
 from utils.config import load_config
 from utils.errors import UserError
-from utils.features import (Clip, _gpu_chunks, _init_worker, compute_logmels, logmel_path, make_chunks,
-                            parts_dir, worker_params)
+from utils.features import (Clip, _gpu_chunks, _init_worker, compute_logmels, in_order, logmel_path,
+                            make_chunks, parts_dir, worker_params)
 from wav_fixtures import (make_clotho, signal as make_signal, write_header_only, write_text_as_wav,
                           write_truncated, write_wav, write_zero_length)
 
@@ -297,9 +297,28 @@ def test_chunks_cover_every_clip_in_order_and_shrink_towards_the_end(tmp_path, n
         assert sizes[-1] == 1  # the last chunks keep no worker waiting
 
 
-def test_parent_transform_route_writes_the_same_features(repo, tmp_path):
+def test_clips_are_read_ahead_in_order_a_bounded_number_at_a_time():
+    """features.device cuda: the readers may run only `ahead` clips before the GPU side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    submitted, taken = [], []
+    with ThreadPoolExecutor(3) as pool:
+        def read(i):
+            submitted.append(i)
+            return i * i
+
+        for value in in_order(pool, read, list(range(50)), ahead=5):
+            taken.append(value)
+            assert len(submitted) - len(taken) < 5
+    assert taken == [i * i for i in range(50)]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_parent_transform_route_writes_the_same_features(repo, tmp_path, threads):
     """features.device cuda: the workers only read the wavs and the parent runs log_mel_torch;
     the same route on the CPU must give librosa's features and report unusable clips."""
+    from concurrent.futures import ThreadPoolExecutor
+
     rows = dataset(tmp_path, {"development": 3})
     fnames = list(rows["development"])
     write_text_as_wav(tmp_path / "development" / fnames[1].lstrip(" "))
@@ -307,7 +326,8 @@ def test_parent_transform_route_writes_the_same_features(repo, tmp_path):
     clips = [Clip(make_fid("development", f), f, str(resolve_wav(tmp_path / "development", f)), 1) for f in fnames]
     _init_worker(worker_params(load_config(repo / "conf.yaml")["features"], "cuda"))  # load_only
     try:
-        finished = list(_gpu_chunks(make_chunks(clips, folder, 0, 2, 1), None, "cpu"))
+        with ThreadPoolExecutor(threads or 1) as pool:  # threads share the worker parameters
+            finished = list(_gpu_chunks(make_chunks(clips, folder, 0, 2, 1), pool if threads else None, "cpu"))
     finally:
         _init_worker(worker_params(load_config(repo / "conf.yaml")["features"], "cpu"))
     assert sum(c.clips for c in finished) == 3

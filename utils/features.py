@@ -55,6 +55,7 @@ features folder has (almost) no free space, else as killed (out of memory?).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import json
@@ -294,11 +295,26 @@ def _cpu_chunks(chunks: list[Chunk], pool) -> Iterable[ChunkDone]:
     return (future.result() for future in as_completed([pool.submit(_compute_chunk, c) for c in chunks]))
 
 
+def in_order(pool, fn: Callable, items: list, ahead: int) -> Iterator:
+    """`pool.map(fn, items)` with at most `ahead` items submitted and not yet taken. Executor.map
+    submits every item at once, so a whole split's audio (~20 GB for Clotho's development set)
+    would pile up here whenever the GPU and the shard writes fell behind the readers."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _gpu_chunks(chunks: list[Chunk], pool, device: str) -> Iterator[ChunkDone]:
     """The pool (or this process) reads the wavs; the log-mels are computed here on `device`."""
     p = _WORKER_PARAMS
     clips = [clip for chunk in chunks for clip in chunk.clips]
-    loaded = pool.map(_compute, clips) if pool is not None else map(_compute, clips)  # chunk order
+    # in chunk order; a few clips per core read ahead, the rest wait their turn
+    ahead = 4 * (os.cpu_count() or 1)
+    loaded = in_order(pool, _compute, clips, ahead) if pool is not None else map(_compute, clips)
     for chunk in chunks:
         results = [next(loaded) for _ in chunk.clips]
         for i, r in enumerate(results):
