@@ -9,6 +9,9 @@
             (fp32, NCHW, per-sample InfoNCE loop, plain Adam) against this repository's step with
             each optimisation switched on in turn (bf16 autocast, channels_last, fused Adam,
             torch.compile with a fixed, then a symbolic time axis). Peak GPU memory of each.
+            Random batches are made before the clock starts and copied to the GPU in the
+            loop as each code's loader hands them over: pageable and waited for (the
+            original), pinned and not waited for (this repository's steps).
 2. lengths: the same steps with whole clips of varying length, as a shuffled Clotho epoch gives
             them (each batch padded to its longest of 32 clips of 751-1501 frames): cuDNN's
             autotuner on/off, padding to a multiple of N frames (training.pad_to_multiple), and
@@ -28,10 +31,13 @@ without CUDA (`--smoke` runs every section at toy sizes on any device, to check 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import gc
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -101,11 +107,18 @@ def make_trainer(b: Bench, amp: str = "off", channels_last: bool = False, fused:
     return tr
 
 
-def random_batch(b: Bench, frames: int, g: torch.Generator):
-    audio = torch.randn(b.batch, frames, 64, generator=g).to(b.device) - 5  # (B, T, F)
-    rows = torch.randint(0, b.table_rows, (b.batch,), generator=g).to(b.device)
-    clips = torch.randint(0, b.batch * 2, (b.batch,), generator=g).to(b.device)  # some repeat
-    return audio, rows, clips
+def random_batches(b: Bench, lengths: list[int], g: torch.Generator, pinned: bool) -> list[tuple]:
+    """CPU batches (audio (B, T, F), caption rows (B,), clip ids (B,)), made before the clock
+    starts. Pinned for this repository's step, as main.py's loaders hand them over (copied
+    without waiting); pageable for the original's, whose loader did not pin."""
+    pin = pinned and b.device.type == "cuda"
+    out = []
+    for frames in lengths:
+        batch = (torch.randn(b.batch, frames, 64, generator=g) - 5,
+                 torch.randint(0, b.table_rows, (b.batch,), generator=g),
+                 torch.randint(0, b.batch * 2, (b.batch,), generator=g))  # some clips repeat
+        out.append(tuple(t.pin_memory() for t in batch) if pin else batch)
+    return out
 
 
 def original_step(tr: Trainer, audio, rows, clips, ctx) -> torch.Tensor:
@@ -118,21 +131,32 @@ def original_step(tr: Trainer, audio, rows, clips, ctx) -> torch.Tensor:
     return loss.detach()
 
 
+def on_device(b: Bench, batch: tuple, step) -> tuple:
+    """The original copies its batch as its loop did (waiting for the copy; clip ids stay a
+    CPU list); this repository's step as main.py does (from pinned memory, without waiting)."""
+    audio, rows, clips = batch
+    if step is original_step:
+        return audio.to(b.device), rows.to(b.device), clips
+    return tuple(t.to(b.device, non_blocking=True) for t in batch)
+
+
 def time_steps(b: Bench, tr: Trainer, lengths: list[int], warmup: int, step=train_step) -> dict:
     """ms per step over `lengths` (one batch each) after `warmup` steps of the first length."""
     g = torch.Generator().manual_seed(1)
     ctx = DistContext(rank=1)
     graphs0 = compiled_graphs()
+    pinned = step is not original_step
     start = time.perf_counter()
-    for _ in range(warmup):
-        step(tr, *random_batch(b, lengths[0], g), ctx).item()
+    for batch in random_batches(b, [lengths[0]] * warmup, g, pinned):
+        step(tr, *on_device(b, batch, step), ctx).item()
     b.sync()
     warm_s = time.perf_counter() - start
     if b.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    batches = random_batches(b, lengths, g, pinned)
     start = time.perf_counter()
-    for frames in lengths:
-        loss = step(tr, *random_batch(b, frames, g), ctx)
+    for batch in batches:
+        loss = step(tr, *on_device(b, batch, step), ctx)
     loss.item()
     b.sync()
     seconds = time.perf_counter() - start
@@ -145,8 +169,10 @@ def time_steps(b: Bench, tr: Trainer, lengths: list[int], warmup: int, step=trai
     return out
 
 
-def free(*objs) -> None:
-    del objs
+def release_gpu_memory() -> None:
+    """After the caller has dropped its trainer: hand its cached blocks back to the driver, so
+    that the main.py and step-02 processes started later find the GPU's memory free."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -175,11 +201,12 @@ def bench_steps(b: Bench, report) -> None:
             try:
                 return time_steps(b, tr, fixed, b.warmup, step)
             finally:
-                free(tr)
+                del tr
+                release_gpu_memory()
         result = report.section("steps", name, run)
-        if result and base is None:
+        if result and step is original_step:
             base = result["ms_per_step"]
-        if result and base:
+        if result and base:  # no ratio when the original's step was not measured
             result["speedup_vs_original"] = base / result["ms_per_step"]
             report.save()
 
@@ -202,7 +229,8 @@ def bench_lengths(b: Bench, report) -> None:
                         "distinct_shapes": len(set(padded))}
             finally:
                 torch.backends.cudnn.benchmark = False
-                free(tr)
+                del tr
+                release_gpu_memory()
         return run
 
     report.section("lengths", "bf16 NCHW, cudnn.benchmark off", eager(False, False))
@@ -227,7 +255,8 @@ def bench_lengths(b: Bench, report) -> None:
                         "graphs_built": first["graphs_built"] + again["graphs_built"]}
             finally:
                 torch.backends.cudnn.benchmark = False
-                free(tr)
+                del tr
+                release_gpu_memory()
         return run
 
     # padded first: the symbolic time axis changes how this process compiles every later model
@@ -253,15 +282,29 @@ def bench_loader(b: Bench, report, dataset_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- 4: epoch
 
-class GpuUtilisation:
-    """Samples `nvidia-smi` every 100 ms in the background: (time, utilisation %, memory MiB)."""
+def gpu_uuid(device: torch.device) -> str | None:
+    """The GPU's UUID as nvidia-smi writes it, lower case, without "GPU-" (None if unknown)."""
+    try:
+        return str(torch.cuda.get_device_properties(device).uuid).lower().removeprefix("gpu-")
+    except (AttributeError, RuntimeError):
+        return None
 
-    def __init__(self):
-        self.samples: list[tuple[float, float, float]] = []
+
+class GpuUtilisation:
+    """Samples `nvidia-smi` every 100 ms in the background: (time, utilisation %, memory MiB) of
+    the benchmark's GPU. nvidia-smi lists every GPU of the machine, whatever
+    CUDA_VISIBLE_DEVICES says, so lines are matched to ours by UUID (all of them are kept when
+    its UUID matches none). MIG instances report no utilisation: `why_none` then says so."""
+
+    def __init__(self, device: torch.device):
+        self.uuid = gpu_uuid(device)
+        self.samples: list[tuple[float, str, float, float]] = []
+        self.unreadable = 0  # lines without a number ("[N/A]" under MIG)
         try:
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                ["nvidia-smi", "--query-gpu=uuid,utilization.gpu,memory.used",
+                 "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
             self.proc = None
             return
@@ -269,34 +312,73 @@ class GpuUtilisation:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
+            fields = [v.strip() for v in line.split(",")]
             try:
-                util, mem = (float(v) for v in line.split(",")[:2])
-            except ValueError:
+                uuid, util, mem = fields[0].lower().removeprefix("gpu-"), float(fields[1]), float(fields[2])
+            except (ValueError, IndexError):
+                self.unreadable += 1
                 continue
-            self.samples.append((time.time(), util, mem))
+            self.samples.append((time.time(), uuid, util, mem))
 
     def mean(self, t0: float, t1: float) -> float | None:
-        values = [u for t, u, _ in self.samples if t0 <= t <= t1]
+        ours = [s for s in self.samples if s[1] == self.uuid] or self.samples
+        values = [u for t, _, u, _ in ours if t0 <= t <= t1]
         return float(np.mean(values)) if values else None
+
+    def why_none(self) -> str | None:
+        if self.proc is None:
+            return "nvidia-smi not found"
+        if not self.samples:
+            return (f"nvidia-smi gave {self.unreadable} lines without a utilisation (a MIG instance?)"
+                    if self.unreadable else "nvidia-smi gave no samples")
+        return None
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait()
 
 
-def run_logged(cmd: list[str], log: Path, env: dict) -> tuple[int, list[tuple[float, str]]]:
-    """Run a command, keeping each output line with the time it arrived (appended to `log`)."""
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it has just ended
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict, timeout_s: float) -> tuple[int, list[tuple[float, str]]]:
+    """Run a command, keeping each output line with the time it arrived (appended to `log`).
+    Killed after `timeout_s`, so that one hung run leaves the later measurements their time."""
     lines = []
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            lines.append((time.time(), line.rstrip("\n")))
-            f.write(line)
-        proc.wait()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        killed = []
+
+        def kill() -> None:  # its workers too: they hold the output pipe open
+            killed.append(True)
+            kill_group(proc)
+
+        watchdog = threading.Timer(timeout_s, kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                lines.append((time.time(), line.rstrip("\n")))
+                f.write(line)
+            proc.wait()
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:  # Ctrl-C: its own session does not get the terminal's signal
+                kill_group(proc)
+                proc.wait()
+    if killed:
+        lines.append((time.time(), f"killed: still running after {timeout_s:.0f} s"))
     return proc.returncode, lines
 
+
+# a run still going after this long has hung (a whole-clips epoch pair takes ~1 min on an H200,
+# a compiled one a few more): killed, and the rest of the benchmark goes on
+EPOCH_TIMEOUT_S = 900
+LOGMEL_TIMEOUT_S = 600
 
 EPOCH_VARIANTS = (
     ("main.py, 2 epochs, Clotho-sized", []),
@@ -318,11 +400,11 @@ def bench_epoch(b: Bench, report, dataset_dir: Path, work: Path, workers: int) -
         if b.smoke:
             overrides += [f"audio_encoder.channels={list(b.channels)}", f"training.batch_size={b.batch}"]
         name = f"bench-{int(time.time())}"
-        gpu = GpuUtilisation() if b.device.type == "cuda" else None
+        gpu = GpuUtilisation(b.device) if b.device.type == "cuda" else None
         env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
         t0 = time.time()
         code, lines = run_logged([sys.executable, "main.py", "--name", name, "--set", *overrides],
-                                 work / "main_py.log", env)
+                                 work / "main_py.log", env, timeout_s=EPOCH_TIMEOUT_S)
         if gpu is not None:
             gpu.stop()
         if code != 0:
@@ -342,6 +424,8 @@ def bench_epoch(b: Bench, report, dataset_dir: Path, work: Path, workers: int) -
             # From one epoch line to the next: the epoch's training pass, its validation, and
             # whatever else holds the GPU up between epochs (the checkpoint's copy, the loaders).
             result["epoch2_line_to_line_s"] = ends[1] - ends[0]
+        if gpu is not None and gpu.why_none():
+            result["gpu_util_missing"] = gpu.why_none()
         if gpu is not None and len(ends) >= 2:
             result["gpu_util_epoch2_pct"] = gpu.mean(ends[0], ends[1])
             result["gpu_util_epoch1_pct"] = gpu.mean(t0, ends[0])
@@ -370,7 +454,8 @@ def bench_logmel(b: Bench, report, work: Path) -> None:
 
     def step(script: str, *extra: str) -> float:
         start = time.time()
-        code, lines = run_logged([sys.executable, script, *common, *extra], work / "logmel.log", env)
+        code, lines = run_logged([sys.executable, script, *common, *extra], work / "logmel.log", env,
+                                 timeout_s=LOGMEL_TIMEOUT_S)
         if code != 0:
             raise RuntimeError(f"{script} exited {code}: " + " | ".join(l for _, l in lines[-3:]))
         return time.time() - start
@@ -440,7 +525,7 @@ class Report:
                                     "graphs_built", "peak_mem_GB", "clips_per_s", "epoch2_s",
                                     "epoch2_data_wait_s", "epoch2_line_to_line_s", "gpu_util_epoch2_pct",
                                     "gpu_util_epoch2_train_pct", "gpu_util_epoch2_rest_pct",
-                                    "compiled_graphs", "eager_steps", "cpu_s", "cuda_s",
+                                    "compiled_graphs", "eager_steps", "gpu_util_missing", "cpu_s", "cuda_s",
                                     "cuda_speedup", "max_abs_diff") if r.get(k) is not None]
                 lines.append(f"{section:7} {name:75} " + "  ".join(
                     f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys))
