@@ -11,10 +11,11 @@ the wandb run. A run stopped at any moment (Ctrl-C, kill, crash) continues with 
 its last finished epoch.
 """
 import contextlib
+import sys
 from pathlib import Path
 
 from utils import baseline_release, cli, dist_utils, provenance, train_utils
-from utils.config import load_config, save_config
+from utils.config import flat_config, load_config, save_config
 from utils.errors import UserError
 from utils.runs import checkpoint_path, lock_run, new_run_dir, remove_unstarted_run
 
@@ -35,6 +36,8 @@ def main() -> None:
     if args.resume:
         baseline_release.refuse_resume(args.resume)  # an imported run has no training state
         cfg = train_utils.resume_config(args.resume, args.overrides)
+        if any(a == "--conf" or a.startswith("--conf=") for a in sys.argv[1:]):
+            _note_conf_not_read(args.conf, args.overrides, args.resume, cfg)
     else:
         cfg = load_config(args.conf, args.overrides)
     train_utils.check_training_config(cfg)
@@ -51,6 +54,12 @@ def main() -> None:
         if state is not None:
             train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
                                        data.embeddings_path)
+            if state["epoch"] >= cfg["training"]["epochs"]:
+                if ctx.is_master:
+                    print(f"nothing to train: {args.resume} has finished {state['epoch']} epochs of "
+                          f"training.epochs={cfg['training']['epochs']}; train on with --set "
+                          f"training.epochs=N (N > {state['epoch']})")
+                return
         if args.resume:
             run_dir = Path(args.resume)
             if args.overrides:
@@ -68,11 +77,11 @@ def main() -> None:
                 print(f"{start}: {run_dir} on {device}"
                       + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
             result = train_utils.fit(cfg, run_dir, data, ctx, device, state)
-        except (UserError, OSError):
-            # a new run that failed before its first checkpoint leaves no folder behind to
-            # block its --name or to pass for a run
-            if not args.resume and ctx.is_master:
-                remove_unstarted_run(run_dir)
+        except BaseException:
+            # a new run stopped before its first checkpoint (an error, Ctrl-C) leaves no folder
+            # behind to block its --name or to pass for a run
+            if not args.resume and ctx.is_master and remove_unstarted_run(run_dir):
+                cli.set_interrupt_advice(f"no epoch had finished, so nothing is kept ({run_dir} removed)")
             raise
 
     if ctx.is_master:
@@ -84,6 +93,21 @@ def main() -> None:
             print(f"DDP: weights identical on {ctx.world_size} ranks (checksum {result.checksum})")
         for path in result.written:
             print(f"wrote {path}")
+
+
+def _note_conf_not_read(conf: str, overrides: list[str], run_dir: str, cfg: dict) -> None:
+    """A resumed run goes on with its own config.yaml (run.sh passes --conf to every stage).
+    Keys that --conf sets otherwise are named, so that they do not look applied."""
+    try:
+        theirs = flat_config(load_config(conf, overrides))
+    except UserError:
+        return
+    ours = flat_config(cfg)
+    differ = [f"{k} ({theirs[k]!r} there, {ours[k]!r} here)" for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        print(f"note: --resume reads {Path(run_dir) / 'config.yaml'}, not {conf}, which sets "
+              f"{', '.join(differ[:4])}{' and more' if len(differ) > 4 else ''}; change keys with --set",
+              file=sys.stderr)
 
 
 def _import_baseline(args) -> None:

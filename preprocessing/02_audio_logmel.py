@@ -26,7 +26,8 @@ def main():
         if r.skipped_existing:
             print(f"{r.split}: {r.path} is already complete ({r.clips - len(r.bad)} clips{skipped}), skipped")
             continue
-        extra = f", {r.reused} reused from an interrupted run" if r.reused else ""
+        source = "unchanged, kept from the previous file" if r.updated else "reused from an interrupted run"
+        extra = f", {r.reused} {source}" if r.reused else ""
         print(f"{r.split}: wrote {r.path} ({r.clips - len(r.bad)} clips: {r.computed} computed{extra}{skipped})")
     print(f"wrote {config_path}")
 

@@ -230,7 +230,8 @@ def test_changed_parameters_or_clips_update_the_file(repo, tmp_path):
     prepare_clotho(tmp_path, ["development"])
     messages = []
     [r] = compute_logmels(cfg, log=messages.append)
-    assert (r.computed, r.reused) == (1, 3) and "outdated" in messages[0]
+    assert (r.computed, r.reused) == (1, 3) and r.updated and "outdated" in messages[0]
+    assert not any("resuming" in m for m in messages)  # nothing was interrupted
     assert_hdf5_matches_wavs(tmp_path, "development", [*rows["development"], "new.wav"])
     # other feature parameters: everything is recomputed
     [r] = compute_logmels(config(repo, tmp_path, "data.splits=[development]", "features.n_mels=32"),

@@ -221,7 +221,7 @@ def test_overrides_keep_working_as_before(repo):
 @pytest.mark.parametrize("override,needle", [
     ("training.epochs=0", "config key 'training.epochs' must be > 0, got 0"),
     ("training.epochs=-3", "'training.epochs' must be > 0"),
-    ("training.batch_size=0", "'training.batch_size' must be > 0"),
+    ("training.batch_size=1", "'training.batch_size' must be >= 2"),
     ("training.lr=0", "'training.lr' must be > 0"),
     ("training.lr=-1e-3", "'training.lr' must be > 0"),
     ("training.weight_decay=-1", "'training.weight_decay' must be >= 0"),
@@ -379,6 +379,25 @@ def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         (tmp_path / "dangling.yaml").write_text("base: missing.yaml\n")
         load_config(tmp_path / "dangling.yaml")
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path):
+    """YAML would keep the second `training:` whole and drop the first one's keys, unseen."""
+    (tmp_path / "twice.yaml").write_text("training:\n  lr: 1.0e-4\nseed: 7\ntraining:\n  epochs: 10\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: .*key `training` appears twice .*lines 1 and 4"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "nested.yaml").write_text("training:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key `lr` appears twice .*lines 2 and 3"):
+        load_config(tmp_path / "nested.yaml")
+    # anchors and merge keys still read
+    assert config_module.read_raw("x: &x {n: 1}\ny:\n  <<: *x\n  m: 2\n") == {"x": {"n": "1"}, "y": {"n": "1", "m": "2"}}
+
+
+def test_a_runs_empty_config_is_refused_not_read_as_the_defaults(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"run/config.yaml: empty"):
+        config_module.load_run_config(tmp_path / "run")
 
 
 def test_an_empty_file_is_the_defaults(tmp_path):

@@ -110,14 +110,47 @@ def test_resume_of_a_finished_run_trains_nothing_more(conf, tmp_path, monkeypatc
     before = (run / "checkpoints" / "last.pt").read_bytes()
     proc = main_in_process(monkeypatch, capsys, "--resume", run)
     assert proc.returncode == 0, proc.stderr
-    assert "trained 1/1 epochs" in proc.stdout
+    assert f"nothing to train: {run} has finished 1 epochs of training.epochs=1" in proc.stdout
+    assert "wrote" not in proc.stdout and "trained" not in proc.stdout
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    # the run's own config.yaml rules, not --conf (run.sh passes it to every stage): the keys
+    # it sets otherwise are named, so that they do not look applied
+    other = tmp_path / "more.yaml"
+    other.write_text(f"base: {conf}\ntraining:\n  epochs: 3\n")
+    proc = main_in_process(monkeypatch, capsys, "--conf", other, "--resume", run)
+    assert proc.returncode == 0 and "nothing to train" in proc.stdout
+    assert (f"note: --resume reads {run / 'config.yaml'}, not {other}, which sets training.epochs "
+            "(3 there, 1 here); change keys with --set") in proc.stderr
+    proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--resume", run, "--set", "training.epochs=1")
+    assert "note:" not in proc.stderr  # the same keys: nothing to say
     # ... and more epochs may be asked for; the saved config follows
     proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr
     assert _epoch_of(run / "checkpoints" / "last.pt") == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 2
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_ctrl_c_in_the_first_epoch_leaves_no_folder_and_says_so(conf, tmp_path, monkeypatch, capsys):
+    from utils import train_utils
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_utils, "fit", interrupted)
+    proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "cc")
+    assert proc.returncode == 130
+    assert "no epoch had finished, so nothing is kept" in proc.stderr and "--resume" not in proc.stderr
+    assert not (tmp_path / "outputs" / "cc").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(conf, monkeypatch):
+    from utils import runs
+
+    cfg = load_config(conf)
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261126-120000")
+    made = [new_run_dir(cfg) for _ in range(3)]
+    assert [p.name for p in made] == [f"{cfg['experiment']}-20261126-120000{s}" for s in ("", "-2", "-3")]
+    assert all(p.is_dir() for p in made)
 
 
 @pytest.mark.parametrize("corruption", ["truncated", "text"])

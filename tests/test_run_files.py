@@ -283,3 +283,19 @@ def test_a_run_name_is_one_folder_name(tiny, monkeypatch, capsys, name):
     line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf, "--name", name))
     assert "a run name is one folder name" in line
     assert not (tiny / "outputs").exists() or list((tiny / "outputs").iterdir()) == []
+
+
+def test_a_checkpoint_that_is_not_ours_or_does_not_fit_names_the_cause(scripts):
+    conf, run_dir, call = scripts
+    best = checkpoint_path(run_dir, "best")
+    good = best.read_bytes()
+    channels = "audio_encoder.channels=[8,8,8,16,16,16]"
+    line = error_line(call(SCORES, "--run", run_dir, "--set", channels))
+    assert f"{best}: does not fit the model of {run_dir / 'config.yaml'} with --set {channels}" in line
+    import torch
+
+    torch.save({"model": 5}, best)  # a dict, but no state dict in it
+    line = error_line(call(SCORES, "--run", run_dir))
+    assert f"{best}: not a checkpoint of this project (no 'model' state dict)" in line
+    best.write_bytes(good)
+    assert call(SCORES, "--run", run_dir).returncode == 0

@@ -213,8 +213,8 @@ def _first_line(e: BaseException) -> str:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     state = torch_load(path, map_location, what="checkpoint")
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{path}: not a checkpoint of this project (no 'model' entry)")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"{path}: not a checkpoint of this project (no 'model' state dict)")
     return state
 
 

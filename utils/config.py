@@ -54,6 +54,24 @@ _RawLoader.add_constructor(
     else loader.construct_scalar(node))
 
 
+def _no_duplicate_keys(loader: _RawLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """YAML lets a later `training:` replace an earlier one whole, keys and all, unseen."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key `{key}` appears twice in one mapping (lines {seen[key]} and "
+                f"{key_node.start_mark.line + 1}); YAML keeps only the last one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep)
+
+
+_RawLoader.construct_mapping = _no_duplicate_keys
+
+
 def read_raw(text: str) -> Any:
     """YAML text -> dicts, lists and `Plain`/quoted strings (explicit tags like `!!float` kept)."""
     return yaml.load(text, Loader=_RawLoader)
@@ -194,6 +212,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def flat_config(cfg: dict) -> dict[str, Any]:
+    """{dotted key: value} of every key of a config, e.g. {"training.lr": 0.001, ...}."""
+    return _flat(cfg)
+
+
 def _split_dotted(cfg: dict, dotted: str) -> list[str]:
     """Split `a.b.c` into existing keys; a key may itself contain dots (`Cnn14_mAP=0.431.pth`)."""
     parts, node, rest = [], cfg, dotted
@@ -328,6 +351,15 @@ def load_config(path: str | Path = "conf.yaml", overrides: Iterable[str] = ()) -
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def load_run_config(run_dir: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """The config a run was trained with, read back from its directory, plus `overrides`."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not _read_file(path):  # would be read as the defaults, which need not be the run's
+        raise ConfigError(f"{path}: empty, but main.py writes a run's whole config there; restore "
+                          "it (a copy is in the checkpoints: `config`) or start a new run")
+    return load_config(path, overrides)
 
 
 def validate(cfg: dict) -> None:

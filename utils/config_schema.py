@@ -154,7 +154,7 @@ SCHEMA: dict[str, Key] = {
     "criterion.dist": Choice("dot_product", "cosine_similarity"),
 
     "training.epochs": Int(gt=0),
-    "training.batch_size": Int(gt=0),
+    "training.batch_size": Int(ge=2),  # InfoNCE needs negatives: one pair gives a loss of 0
     "training.lr": Float(gt=0),
     "training.weight_decay": Float(ge=0),
     "training.scheduler.factor": Float(gt=0, lt=1),

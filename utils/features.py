@@ -468,7 +468,8 @@ class SplitFeatures:
     path: Path
     clips: int
     computed: int = 0  # clips computed in this run
-    reused: int = 0  # clips taken from an earlier, interrupted run
+    reused: int = 0  # clips taken from an earlier, interrupted run or from the outdated file
+    updated: bool = False  # the final file was outdated (other clips, or some changed)
     skipped_existing: bool = False  # the final file was already complete
     bad: list[tuple[str, str]] = field(default_factory=list)  # (fname, reason) left out by step 02
     skipped_csv: Path | None = None
@@ -556,6 +557,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
             # move it out of the way in one rename (no outdated final survives a crash) and
             # treat it as a shard: its clips still valid are reused, the others recomputed
             log(f"{split}: {final} is outdated ({why}); updating it")
+            out.updated = True
             folder.mkdir(parents=True, exist_ok=True)
             os.replace(final, folder / f"shard-{_next_shard_index(folder):05d}.h5")
 
@@ -571,7 +573,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
         done.pop(fid, None)
         todo.append(Clip(fid, fname, str(path), *sig))
     out.reused = sum(fid in done for fid in fids)
-    if out.reused:
+    if out.reused and not out.updated:
         log(f"{split}: resuming, {out.reused} of {len(fids)} clips already computed in {folder}")
 
     first = _next_shard_index(folder) if folder.is_dir() else 0

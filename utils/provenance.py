@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from utils.config import CONFIG_NAME, load_config
+from utils.config import load_run_config
 from utils.io_utils import atomic_write_text
 
 PROVENANCE_JSON = "provenance.json"
@@ -203,6 +203,6 @@ def resolve_paths(cfg: dict, run_dir: str | Path) -> dict[str, str]:
 def resolved_overrides(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[str]:
     """`overrides` plus `paths.<key>="<absolute>"` for the run's relative paths found elsewhere
     (see resolve_paths). Pass the result wherever the run's config is loaded with overrides."""
-    cfg = load_config(Path(run_dir) / CONFIG_NAME, overrides)
+    cfg = load_run_config(run_dir, overrides)
     extra = [f"paths.{key}={json.dumps(path)}" for key, path in resolve_paths(cfg, run_dir).items()]
     return list(overrides) + extra

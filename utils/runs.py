@@ -1,11 +1,13 @@
 """Run directories: `<paths.output_dir>/<experiment>-<timestamp>/`, holding everything of one run."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 import time
 from pathlib import Path
 
-from utils.config import CONFIG_NAME, load_config
+from utils.config import CONFIG_NAME, load_run_config  # noqa: F401  (its home for the scripts)
 from utils.errors import UserError
 from utils.io_utils import ensure_dir
 from utils.locks import exclusive
@@ -27,11 +29,17 @@ def new_run_dir(cfg: dict, name: str | None = None) -> Path:
     if name is not None and (name in ("", ".", "..") or any(c in name for c in "/\\\0")):
         raise UserError(f"--name {name!r}: a run name is one folder name inside paths.output_dir "
                         "(no '/', not '.' or '..'); to put runs elsewhere set paths.output_dir")
-    name = name or f"{cfg['experiment']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = output_dir / name
     ensure_dir(output_dir)
+    if name is None:  # runs started in the same second get -2, -3, ...
+        stamp = f"{cfg['experiment']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(1):
+            run_dir = output_dir / (stamp if n == 1 else f"{stamp}-{n}")
+            with contextlib.suppress(FileExistsError):
+                run_dir.mkdir()  # atomic: of two processes creating the same name, one gets it
+                return run_dir
+    run_dir = output_dir / name
     try:
-        run_dir.mkdir()  # atomic: of two processes creating the same name, one gets the error
+        run_dir.mkdir()
     except FileExistsError:
         raise UserError(f"{run_dir}: run directory already exists; use --resume {run_dir} to "
                         "continue it or choose another --name") from None
@@ -87,6 +95,3 @@ def resolve_run_dir(run: str | Path | None, cfg: dict) -> Path:
     return run
 
 
-def load_run_config(run_dir: str | Path, overrides=()) -> dict:
-    """The config a run was trained with, read back from the run directory (plus overrides)."""
-    return load_config(Path(run_dir) / CONFIG_NAME, overrides)

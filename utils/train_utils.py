@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.core import build_model
 from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save_checkpoint,
                               set_rng_state)
-from utils.config import CONFIG_NAME, ConfigError, load_config, validate as validate_config
+from utils.config import CONFIG_NAME, ConfigError, load_run_config, validate as validate_config
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
@@ -58,8 +58,8 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
-    saved = load_config(run_dir / CONFIG_NAME)
-    cfg = load_config(run_dir / CONFIG_NAME, overrides)
+    saved = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
     for section in FROZEN_ON_RESUME:
         for key in sorted(set(saved[section]) | set(cfg[section])):
             if saved[section].get(key) != cfg[section].get(key):
@@ -720,7 +720,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
-    cfg = load_config(run_dir / CONFIG_NAME, overrides)
+    cfg = load_run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, which)
     if not path.is_file():
         raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {path})")
@@ -733,6 +733,8 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"{path}: does not fit the model of {run_dir / CONFIG_NAME} "
+        model_sets = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in FROZEN_ON_RESUME]
+        given = f" with --set {' '.join(model_sets)}" if model_sets else ""
+        raise UserError(f"{path}: does not fit the model of {run_dir / CONFIG_NAME}{given} "
                         f"({str(e).strip().splitlines()[0][:200]})") from None
     return model.to(device).eval(), cfg, tid2row
