@@ -13,10 +13,13 @@ log-mels by preprocessing 02's code (`features.*` of the run), captions through 
 `sbert.model` as preprocessing 03 embeds them, on `eval.device` in fp32 unless `eval.amp` says
 otherwise; a split's clips and captions come from the step 01-03 files, as scoring reads them.
 
-Clip embeddings are cached in the run folder and keyed on the checkpoint's content (sha1):
-`cache/{split}_clip_embeds.npz` (shared with postprocessing/01) and, for a folder,
-`cache/folders/<hash of its path>.npz`, where each file is identified by (name, size, mtime):
-changed or new files are encoded again, removed ones dropped, the others reused.
+Clip embeddings are cached in the run folder, keyed on the checkpoint's content (sha1), the
+precision eval.amp gives on the device, and what the clips were computed from: for a split,
+`cache/{split}_clip_embeds.npz`, the (inode, size, mtime) of its log-mel HDF5, caption CSV and
+skip list (split_cache_key: step 02 rewrites the HDF5 whenever a clip changes); for a folder,
+`cache/folders/<hash of its path>.npz`, the run's features.* and each file's (name, size,
+mtime): changed or new files are encoded again, removed ones dropped, the others reused. A
+cache made for anything else (an older layout included) is recomputed and replaced.
 """
 from __future__ import annotations
 
@@ -119,10 +122,18 @@ class Retriever:
 
     @property
     def key(self) -> str:
-        """sha1 of the checkpoint file: what the caches are keyed on."""
+        """sha1 of the checkpoint file: the model part of the caches' keys."""
         if self._key is None:
             self._key = evaluation.checkpoint_key(self.checkpoint)
         return self._key
+
+    def split_key(self, split: str) -> str:
+        """What a split's clip embeddings computed now depend on (split_cache_key)."""
+        return split_cache_key(self.key, self.cfg, split, self.device)
+
+    def folder_key(self) -> str:
+        """What a folder's clip embeddings depend on besides its files (folder_cache_key)."""
+        return folder_cache_key(self.key, self.cfg, self.device)
 
     def describe(self) -> dict:
         """Which run, checkpoint and device answer: for printing and for JSON output."""
@@ -158,6 +169,10 @@ class Retriever:
             return []
         if all(isinstance(a, (str, os.PathLike)) for a in items):
             files = [Path(a) for a in items]
+            folders = [f for f in files if f.is_dir()]
+            if folders:  # file_logmels would call it missing
+                raise UserError(f"unusable audio: {folders[0]} is a folder, not an audio file "
+                                "(search(text, folder=...) searches the clips of a folder)")
             feats, good, bad = evaluation.file_logmels(files, fcfg, progress=False)
             if bad:  # in input order, as file_logmels reports them
                 unusable = [f for f in files if f not in set(good)]
@@ -206,15 +221,19 @@ class Retriever:
         if folder is not None:
             return self._folder_index(Path(folder))
         split = split or DEFAULT_SPLIT
-        if split not in self._clips:
-            self._clips[split] = self._split_index(split)
-        return self._clips[split]
+        self._check_split(split)
+        # taken before encoding: features rewritten meanwhile leave a key that no longer
+        # matches, so the next call recomputes; checked on every call, as a Retriever kept
+        # in a notebook outlives a rerun of step 02
+        key = self.split_key(split)
+        if split not in self._clips or self._clips[split][0] != key:
+            self._clips[split] = (key, self._split_index(split, key))
+        return self._clips[split][1]
 
-    def _split_index(self, split: str) -> ClipIndex:
+    def _split_index(self, split: str, key: str) -> ClipIndex:
         from utils.data_utils import encode_split
 
-        self._check_split(split)
-        cached = evaluation.load_clip_cache(self.run_dir, split, self.key,
+        cached = evaluation.load_clip_cache(self.run_dir, split, key,
                                             dim=self.model.text_enc.out_dim)
         if cached is not None:
             fnames, _, embeds = cached
@@ -224,7 +243,7 @@ class Retriever:
                                amp=self.cfg["eval"]["amp"])
             fnames, embeds = emb.fnames, emb.audio
             self._try_cache(lambda: evaluation.save_clip_cache(self.run_dir, split, emb.fnames,
-                                                               emb.fids, emb.audio, self.key),
+                                                               emb.fids, emb.audio, key),
                             f"{len(fnames)} {split} clip embeddings")
         return ClipIndex(f"split {split}", list(fnames), embeds,
                          [self._clip_path(split, f) for f in fnames])
@@ -260,7 +279,8 @@ class Retriever:
         stats = [f.stat() for f in files]
         ident = [(f.name, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)]
         cache = self.folder_cache_path(folder)
-        known = _read_folder_cache(cache, self.key, self.model.text_enc.out_dim)
+        key = self.folder_key()
+        known = _read_folder_cache(cache, key, self.model.text_enc.out_dim)
         todo = [f for f, i in zip(files, ident) if i not in known]
         fresh: dict[tuple, np.ndarray] = {}
         bad: list[tuple[str, str]] = []
@@ -280,7 +300,7 @@ class Retriever:
         if not rows:
             raise UserError(f"{folder}: none of the {len(files)} audio files is usable")
         if fresh or len(known) != len(rows):
-            self._try_cache(lambda: _write_folder_cache(cache, folder, self.key, rows),
+            self._try_cache(lambda: _write_folder_cache(cache, folder, key, rows),
                             f"{len(rows)} clip embeddings of {folder} ({len(fresh)} new)")
         return ClipIndex(f"folder {folder}", [f.name for _, f, _ in rows],
                          np.stack([e for _, _, e in rows]).astype(np.float32),
@@ -329,11 +349,72 @@ def _check_top_k(top_k: int) -> None:
         raise UserError(f"top_k must be a whole number of at least 1, got {top_k!r}")
 
 
+# --------------------------------------------------------------------------- cache keys
+
+def inference_precision(device, amp: str) -> str:
+    """The precision eval.amp `amp` computes in on `device`: fp32, bf16 or fp16."""
+    import torch
+
+    from utils.devices import cuda_bf16
+
+    # as utils.data_utils.inference_autocast applies it: amp only acts on CUDA, so on a CPU
+    # every setting gives the same numbers and must not cost a recompute
+    if torch.device(device).type != "cuda" or amp == "off":
+        return "fp32"
+    if amp == "auto":
+        return "bf16" if cuda_bf16() else "fp16"
+    return str(amp)
+
+
+def _file_identity(path: Path) -> list[int] | None:
+    """(inode, size, mtime_ns) of a file, None when there is none. The inode matters: step 02
+    and step 01 write to a temporary name renamed into place, so a rewrite is a new inode even
+    where mtime is coarse and the size happens to be the same."""
+    try:
+        st = Path(path).stat()
+    except OSError:  # absent or unreadable: the reader reports it; the key just differs
+        return None
+    return [int(st.st_ino), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _compose_key(checkpoint_sha1: str, inputs: dict) -> str:
+    # the checkpoint's sha1 stays readable at the front of what the cache stores
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return f"{checkpoint_sha1}+{hashlib.sha1(blob).hexdigest()}"
+
+
+def split_cache_key(checkpoint_sha1: str, cfg: dict, split: str, device) -> str:
+    """The key of a split's clip-embedding cache (evaluation.save_clip_cache): the checkpoint,
+    the precision on `device`, and the files of the split's clips as they are now. File
+    identities rather than a hash of the log-mels: hashing Clotho's HDF5 on every query would
+    take seconds, and step 02 only rewrites it when a clip (or a parameter) changed. Take it
+    before encoding, so that a change during the encoding shows as a stale key next time."""
+    from utils.clotho import skipped_path
+    from utils.data_utils import features_dir, logmels_path, text_csv_path
+
+    feats = features_dir(cfg)
+    return _compose_key(checkpoint_sha1, {
+        "logmels": _file_identity(logmels_path(feats, split)),
+        "captions": _file_identity(text_csv_path(feats, split)),   # which clips are in the split
+        "skipped": _file_identity(skipped_path(feats, split)),
+        "precision": inference_precision(device, cfg["eval"]["amp"])})
+
+
+def folder_cache_key(checkpoint_sha1: str, cfg: dict, device) -> str:
+    """The key of a folder's cache, besides each file's (name, size, mtime): the checkpoint,
+    the precision on `device` and the log-mel parameters the files are read with."""
+    from utils.features import feature_params
+
+    return _compose_key(checkpoint_sha1, {
+        "features": feature_params(cfg["features"]),
+        "precision": inference_precision(device, cfg["eval"]["amp"])})
+
+
 # --------------------------------------------------------------------------- folder cache
 
 def _read_folder_cache(path: Path, key: str, dim: int) -> dict[tuple, np.ndarray]:
-    """{(name, size, mtime_ns): embedding [E]} of a folder cache made by checkpoint `key`;
-    {} when absent, stale (another checkpoint) or not a cache we wrote."""
+    """{(name, size, mtime_ns): embedding [E]} of a folder cache made with `key`
+    (folder_cache_key); {} when absent, stale (another key) or not a cache we wrote."""
     if not path.is_file():
         return {}
     try:

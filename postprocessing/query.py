@@ -9,8 +9,10 @@
 --run DIR picks the run (default: the newest in paths.output_dir of --conf); with --run the
 command works from any directory. The checkpoint is the run's eval.checkpoint (`best`), on
 eval.device. A split's clip embeddings are cached in <run>/cache/ and a folder's in
-<run>/cache/folders/, keyed on the checkpoint's content and, for a folder, on each file's name,
-size and modification time. The Python API behind this is models.retrieval.Retriever.
+<run>/cache/folders/, keyed on the checkpoint's content, eval.amp and what the clips were
+computed from: a split's log-mel file (rewritten by preprocessing 02 when a wav changes), or a
+folder's files by name, size and modification time. The Python API behind this is
+models.retrieval.Retriever.
 """
 import sys
 from pathlib import Path
@@ -52,7 +54,8 @@ def main():
     parser.add_argument("text", nargs="*", help="the text to search for (quotes optional)")
     parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
     parser.add_argument("--queries", metavar="FILE", help="search each line of FILE (- = stdin)")
-    parser.add_argument("--audio", nargs="+", metavar="FILE", help="find the captions of these clips")
+    parser.add_argument("--audio", nargs="+", metavar="FILE",
+                        help="find the captions of these audio files")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--split", help="split to search (default: evaluation)")
     where.add_argument("--folder", metavar="DIR", help="search the .wav/.flac files of DIR instead")
@@ -74,6 +77,10 @@ def main():
         raise UserError(f"give one of TEXT, --queries FILE or --audio FILE (got {' and '.join(asked)})")
     if args.audio and args.folder:
         raise UserError("--audio finds captions of a split; --folder only applies to text queries")
+    for path in args.audio or ():
+        if Path(path).is_dir():  # else it reads as a missing file, which it is not
+            raise UserError(f"--audio takes audio files, and {path} is a folder; to search the "
+                            f"clips of a folder for a text, give --folder {path} \"TEXT\"")
     if not asked or (args.text and not text):
         raise UserError("the query is empty: pass the text to search for, e.g. \"a dog barks\" "
                         "(or --queries FILE, or --audio FILE)")

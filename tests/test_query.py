@@ -2,6 +2,7 @@
 scoring pipeline (postprocessing/01), folder search and its cache, and every bad input."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from models.core import build_model
-from models.retrieval import Retriever
+from models.retrieval import Retriever, folder_cache_key, split_cache_key
 from tests.cli_helpers import error_line, run_in_process
 from tests.test_postprocessing import make_run
 from tests.tiny_data import REPO
@@ -95,6 +96,33 @@ def fresh_run(scored_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(scored_run[1], run)
     return scored_run[0], run, scored_run[2]
+
+
+@pytest.fixture
+def own_data(fresh_run, tmp_path):
+    """fresh_run with its own copy of the features and wavs, for tests that change them:
+    (run, data folder, {fname: its wav in the copy})."""
+    conf, run, wavs = fresh_run
+    data = tmp_path / "data"
+    shutil.copytree(load_config(run / "config.yaml")["paths"]["dataset_dir"], data)
+    save_config(load_config(run / "config.yaml", [f"paths.dataset_dir={data}"]), run)
+    return run, data, {fname: data / "evaluation" / path.name for fname, path in wavs.items()}
+
+
+def recompute_clip_as_step_02(data: Path, split: str, fname: str) -> None:
+    """What preprocessing/02 does after a wav changed: that clip's log-mels computed again and
+    the split's HDF5 written anew under a temporary name, then renamed into place."""
+    import pandas as pd
+
+    df = pd.read_csv(data / f"{split}_text.csv", dtype=str)
+    fid = df.loc[df["fname"] == fname, "fid"].iloc[0]
+    path = data / f"{split}_audio_logmels.hdf5"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copy2(path, tmp)
+    with h5py.File(tmp, "r+") as h5:
+        del h5[fid]
+        h5[fid] = log_mel(*load_audio(data / split / fname))
+    os.replace(tmp, path)
 
 
 def run_query(monkeypatch, capsys, *args, cwd=REPO) -> subprocess.CompletedProcess:
@@ -283,6 +311,58 @@ def test_stale_split_cache_is_recomputed(fresh_run):
     assert not np.allclose(before, after)
 
 
+def test_split_cache_follows_the_clips_log_mels(own_data):
+    """The user's repro: one evaluation wav copied over another, step 02 rerun. The search then
+    answers from the new log-mels, in a new Retriever (the cache on disk) and in one that was
+    already open (its index in memory)."""
+    run, data, wavs = own_data
+    first, second = sorted(wavs)[:2]
+    messages = []
+    kept = Retriever.from_run(run, log=messages.append)
+    before = kept.clip_index("evaluation")
+    # postprocessing/01's cache is keyed on the checkpoint alone: not trusted, replaced
+    assert any(m.startswith("cached 6 evaluation clip embeddings") for m in messages)
+    messages.clear()
+    Retriever.from_run(run, log=messages.append).clip_index("evaluation")
+    assert messages == []  # nothing changed: from the cache
+
+    shutil.copy(wavs[second], wavs[first])
+    recompute_clip_as_step_02(data, "evaluation", first)
+    r = Retriever.from_run(run, log=messages.append)
+    for retriever in (r, kept):
+        index = retriever.clip_index("evaluation")
+        i, j = index.fnames.index(first), index.fnames.index(second)
+        assert np.allclose(index.embeds[i], index.embeds[j], atol=1e-6)  # the same audio now
+        assert not np.allclose(index.embeds[i], before.embeds[i])
+        scores = {h.fname: h.score for h in retriever.search("a tone", top_k=6)}
+        assert scores[first] == pytest.approx(scores[second], abs=1e-6)
+    assert any(m.startswith("cached 6 evaluation clip embeddings") for m in messages)
+
+
+def test_cache_keys_cover_what_changes_the_numbers(own_data):
+    run, data, _ = own_data
+    cfg = load_config(run / "config.yaml")
+
+    def keys(device="cuda", amp="off", n_mels=None):
+        c = copy.deepcopy(cfg)
+        c["eval"]["amp"] = amp
+        if n_mels:
+            c["features"]["n_mels"] = n_mels
+        return split_cache_key("sha", c, "evaluation", device), folder_cache_key("sha", c, device)
+
+    assert len({keys(amp="off"), keys(amp="bf16"), keys(amp="fp16")}) == 3
+    assert keys("cpu", "bf16") == keys("cpu", "off") == keys("cuda", "off")  # amp: CUDA only
+    assert keys(n_mels=32)[1] != keys()[1]  # a folder is read with the run's features.*
+    before = keys()[0]
+    (data / "evaluation_skipped_audio.csv").write_text("fname,reason,step\n")
+    assert keys()[0] != before  # the skip list decides which clips the split has
+    # a setting that changes nothing on this machine serves the cache
+    Retriever.from_run(run).clip_index("evaluation")
+    messages = []
+    Retriever.from_run(run, overrides=["eval.amp=bf16"], log=messages.append).clip_index("evaluation")
+    assert messages == []
+
+
 # --------------------------------------------------------------------------- query.py
 
 def test_query_table_matches_the_api(q, retriever, scored_run):
@@ -378,6 +458,15 @@ def test_query_bad_files(q, tmp_path, scored_run):
     assert "no audio files" in error_line(q("--folder", tmp_path / "empty", "x"))
     wav = next(iter(scored_run[2].values()))
     assert "--folder only applies to text" in error_line(q("--audio", wav, "--folder", tmp_path))
+
+
+def test_query_audio_of_a_folder_points_to_folder(q, retriever, scored_run):
+    folder = next(iter(scored_run[2].values())).parent
+    line = error_line(q("--audio", folder))
+    assert f"--audio takes audio files, and {folder} is a folder" in line
+    assert f"--folder {folder} " in line and "(missing)" not in line
+    with pytest.raises(UserError, match="is a folder, not an audio file .*folder="):
+        retriever.embed_audio(folder)
 
 
 def test_query_without_checkpoint(fresh_run, monkeypatch, capsys):
