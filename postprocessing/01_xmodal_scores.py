@@ -3,19 +3,49 @@
 Each clip and each caption is encoded once (batched, GPU when present); scores[caption, clip] =
 text . audio (both L2-normalised). One transaction per split: a rerun replaces a split whole.
 An existing scores.db is added to only if it was computed from the same checkpoint (sha1),
-caption embeddings and eval.amp; otherwise it is refused (remove it or --overwrite). Settings
-that do not change a score (training.epochs, demo sizes, the run folder's name) do not matter.
+caption embeddings and eval.amp; otherwise, or when it is damaged, it is refused (remove it or
+--overwrite). Settings that do not change a score (training.epochs, demo sizes, the run
+folder's name) do not matter.
 --overwrite builds the new db beside the old one and swaps it in when complete: until then the
 old one stays as it was. Clip embeddings are also cached in <run>/cache/ for query.py.
 """
 from pathlib import Path
 
+import numpy as np
+import torch
+
 import utils.cli
+from models.retrieval import split_cache_key
 from utils import evaluation, scores_db
-from utils.data_utils import encode_split, features_dir
+from utils.data_utils import (ClipDataset, SplitEmbeddings, damaged_hdf5_error, encode_split,
+                              features_dir, logmels_path)
 from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run, resolve_run_dir
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
+
+
+def first_nonfinite_clip(dataset_dir: Path, emb: SplitEmbeddings) -> int | None:
+    """The first clip whose embedding AND log-mels hold NaN/inf, or None. Only clips with a
+    non-finite embedding are read again, so a healthy split costs one isfinite over `[C, E]`."""
+    suspects = np.flatnonzero(~np.isfinite(emb.audio).all(axis=1)).tolist()
+    if not suspects:
+        return None
+    clips = ClipDataset(dataset_dir, emb.split, [emb.fids[i] for i in suspects])
+    try:
+        return next((i for k, i in enumerate(suspects)
+                     if not torch.isfinite(clips[k][0]).all()), None)
+    finally:
+        clips.close()
+
+
+def check_inputs_finite(dataset_dir: Path, emb: SplitEmbeddings) -> None:
+    """Non-finite scores from non-finite log-mels are a damaged HDF5 (step 02 never writes
+    NaN/inf), not a bad checkpoint: say so before write_split blames the model."""
+    i = first_nonfinite_clip(dataset_dir, emb)
+    if i is not None:
+        raise damaged_hdf5_error(logmels_path(dataset_dir, emb.split),
+                                 f"clip {emb.fnames[i]} (fid {emb.fids[i]}): its log-mels "
+                                 "contain NaN/inf", data=True)
 
 
 def main():
@@ -38,8 +68,12 @@ def main():
         written = []
         with scores_db.writing(db_path, meta, overwrite=args.overwrite) as conn:
             for split in cfg["eval"]["splits"]:
+                # taken before encoding (a step 02 rerun meanwhile leaves a stale key), and the
+                # one query.py / Retriever computes: they reuse these embeddings
+                cache_key = split_cache_key(meta["checkpoint_sha1"], cfg, split, device)
                 emb = encode_split(model, features_dir(cfg), split, tid2row,
                                    cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
+                check_inputs_finite(features_dir(cfg), emb)
                 s = evaluation.scored_split(emb)
                 print(f"{split}: {len(s.fids)} clips x {len(s.tids)} captions = {s.scores.size} pairs")
                 if emb.skipped.clips:
@@ -47,7 +81,7 @@ def main():
                 scores_db.write_split(conn, s, progress=True,
                                       identity=meta[scores_db.SPLIT_KEY + split])
                 written.append(evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids,
-                                                          emb.audio, meta["checkpoint_sha1"]))
+                                                          emb.audio, cache_key))
     print(f"wrote {db_path} ({scores_db.db_size_mb(db_path):.1f} MB; splits "
           f"{', '.join(cfg['eval']['splits'])}; checkpoint {which}, epoch {meta['checkpoint_epoch']})")
     for path in written:

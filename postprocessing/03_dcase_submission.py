@@ -7,8 +7,10 @@ Output: `caption,file_name_1,...,file_name_10` (default <run>/submission.csv): a
 the 10 best-ranked files per caption, as the challenge requires, whatever eval.top_k says (that
 key sets the retrieval CSVs of postprocessing/02 and query.py), so a retrieval set needs at
 least 10 usable clips. Unreadable wavs stop the step (all listed) unless data.skip_bad_audio,
-which skips them and lists them in <output>.skipped_audio.csv.
+which skips them and lists them in <output>.skipped_audio.csv. --out never replaces the captions
+CSV or an existing file that is not a submission, and is never an audio file of --audio-dir.
 """
+import os
 from pathlib import Path
 
 import utils.cli
@@ -20,6 +22,7 @@ from utils.devices import resolve_device
 
 
 SUBMISSION_RANKS = 10  # file_name_1..file_name_10 per caption: the DCASE Task 6B format
+HEADER = ",".join(["caption"] + [f"file_name_{i}" for i in range(1, SUBMISSION_RANKS + 1)])
 
 
 def check_enough_clips(n: int, where: Path, skipped: int = 0) -> None:
@@ -27,6 +30,27 @@ def check_enough_clips(n: int, where: Path, skipped: int = 0) -> None:
         usable = f"{n} usable audio files ({skipped} skipped)" if skipped else f"{n} audio files"
         raise UserError(f"{where}: {usable}; a submission ranks {SUBMISSION_RANKS} files per "
                         f"caption, so the retrieval set needs at least {SUBMISSION_RANKS}")
+
+
+def _is_submission(path: Path) -> bool:
+    """Written by this script (its header line), or empty: replacing it loses nothing."""
+    with open(path, "rb") as f:
+        first = f.readline(len(HEADER) + 3)
+    return not first or first.rstrip(b"\r\n") == HEADER.encode()
+
+
+def check_out(out: Path, captions_csv: Path, audio_dir: Path) -> None:
+    """Refuse an --out that would replace an input or a file this script did not write. Paths
+    are compared resolved (symlinks, `..`, relative spellings), files by identity (hard links)."""
+    if out.exists() and captions_csv.exists() and os.path.samefile(out, captions_csv):
+        raise UserError(f"--out {out} is the captions file {captions_csv}; write the submission "
+                        "elsewhere")
+    if out.resolve().parent == audio_dir.resolve() and out.suffix.lower() in evaluation.AUDIO_SUFFIXES:
+        raise UserError(f"--out {out} would join the retrieval set in {audio_dir}; give the "
+                        "submission a .csv name or write it elsewhere")
+    if out.is_file() and not _is_submission(out):
+        raise UserError(f"--out {out} exists and is not a submission this script wrote; delete "
+                        "it or choose another path")
 
 
 def setting(cli_value, key: str, *cfgs) -> str:
@@ -53,6 +77,7 @@ def main():
     audio_dir = Path(setting(args.audio_dir, "audio_dir", cfg, conf_cfg))
     captions_csv = Path(setting(args.captions, "captions", cfg, conf_cfg))
     out = Path(args.out) if args.out else Path(run_dir) / "submission.csv"
+    check_out(out, captions_csv, audio_dir)
 
     # cheap input checks before any model is loaded
     captions = evaluation.read_caption_csv(captions_csv)

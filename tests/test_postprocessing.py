@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -21,13 +22,14 @@ import torch
 from models.core import build_model
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import evaluation, scores_db
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config, save_config
 from utils.data_utils import encode_split, relevance
 from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path
 from utils.train_utils import load_trained_model
 from tests.cli_helpers import error_line, run_in_process
+from tests.test_scores_db import damage_scores_table
 
 SCORES = "postprocessing/01_xmodal_scores.py"
 RETRIEVAL = "postprocessing/02_xmodal_retrieval.py"
@@ -224,3 +226,64 @@ def test_library_metrics_match_direct_computation():
     curves = evaluation.split_recall_curves(s, 10)
     assert curves["t2a"][0] == pytest.approx(m["t2a"]["R@1"])
     assert curves["a2t"][9] == pytest.approx(m["a2t"]["R@10"])
+
+
+# --------------------------------------------------------------------------- damaged inputs
+
+def damage_db(db: Path, how: str) -> None:
+    if how == "foreign":
+        db.write_text("not a database at all")
+    elif how == "truncated":
+        with open(db, "r+b") as f:
+            f.truncate(db.stat().st_size // 3)
+    else:
+        damage_scores_table(db)
+
+
+def run_files(run_dir: Path, but: str = "") -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name not in ("run.lock", but)}
+
+
+@pytest.mark.parametrize("how", ["pages", "truncated", "foreign"])
+def test_a_damaged_scores_db_is_one_line_and_overwrite_replaces_it(run, how):
+    conf, run_dir, call = run
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    db = run_dir / "scores.db"
+    damage_db(db, how)
+    before = run_files(run_dir)
+    for script in (RETRIEVAL, SCORES):
+        line = error_line(call(script, "--run", run_dir))
+        # 02 has no --overwrite: the advice names the command that has
+        assert str(db) in line and "postprocessing/01_xmodal_scores.py --overwrite" in line
+        # nothing else touched (01 may have refreshed the provenance rows of the db's meta)
+        assert run_files(run_dir, but="scores.db") == {k: v for k, v in before.items()
+                                                       if k != "scores.db"}
+        assert error_line(call(RETRIEVAL, "--run", run_dir)) == line  # still reported so
+    assert call(SCORES, "--run", run_dir, "--overwrite").returncode == 0
+    assert call(RETRIEVAL, "--run", run_dir).returncode == 0
+    after = run_files(run_dir, but="scores.db")
+    assert {k: after[k] for k in before if k != "scores.db"} == \
+        {k: v for k, v in before.items() if k != "scores.db"}
+
+
+def test_nan_log_mels_blame_the_hdf5_not_the_checkpoint(run, tmp_path):
+    conf, run_dir, call = run
+    h5_path = tmp_path / "data" / "evaluation_audio_logmels.hdf5"
+    with h5py.File(h5_path, "r+") as h5:
+        fid = sorted(h5)[2]
+        h5[fid][5, 7] = np.nan  # a damaged file: step 02 never writes NaN
+    line = error_line(call(SCORES, "--run", run_dir))
+    assert str(h5_path) in line and fid in line and "NaN" in line
+    assert "checkpoint" not in line
+
+
+def test_nan_weights_blame_the_checkpoint(run):
+    conf, run_dir, call = run
+    ckpt = checkpoint_path(run_dir, "best")
+    state = load_checkpoint(ckpt)
+    state["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    save_checkpoint(ckpt, state)
+    line = error_line(call(SCORES, "--run", run_dir))
+    assert "the checkpoint is unusable" in line

@@ -166,6 +166,16 @@ def test_search_gives_the_scoring_pipelines_scores(retriever, scores):
         assert all(a.score >= b.score for a, b in zip(row, row[1:]))  # best first
 
 
+def test_the_split_embeddings_of_scoring_are_reused(scored_run, monkeypatch):
+    """postprocessing/01 leaves each split's clip embeddings under the key query.py looks for."""
+    from utils import data_utils
+
+    _, run_dir, _ = scored_run
+    monkeypatch.setattr(data_utils, "encode_split", lambda *a, **k: pytest.fail("encoded again"))
+    r = Retriever.from_run(run_dir, device="cpu")
+    assert r.search("a dog barks", top_k=1, split="evaluation")
+
+
 def test_captions_for_gives_the_scoring_pipelines_scores(retriever, scores, scored_run):
     wavs = scored_run[2]
     n_caps = len(scores.tids)

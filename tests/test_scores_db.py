@@ -206,11 +206,64 @@ def test_a_full_disk_is_an_oserror_naming_the_db(tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
 
 
+def damage_scores_table(path) -> None:
+    """Junk over the root page of `scores` (as a bad sector would leave): the file header and
+    `meta` stay readable, so the damage is met only when a split's scores are read or replaced."""
+    conn = sqlite3.connect(path)
+    root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'scores'").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xab" * page_size)
+
+
+FIX = "postprocessing/01_xmodal_scores.py --overwrite"  # the one command that replaces a db
+
+
 def test_foreign_file_is_refused(tmp_path):
     path = tmp_path / "scores.db"
     path.write_text("not a database at all")
     with pytest.raises(UserError, match="not a scores database"):
         scores_db.open_for_write(path, META)
+    with pytest.raises(UserError) as e:
+        scores_db.open_for_read(path, META)
+    assert str(path) in str(e.value) and FIX in str(e.value)
+
+
+def test_a_db_damaged_in_the_middle_is_a_user_error_and_overwrite_replaces_it(db):
+    path, conn = db
+    scores_db.write_split(conn, make_split("validation", n_clips=40, per_clip=5, seed=1))
+    scores_db.write_split(conn, make_split("evaluation", n_clips=40, per_clip=5, seed=2))
+    conn.close()
+    damage_scores_table(path)
+    conn = scores_db.open_for_read(path, META)  # header and meta are intact
+    with pytest.raises(UserError, match="damaged") as e:
+        scores_db.read_split(conn, "evaluation", path)
+    assert str(path) in str(e.value) and FIX in str(e.value)
+    conn.close()
+    conn = scores_db.open_for_write(path, META)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="damaged") as e:
+        scores_db.write_split(conn, make_split("evaluation", seed=3))
+    assert str(path) in str(e.value) and FIX in str(e.value)
+    conn.close()
+    assert path.read_bytes() == before  # the failed write was rolled back
+    new = make_split("evaluation", seed=3)
+    with scores_db.writing(path, META, overwrite=True) as conn:
+        scores_db.write_split(conn, new)
+    conn = scores_db.open_for_read(path, META)
+    np.testing.assert_array_equal(scores_db.read_matrix(conn, "evaluation"), new.scores)
+    conn.close()
+
+
+def test_lost_score_rows_are_damage_not_a_crash(db):
+    path, conn = db
+    scores_db.write_split(conn, make_split())
+    conn.execute("DELETE FROM scores WHERE caption = 1")
+    with pytest.raises(UserError, match="damaged") as e:
+        scores_db.read_split(conn, "evaluation", path)
+    assert str(path) in str(e.value) and FIX in str(e.value)
 
 
 def test_empty_split_and_missing_split(db):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cli_helpers import error_line
+from tests.cli_helpers import REPO, error_line
 from tests.test_postprocessing import make_run, run_script
 from tests.wav_fixtures import write_text_as_wav, write_wav, write_zero_length
 
@@ -154,3 +155,37 @@ def test_output_onto_a_folder_is_one_line(sub, tmp_path):
     (tmp_path / "out.csv").mkdir()
     line = error_line(call("--audio-dir", audio, "--captions", captions, "--out", tmp_path / "out.csv"))
     assert f"`{tmp_path / 'out.csv'}` is a folder" in line
+
+
+@pytest.mark.parametrize("target", ["captions", "captions-relative", "captions-symlink", "wav",
+                                    "new-wav-in-audio-dir", "other-file"])
+def test_out_never_replaces_an_input_or_a_foreign_file(sub, tmp_path, target):
+    run_dir, audio, captions, call = sub
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\nnotes,here\n", encoding="utf-8")
+    (tmp_path / "link.csv").symlink_to(captions)
+    out, victim = {
+        "captions": (captions, captions),
+        "captions-relative": (Path(os.path.relpath(captions, REPO)), captions),  # from REPO
+        "captions-symlink": (tmp_path / "link.csv", captions),
+        "wav": (audio / "clip_03.wav", audio / "clip_03.wav"),
+        "new-wav-in-audio-dir": (audio / ".." / audio.name / "submission.wav", None),
+        "other-file": (notes, notes),
+    }[target]
+    before = victim.read_bytes() if victim else None
+    p = call("--audio-dir", audio, "--captions", captions, "--out", out)
+    line = error_line(p)
+    assert str(out) in line and "--out" in line
+    assert "ranked" not in p.stdout  # refused before any work
+    if victim:
+        assert victim.read_bytes() == before
+    else:
+        assert not (audio / "submission.wav").exists()
+
+
+def test_out_may_replace_its_own_earlier_submission(sub, tmp_path):
+    run_dir, audio, captions, call = sub
+    out = tmp_path / "sub.csv"
+    for _ in range(2):
+        assert call("--audio-dir", audio, "--captions", captions, "--out", out).returncode == 0
+    assert [r[0] for r in read_rows(out)[1:]] == CAPTIONS

@@ -56,6 +56,10 @@ SPLIT_KEY = "split:"   # + split name: the identity of that split's inputs (JSON
 PAGE_SIZE = 65536      # fewer, larger B-tree pages: ~15% faster bulk inserts than 4096
 MAX_ROW_BLOCK = 4096   # clips bound per INSERT statement (2 + 4096 parameters < SQLite's 32766)
 SIDE_FILES = ("-wal", "-shm", "-journal")
+# SQLite's primary result codes for a file that is not (or no longer) a valid database
+_DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+# the only command that can replace a db: 02 and query.py only read one
+REBUILD = "postprocessing/01_xmodal_scores.py --overwrite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -191,15 +195,30 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
+def damaged_db_error(path: str | Path, e: BaseException | str) -> UserError:
+    """One line for a db that SQLite cannot read (foreign file, truncated, pages overwritten):
+    its scores are gone, so the only fix is to compute them again."""
+    return UserError(f"{path}: not a scores database of this project, or damaged ({e}); "
+                     f"rerun {REBUILD} to replace it (or delete it)")
+
+
+def _primary_code(e: sqlite3.Error) -> int:
+    return (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+
+
 @contextlib.contextmanager
 def _sqlite_errors(path: Path) -> Iterator[None]:
     """SQLite reports a full disk or an unwritable file as its own OperationalError; raise the
     OSError a plain write would have raised instead, naming the db file, so that it gets the
-    same one-line message as every other write (utils.cli)."""
+    same one-line message as every other write (utils.cli). A damaged file is a UserError."""
     try:
         yield
-    except sqlite3.OperationalError as e:
-        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary result code
+    except sqlite3.DatabaseError as e:
+        code = _primary_code(e)
+        if code in _DAMAGED_CODES:
+            raise damaged_db_error(path, e) from None
+        if not isinstance(e, sqlite3.OperationalError):
+            raise
         if code == sqlite3.SQLITE_FULL:
             err = errno.ENOSPC
         elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
@@ -215,8 +234,8 @@ def _db_file(conn: sqlite3.Connection) -> Path:
     return Path(conn.execute("PRAGMA database_list").fetchone()[2])
 
 
-def _os_errors(fn):
-    """Run a writer `fn(conn, ...)` under _sqlite_errors for the file `conn` writes."""
+def _db_errors(fn):
+    """Run `fn(conn, ...)` under _sqlite_errors for the file `conn` reads or writes."""
     @functools.wraps(fn)
     def wrapper(conn: sqlite3.Connection, *args, **kwargs):
         with _sqlite_errors(_db_file(conn)):
@@ -234,9 +253,8 @@ def _read_only_fs(directory: Path) -> bool:
 def read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
     try:
         return dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.DatabaseError as e:
-        raise UserError(f"{path}: not a scores database of this project ({e}); remove it or "
-                        "pass --overwrite") from None
+    except sqlite3.DatabaseError as e:  # no meta table at all counts too: not ours
+        raise damaged_db_error(path, e) from None
 
 
 _WHY = {"schema_version": "an older version of this project wrote it",
@@ -377,6 +395,7 @@ def _split_id(conn: sqlite3.Connection, split: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+@_db_errors
 def stored_splits(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute("SELECT split FROM splits ORDER BY split_id")]
 
@@ -435,7 +454,7 @@ def _write_stats(conn: sqlite3.Connection) -> None:
     conn.execute("ANALYZE sqlite_schema")  # reload the statistics into the planner
 
 
-@_os_errors
+@_db_errors
 def write_split(conn: sqlite3.Connection, s: ScoredSplit, progress: bool = False,
                 identity: str | None = None) -> None:
     """Replace split `s.split` in the db with `s`, atomically (one transaction), and record
@@ -480,7 +499,7 @@ def write_split(conn: sqlite3.Connection, s: ScoredSplit, progress: bool = False
         raise
 
 
-@_os_errors
+@_db_errors
 def write_t2a_ranks(conn: sqlite3.Connection, split: str, ranks: np.ndarray) -> None:
     """Store the rank of every caption's true clip (`ranks` int `[Q]`, 1-based), replacing the
     split's previous ranks in one transaction."""
@@ -507,6 +526,7 @@ def write_t2a_ranks(conn: sqlite3.Connection, split: str, ranks: np.ndarray) -> 
 
 # --------------------------------------------------------------------------- reading
 
+@_db_errors
 def read_split(conn: sqlite3.Connection, split: str, path: str | Path = "scores.db") -> ScoredSplit:
     """Rebuild a split's matrix float32 `[Q, C]` and its clip / caption lists from the db."""
     row = conn.execute("SELECT split_id, n_clips, n_captions FROM splits WHERE split = ?",
@@ -520,14 +540,25 @@ def read_split(conn: sqlite3.Connection, split: str, path: str | Path = "scores.
                          (sid,)).fetchall()
     caps = conn.execute("SELECT tid, raw_text, clip FROM captions WHERE split_id = ? "
                         "ORDER BY caption", (sid,)).fetchall()
-    cur = conn.execute("SELECT score FROM scores WHERE split_id = ? ORDER BY caption, clip", (sid,))
-    # chain.from_iterable unpacks the 1-tuples in C: no Python frame per pair
-    flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.float64, count=n_clips * n_caps)
+    if len(clips) != n_clips or len(caps) != n_caps:
+        raise damaged_db_error(_db_file(conn), f"split '{split}' lost clip or caption rows")
     return ScoredSplit(
         split=split, fids=[r[0] for r in clips], fnames=[r[1] for r in clips],
         tids=[r[0] for r in caps], captions=[r[1] for r in caps],
         caption_clip=np.array([r[2] for r in caps], dtype=np.int64),
-        scores=flat.astype(np.float32).reshape(n_caps, n_clips))
+        scores=_read_scores(conn, split, sid, n_caps, n_clips))
+
+
+def _read_scores(conn: sqlite3.Connection, split: str, sid: int, n_caps: int, n_clips: int
+                 ) -> np.ndarray:
+    cur = conn.execute("SELECT score FROM scores WHERE split_id = ? ORDER BY caption, clip", (sid,))
+    try:
+        # chain.from_iterable unpacks the 1-tuples in C: no Python frame per pair
+        flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.float64,
+                           count=n_clips * n_caps)
+    except ValueError:  # fewer rows than `splits` says were written: pages lost under SQLite
+        raise damaged_db_error(_db_file(conn), f"split '{split}' lost score rows") from None
+    return flat.astype(np.float32).reshape(n_caps, n_clips)
 
 
 def read_matrix(conn: sqlite3.Connection, split: str) -> np.ndarray:
@@ -535,6 +566,7 @@ def read_matrix(conn: sqlite3.Connection, split: str) -> np.ndarray:
     return read_split(conn, split).scores
 
 
+@_db_errors
 def caption_scores(conn: sqlite3.Connection, split: str, caption: int) -> list[tuple[int, float]]:
     """(clip, score) of one caption against every clip (primary-key lookup)."""
     return conn.execute("SELECT s.clip, s.score FROM scores s JOIN splits USING (split_id) "
@@ -542,6 +574,7 @@ def caption_scores(conn: sqlite3.Connection, split: str, caption: int) -> list[t
                         (split, int(caption))).fetchall()
 
 
+@_db_errors
 def clip_scores(conn: sqlite3.Connection, split: str, clip: int) -> list[tuple[int, float]]:
     """(caption, score) of one clip against every caption (via scores_by_clip)."""
     return conn.execute("SELECT s.caption, s.score FROM scores s JOIN splits USING (split_id) "
