@@ -18,7 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PYTHON=${PYTHON:-python}
+# the project's .venv (make venv) when there is one, so that it works without `source`
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 FIRST=0
 LAST=7
 conf=conf.yaml

@@ -107,3 +107,21 @@ def test_bad_arguments_are_one_line_and_run_nothing(run_sh, args, needle):
 def test_help(run_sh):
     proc, calls = run_sh("--help")
     assert proc.returncode == 0 and "--resume DIR" in proc.stdout and calls == []
+
+
+@pytest.mark.parametrize("venv", [True, False])
+def test_without_python_set_it_takes_the_projects_venv(tmp_path, venv):
+    """`./run.sh` works without activating .venv (a bare `python` may lack torch)."""
+    (tmp_path / "run.sh").write_text((REPO / "run.sh").read_text())
+    bin_dir = tmp_path / (".venv/bin" if venv else "path")
+    bin_dir.mkdir(parents=True)
+    stub = bin_dir / "python"
+    stub.write_text(f'#!/bin/sh\necho "{stub}" >> "$LOG"\n')
+    stub.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(LOG=str(log), PATH=f"{tmp_path / 'path'}{os.pathsep}{env['PATH']}")
+    proc = subprocess.run(["bash", str(tmp_path / "run.sh"), "--stage", "1", "--stop-stage", "1"],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == [str(stub)]
