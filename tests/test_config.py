@@ -376,8 +376,9 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / "base.yaml").write_text("base: [x]\n")
     with pytest.raises(ConfigError, match="`base:` must name the config file"):
         load_config(tmp_path / "base.yaml")
-    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
-        (tmp_path / "dangling.yaml").write_text("base: missing.yaml\n")
+    (tmp_path / "dangling.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml: config file not found \(the `base:` of "
+                                          r".*dangling.yaml; it is read relative to that file's folder\)"):
         load_config(tmp_path / "dangling.yaml")
 
 

@@ -339,7 +339,10 @@ def config_chain(path: str | Path) -> list[tuple[Path, dict]]:
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"{path}: `base:` must name the config file this one overlays, "
                               f"got {_show(base)}")
-        path = path.parent / str(base)
+        named_by, path = path, path.parent / str(base)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (the `base:` of {named_by}; it is "
+                              "read relative to that file's folder)")
 
 
 def load_config(path: str | Path = "conf.yaml", overrides: Iterable[str] = ()) -> dict:
