@@ -95,6 +95,32 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf_workers, t
     assert state["best_metric"] == pytest.approx(ref["best_metric"], abs=1e-6)
 
 
+def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(conf, tmp_path):
+    """A cluster's time limit sends SIGTERM (SIGKILL follows): the run stops at once, with the
+    checkpoint under way finished, and prints the --resume command."""
+    run = tmp_path / "outputs" / "term"
+    proc = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "term"],
+                            cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.time()
+        while not (run / "checkpoints" / "last.pt").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() - started < 120, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal came")
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM): finished epochs are kept in" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert 1 <= _epoch_of(run / "checkpoints" / "last.pt") < EPOCHS
+
+
 def test_resume_before_the_first_checkpoint_starts_over(conf, tmp_path, monkeypatch, capsys):
     cfg = load_config(conf, ["training.epochs=1"])
     run = new_run_dir(cfg, "early")  # what a run killed during epoch 1 leaves behind

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -128,11 +129,29 @@ def advise_resume(run_dir: str | Path) -> None:
 
 # --------------------------------------------------------------------------- running main()
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit or pre-emption, `kill`), stopped as Ctrl-C stops a
+    script: a checkpoint under way is finished, and the script says how to continue."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def run(main: Callable[[], object]) -> None:
     """Run a script's main(): a UserError, or a file-system error the user can fix (disk full,
     read-only, permission, a file where a folder should be), is one line on stderr and exit 2;
-    Ctrl-C says what is kept and how to continue (exit 130)."""
+    Ctrl-C (exit 130) or SIGTERM (exit 143) says what is kept and how to continue."""
     set_interrupt_advice(DEFAULT_INTERRUPT_ADVICE)  # until main() knows better (advise_resume)
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run(main)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
@@ -144,11 +163,12 @@ def run(main: Callable[[], object]) -> None:
         if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE:  # e.g. main.py: how to resume the run
             message = f"{message}; {_interrupt_advice}"
         _fail(message)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _close_progress_bars()
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
-            print(f"interrupted: {_interrupt_advice}", file=sys.stderr)
-        sys.exit(130)
+            print(f"{what}: {_interrupt_advice}", file=sys.stderr)
+        sys.exit(code)
 
 
 def _close_progress_bars() -> None:

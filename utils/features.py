@@ -238,9 +238,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _init_pool_worker(params: dict, parent_pid: int | None = None) -> None:
-    # Ctrl-C reaches the whole process group: the parent alone handles it, and the workers
-    # finish (and save) the chunks they started instead of dying with a traceback each
+    # Ctrl-C (and a SIGTERM sent to the group) reaches every process: the parent alone handles
+    # it, and the workers finish (and save) the chunks they started instead of dying with a
+    # traceback each
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if parent_pid is not None:
         die_with_parent(parent_pid)
     _init_worker(params)
