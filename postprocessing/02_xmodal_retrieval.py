@@ -81,6 +81,9 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
     print(evaluation.format_table(doc))  # what a person looks for ...
     if page:  # ... and where to look next (`make demo` ends with this line)
         print(f"report: {page.path} ({report.format_size(page.size)}; open it in a browser)")
+    elif (old := Path(run_dir) / report.REPORT_DIR / report.INDEX).is_file():
+        print(f"note: {old} is an earlier run's page, left as it was (eval.report.enabled is false); "
+              "it does not show these metrics")
 
 if __name__ == "__main__":
     utils.cli.run(main)

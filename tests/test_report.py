@@ -323,6 +323,12 @@ def test_step_02_without_the_report(run_with_wavs):
     p = call(RETRIEVAL, "--set", "eval.report.enabled=false")
     assert p.returncode == 0, p.stderr
     assert not (run_dir / "report").exists() and "report:" not in p.stdout
+    # an earlier page stays, but is said not to show these metrics
+    assert call(RETRIEVAL).returncode == 0
+    page = (run_dir / "report" / "index.html").read_bytes()
+    p = call(RETRIEVAL, "--set", "eval.report.enabled=false")
+    assert p.returncode == 0 and (run_dir / "report" / "index.html").read_bytes() == page
+    assert f"note: {run_dir / 'report' / 'index.html'} is an earlier run's page" in p.stdout
 
 
 def test_bad_report_setting_is_one_line(run_with_wavs):
