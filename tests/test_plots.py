@@ -10,7 +10,7 @@ from PIL import Image
 
 from utils import evaluation, scores_db
 from utils.errors import UserError
-from utils.plots import (BEST_GID, CHANCE_GID, figure_paths, plot_recall_curves, plot_run_figures,
+from utils.plots import (BEST_GID, CHANCE_GID, RING_GID, figure_paths, plot_recall_curves, plot_run_figures,
                          plot_training_curves, read_metrics_jsonl, recall_figure, training_figure)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -142,6 +142,11 @@ def test_training_figure_marks_chance_best_epoch_and_run(tmp_path):
     assert "run demo-20260101-000000" in texts
     labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert "best checkpoint: epoch 4 (by val_loss)" in labels and "chance (random ranking)" in labels
+    # the ring marks the monitored curve's point only
+    assert [len(_lines(ax, RING_GID)) for ax in fig.axes] == [1, 0]
+    plt.close(fig)
+    fig = training_figure(_records(6), best_epoch=4, monitor="val_t2a_mAP@10")
+    assert [len(_lines(ax, RING_GID)) for ax in fig.axes] == [0, 1]
     plt.close(fig)
 
 

@@ -123,17 +123,21 @@ def _chance_line(ax, y: float, label: str = "chance (random ranking)", color: st
     line.set_gid(f"{CHANCE_GID}-validation-mAP")
 
 
+RING_GID = "ring-at-best-epoch"
+
+
 def _mark_best(ax, xs: list[int], ys: list[float], best_epoch: int | None, color: str,
-               label: str | None) -> None:
-    """A vertical line at the best checkpoint's epoch, and a ring on the curve's point there."""
+               label: str | None, ring: bool) -> None:
+    """A vertical line at the best checkpoint's epoch, and a ring on the curve's point there
+    when `ring` (the monitored curve only: a ring elsewhere reads as that curve's best)."""
     if best_epoch is None:
         return
     vline = ax.axvline(best_epoch, color="0.55", linewidth=0.9, linestyle=":", zorder=1, label=label)
     vline.set_gid(BEST_GID)
-    if best_epoch in xs:
+    if ring and best_epoch in xs:
         ax.plot([best_epoch], [ys[xs.index(best_epoch)]], marker="o", markersize=9,
                 markerfacecolor="none", markeredgecolor=color, markeredgewidth=1.6, zorder=4,
-                clip_on=False)  # a ring at the axis' edge stays whole
+                clip_on=False, gid=RING_GID)  # a ring at the axis' edge stays whole
 
 
 def training_figure(records: list[dict], run_name: str | None = None, best_epoch: int | None = None,
@@ -151,7 +155,7 @@ def training_figure(records: list[dict], run_name: str | None = None, best_epoch
             if xs:
                 ax_loss.plot(xs, ys, marker="o", markersize=3.5, color=color, label=label)
                 if key == "val_loss":
-                    _mark_best(ax_loss, xs, ys, best_epoch, color, None)
+                    _mark_best(ax_loss, xs, ys, best_epoch, color, None, ring=monitor == "val_loss")
         ax_loss.set(title="InfoNCE loss", ylabel="loss")
         xs, ys = _series(records, "val_t2a_mAP@10")
         epochs += xs
@@ -159,8 +163,9 @@ def training_figure(records: list[dict], run_name: str | None = None, best_epoch
         if xs:
             ax_map.plot(xs, ys, marker="o", markersize=3.5, color="tab:green",
                         label="validation mAP@10")
-            _mark_best(ax_map, xs, ys, best_epoch, "tab:green", best_label)
-            if best_epoch in xs:
+            by_map = monitor != "val_loss"
+            _mark_best(ax_map, xs, ys, best_epoch, "tab:green", best_label, ring=by_map)
+            if by_map and best_epoch in xs:
                 value = ys[xs.index(best_epoch)]
                 ax_map.annotate(f"{value:.3f}", (best_epoch, value), textcoords="offset points",
                                 xytext=(0, 8), ha="center", fontsize=9, color="tab:green")

@@ -421,6 +421,7 @@ td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:right}
 th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
 tr.chance td{color:#777;font-size:.9em}figure{display:inline-block;margin:6px 12px 6px 0}
 figure img{max-width:100%;border:1px solid #ddd;background:#fff}figure.wide img{width:600px}
+figure.full{display:block;margin-right:0}figure.full img{width:100%}
 .panels{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
 .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px}
 .panel h3{font-size:1em;margin:0 0 4px;font-weight:600}
@@ -689,7 +690,9 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
 
     hists = {n for n in images if n.endswith("_t2a_rank_histogram")}
     body += ['<section id="plots"><h2>Training, recall@k and the rank of the true clip</h2>',
-             "<div>" + "".join(fig(n, p, "wide") for n, p in images.items() if n not in hists)
+             # three panels of ten k each: legible only across the page
+             "<div>" + "".join(fig(n, p, "full" if n == "recall_at_k" else "wide")
+                               for n, p in images.items() if n not in hists)
              + "</div><div>" + "".join(fig(n, p, "hist") for n, p in images.items() if n in hists)
              + "</div></section>"]
     how = {"t2a": "each caption's top {k} clips; ✓ marks its own clip, which gets its own player "
