@@ -56,8 +56,9 @@ SPLIT_KEY = "split:"   # + split name: the identity of that split's inputs (JSON
 PAGE_SIZE = 65536      # fewer, larger B-tree pages: ~15% faster bulk inserts than 4096
 MAX_ROW_BLOCK = 4096   # clips bound per INSERT statement (2 + 4096 parameters < SQLite's 32766)
 SIDE_FILES = ("-wal", "-shm", "-journal")
-# SQLite's primary result codes for a file that is not (or no longer) a valid database
-_DAMAGED_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+# SQLite's primary result codes for a file that is not (or no longer) a valid database:
+# SQLITE_CORRUPT, SQLITE_NOTADB (as numbers: the sqlite3 module names them from Python 3.11)
+_DAMAGED_CODES = (11, 26)
 # the only command that can replace a db: 02 and query.py only read one
 REBUILD = "postprocessing/01_xmodal_scores.py --overwrite"
 
