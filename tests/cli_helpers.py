@@ -6,6 +6,7 @@ import io
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +37,19 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, sig: int) -> str:
+    """Send `sig` to a main.py process once `run_dir` has its first checkpoint; its stderr."""
+    last = run_dir / "checkpoints" / "last.pt"
+    started = time.time()
+    try:
+        while not last.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.time() - started < 120, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

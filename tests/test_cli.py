@@ -9,13 +9,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cli_helpers import error_line, run_in_process
+from tests.cli_helpers import error_line, run_in_process, signal_after_first_checkpoint
 from tests.test_training import script_env
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import cli, io_utils
@@ -309,18 +308,7 @@ def test_ctrl_c_during_training_prints_a_resume_command_that_works(tmp_path):
                              "--set", "training.epochs=3"],  # an override the resume must keep
                             cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    last = run / "checkpoints" / "last.pt"
-    started = time.time()
-    try:
-        while not last.exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.time() - started < 120, "no checkpoint after 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = signal_after_first_checkpoint(proc, run, signal.SIGINT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     advice = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.cli_helpers import error_line
+from tests.cli_helpers import error_line, signal_after_first_checkpoint
 from tests.test_training import main_in_process, script_env, train_in_process
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils.checkpoint import load_checkpoint
@@ -95,26 +95,16 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf_workers, t
     assert state["best_metric"] == pytest.approx(ref["best_metric"], abs=1e-6)
 
 
-def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(conf, tmp_path):
+def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
     """A cluster's time limit sends SIGTERM (SIGKILL follows): the run stops at once, with the
     checkpoint under way finished, and prints the --resume command."""
+    make_tiny_features(tmp_path / "data", n_clips=(96, 6, 6))  # 60 steps an epoch, as test_cli's
+    conf = tiny_config(tmp_path, {"training": {"epochs": EPOCHS, "max_frames": 80}})
     run = tmp_path / "outputs" / "term"
     proc = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "term"],
                             cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        started = time.time()
-        while not (run / "checkpoints" / "last.pt").exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() - started < 120, "no checkpoint after 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal came")
+    err = signal_after_first_checkpoint(proc, run, signal.SIGTERM)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM): finished epochs are kept in" in err and "--resume" in err
     assert "Traceback" not in err
