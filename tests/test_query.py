@@ -10,6 +10,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -483,3 +484,27 @@ def test_query_without_checkpoint(fresh_run, monkeypatch, capsys):
     conf, run, _ = fresh_run
     checkpoint_path(run, "best").unlink()
     assert "no checkpoint" in error_line(run_query(monkeypatch, capsys, "--run", run, "a dog"))
+
+
+def test_audio_at_another_rate_than_the_training_clips_is_noted(own_data, tmp_path, capsys):
+    """Log-mels are taken at each file's own rate (step 02's code): a clip at another rate than
+    the training clips' gets features the model never saw, which a note says."""
+    run, data, wavs = own_data
+    with h5py.File(data / "development_audio_logmels.hdf5", "r+") as h5:
+        for name in h5:
+            h5[name].attrs["sr"] = SR  # step 02 records each clip's rate
+    other = write_wav(tmp_path / "other.wav", seconds=1.5, sr=2 * SR, seed=3)
+    same = next(iter(wavs.values()))
+
+    r = Retriever.from_run(run, device="cpu")
+    assert r.training_rates() == {SR}
+    with pytest.warns(UserWarning, match=rf"1 of 2 audio inputs are not at {SR} Hz.*other.wav: {2 * SR} Hz"):
+        r.embed_audio([same, other])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.embed_audio([same])  # the training rate: nothing to say
+    lines = []
+    Retriever.from_run(run, device="cpu", log=lines.append).embed_audio(np.zeros(SR), sr=8000)
+    assert lines == [f"note: 1 of 1 audio inputs are not at {SR} Hz, the rate of the training clips "
+                     f"(waveform 0: 8000 Hz); their log-mels cover other frequencies than the model "
+                     f"was trained on: resample them to {SR} Hz for comparable scores"]
