@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import runpy
 import subprocess
 import sys
@@ -39,8 +40,11 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, sig: int) -> str:
-    """Send `sig` to a main.py process once `run_dir` has its first checkpoint; its stderr."""
+def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, sig: int,
+                                  group: bool = False) -> str:
+    """Send `sig` to a main.py process once `run_dir` has its first checkpoint (`group`: to its
+    whole process group, workers included, as a terminal or a cluster does; the process must
+    have been started with start_new_session=True); its stderr."""
     last = run_dir / "checkpoints" / "last.pt"
     started = time.time()
     try:
@@ -48,7 +52,10 @@ def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, sig: in
             assert proc.poll() is None, proc.communicate()[1]
             assert time.time() - started < 120, "no checkpoint after 120 s"
             time.sleep(0.05)
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         return proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:

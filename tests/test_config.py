@@ -390,6 +390,9 @@ def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path):
     (tmp_path / "nested.yaml").write_text("training:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
     with pytest.raises(ConfigError, match=r"key `lr` appears twice .*lines 2 and 3"):
         load_config(tmp_path / "nested.yaml")
+    (tmp_path / "listkey.yaml").write_text("? [a, b]\n: 1\n")  # still refused by YAML itself
+    with pytest.raises(ConfigError, match="listkey.yaml: not valid YAML"):
+        load_config(tmp_path / "listkey.yaml")
     # anchors and merge keys still read
     assert config_module.read_raw("x: &x {n: 1}\ny:\n  <<: *x\n  m: 2\n") == {"x": {"n": "1"}, "y": {"n": "1", "m": "2"}}
 

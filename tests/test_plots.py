@@ -148,6 +148,10 @@ def test_training_figure_marks_chance_best_epoch_and_run(tmp_path):
     fig = training_figure(_records(6), best_epoch=4, monitor="val_t2a_mAP@10")
     assert [len(_lines(ax, RING_GID)) for ax in fig.axes] == [0, 1]
     plt.close(fig)
+    fig = training_figure(_records(6), best_epoch=4, monitor="val_t2a_R@1")  # not drawn: no ring
+    assert [len(_lines(ax, RING_GID)) for ax in fig.axes] == [0, 0]
+    assert [len(_lines(ax, BEST_GID)) for ax in fig.axes] == [1, 1]
+    plt.close(fig)
 
 
 def test_chance_line_is_in_the_svg(tmp_path):

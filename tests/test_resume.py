@@ -99,12 +99,14 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path):
     """A cluster's time limit sends SIGTERM (SIGKILL follows): the run stops at once, with the
     checkpoint under way finished, and prints the --resume command."""
     make_tiny_features(tmp_path / "data", n_clips=(96, 6, 6))  # 60 steps an epoch, as test_cli's
-    conf = tiny_config(tmp_path, {"training": {"epochs": EPOCHS, "max_frames": 80}})
+    # loader workers, all signalled with the run (as a cluster does): torch's handler in a
+    # worker would end it, and the run would fail on "worker killed by signal"
+    conf = tiny_config(tmp_path, {"training": {"epochs": EPOCHS, "num_workers": 2}})
     run = tmp_path / "outputs" / "term"
     proc = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "term"],
                             cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    err = signal_after_first_checkpoint(proc, run, signal.SIGTERM)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err = signal_after_first_checkpoint(proc, run, signal.SIGTERM, group=True)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM): finished epochs are kept in" in err and "--resume" in err
     assert "Traceback" not in err

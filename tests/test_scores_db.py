@@ -337,3 +337,18 @@ def test_a_folder_named_scores_db_is_reported_as_such(tmp_path, overwrite):
             pass
     assert e.value.filename == str(tmp_path / "scores.db")
     assert (tmp_path / "scores.db").is_dir()
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("database disk image is malformed", UserError), ("file is not a database", UserError),
+    ("database or disk is full", OSError), ("attempt to write a readonly database", OSError),
+    ("database is locked", sqlite3.OperationalError)])
+def test_errors_without_a_result_code_are_told_apart_by_message(tmp_path, message, expected):
+    """Python 3.10's sqlite3 errors carry no result code (`sqlite_errorcode` came in 3.11)."""
+    error = sqlite3.OperationalError(message)
+    assert not hasattr(error, "sqlite_errorcode")
+    with pytest.raises(expected) as caught:
+        with scores_db._sqlite_errors(tmp_path / "scores.db"):
+            raise error
+    if expected is not sqlite3.OperationalError:
+        assert str(tmp_path / "scores.db") in str(caught.value)

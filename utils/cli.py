@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from utils.config import dump_config, load_config
-from utils.errors import UserError, os_error_message
+from utils.errors import Terminated, UserError, os_error_message
 
 DEFAULT_INTERRUPT_ADVICE = "work already finished is kept; rerun the same command to continue"
 _interrupt_advice = DEFAULT_INTERRUPT_ADVICE
@@ -129,11 +129,6 @@ def advise_resume(run_dir: str | Path) -> None:
 
 # --------------------------------------------------------------------------- running main()
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster's time limit or pre-emption, `kill`), stopped as Ctrl-C stops a
-    script: a checkpoint under way is finished, and the script says how to continue."""
-
-
 def _terminate(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated
@@ -148,7 +143,8 @@ def run(main: Callable[[], object]) -> None:
     try:
         _run(main)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if before is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, before)
 
 
 def _run(main: Callable[[], object]) -> None:

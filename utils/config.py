@@ -11,6 +11,7 @@ this one reader. `validate` checks every key's type and range before a script do
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import difflib
 import functools
@@ -61,6 +62,8 @@ def _no_duplicate_keys(loader: _RawLoader, node: yaml.MappingNode, deep: bool = 
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, collections.abc.Hashable):
+            continue  # a list as a key: SafeConstructor refuses it below, naming its line
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key `{key}` appears twice in one mapping (lines {seen[key]} and "

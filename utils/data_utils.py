@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -478,6 +479,14 @@ def unpack_group(audio: torch.Tensor, ids: torch.Tensor, shapes: torch.Tensor
     return out
 
 
+def leave_signals_to_the_parent(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`. A SIGTERM to the process group (a cluster's time limit)
+    reaches the workers too, and torch's own handler there would end them with it; the parent,
+    stopping cleanly (utils.errors.Terminated), would then fail on "worker killed by signal". The
+    parent alone handles it and ends its workers, as for Ctrl-C."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @torch.no_grad()
 def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
                  num_workers: int = 0, amp: str = "off", copy_every: int = 256) -> np.ndarray:
@@ -486,7 +495,7 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
     device = torch.device(device)
     groups = batch_groups(equal_length_batches(dataset.lengths, batch_size), batch_size)
     loader = DataLoader(BatchGroups(dataset, groups), batch_size=None, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=leave_signals_to_the_parent)
     out: np.ndarray | None = None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (clip ids [b], embeddings [b, E])
 

@@ -1,6 +1,7 @@
 """User errors: the one exception type for a user's mistake, and the file-system errors a user
 meets (full disk, read-only location, no permission, a file where a folder should be), both
-printed by utils.cli.run as one line with exit status 2, never a traceback."""
+printed by utils.cli.run as one line with exit status 2, never a traceback. And Terminated: how
+a SIGTERM stops a script."""
 from __future__ import annotations
 
 import errno
@@ -58,3 +59,9 @@ def os_error_message(e: OSError) -> str | None:
     if isinstance(path, bytes):
         path = path.decode(errors="replace")
     return template.format(path=path)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit or pre-emption, `kill`), stopped as Ctrl-C stops a
+    script (utils.cli.run): a checkpoint under way is finished, and the script says how to
+    continue."""

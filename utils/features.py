@@ -81,7 +81,7 @@ from utils.audio_utils import (EPS, AudioError, keep_freed_memory, limit_threads
 from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, read_skipped, resolve_wav,
                           skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
-from utils.errors import UserError
+from utils.errors import Terminated, UserError
 from utils.io_utils import atomic_path, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
@@ -310,13 +310,13 @@ def in_order(pool, fn: Callable, items: list, ahead: int) -> Iterator:
         yield pending.popleft().result()
 
 
-def _gpu_chunks(chunks: list[Chunk], pool, device: str) -> Iterator[ChunkDone]:
-    """The pool (or this process) reads the wavs; the log-mels are computed here on `device`."""
+def _gpu_chunks(chunks: list[Chunk], pool, device: str, workers: int = 1) -> Iterator[ChunkDone]:
+    """The pool of `workers` (or this process) reads the wavs; the log-mels are computed here
+    on `device`."""
     p = _WORKER_PARAMS
     clips = [clip for chunk in chunks for clip in chunk.clips]
-    # in chunk order; a few clips per core read ahead, the rest wait their turn
-    ahead = 4 * (os.cpu_count() or 1)
-    loaded = in_order(pool, _compute, clips, ahead) if pool is not None else map(_compute, clips)
+    # in chunk order; a few clips per worker read ahead, the rest wait their turn
+    loaded = in_order(pool, _compute, clips, 4 * workers) if pool is not None else map(_compute, clips)
     for chunk in chunks:
         results = [next(loaded) for _ in chunk.clips]
         for i, r in enumerate(results):
@@ -581,7 +581,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     first = _next_shard_index(folder) if folder.is_dir() else 0
     workers = int(features_cfg.get("workers", 1)) if pool is not None else 1
     chunks = make_chunks(todo, folder, first, max(1, int(features_cfg.get("flush_every", 64))), workers)
-    finished = _cpu_chunks(chunks, pool) if device == "cpu" else _gpu_chunks(chunks, pool, device)
+    finished = _cpu_chunks(chunks, pool) if device == "cpu" else _gpu_chunks(chunks, pool, device, workers)
     try:
         with tqdm(total=len(todo), desc=f"{split} log-mels", unit="clip") as progress:
             for chunk in finished:  # shards already on disk: a kill or Ctrl-C from here keeps them
@@ -648,9 +648,10 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
         return [compute_split(dataset_dir, split, fid2fname[split], features_cfg,
                               cfg["data"]["skip_bad_audio"], log, pool, out_dir)
                 for split in cfg["data"]["splits"]]
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if pool is not None:
-            log("interrupted: the workers save the chunks they started, then stop (Ctrl-C again to stop now)")
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            log(f"{what}: the workers save the chunks they started, then stop (Ctrl-C again to stop now)")
         raise
     finally:
         if pool is not None:

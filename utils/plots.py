@@ -163,7 +163,7 @@ def training_figure(records: list[dict], run_name: str | None = None, best_epoch
         if xs:
             ax_map.plot(xs, ys, marker="o", markersize=3.5, color="tab:green",
                         label="validation mAP@10")
-            by_map = monitor != "val_loss"
+            by_map = monitor in (None, "val_t2a_mAP@10")  # R@k monitors have no curve here
             _mark_best(ax_map, xs, ys, best_epoch, "tab:green", best_label, ring=by_map)
             if by_map and best_epoch in xs:
                 value = ys[xs.index(best_epoch)]

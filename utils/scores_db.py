@@ -56,9 +56,13 @@ SPLIT_KEY = "split:"   # + split name: the identity of that split's inputs (JSON
 PAGE_SIZE = 65536      # fewer, larger B-tree pages: ~15% faster bulk inserts than 4096
 MAX_ROW_BLOCK = 4096   # clips bound per INSERT statement (2 + 4096 parameters < SQLite's 32766)
 SIDE_FILES = ("-wal", "-shm", "-journal")
-# SQLite's primary result codes for a file that is not (or no longer) a valid database:
-# SQLITE_CORRUPT, SQLITE_NOTADB (as numbers: the sqlite3 module names them from Python 3.11)
-_DAMAGED_CODES = (11, 26)
+# SQLite's primary result codes, as numbers: the sqlite3 module names them (and gives errors
+# their code) only from Python 3.11
+_PERM, _READONLY, _IOERR, _CORRUPT, _CANTOPEN, _FULL, _NOTADB = 3, 8, 10, 11, 14, 13, 26
+_DAMAGED_CODES = (_CORRUPT, _NOTADB)  # not (or no longer) a valid database
+# ... and their messages, for Python 3.10, whose errors carry no code
+_MESSAGES = {"malformed": _CORRUPT, "not a database": _NOTADB, "database or disk is full": _FULL,
+             "readonly database": _READONLY, "unable to open": _CANTOPEN, "disk i/o error": _IOERR}
 # the only command that can replace a db: 02 and query.py only read one
 REBUILD = "postprocessing/01_xmodal_scores.py --overwrite"
 
@@ -204,7 +208,11 @@ def damaged_db_error(path: str | Path, e: BaseException | str) -> UserError:
 
 
 def _primary_code(e: sqlite3.Error) -> int:
-    return (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    text = str(e).lower()
+    return next((c for words, c in _MESSAGES.items() if words in text), 0)
 
 
 @contextlib.contextmanager
@@ -220,11 +228,11 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
             raise damaged_db_error(path, e) from None
         if not isinstance(e, sqlite3.OperationalError):
             raise
-        if code == sqlite3.SQLITE_FULL:
+        if code == _FULL:
             err = errno.ENOSPC
-        elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        elif code in (_READONLY, _CANTOPEN, _PERM):
             err = errno.EROFS if _read_only_fs(path.parent) else errno.EACCES
-        elif code == sqlite3.SQLITE_IOERR:
+        elif code == _IOERR:
             err = errno.EIO
         else:
             raise

@@ -32,7 +32,7 @@ from utils.config import CONFIG_NAME, ConfigError, load_run_config, validate as 
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
-                              load_text_table, logmels_path, relevance)
+                              leave_signals_to_the_parent, load_text_table, logmels_path, relevance)
 from utils.devices import cuda_bf16
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
@@ -182,7 +182,7 @@ def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
                         generator=seeding.generator, num_workers=workers,
                         collate_fn=functools.partial(collate_pad, multiple=cfg["training"]["pad_to_multiple"]),
                         pin_memory=device.type == "cuda", persistent_workers=persistent,
-                        drop_last=False)
+                        drop_last=False, worker_init_fn=leave_signals_to_the_parent)
     return loader, seeding
 
 
@@ -200,7 +200,8 @@ def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, devic
     return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
                       shuffle=False, num_workers=num_workers, collate_fn=collate_pad,
                       pin_memory=torch.device(device).type == "cuda",
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=leave_signals_to_the_parent)
 
 
 # --------------------------------------------------------------------------- model & optimiser
