@@ -169,6 +169,11 @@ class Retriever:
 
     def _logmels(self, audio, sr: int | None) -> list[np.ndarray]:
         fcfg = self.cfg["features"]
+        if isinstance(audio, np.ndarray) and audio.ndim == 2 and audio.shape[1] <= MAX_CHANNELS:
+            # soundfile's [samples, channels]: taken as a batch, each "clip" would be 2 samples
+            raise UserError(f"embed_audio: an array of shape {list(audio.shape)} looks like "
+                            "[samples, channels]; pass y.mean(axis=1) for one mono clip (a 2-D "
+                            "array is a batch of mono waveforms [clips, samples])")
         items = list(audio) if _is_batch(audio) else [audio]
         if not items:
             return []
@@ -190,7 +195,7 @@ class Retriever:
         self._note_other_rates({f"waveform {i}": int(sr) for i in range(len(items))})
         feats = []
         for i, y in enumerate(items):
-            y = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.float32)
+            y = _as_float_waveform(np.asarray(y.detach().cpu() if hasattr(y, "detach") else y))
             if y.ndim != 1 or y.size == 0:
                 raise UserError(f"embed_audio: waveform {i} has shape {list(y.shape)}; expected a "
                                 "non-empty mono signal [samples]")
@@ -388,6 +393,20 @@ class Retriever:
 def _check_top_k(top_k: int) -> None:
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
         raise UserError(f"top_k must be a whole number of at least 1, got {top_k!r}")
+
+
+MAX_CHANNELS = 8  # a 2-D array this narrow is one multichannel clip, not a batch of clips
+
+
+def _as_float_waveform(y: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1], as soundfile reads files: integer PCM (int16 from a wav read as is,
+    say) scaled by its full range, which a plain cast would leave 32768 times too loud."""
+    if np.issubdtype(y.dtype, np.signedinteger):
+        return (y / float(2 ** (8 * y.dtype.itemsize - 1))).astype(np.float32)
+    if np.issubdtype(y.dtype, np.unsignedinteger):  # 8-bit PCM is unsigned, centred at 128
+        half = float(2 ** (8 * y.dtype.itemsize - 1))
+        return ((y - half) / half).astype(np.float32)
+    return y.astype(np.float32, copy=False)
 
 
 def _file_rate(path: Path) -> int | None:

@@ -204,6 +204,14 @@ def test_embed_audio_files_and_waveforms_agree(retriever, scored_run):
                        atol=1e-6)
     same_length = np.stack([w[:20000] for w in waves])  # [N, samples]
     assert retriever.embed_audio(same_length, sr=SR).shape == (3, 8)
+    # integer PCM as a wav reader gives it (soundfile's dtype="int16", scipy): scaled, not cast
+    pcm16 = np.round(waves[0] * 32767).astype(np.int16)
+    assert np.allclose(retriever.embed_audio(pcm16, sr=SR), from_files[:1], atol=1e-3)
+    pcm8 = np.round(waves[0] * 127 + 128).astype(np.uint8)
+    assert float(retriever.embed_audio(pcm8, sr=SR)[0] @ from_files[0]) > 0.99
+    # [samples, channels] is one stereo clip, not thousands of 2-sample clips
+    with pytest.raises(UserError, match=r"shape \[20000, 2\] looks like \[samples, channels\]"):
+        retriever.embed_audio(np.stack([waves[0][:20000]] * 2, axis=1), sr=SR)
 
 
 def test_embed_text_batches(retriever):
