@@ -77,6 +77,21 @@ def test_evaluation_has_its_own_run_grouped_with_and_linked_from_training(tmp_pa
     assert all("evaluation/t2a/mAP@10" in keys and "evaluation/t2a/rank._type" in keys for _, keys in rows)
 
 
+def test_the_summary_is_the_best_epochs_record(tmp_path, offline):
+    """A sweep compares runs by their summary: one epoch's numbers, not each key's min or max
+    (here the loss is lowest at epoch 3, but mAP@10 picked epoch 2)."""
+    train = Tracker(offline, tmp_path, samples_per_epoch=10)
+    for epoch, loss, m in ((1, 3.0, 0.1), (2, 2.0, 0.5), (3, 1.0, 0.4)):
+        train.log_epoch({"epoch": epoch, "train_loss": loss + 1, "val_loss": loss, "val_t2a_mAP@10": m})
+    train.summarize_best(2, {"best_val_t2a_mAP@10": 0.5, "stopped_early": True})
+    train.finish()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    (log,) = segment_records(tmp_path, run_id)
+    summary = summary_updates(log)
+    assert (summary["val_loss"], summary["val_t2a_mAP@10"], summary["train_loss"]) == (2.0, 0.5, 3.0)
+    assert (summary["best_epoch"], summary["stopped_early"], summary["epoch"]) == (2, True, 3)
+
+
 def test_resume_backfills_epochs_wandb_never_got_and_logs_none_twice(tmp_path, offline):
     """Unit-level companion of tests/test_wandb_history.py (which kills real processes)."""
     first = Tracker(offline, tmp_path, samples_per_epoch=10)

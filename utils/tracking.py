@@ -319,10 +319,8 @@ class Tracker:
         self.run.define_metric("train/epoch")
         self.run.define_metric("train/loss", step_metric="train/epoch")
         self.run.define_metric("train/lr", step_metric="train/epoch")
-        # a sweep compares runs by the summary: the best epoch, not the last one
-        self.run.define_metric("val_loss", step_metric="epoch", summary="min")
-        for name in ("mAP@10", "R@1", "R@5", "R@10"):
-            self.run.define_metric(f"val_t2a_{name}", step_metric="epoch", summary="max")
+        for name in ("seconds", "train_seconds", "data_wait_seconds", "compiled_graphs", "eager_steps"):
+            self.run.define_metric(name, step_metric="epoch")
 
     def _read_earlier_segments(self, run_id: str) -> list[Path]:
         """Note which epochs and steps the earlier segments of `run_id` logged."""
@@ -429,6 +427,18 @@ class Tracker:
     def summary(self, data: dict) -> None:
         if self.run is not None:
             self.run.summary.update(data)
+
+    def summarize_best(self, best_epoch: int, extra: dict) -> None:
+        """The run's summary is the best epoch's record (a sweep compares runs by it), plus
+        `extra`. One epoch's numbers: a min or max per key would mix epochs."""
+        if self.run is None:
+            return
+        best = [r for r in read_jsonl(self.jsonl) if r.get("epoch") == best_epoch]
+        values = {k: v for k, v in (best[-1] if best else {}).items() if k != "epoch"}  # the last stays
+        # wandb holds a row logged with a step until a later step comes, and committing it
+        # then (at finish) would put the last epoch's numbers back into the summary
+        self.run.log({}, commit=True)
+        self.summary({**values, "best_epoch": best_epoch, **extra})
 
     def finish(self) -> None:
         if self.run is not None:

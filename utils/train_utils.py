@@ -676,7 +676,8 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
         on_master(ctx, writer.wait)  # the last checkpoint is on disk before the run says done
         checksum = weights_checksum(tr.model, ctx)
         if tracker is not None:
-            tracker.summary({"best_epoch": tr.best_epoch, f"best_{monitor}": tr.best_metric})
+            tracker.summarize_best(tr.best_epoch, {f"best_{monitor}": tr.best_metric,
+                                                   "stopped_early": stopped_early})
     finally:
         writer.close()  # a write under way is finished, whatever stopped the run
         if tracker is not None:
