@@ -353,6 +353,11 @@ def test_wandb_offline_gets_the_tables_histograms_and_plots(run_with_wavs, offli
     row = {}
     for _, r in history_rows(records):
         row.update(r)
+    # each evaluation row says which checkpoint it scored (a resumed run is evaluated again)
+    from utils.evaluation import checkpoint_epoch
+
+    assert row["checkpoint_epoch"] == checkpoint_epoch(run_dir / "checkpoints" / "best.pt")
+    assert row["evaluation/t2a_mAP@10"] >= 0
     artifacts = {r.artifact.name: r.artifact for r in records
                  if r.WhichOneof("record_type") == "artifact"}
 
