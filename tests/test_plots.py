@@ -207,3 +207,19 @@ def test_plot_run_figures_from_evaluated_splits(tmp_path):
         _assert_png(path)
     svg = written[0].with_suffix(".svg").read_text()
     assert f'id="{CHANCE_GID}-validation-mAP"' in svg and f'id="{BEST_GID}"' in svg
+
+
+def test_the_training_figure_says_how_far_the_run_got():
+    from utils.plots import epochs_note
+
+    cfg = {"training": {"epochs": 30, "early_stopping": 1, "monitor": "val_t2a_mAP@10"}}
+    assert epochs_note(_records(5), cfg, best_epoch=4) == \
+        "5 of 30 epochs (stopped early: no better val_t2a_mAP@10 for 1)"
+    assert epochs_note(_records(5), cfg, best_epoch=5) == "5 of 30 epochs"  # still going
+    assert epochs_note(_records(6), {"training": {"epochs": 6, "early_stopping": 0}}, 6) == "6 of 6 epochs"
+    assert epochs_note([], cfg, None) is None and epochs_note(_records(2), None, 1) is None
+    fig = training_figure(_records(5), run_name="r", best_epoch=4,
+                          epochs_note=epochs_note(_records(5), cfg, 4))
+    assert "run r · 5 of 30 epochs (stopped early: no better val_t2a_mAP@10 for 1)" in \
+        [t.get_text() for t in fig.texts]
+    plt.close(fig)

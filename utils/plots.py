@@ -141,7 +141,8 @@ def _mark_best(ax, xs: list[int], ys: list[float], best_epoch: int | None, color
 
 
 def training_figure(records: list[dict], run_name: str | None = None, best_epoch: int | None = None,
-                    monitor: str | None = None, chance_map: float | None = None):
+                    monitor: str | None = None, chance_map: float | None = None,
+                    epochs_note: str | None = None):
     """Two panels from a run's per-epoch records: train/validation loss, and validation
     text -> audio mAP@10 with its chance level; the best checkpoint's epoch marked on both."""
     with plt.rc_context(STYLE):
@@ -177,19 +178,36 @@ def training_figure(records: list[dict], run_name: str | None = None, best_epoch
             _epoch_axis(ax, sorted(set(epochs)))
             _finish_axes(ax, legend=False)
         _figure_legend(fig, [ax_loss, ax_map])
-        if run_name:
+        subtitle = " · ".join(t for t in (f"run {run_name}" if run_name else None, epochs_note) if t)
+        if subtitle:
             fig.get_layout_engine().set(rect=(0, 0, 1, 0.9))
-        _titles(fig, "Training", f"run {run_name}" if run_name else None)
+        _titles(fig, "Training", subtitle or None)
     return fig
+
+
+def epochs_note(records: list[dict], cfg: dict | None, best_epoch: int | None) -> str | None:
+    """"5 of 30 epochs (stopped early: ...)": how far the run got, under the curves."""
+    t = (cfg or {}).get("training", {})
+    epochs = [r["epoch"] for r in records if isinstance(r.get("epoch"), int)]
+    if not epochs or not t.get("epochs"):
+        return None
+    last, planned, patience = max(epochs), t["epochs"], t.get("early_stopping", 0)
+    note = f"{last} of {planned} epochs"
+    if last < planned and patience > 0 and best_epoch is not None and last - best_epoch >= patience:
+        note += f" (stopped early: no better {t.get('monitor', 'monitor')} for {patience})"
+    return note
 
 
 def plot_training_curves(metrics_jsonl_path: str | Path, out_png: str | Path,
                          run_name: str | None = None, best_epoch: int | None = None,
-                         monitor: str | None = None, chance_map: float | None = None) -> Path:
+                         monitor: str | None = None, chance_map: float | None = None,
+                         cfg: dict | None = None) -> Path:
     """training_figure from a run's metrics.jsonl (missing keys leave gaps), written as PNG, PDF
-    and SVG. `chance_map`: the validation split's chance-level t2a mAP@10. Returns the PNG path."""
+    and SVG. `chance_map`: the validation split's chance-level t2a mAP@10; `cfg`: the run's
+    config, for how many epochs were planned. Returns the PNG path."""
     records = read_metrics_jsonl(metrics_jsonl_path)
-    return _save(training_figure(records, run_name, best_epoch, monitor, chance_map), out_png)
+    return _save(training_figure(records, run_name, best_epoch, monitor, chance_map,
+                                 epochs_note(records, cfg, best_epoch)), out_png)
 
 
 def recall_figure(curves: Mapping[str, Mapping[str, Sequence[float]]],
@@ -269,7 +287,7 @@ def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Pa
         written.append(plot_training_curves(
             run_dir / METRICS_JSONL, plots_dir / "training_curves.png", run_name=run_dir.name,
             best_epoch=best, monitor=(cfg or {}).get("training", {}).get("monitor"),
-            chance_map=val.chance["t2a"]["mAP@10"] if val is not None else None))
+            chance_map=val.chance["t2a"]["mAP@10"] if val is not None else None, cfg=cfg))
     which = (cfg or {}).get("eval", {}).get("checkpoint")
     epoch = checkpoint_epoch(checkpoint_path(run_dir, which)) if which else None
     written.append(plot_recall_curves(
