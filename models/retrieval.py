@@ -421,21 +421,6 @@ def _file_rate(path: Path) -> int | None:
 
 # --------------------------------------------------------------------------- cache keys
 
-def inference_precision(device, amp: str) -> str:
-    """The precision eval.amp `amp` computes in on `device`: fp32, bf16 or fp16."""
-    import torch
-
-    from utils.devices import cuda_bf16
-
-    # as utils.data_utils.inference_autocast applies it: amp only acts on CUDA, so on a CPU
-    # every setting gives the same numbers and must not cost a recompute
-    if torch.device(device).type != "cuda" or amp == "off":
-        return "fp32"
-    if amp == "auto":
-        return "bf16" if cuda_bf16() else "fp16"
-    return str(amp)
-
-
 def _file_identity(path: Path) -> list[int] | None:
     """(inode, size, mtime_ns) of a file, None when there is none. The inode matters: step 02
     and step 01 write to a temporary name renamed into place, so a rewrite is a new inode even
@@ -460,7 +445,7 @@ def split_cache_key(checkpoint_sha1: str, cfg: dict, split: str, device) -> str:
     take seconds, and step 02 only rewrites it when a clip (or a parameter) changed. Take it
     before encoding, so that a change during the encoding shows as a stale key next time."""
     from utils.clotho import skipped_path
-    from utils.data_utils import features_dir, logmels_path, text_csv_path
+    from utils.data_utils import features_dir, inference_precision, logmels_path, text_csv_path
 
     feats = features_dir(cfg)
     return _compose_key(checkpoint_sha1, {
@@ -473,6 +458,7 @@ def split_cache_key(checkpoint_sha1: str, cfg: dict, split: str, device) -> str:
 def folder_cache_key(checkpoint_sha1: str, cfg: dict, device) -> str:
     """The key of a folder's cache, besides each file's (name, size, mtime): the checkpoint,
     the precision on `device` and the log-mel parameters the files are read with."""
+    from utils.data_utils import inference_precision
     from utils.features import feature_params
 
     return _compose_key(checkpoint_sha1, {

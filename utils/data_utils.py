@@ -419,15 +419,22 @@ def relevance(emb: SplitEmbeddings) -> np.ndarray:
     return rel
 
 
-def inference_autocast(device: torch.device | str, amp: str = "off"):
-    """Autocast for inference (config key eval.amp): off (fp32, the default, as the original
-    code) or bf16/fp16/auto (bf16 where supported, else fp16) on CUDA; nothing on CPU."""
-    device = torch.device(device)
-    if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext()
+def inference_precision(device: torch.device | str, amp: str = "off") -> str:
+    """What eval.amp computes in on `device`: "fp32" (off, the default, as the original code;
+    always on the CPU), else "bf16" or "fp16" (auto: bf16 where the GPU has it natively)."""
+    if torch.device(device).type != "cuda" or amp == "off":
+        return "fp32"
     if amp == "auto":
-        amp = "bf16" if cuda_bf16() else "fp16"
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return "bf16" if cuda_bf16() else "fp16"
+    return str(amp)
+
+
+def inference_autocast(device: torch.device | str, amp: str = "off"):
+    """Autocast for inference (config key eval.amp), as inference_precision resolves it."""
+    precision = inference_precision(device, amp)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def batch_groups(batches: Sequence[list[int]], clips_per_group: int) -> list[list[list[int]]]:
