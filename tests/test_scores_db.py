@@ -242,19 +242,33 @@ def test_a_db_damaged_in_the_middle_is_a_user_error_and_overwrite_replaces_it(db
         scores_db.read_split(conn, "evaluation", path)
     assert str(path) in str(e.value) and FIX in str(e.value)
     conn.close()
-    conn = scores_db.open_for_write(path, META)
     before = path.read_bytes()
-    with pytest.raises(UserError, match="damaged") as e:
-        scores_db.write_split(conn, make_split("evaluation", seed=3))
+    with pytest.raises(UserError, match="damaged") as e:  # before any split is encoded
+        scores_db.open_for_write(path, META)
     assert str(path) in str(e.value) and FIX in str(e.value)
-    conn.close()
-    assert path.read_bytes() == before  # the failed write was rolled back
+    assert path.read_bytes() == before
     new = make_split("evaluation", seed=3)
     with scores_db.writing(path, META, overwrite=True) as conn:
         scores_db.write_split(conn, new)
     conn = scores_db.open_for_read(path, META)
     np.testing.assert_array_equal(scores_db.read_matrix(conn, "evaluation"), new.scores)
     conn.close()
+
+
+def test_damage_deep_in_the_file_is_found_when_opened_for_writing(db):
+    """A bad page among the score rows (not a root page) would only be met when the split
+    holding it is replaced, after that split was encoded: opening for writing checks every page."""
+    path, conn = db
+    scores_db.write_split(conn, make_split("validation", n_clips=200, per_clip=5, seed=1))
+    conn.close()
+    n_pages = path.stat().st_size // scores_db.PAGE_SIZE
+    with open(path, "r+b") as f:
+        f.seek((n_pages // 2) * scores_db.PAGE_SIZE)
+        f.write(b"\xab" * scores_db.PAGE_SIZE)
+    scores_db.close(scores_db.open_for_read(path, META))  # the header and meta still read
+    with pytest.raises(UserError, match="damaged") as e:
+        scores_db.open_for_write(path, META)
+    assert str(path) in str(e.value) and FIX in str(e.value)
 
 
 def test_lost_score_rows_are_damage_not_a_crash(db):
