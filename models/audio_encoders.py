@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.audio_utils import N_MELS
+
 DEFAULT_CHANNELS = (64, 128, 256, 512, 1024, 2048)
-N_MELS = 64
 LAYERS_PER_BLOCK = 8  # conv, bn, relu, conv, bn, relu, avgpool, dropout
 
 

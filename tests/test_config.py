@@ -237,6 +237,7 @@ def test_overrides_keep_working_as_before(repo):
     ("features.hop_s=0", "'features.hop_s' must be > 0"),
     ("features.hop_s=0.05", r"'features.hop_s' \(0.05\) must be <= features.window_s \(0.04\)"),
     ("features.n_mels=0", "'features.n_mels' must be > 0"),
+    ("features.n_mels=128", r"'features.n_mels' \(128\) must be 64: CNN14 .* takes 64 mel bands"),
     ("features.workers=0", "'features.workers' must be > 0"),
     ("features.flush_every=0", "'features.flush_every' must be > 0"),
     ("training.num_workers=-1", "'training.num_workers' must be >= 0"),

@@ -362,16 +362,16 @@ def test_cache_keys_cover_what_changes_the_numbers(own_data):
     run, data, _ = own_data
     cfg = load_config(run / "config.yaml")
 
-    def keys(device="cuda", amp="off", n_mels=None):
+    def keys(device="cuda", amp="off", hop_s=None):
         c = copy.deepcopy(cfg)
         c["eval"]["amp"] = amp
-        if n_mels:
-            c["features"]["n_mels"] = n_mels
+        if hop_s:
+            c["features"]["hop_s"] = hop_s
         return split_cache_key("sha", c, "evaluation", device), folder_cache_key("sha", c, device)
 
     assert len({keys(amp="off"), keys(amp="bf16"), keys(amp="fp16")}) == 3
     assert keys("cpu", "bf16") == keys("cpu", "off") == keys("cuda", "off")  # amp: CUDA only
-    assert keys(n_mels=32)[1] != keys()[1]  # a folder is read with the run's features.*
+    assert keys(hop_s=0.01)[1] != keys()[1]  # a folder is read with the run's features.*
     before = keys()[0]
     (data / "evaluation_skipped_audio.csv").write_text("fname,reason,step\n")
     assert keys()[0] != before  # the skip list decides which clips the split has

@@ -34,7 +34,7 @@ from utils.errors import UserError
 
 WINDOW_S = 0.040  # = conf.yaml features.window_s
 HOP_S = 0.020  # = conf.yaml features.hop_s
-N_MELS = 64  # = conf.yaml features.n_mels
+N_MELS = 64  # = conf.yaml features.n_mels, which may only be this: CNN14 takes 64 bands
 EPS = float(np.spacing(1))  # added before the log, as the baseline (~2.2e-16)
 
 

@@ -220,6 +220,15 @@ def _le(small: str, big: str, why: str) -> Callable[[dict], str | None]:
     return rule
 
 
+def _fixed(key: str, value: Any, why: str) -> Callable[[dict], str | None]:
+    def rule(cfg: dict) -> str | None:
+        found = _get(cfg, key)
+        if found != value:
+            return f"config key '{key}' ({found}) must be {value}: {why}"
+        return None
+    return rule
+
+
 def _same(a_key: str, b_key: str, why: str) -> Callable[[dict], str | None]:
     def rule(cfg: dict) -> str | None:
         a, b = _get(cfg, a_key), _get(cfg, b_key)
@@ -231,6 +240,9 @@ def _same(a_key: str, b_key: str, why: str) -> Callable[[dict], str | None]:
 
 CROSS_RULES: tuple[Callable[[dict], str | None], ...] = (
     _le("features.hop_s", "features.window_s", "frames would skip samples"),
+    # = utils.audio_utils.N_MELS (tests/test_config.py checks it); a key all the same, so that
+    # conf.yaml states the feature definition and step 02 records it in each HDF5
+    _fixed("features.n_mels", 64, "CNN14 (its bn0 and the AudioSet weights) takes 64 mel bands"),
     _same("audio_encoder.out_dim", "text_encoder.out_dim", "both encoders map into one space"),
     _le("demo.min_seconds", "demo.max_seconds", "durations are drawn from [min_seconds, max_seconds]"),
 )

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.audio_utils import N_MELS
 from utils.clotho import CAPTIONS_PER_CLIP, make_fid, read_skipped, skipped_path
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
 from utils.devices import cuda_bf16
@@ -43,7 +44,6 @@ STEP_01 = "preprocessing/01_clotho_dataset.py"
 STEP_02 = "preprocessing/02_audio_logmel.py"
 STEP_03 = "preprocessing/03_sbert_embeddings.py"
 TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")
-N_MELS = 64
 # what h5py raises for a file it cannot parse (zeroed headers, garbage, truncation)
 HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
