@@ -46,9 +46,10 @@ def main() -> None:
     with contextlib.ExitStack() as held, \
             dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
         # One process per run, locked before the checkpoint is read: a second --resume is
-        # refused instead of training on from a state the first one is about to replace
-        if args.resume and ctx.is_master:
-            held.enter_context(lock_run(args.resume))
+        # refused (on every rank) instead of training on from a state the first one is about
+        # to replace, or removing its half-written checkpoint as a killed run's
+        if args.resume:
+            dist_utils.on_master(ctx, lambda: train_utils.claim_run(args.resume, held))
         state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
         data = train_utils.load_training_data(cfg)
         if state is not None:

@@ -124,6 +124,38 @@ def test_single_process_gather_is_identity(ctx):
     assert gather_with_grad(x, ctx) is x and gather(x, ctx) is x
 
 
+def test_cuda_n_under_torchrun_is_refused(monkeypatch):
+    """Every rank would take GPU N: refused before any process group or GPU is touched."""
+    from utils import dist_utils
+    from utils.errors import UserError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="training.device=cuda:1: under torchrun .*CUDA_VISIBLE_DEVICES"):
+        with dist_utils.distributed("cuda:1"):
+            pass
+
+
+def test_a_refused_resume_stops_every_rank_and_leaves_the_running_save_alone(tmp_path):
+    """torchrun --resume of a run another process holds: every rank stops with the refusal,
+    and no rank removes the holder's checkpoint save under way as a killed run's leftover."""
+    from utils.runs import lock_run
+
+    torchrun_main(tmp_path, {"epochs": 1})
+    [run] = list((tmp_path / "outputs").iterdir())
+    saving = run / "checkpoints" / ".last.pt.r4nn1ng.tmp"  # the running process's save
+    saving.write_bytes(b"half a checkpoint")
+    with lock_run(run):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             f"--master_port={free_port()}", "main.py", "--resume", str(run)],
+            cwd=REPO, env=dict(script_env(), GLOO_SOCKET_IFNAME="lo"), capture_output=True,
+            text=True, timeout=400)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: run {run}") == 2, proc.stderr[-3000:]  # both ranks
+    assert saving.exists()
+
+
 def test_one_process_on_cuda_n_makes_that_gpu_current(monkeypatch):
     """training.device=cuda:1 without torchrun: compiled kernels, memory stats and the CUDA RNG
     then use GPU 1, not GPU 0 (torch.cuda is faked: CI has no GPU)."""

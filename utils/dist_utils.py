@@ -57,6 +57,10 @@ def distributed(device_setting: str) -> Iterator[tuple[DistContext, torch.device
             torch.cuda.set_device(device)
         yield DistContext(), device
         return
+    if device_setting.startswith("cuda:"):  # every rank would train on that one GPU
+        raise UserError(f"training.device={device_setting}: under torchrun each process takes "
+                        "the GPU of its LOCAL_RANK — set training.device=cuda (or auto) and pick "
+                        "GPUs with CUDA_VISIBLE_DEVICES")
     ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                       int(os.environ.get("LOCAL_RANK", 0)))
     device = torch_device(device_setting, ctx.local_rank)

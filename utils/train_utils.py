@@ -39,7 +39,7 @@ from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_g
 from utils.errors import UserError
 from utils.io_utils import remove_stale_temps
 from utils.metrics import retrieval_metrics
-from utils.runs import checkpoint_path, is_run_dir
+from utils.runs import checkpoint_path, is_run_dir, lock_run
 from utils.tracking import Tracker
 
 # Sections that define the trained model and its loss: a resumed run must keep them.
@@ -275,10 +275,18 @@ def checkpoint_dict(tr: Trainer, cfg: dict, rng_states: list[dict] | None = None
     }
 
 
+def claim_run(run_dir: str | Path, held: contextlib.ExitStack) -> None:
+    """Lock a run to resume it (released when `held` closes), then remove the half-written
+    checkpoint saves of the process that was killed: only the lock holder may, as a running
+    process's own saves look just the same."""
+    held.enter_context(lock_run(run_dir))
+    remove_stale_temps(checkpoint_path(run_dir, "last").parent)
+
+
 def read_resume_checkpoint(run_dir: str | Path) -> dict | None:
-    """`checkpoints/last.pt` of a run, or None if it was stopped before its first epoch ended."""
+    """`checkpoints/last.pt` of a run (claimed with claim_run first), or None if it was stopped
+    before its first epoch ended."""
     path = checkpoint_path(run_dir, "last")
-    remove_stale_temps(path.parent)  # half-written saves of the killed process
     if not path.exists():
         return None
     state = load_checkpoint(path)
