@@ -70,6 +70,20 @@ def test_random_crop_only_when_training(data):
     assert full[0][0].shape[0] >= 64
 
 
+def test_a_failure_in_this_code_is_not_reported_as_a_damaged_file(data, monkeypatch):
+    """Only h5py's calls count as the file's: an error in the crop (this code) must surface as
+    itself, not as "damaged HDF5 — delete it", which would cost a user a good file."""
+    d, _ = data
+    _, tid2row = du.load_text_table(d)
+    train = du.CaptionDataset(d, "development", tid2row, max_frames=32, train=True)
+
+    def broken_randint(*args, **kwargs):
+        raise TypeError("a bug in the crop")
+    monkeypatch.setattr(du.torch, "randint", broken_randint)
+    with pytest.raises(TypeError, match="a bug in the crop"):
+        train[0]
+
+
 def test_dataset_opens_hdf5_lazily_and_pickles(data):
     d, _ = data
     _, tid2row = du.load_text_table(d)

@@ -276,9 +276,26 @@ class _LazyHDF5:
 
 
 def _read_clip(h5: h5py.File, fid: str, max_frames: int, train: bool) -> torch.Tensor:
-    """`[T, 64]` float32; with max_frames > 0 a longer clip is cropped (random if `train`)."""
-    with _hdf5_errors(h5.filename, data=True):  # its header was read when the dataset was built
-        return _read_clip_unchecked(h5, fid, max_frames, train)
+    """`[T, 64]` float32; with max_frames > 0 a longer clip is cropped (random if `train`).
+
+    Only h5py's own calls are under _hdf5_errors: a failure there is the file's (its header was
+    read when the dataset was built), whereas one in this code must not pass for damage."""
+    with _hdf5_errors(h5.filename, data=True):
+        ds = _dataset(h5, fid)
+        n = ds.shape[0]
+    if max_frames > 0 and n > max_frames:
+        if train:
+            # torch's RNG: in DataLoader workers seeded anew each epoch from (seed, epoch) (see
+            # train_utils.make_train_loader); in the main process restored on resume.
+            start = int(torch.randint(0, n - max_frames + 1, ()).item())
+        else:
+            start = (n - max_frames) // 2
+        region = slice(start, start + max_frames)
+    else:
+        region = slice(None)
+    with _hdf5_errors(h5.filename, data=True):
+        x = ds[region]
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def _dataset(h5: h5py.File, fid: str) -> h5py.Dataset:
@@ -287,22 +304,6 @@ def _dataset(h5: h5py.File, fid: str) -> h5py.Dataset:
     if not isinstance(ds, h5py.Dataset):
         raise ValueError(f"fid {fid}: unreadable object header")
     return ds
-
-
-def _read_clip_unchecked(h5: h5py.File, fid: str, max_frames: int, train: bool) -> torch.Tensor:
-    ds = _dataset(h5, fid)
-    n = ds.shape[0]
-    if max_frames > 0 and n > max_frames:
-        if train:
-            # torch's RNG: in DataLoader workers seeded anew each epoch from (seed, epoch) (see
-            # train_utils.make_train_loader); in the main process restored on resume.
-            start = int(torch.randint(0, n - max_frames + 1, ()).item())
-        else:
-            start = (n - max_frames) // 2
-        x = ds[start:start + max_frames]
-    else:
-        x = ds[()]
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 class CaptionDataset(Dataset):
