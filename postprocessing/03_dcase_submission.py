@@ -89,16 +89,21 @@ def main():
                                            args.overrides)
         audio = evaluation.encode_audio_files(model, files, cfg["features"], device,
                                               skip_bad=cfg["data"]["skip_bad_audio"],
-                                              amp=cfg["eval"]["amp"])
+                                              amp=cfg["eval"]["amp"],
+                                              batch_size=cfg["eval"]["batch_size"])
         check_enough_clips(len(audio.fnames), audio_dir, len(audio.bad))
         text = evaluation.embed_texts(cfg, model, captions, device)
         top, _ = evaluation.rank_clips(text, audio.embeds, SUBMISSION_RANKS)
         evaluation.write_retrieval_csv(out, captions, audio.fnames, top, SUBMISSION_RANKS)
+        # beside the submission, so it always describes this one: an earlier run's list goes
+        report = out.with_name(out.name + ".skipped_audio.csv")
+        if audio.bad:
+            evaluation.write_skipped_report(report, audio.bad)
+        else:
+            report.unlink(missing_ok=True)
     print(f"ranked {len(audio.fnames)} clips for {len(captions)} captions")
     print(f"wrote {out}")
     if audio.bad:
-        report = out.with_name(out.name + ".skipped_audio.csv")
-        evaluation.write_skipped_report(report, audio.bad)
         print(f"skipped {len(audio.bad)} unusable audio file(s); wrote {report}")
 
 

@@ -102,7 +102,7 @@ def test_submission_ranking_matches_model(sub, tmp_path):
 
     model, cfg, _ = load_trained_model(run_dir, "best")
     enc = evaluation.encode_audio_files(model, evaluation.list_audio_files(audio), cfg["features"],
-                                        "cpu", skip_bad=False)
+                                        "cpu", skip_bad=False, amp="off", batch_size=4)
     text = evaluation.embed_texts(cfg, model, CAPTIONS, "cpu")
     order = np.argsort(-(text @ enc.embeds.T), axis=1, kind="stable")
     assert [r[1:] for r in read_rows(out)[1:]] == [[enc.fnames[j] for j in row[:10]] for row in order]
@@ -135,6 +135,28 @@ def test_unreadable_wav_skipped_on_request(sub):
     report = read_rows(run_dir / "submission.csv.skipped_audio.csv")
     assert report[0] == ["fname", "reason"] and report[1][0] == "broken.wav"
     assert "skipped 1" in p.stdout
+    # once the file is fixed, the next submission's folder holds no list of the earlier one
+    write_wav(audio / "broken.wav", seconds=0.3, sr=16000, seed=99)
+    p = call("--audio-dir", audio, "--captions", captions, "--set", "data.skip_bad_audio=true")
+    assert p.returncode == 0, p.stderr
+    assert not (run_dir / "submission.csv.skipped_audio.csv").exists()
+    assert any("broken.wav" in r for r in read_rows(run_dir / "submission.csv"))
+
+
+def test_eval_batch_size_is_honoured(sub, monkeypatch):
+    """The clips are encoded eval.batch_size at a time, as in every other scoring step."""
+    from utils import evaluation
+
+    sizes = []
+    real = evaluation.encode_logmels
+
+    def spy(model, feats, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return real(model, feats, batch_size, *args, **kwargs)
+    monkeypatch.setattr(evaluation, "encode_logmels", spy)
+    run_dir, audio, captions, call = sub
+    assert call("--audio-dir", audio, "--captions", captions, "--set", "eval.batch_size=3").returncode == 0
+    assert sizes == [3]
 
 
 def test_empty_audio_folder(sub, tmp_path):

@@ -513,7 +513,7 @@ class EncodedAudio:
 
 
 def encode_audio_files(model, files: Sequence[Path], features_cfg: dict, device: str,
-                       skip_bad: bool, amp: str = "off", batch_size: int = 32) -> EncodedAudio:
+                       skip_bad: bool, amp: str, batch_size: int) -> EncodedAudio:
     """Log-mel every file (as preprocessing 02) and run audio_branch on it (encode_logmels).
 
     All files are read first: unusable ones (missing, empty, unreadable, no log-mel) stop with
