@@ -15,8 +15,12 @@
 #         --resume DIR  stage 5 continues run DIR; stages 6-7 evaluate it
 #         --run DIR     stages 6-7 evaluate DIR (default: the newest run); with stage 5 in the
 #                       range, DIR is resumed, never replaced by a new run
+# Paths in the config are relative to the repository root; --conf, --run and --resume to where
+# you call run.sh from.
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")"
+root=$PWD
 
 # the project's .venv (make venv) when there is one, so that it works without `source`
 if [ -z "${PYTHON:-}" ]; then
@@ -44,6 +48,14 @@ value() {  # value "$@" (at OPTION): the word after OPTION, which must be there 
   printf '%s' "$2"
 }
 
+from_caller() {  # a path given relative to where run.sh was called from, for use from the root
+  if [ "$here" != "$root" ] && [[ "$1" != /* ]] && [ -e "$here/$1" ]; then
+    printf '%s/%s' "$here" "$1"
+  else
+    printf '%s' "$1"  # from the root, as it was given (a run's name: see --run in the scripts)
+  fi
+}
+
 stage_number() {  # stage_number OPTION VALUE: an integer FIRST..LAST
   if ! [[ "$2" =~ ^[0-9]+$ ]] || [ "$((10#$2))" -gt "$LAST" ]; then
     die "$1 '$2' is not a stage number ($FIRST-$LAST)"
@@ -53,14 +65,14 @@ stage_number() {  # stage_number OPTION VALUE: an integer FIRST..LAST
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --conf) conf=$(value "$@"); shift 2 ;;
+    --conf) v=$(value "$@"); conf=$(from_caller "$v"); shift 2 ;;
     --stage) v=$(value "$@"); stage=$(stage_number --stage "$v"); shift 2 ;;
     --stop-stage) v=$(value "$@"); stop_stage=$(stage_number --stop-stage "$v"); shift 2 ;;
-    --run) run=$(value "$@"); shift 2 ;;
-    --resume) resume=$(value "$@"); shift 2 ;;
+    --run) v=$(value "$@"); run=$(from_caller "$v"); shift 2 ;;
+    --resume) v=$(value "$@"); resume=$(from_caller "$v"); shift 2 ;;
     --name) name=$(value "$@"); shift 2 ;;
     --set) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do overrides+=("$1"); shift; done ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
 done
@@ -78,6 +90,8 @@ fi
 # --run with stage 5 in the range: that run is continued, never shadowed by a new one
 [ -n "$run" ] && $trains && resume=$run
 [ -n "$resume" ] && [ -z "$run" ] && run=$resume
+# a new run named at stage 5 is the one to evaluate, whatever else was trained meanwhile
+[ -n "$name" ] && run=$name
 
 common=(--conf "$conf")
 [ ${#overrides[@]} -gt 0 ] && common+=(--set "${overrides[@]}")

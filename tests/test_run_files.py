@@ -111,6 +111,23 @@ def test_a_run_failing_after_a_checkpoint_is_kept(tiny, monkeypatch, capsys):
     assert checkpoint_path(tiny / "outputs" / "kept", "last").is_file()
 
 
+def test_run_may_be_named_by_its_name_in_output_dir(scripts, tmp_path, monkeypatch):
+    """`--run my_run` (as main.py --name gave it, and as run.sh passes it on) from any
+    directory; a name that is neither a folder here nor a run there is one line naming both."""
+    conf, run_dir, call = scripts
+    monkeypatch.chdir(tmp_path)
+    cfg = {"paths": {"output_dir": str(run_dir.parent)}}
+    assert resolve_run_dir(run_dir.name, cfg) == run_dir.parent / run_dir.name
+    with pytest.raises(UserError, match=f"no_such: not a run directory .* nor is {run_dir.parent / 'no_such'}"):
+        resolve_run_dir("no_such", cfg)
+    with pytest.raises(UserError, match="not a run directory") as e:
+        resolve_run_dir("sub/no_such", cfg)
+    assert "nor is" not in str(e.value)  # a path is only looked for where it says
+    proc = call(SCORES, "--run", run_dir.name)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "scores.db").is_file()
+
+
 def test_newest_run_default_skips_folders_without_a_checkpoint(scripts, tmp_path):
     conf, run_dir, call = scripts
     half = tmp_path / "outputs" / "zzz-newer-but-empty"
@@ -118,6 +135,18 @@ def test_newest_run_default_skips_folders_without_a_checkpoint(scripts, tmp_path
     shutil.copy(run_dir / "config.yaml", half / "config.yaml")
     os.utime(half / "config.yaml", (2e9, 2e9))  # clearly the newest
     assert latest_run_dir(tmp_path / "outputs") == run_dir
+    # the newest run is the one trained last, whatever touched another's config.yaml
+    older = tmp_path / "outputs" / "aaa-trained-before"
+    older.mkdir()
+    shutil.copy(run_dir / "config.yaml", older / "config.yaml")
+    shutil.copytree(run_dir / "checkpoints", older / "checkpoints")
+    for p in (older / "checkpoints").iterdir():
+        os.utime(p, (1e9, 1e9))
+    os.utime(older / "config.yaml", (2.1e9, 2.1e9))
+    assert latest_run_dir(tmp_path / "outputs") == run_dir
+    os.utime(next((older / "checkpoints").iterdir()), (2.2e9, 2.2e9))  # a --resume trained it on
+    assert latest_run_dir(tmp_path / "outputs") == older
+    shutil.rmtree(older)
     proc = call(SCORES)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "scores.db").is_file() and not (half / "scores.db").exists()

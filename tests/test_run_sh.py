@@ -23,10 +23,11 @@ def run_sh(tmp_path):
     stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> "$LOG"\necho >> "$LOG"\n')
     stub.chmod(0o755)
 
-    def call(*args):
+    def call(*args, cwd=REPO):
         log.write_text("")
         proc = subprocess.run(["bash", str(REPO / "run.sh"), *args], capture_output=True, text=True,
-                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log)), timeout=30)
+                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log)), timeout=30,
+                              cwd=cwd)
         calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
         return proc, calls
     return call
@@ -63,8 +64,9 @@ def test_resume_and_name_are_passed_to_main(run_sh):
     proc, calls = run_sh("--stage", "5", "--name", "my_run", "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr
     assert calls[0] == ["main.py", "--conf", "conf.yaml", "--set", "training.epochs=2", "--name", "my_run"]
-    assert [c[0] for c in calls[1:]] == SCRIPTS[6:]  # evaluation: the newest run, i.e. my_run
-    assert all("--run" not in c for c in calls)
+    # evaluation: my_run by its name (paths.output_dir/my_run), not whichever run is newest
+    assert [c[0] for c in calls[1:]] == SCRIPTS[6:]
+    assert [c[-2:] for c in calls[1:]] == [["--run", "my_run"]] * 2
 
 
 def test_resume_alone_also_names_the_run_to_evaluate(run_sh):
@@ -107,6 +109,23 @@ def test_bad_arguments_are_one_line_and_run_nothing(run_sh, args, needle):
 def test_help(run_sh):
     proc, calls = run_sh("--help")
     assert proc.returncode == 0 and "--resume DIR" in proc.stdout and calls == []
+    assert "set -euo" not in proc.stdout and "cd " not in proc.stdout  # the comment block only
+    assert not any(line.startswith("#") for line in proc.stdout.splitlines())
+
+
+def test_paths_given_from_another_directory_are_read_from_there(run_sh, tmp_path):
+    """run.sh works from the repository root; --conf/--run/--resume relative to where it was
+    called still name the caller's files."""
+    elsewhere = tmp_path / "work"
+    (elsewhere / "runs" / "r1").mkdir(parents=True)
+    (elsewhere / "my.yaml").write_text("base: conf.yaml\n")
+    proc, calls = run_sh("--stage", "6", "--conf", "my.yaml", "--run", "runs/r1", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0] == ["postprocessing/01_xmodal_scores.py", "--conf", str(elsewhere / "my.yaml"),
+                        "--run", str(elsewhere / "runs" / "r1")]
+    # what is not there is passed on as given: the root's conf.yaml, a run's name
+    proc, calls = run_sh("--stage", "7", "--run", "my_run", cwd=elsewhere)
+    assert calls[0][1:] == ["--conf", "conf.yaml", "--run", "my_run"]
 
 
 @pytest.mark.parametrize("venv", [True, False])

@@ -529,8 +529,7 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
                     flush()
         if pending:
             flush()
-    dataset.close()
-    return out
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
 @torch.no_grad()
@@ -557,8 +556,11 @@ def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
     fids, fnames, caption_clip = _split_clips(df)
     tids = list(df["tid"])
     rows = np.array([tid2row[t] for t in tids], dtype=np.int64)
-    audio = encode_audio(model, ClipDataset(dataset_dir, split, fids), batch_size, device,
-                         num_workers, amp)
+    clips = ClipDataset(dataset_dir, split, fids)
+    try:
+        audio = encode_audio(model, clips, batch_size, device, num_workers, amp)
+    finally:
+        clips.close()
     text = encode_text_rows(model, rows, batch_size, device, amp)
     return SplitEmbeddings(split=split, fids=fids, fnames=fnames, audio=audio, tids=tids,
                            captions=list(df["raw_text"]), caption_clip=caption_clip, text=text,

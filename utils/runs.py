@@ -73,25 +73,39 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file()
 
 
+def checkpoint_mtime(run_dir: Path) -> float:
+    """When the run's newest checkpoint was written (0 without one)."""
+    times = [p.stat().st_mtime for p in (checkpoint_path(run_dir, w) for w in ("last", "best"))
+             if p.is_file()]
+    return max(times, default=0.0)
+
+
 def latest_run_dir(output_dir: str | Path) -> Path:
-    """The newest run with a checkpoint; folders of runs that never finished an epoch are
-    skipped (nothing to evaluate there)."""
+    """The run trained last: the one whose newest checkpoint was written last (a --resume of an
+    older run makes it the newest; editing a config.yaml does not). Folders of runs that never
+    finished an epoch are skipped (nothing to evaluate there)."""
     output_dir = Path(output_dir)
     runs = [p for p in output_dir.glob("*") if p.is_dir() and is_run_dir(p) and has_checkpoint(p)] \
         if output_dir.is_dir() else []
     if not runs:
         raise UserError(f"no trained run in '{output_dir}' (paths.output_dir): train one with "
                         "`python main.py` or pass --run DIR")
-    return max(runs, key=lambda p: (p / CONFIG_NAME).stat().st_mtime)
+    return max(runs, key=checkpoint_mtime)
 
 
 def resolve_run_dir(run: str | Path | None, cfg: dict) -> Path:
-    """`--run DIR` if given (it must be a run directory), else the newest run in output_dir."""
+    """`--run DIR` if given (a run directory, or the name of one in paths.output_dir, as
+    main.py --name gave it), else the newest run in output_dir."""
     if run is None:
         return latest_run_dir(cfg["paths"]["output_dir"])
     run = Path(run)
-    if not is_run_dir(run):
-        raise UserError(f"{run}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
-    return run
+    if is_run_dir(run):
+        return run
+    named = Path(cfg["paths"]["output_dir"]) / run
+    if len(run.parts) == 1 and is_run_dir(named):
+        return named
+    also = f" nor is {named}" if len(run.parts) == 1 else ""
+    raise UserError(f"{run}: not a run directory (no {CONFIG_NAME}){also}; pass a directory made "
+                    "by main.py")
 
 

@@ -397,7 +397,11 @@ def open_for_read(path: str | Path, meta: dict[str, str] | None = None) -> sqlit
     if not path.is_file():
         raise UserError(f"{path}: no scores database; run postprocessing/01_xmodal_scores.py first")
     conn = _connect(path)
-    found = read_meta(conn, path)
+    try:
+        found = read_meta(conn, path)
+    except UserError:
+        conn.close()
+        raise
     if meta is not None:
         bad = _mismatch(found, meta, splits=True)
         if bad:
