@@ -40,3 +40,5 @@ def test_amp_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch
     else:
         with pytest.raises(UserError, match="training.amp"):
             amp_mode("bf16", cuda)
+        with pytest.raises(UserError, match="'eval.amp' is bf16 but this GPU"):
+            inference_autocast(cuda, "bf16")

@@ -358,7 +358,10 @@ def test_split_cache_follows_the_clips_log_mels(own_data):
     assert any(m.startswith("cached 6 evaluation clip embeddings") for m in messages)
 
 
-def test_cache_keys_cover_what_changes_the_numbers(own_data):
+def test_cache_keys_cover_what_changes_the_numbers(own_data, monkeypatch):
+    from utils import devices
+
+    monkeypatch.setattr(devices, "cuda_bf16", lambda: True)  # keys as a bf16 GPU computes them
     run, data, _ = own_data
     cfg = load_config(run / "config.yaml")
 

@@ -264,8 +264,12 @@ def test_scoring_follows_eval_amp_not_training_amp(tmp_path, monkeypatch):
         tu.validate(tr, cfg, data.tid2row, val_loader)
         assert seen and set(seen) == {eval_amp}
     # off is fp32 even on CUDA; the others autocast there (never on the CPU)
-    assert isinstance(real(torch.device("cuda"), "off"), type(real("cpu", "bf16")))
-    assert not isinstance(real(torch.device("cuda"), "bf16"), type(real("cpu", "bf16")))
+    from utils import devices
+    monkeypatch.setattr(devices, "cuda_bf16", lambda: True)  # a GPU that computes bf16
+    assert [du.inference_precision("cuda", a) for a in ("off", "auto", "bf16", "fp16")] == \
+        ["fp32", "bf16", "bf16", "fp16"]
+    assert {du.inference_precision("cpu", a) for a in ("off", "auto", "bf16", "fp16")} == {"fp32"}
+    assert real("cuda", "bf16").fast_dtype == torch.bfloat16
 
 
 def test_fused_adam_and_channels_last_only_on_cuda(tmp_path):

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from utils.audio_utils import N_MELS
 from utils.clotho import CAPTIONS_PER_CLIP, make_fid, read_skipped, skipped_path
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
-from utils.devices import cuda_bf16
+from utils.devices import amp_mode, autocast
 from utils.errors import UserError
 from utils.io_utils import load_pickle
 
@@ -423,19 +423,13 @@ def relevance(emb: SplitEmbeddings) -> np.ndarray:
 def inference_precision(device: torch.device | str, amp: str = "off") -> str:
     """What eval.amp computes in on `device`: "fp32" (off, the default, as the original code;
     always on the CPU), else "bf16" or "fp16" (auto: bf16 where the GPU has it natively)."""
-    if torch.device(device).type != "cuda" or amp == "off":
-        return "fp32"
-    if amp == "auto":
-        return "bf16" if cuda_bf16() else "fp16"
-    return str(amp)
+    mode = amp_mode(amp, torch.device(device), "eval.amp")
+    return "fp32" if mode == "off" else mode
 
 
 def inference_autocast(device: torch.device | str, amp: str = "off"):
     """Autocast for inference (config key eval.amp), as inference_precision resolves it."""
-    precision = inference_precision(device, amp)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return autocast(torch.device(device), amp_mode(amp, torch.device(device), "eval.amp"))
 
 
 def batch_groups(batches: Sequence[list[int]], clips_per_group: int) -> list[list[list[int]]]:

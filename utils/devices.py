@@ -1,4 +1,7 @@
-"""One rule for every `device` key in the config (features, sbert, training, eval)."""
+"""One rule for every `device` key in the config (features, sbert, training, eval), and one
+for every `amp` key (training.amp, eval.amp)."""
+import contextlib
+
 from utils.errors import UserError
 
 
@@ -28,3 +31,27 @@ def cuda_bf16() -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch before 2.3: no emulation counted
         return torch.cuda.is_bf16_supported()
+
+
+def amp_mode(setting: str, device, key: str = "training.amp") -> str:
+    """`bf16`, `fp16` or `off` for an `amp` key on `device`: auto is bf16 where the GPU computes
+    it natively, else fp16; always off on the CPU. `key` names the config key in errors."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda" or setting == "off":
+        return "off"
+    native = cuda_bf16()
+    if setting == "auto":
+        return "bf16" if native else "fp16"
+    if setting == "bf16" and not native:
+        raise UserError(f"config key '{key}' is bf16 but this GPU does not compute bf16 natively; "
+                        "use auto or fp16")
+    return setting
+
+
+def autocast(device, amp: str):
+    """torch.autocast for `amp_mode`'s answer (a no-op for "off")."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    import torch
+
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

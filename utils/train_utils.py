@@ -33,7 +33,7 @@ from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
                               leave_signals_to_the_parent, load_text_table, logmels_path, relevance)
-from utils.devices import cuda_bf16
+from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
 from utils.errors import UserError
@@ -70,24 +70,6 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
 
 
 # --------------------------------------------------------------------------- devices, seeds
-
-def amp_mode(setting: str, device: torch.device) -> str:
-    """`bf16`, `fp16` or `off`: auto is bf16 where the GPU supports it, else fp16; always off on CPU."""
-    if device.type != "cuda" or setting == "off":
-        return "off"
-    bf16_ok = cuda_bf16()
-    if setting == "auto":
-        return "bf16" if bf16_ok else "fp16"
-    if setting == "bf16" and not bf16_ok:
-        raise UserError("config key 'training.amp' is bf16 but this GPU does not support it; use auto or fp16")
-    return setting
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
