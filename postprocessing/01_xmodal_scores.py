@@ -60,7 +60,7 @@ def main():
     with lock_run(run_dir):
         cfg = load_run_config(run_dir, args.overrides)
         which = cfg["eval"]["checkpoint"]
-        device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
+        device = resolve_device(cfg["eval"]["device"], "eval.device")
         ckpt = checkpoint_path(run_dir, which)
         model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
         meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))

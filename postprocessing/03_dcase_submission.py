@@ -84,7 +84,7 @@ def main():
     files = evaluation.list_audio_files(audio_dir)
     check_enough_clips(len(files), audio_dir)
     with lock_run(run_dir):
-        device = resolve_device(cfg["eval"].get("device", "auto"), "eval.device")
+        device = resolve_device(cfg["eval"]["device"], "eval.device")
         model, cfg, _ = load_trained_model(run_dir, cfg["eval"]["checkpoint"], device,
                                            args.overrides)
         audio = evaluation.encode_audio_files(model, files, cfg["features"], device,

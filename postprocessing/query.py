@@ -40,10 +40,10 @@ def read_queries(path: str) -> list[str]:
     return queries
 
 
-def print_table(retriever: Retriever, index: str, queries: list[str], results: list) -> None:
+def print_table(searched: str, queries: list[str], results: list) -> None:
     """One block per query: rank, score, clip (and the caption, for audio queries)."""
     for query, hits in zip(queries, results):
-        print(f"\ntop {len(hits)} of {index} for: {query}")
+        print(f"\ntop {len(hits)} of {searched} for: {query}")
         for h in hits:
             line = f"{h.rank:>3}  {h.score:+.4f}  {h.fname}"
             print(line if h.caption is None else f"{line}  {h.caption}")
@@ -110,7 +110,7 @@ def main():
     if args.json:
         print(results_json(retriever, what, queries, results))
     else:
-        print_table(retriever, what, queries, results)
+        print_table(what, queries, results)
     if args.html:
         page = report.write_query_results(
             args.html, queries, results, audio_queries=bool(args.audio),

@@ -17,7 +17,7 @@ from models.text_encoders import SentBERTBaseEncoder
 from tests.tiny_data import make_tiny_features, tiny_config
 from utils import data_utils as du
 from utils import train_utils as tu
-from utils.config import ConfigError, load_config
+from utils.config import load_config
 from utils.criterion_utils import LogSoftmaxLoss
 from utils.dist_utils import DistContext
 

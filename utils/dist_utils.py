@@ -197,7 +197,3 @@ def weights_checksum(module: torch.nn.Module, ctx: DistContext) -> str:
             raise RuntimeError(f"DDP ranks {differing} ended with weights different from rank 0's")
     return checksum
 
-
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()

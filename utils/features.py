@@ -531,7 +531,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     to compute in this process. Raises UserError listing every unusable wav unless `skip_bad_audio`.
     """
     params = feature_params(features_cfg)
-    device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
+    device = resolve_device(features_cfg["device"], "features.device")
     if pool is None:
         _init_worker(worker_params(features_cfg, device))
     out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
@@ -579,8 +579,8 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
         log(f"{split}: resuming, {out.reused} of {len(fids)} clips already computed in {folder}")
 
     first = _next_shard_index(folder) if folder.is_dir() else 0
-    workers = int(features_cfg.get("workers", 1)) if pool is not None else 1
-    chunks = make_chunks(todo, folder, first, max(1, int(features_cfg.get("flush_every", 64))), workers)
+    workers = int(features_cfg["workers"]) if pool is not None else 1
+    chunks = make_chunks(todo, folder, first, int(features_cfg["flush_every"]), workers)
     finished = _cpu_chunks(chunks, pool) if device == "cpu" else _gpu_chunks(chunks, pool, device, workers)
     try:
         with tqdm(total=len(todo), desc=f"{split} log-mels", unit="clip") as progress:
@@ -638,10 +638,10 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
             raise UserError(f"{info_path}: split '{split}' is not a {{fid: file name}} mapping "
                             f"(rerun {STEP_01})")
     features_cfg = cfg["features"]
-    device = resolve_device(features_cfg.get("device", "cpu"), "features.device")
+    device = resolve_device(features_cfg["device"], "features.device")
     params = worker_params(features_cfg, device)
     _warm_up(params)
-    workers = int(features_cfg.get("workers", 1))
+    workers = int(features_cfg["workers"])
     pool = (ProcessPoolExecutor(workers, _pool_context(), _init_pool_worker, (params, os.getpid()))
             if workers > 1 else None)
     try:

@@ -20,7 +20,6 @@ PANNS_ZENODO_RECORD = "3987831"
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # Older torch versions wrote no num_batches_tracked; the encoder's own 0 is then kept.
 OPTIONAL_SUFFIX = "num_batches_tracked"
-UNUSED_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.", "fc_audioset.")
 
 
 def panns_key_map(n_blocks: int = len(DEFAULT_CHANNELS)) -> dict[str, str]:

@@ -73,6 +73,18 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file()
 
 
+def not_a_run_error(path: str | Path, also: str = "") -> UserError:
+    return UserError(f"{path}: not a run directory (no {CONFIG_NAME}){also}; pass a directory "
+                     "made by main.py")
+
+
+def require_run_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not is_run_dir(path):
+        raise not_a_run_error(path)
+    return path
+
+
 def checkpoint_mtime(run_dir: Path) -> float:
     """When the run's newest checkpoint was written (0 without one)."""
     times = [p.stat().st_mtime for p in (checkpoint_path(run_dir, w) for w in ("last", "best"))
@@ -104,8 +116,6 @@ def resolve_run_dir(run: str | Path | None, cfg: dict) -> Path:
     named = Path(cfg["paths"]["output_dir"]) / run
     if len(run.parts) == 1 and is_run_dir(named):
         return named
-    also = f" nor is {named}" if len(run.parts) == 1 else ""
-    raise UserError(f"{run}: not a run directory (no {CONFIG_NAME}){also}; pass a directory made "
-                    "by main.py")
+    raise not_a_run_error(run, f" nor is {named}" if len(run.parts) == 1 else "")
 
 

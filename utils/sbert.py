@@ -25,7 +25,6 @@ from utils.io_utils import save_pickle
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = ("all-MiniLM-L6-v2",)
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:

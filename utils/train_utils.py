@@ -39,7 +39,7 @@ from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_g
 from utils.errors import UserError
 from utils.io_utils import remove_stale_temps
 from utils.metrics import retrieval_metrics
-from utils.runs import checkpoint_path, is_run_dir, lock_run
+from utils.runs import checkpoint_path, lock_run, require_run_dir
 from utils.tracking import Tracker
 
 # Sections that define the trained model and its loss: a resumed run must keep them.
@@ -55,9 +55,7 @@ def check_training_config(cfg: dict) -> None:
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
     """The config of run `run_dir` plus `overrides`, which may not touch the model or the loss."""
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
+    run_dir = require_run_dir(run_dir)
     saved = load_run_config(run_dir)
     cfg = load_run_config(run_dir, overrides)
     for section in FROZEN_ON_RESUME:
@@ -709,9 +707,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     The config is read back from the run directory (plus `overrides`, e.g. a moved
     paths.features_dir); the caption table is rebuilt from its `text_encoder.embeddings` file.
     """
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir}: not a run directory (no {CONFIG_NAME}); pass a directory made by main.py")
+    run_dir = require_run_dir(run_dir)
     cfg = load_run_config(run_dir, overrides)
     path = checkpoint_path(run_dir, which)
     if not path.is_file():
