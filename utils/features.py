@@ -537,33 +537,52 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
     final = logmel_path(out_dir, split)
     folder = parts_dir(out_dir, split)
-    skip_csv = skipped_path(out_dir, split)
-    fids = list(fid2fname)
-    out = SplitFeatures(split, final, len(fids))
+    out = SplitFeatures(split, final, len(fid2fname))
     remove_stale_temps(final.parent, f"{final.name}.")
     wavs = _locate_wavs(split_paths(dataset_dir, split)[1], fid2fname)
     sigs = {fid: w[1] if w is not None else None for fid, w in wavs.items()}
-    if final.exists():
-        fname2fid = {fname: fid for fid, fname in fid2fname.items()}
-        listed = {fname2fid.get(r[0], r[0]) for r in read_skipped(skip_csv) if r[2] == "02"}
-        state, why = final_state(final, params, sigs, skip_bad_audio, listed)
-        if state == "complete":
-            out.skipped_existing = True
-            out.bad = [(r[0], r[1]) for r in read_skipped(skip_csv) if r[2] == "02"]
-            out.skipped_csv = skip_csv if out.bad else None
-            return out
-        if state == "damaged":  # nothing in it can be trusted
-            log(f"{split}: {final} is damaged ({why}); rebuilding it")
-            final.unlink()
-        else:
-            # move it out of the way in one rename (no outdated final survives a crash) and
-            # treat it as a shard: its clips still valid are reused, the others recomputed
-            log(f"{split}: {final} is outdated ({why}); updating it")
-            out.updated = True
-            folder.mkdir(parents=True, exist_ok=True)
-            os.replace(final, folder / f"shard-{_next_shard_index(folder):05d}.h5")
+    if final.exists() and _settle_final(out, fid2fname, params, sigs, skip_bad_audio, folder, log):
+        return out  # complete and current: nothing to do
 
     done = scan_parts(folder, params, log)
+    todo, bad = _plan(fid2fname, wavs, done)
+    out.reused = sum(fid in done for fid in fid2fname)
+    if out.reused and not out.updated:
+        log(f"{split}: resuming, {out.reused} of {len(fid2fname)} clips already computed in {folder}")
+    workers = int(features_cfg["workers"]) if pool is not None else 1
+    bad += _compute_shards(out, todo, done, folder, device, pool, workers, int(features_cfg["flush_every"]))
+    _finish(out, fid2fname, done, bad, sigs, params, skip_bad_audio, folder)
+    return out
+
+
+def _settle_final(out: SplitFeatures, fid2fname: dict[str, str], params: dict, sigs: dict,
+                  skip_bad_audio: bool, folder: Path, log: Callable) -> bool:
+    """An existing final HDF5: True if it is complete and current (`out` says so); else it is
+    deleted (damaged) or moved into `folder` as a shard whose valid clips are reused (outdated)."""
+    final, skip_csv = out.path, skipped_path(out.path.parent, out.split)
+    fname2fid = {fname: fid for fid, fname in fid2fname.items()}
+    listed = {fname2fid.get(r[0], r[0]) for r in read_skipped(skip_csv) if r[2] == "02"}
+    state, why = final_state(final, params, sigs, skip_bad_audio, listed)
+    if state == "complete":
+        out.skipped_existing = True
+        out.bad = [(r[0], r[1]) for r in read_skipped(skip_csv) if r[2] == "02"]
+        out.skipped_csv = skip_csv if out.bad else None
+        return True
+    if state == "damaged":  # nothing in it can be trusted
+        log(f"{out.split}: {final} is damaged ({why}); rebuilding it")
+        final.unlink()
+    else:
+        # one rename, so no outdated final survives a crash
+        log(f"{out.split}: {final} is outdated ({why}); updating it")
+        out.updated = True
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(final, folder / f"shard-{_next_shard_index(folder):05d}.h5")
+    return False
+
+
+def _plan(fid2fname: dict[str, str], wavs: dict, done: dict) -> tuple[list[Clip], list[tuple[str, str]]]:
+    """The clips to compute (not in a shard, or their wav changed since) and the missing wavs;
+    `done` loses the entries of clips whose wav changed."""
     todo, bad = [], []
     for fid, fname in fid2fname.items():
         if wavs[fid] is None:
@@ -574,48 +593,58 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
             continue
         done.pop(fid, None)
         todo.append(Clip(fid, fname, str(path), *sig))
-    out.reused = sum(fid in done for fid in fids)
-    if out.reused and not out.updated:
-        log(f"{split}: resuming, {out.reused} of {len(fids)} clips already computed in {folder}")
+    return todo, bad
 
+
+def _compute_shards(out: SplitFeatures, todo: list[Clip], done: dict, folder: Path, device: str, pool,
+             workers: int, flush_every: int) -> list[tuple[str, str]]:
+    """Compute `todo` into new shards of `folder` (adding them to `done`); returns the unusable
+    wavs. Each shard is on disk as soon as it is counted: a kill or Ctrl-C keeps it."""
     first = _next_shard_index(folder) if folder.is_dir() else 0
-    workers = int(features_cfg["workers"]) if pool is not None else 1
-    chunks = make_chunks(todo, folder, first, int(features_cfg["flush_every"]), workers)
+    chunks = make_chunks(todo, folder, first, flush_every, workers)
     finished = _cpu_chunks(chunks, pool) if device == "cpu" else _gpu_chunks(chunks, pool, device, workers)
+    bad = []
+    out_dir = out.path.parent
     try:
-        with tqdm(total=len(todo), desc=f"{split} log-mels", unit="clip") as progress:
-            for chunk in finished:  # shards already on disk: a kill or Ctrl-C from here keeps them
+        with tqdm(total=len(todo), desc=f"{out.split} log-mels", unit="clip") as progress:
+            for chunk in finished:
                 bad += chunk.bad
                 done.update((fid, (chunk.shard, sig)) for fid, sig in chunk.sigs.items())
                 out.computed += len(chunk.sigs)
                 progress.update(chunk.clips)
     except BrokenProcessPool:  # a worker was killed (out of memory, a signal); the pool is unusable
-        raise _worker_died(split, out_dir, len(done), folder) from None
+        raise _worker_died(out.split, out_dir, len(done), folder) from None
     except OSError as e:  # from a worker's shard write: HDF5 names no useful path
         if e.errno in DISK_FULL:
             raise _disk_full(out_dir, len(done), folder) from None
         raise
+    return bad
 
+
+def _finish(out: SplitFeatures, fid2fname: dict[str, str], done: dict, bad: list, sigs: dict,
+            params: dict, skip_bad_audio: bool, folder: Path) -> None:
+    """Refuse unusable wavs (unless `skip_bad_audio`), else merge the shards into the final
+    HDF5, list the skipped clips, and remove the shards."""
     if bad:
         order = {fname: i for i, fname in enumerate(fid2fname.values())}
         bad.sort(key=lambda b: order[b[0]])
         if not skip_bad_audio:
-            raise bad_audio_error([format_bad_audio(split, bad)])
+            raise bad_audio_error([format_bad_audio(out.split, bad)])
     bad_names = {f for f, _ in bad}
-    keep = [fid for fid in fids if fid2fname[fid] not in bad_names]
-    skipped = {fid: sigs[fid] for fid in fids if fid2fname[fid] in bad_names}
+    keep = [fid for fid in fid2fname if fid2fname[fid] not in bad_names]
+    skipped = {fid: sigs[fid] for fid in fid2fname if fid2fname[fid] in bad_names}
     try:
-        merge_shards(final, keep, done, params, skipped)
+        merge_shards(out.path, keep, done, params, skipped)
     except OSError as e:
         if e.errno in DISK_FULL:
-            raise _disk_full(out_dir, len(done), folder) from None
+            raise _disk_full(out.path.parent, len(done), folder) from None
         raise
     # after the HDF5: killed in between, the list disagrees with the file and a rerun redoes it
+    skip_csv = skipped_path(out.path.parent, out.split)
     listed = update_skipped(skip_csv, "02", bad)
     out.bad = bad
     out.skipped_csv = skip_csv if listed else None
     shutil.rmtree(folder, ignore_errors=True)
-    return out
 
 
 def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
