@@ -164,8 +164,12 @@ def log_mel(y: np.ndarray, sr: int, window_s: float = WINDOW_S, hop_s: float = H
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 1:
         raise ValueError(f"log_mel expects a mono waveform [samples], got shape {y.shape}")
-    mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=n_fft, hop_length=hop,
-                                         win_length=win, n_mels=n_mels)  # power=2, hann, centred
+    with warnings.catch_warnings():
+        # a clip shorter than n_fft: centring zero-pads it to a full frame, which is the defined
+        # result (log_mel_torch pads the same); librosa's warning about it would only be noise
+        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large for input signal")
+        mel = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=n_fft, hop_length=hop,
+                                             win_length=win, n_mels=n_mels)  # power=2, hann, centred
     return np.log(mel + EPS).T.astype(np.float32)
 
 
