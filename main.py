@@ -71,7 +71,7 @@ def main() -> None:
         try:
             # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
             dist_utils.on_master(ctx, lambda: provenance.record_invocation(
-                run_dir, device, args.overrides, resumed=bool(args.resume),
+                run_dir, device, args.overrides, action="resume" if args.resume else "new",
                 conf=None if args.resume else args.conf, world_size=ctx.world_size))
             if ctx.is_master:
                 start = f"resuming after epoch {state['epoch']}" if state else "starting"
@@ -116,6 +116,9 @@ def _import_baseline(args) -> None:
     cfg = load_config(args.conf, args.overrides)
     cli.print_config_if_asked(args, cfg)
     run_dir, written = baseline_release.import_release(cfg, args.import_baseline, args.name)
+    with lock_run(run_dir):
+        written.append(provenance.record_invocation(run_dir, None, args.overrides, action="import",
+                                                    conf=args.conf))
     print(f"imported {args.import_baseline} as run {run_dir}")
     for path in written:
         print(f"wrote {path}")

@@ -16,7 +16,7 @@ import torch
 
 import utils.cli
 from models.retrieval import split_cache_key
-from utils import evaluation, scores_db
+from utils import evaluation, provenance, scores_db
 from utils.data_utils import (ClipDataset, SplitEmbeddings, damaged_hdf5_error, encode_split,
                               features_dir, logmels_path)
 from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run, resolve_run_dir
@@ -82,6 +82,7 @@ def main():
                                       identity=meta[scores_db.SPLIT_KEY + split])
                 written.append(evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids,
                                                           emb.audio, cache_key))
+        provenance.record_invocation(run_dir, device, args.overrides, action="scores", conf=args.conf)
     print(f"wrote {db_path} ({scores_db.db_size_mb(db_path):.1f} MB; splits "
           f"{', '.join(cfg['eval']['splits'])}; checkpoint {which}, epoch {meta['checkpoint_epoch']})")
     for path in written:

@@ -12,7 +12,7 @@ to the run's wandb evaluation run.
 from pathlib import Path
 
 import utils.cli
-from utils import evaluation, report, scores_db
+from utils import evaluation, provenance, report, scores_db
 from utils.clotho import read_skipped, skipped_path
 from utils.data_utils import features_dir
 from utils.errors import UserError
@@ -30,6 +30,7 @@ def main():
     utils.cli.print_config_if_asked(args, load_run_config(run_dir, args.overrides))  # before the lock
     with lock_run(run_dir):
         evaluate(run_dir, load_run_config(run_dir, args.overrides))
+        provenance.record_invocation(run_dir, None, args.overrides, action="metrics", conf=args.conf)
 
 
 def evaluate(run_dir: Path, cfg: dict) -> None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import utils.cli
-from utils import evaluation
+from utils import evaluation, provenance
 from utils.errors import UserError
 from utils.runs import load_run_config, lock_run, resolve_run_dir
 from utils.train_utils import load_trained_model
@@ -101,6 +101,8 @@ def main():
             evaluation.write_skipped_report(report, audio.bad)
         else:
             report.unlink(missing_ok=True)
+        provenance.record_invocation(run_dir, device, args.overrides, action="submission",
+                                     conf=args.conf)
     print(f"ranked {len(audio.fnames)} clips for {len(captions)} captions")
     print(f"wrote {out}")
     if audio.bad:

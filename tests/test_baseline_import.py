@@ -27,6 +27,7 @@ from tests.wav_fixtures import write_wav
 from utils import scores_db
 from utils.checkpoint import load_checkpoint
 from utils.io_utils import load_pickle, md5sum
+from utils.provenance import read_provenance
 from utils.runs import checkpoint_path
 
 MAIN = "main.py"
@@ -195,6 +196,10 @@ def test_postprocessing_chain_runs_on_the_imported_run(imported, monkeypatch, tm
                  "--split", "evaluation", "--top-k", "3")
     assert proc.returncode == 0, proc.stderr
     assert "evaluation_" in proc.stdout
+    # every process that wrote into the run says so (query.py only reads it)
+    actions = [e["action"] for e in read_provenance(run)]
+    assert actions[0] == "import" and actions[-2:] == ["metrics", "submission"]
+    assert "scores" in actions and all(e["git"] and e["versions"] for e in read_provenance(run))
 
 
 def test_resume_of_an_imported_run_is_refused_with_advice_that_works(imported, monkeypatch):

