@@ -86,6 +86,9 @@ def main():
                         "(or --queries FILE, or --audio FILE)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.html:
+        report.check_query_page_target(args.html, [*(args.audio or ()), *filter(None, [args.queries])],
+                                       args.folder)
     queries = read_queries(args.queries) if args.queries else args.audio or [text]
 
     # progress to stderr with --json, so that stdout is one JSON document

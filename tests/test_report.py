@@ -460,6 +460,25 @@ def test_query_py_html_for_text_and_audio_queries(tmp_path, monkeypatch, capsys)
     text = out.read_text()
     assert audio_srcs(out) == ["audio_audio/query/evaluation_001-" + audio_srcs(out)[0].split("-")[-1]]
     assert "Sound of class" in text and text.count('class="panel"') == 1
+    query("--html", out, "rain")  # its own earlier page may be replaced
+
+    # --html never replaces what is not a page of ours, and fails before any work
+    (tmp_path / "q.txt").write_text("rain\n")
+    (tmp_path / "notes.html").write_text("<html>my notes</html>")
+    (tmp_path / "a_dir.html").mkdir()
+    for args, needle in [
+            (["--html", conf, "rain"], "give the page a .html name"),
+            (["--html", tmp_path / "q.txt", "--queries", tmp_path / "q.txt"], "give the page a .html name"),
+            (["--html", clips / "evaluation_001.wav", "--audio", clips / "evaluation_001.wav"], ".html name"),
+            (["--html", tmp_path / "notes.html", "rain"], "is not a page this project wrote"),
+            (["--html", tmp_path / "a_dir.html", "rain"], "is a folder"),
+            (["--html", clips / "x.html", "--folder", clips, "rain"], "inside the searched folder")]:
+        before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+        line = error_line(run_script("postprocessing/query.py", "--conf", conf, "--run", run_dir,
+                                     *args, monkeypatch=monkeypatch, capsys=capsys))
+        assert needle in line
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written
+    assert (tmp_path / "notes.html").read_text() == "<html>my notes</html>"
 
 
 def test_tracker_calls_and_no_audio_uploaded_in_link_mode(tmp_path):

@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from utils.errors import UserError
 from utils.io_utils import atomic_path, atomic_write_text, remove_stale_temps
 
 REPORT_DIR = "report"
@@ -612,8 +613,11 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
     return "\n".join(parts)
 
 
+GENERATOR = '<meta name="generator" content="dcase-retrieval report">'  # marks a page as ours
+
+
 def _page(title: str, header: str, body: str) -> str:
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR +
             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n{header}\n"
             '<p id="audio-status" class="meta"></p>\n'
@@ -816,6 +820,29 @@ def audio_query_panel(audio_path: str | Path, hits: Sequence[tuple[str, float]])
            else ClipRef("query", audio_path.name, None, f"audio file not found ({audio_path.name})"))
     return Panel("a2t", "query", audio_path.name, 0, [Hit(c, float(s), False) for c, s in hits],
                  query_clip=ref)
+
+
+def check_query_page_target(out_html: str | Path, inputs: Sequence[str | Path] = (),
+                            folder: str | Path | None = None) -> None:
+    """Refuse, before any work, an --html path that would replace something that is not a page
+    of ours: another file (a config, the queries, a clip), a folder, or a name inside the
+    searched `folder` (its clips would be copied in among the ones searched)."""
+    out = Path(out_html)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--html {out}: give the page a .html name (it is written as a web page)")
+    if out.is_dir():
+        raise UserError(f"--html {out} is a folder; give a file name such as {out / 'results.html'}")
+    if folder is not None and out.resolve().parent == Path(folder).resolve():
+        raise UserError(f"--html {out} is inside the searched folder {folder}; write the page elsewhere")
+    for given in inputs:
+        if out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise UserError(f"--html {out} is the input {given}; write the page elsewhere")
+    if out.is_file():
+        with open(out, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+        if GENERATOR not in head:
+            raise UserError(f"--html {out} exists and is not a page this project wrote; delete it "
+                            "or choose another name")
 
 
 def write_query_results(out_html: str | Path, queries: Sequence[str], results: Sequence[Sequence],
