@@ -277,7 +277,10 @@ class Retriever:
 
     def _split_index(self, split: str, key: str) -> ClipIndex:
         from utils.data_utils import encode_split
+        from utils.features import check_definition
 
+        # the split's clips and the ones embed_audio/folders compute must share one definition
+        check_definition(self._features_dir(), split, self.cfg["features"], run=True)
         cached = evaluation.load_clip_cache(self.run_dir, split, key,
                                             dim=self.model.text_enc.out_dim)
         if cached is not None:

@@ -22,6 +22,7 @@ from utils.data_utils import (ClipDataset, SplitEmbeddings, damaged_hdf5_error, 
 from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run, resolve_run_dir
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
+from utils.features import check_definition
 
 
 def first_nonfinite_clip(dataset_dir: Path, emb: SplitEmbeddings) -> int | None:
@@ -71,6 +72,7 @@ def main():
                 # taken before encoding (a step 02 rerun meanwhile leaves a stale key), and the
                 # one query.py / Retriever computes: they reuse these embeddings
                 cache_key = split_cache_key(meta["checkpoint_sha1"], cfg, split, device)
+                check_definition(features_dir(cfg), split, cfg["features"], run=True)
                 emb = encode_split(model, features_dir(cfg), split, tid2row,
                                    cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
                 check_inputs_finite(features_dir(cfg), emb)

@@ -24,6 +24,7 @@ from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import evaluation, scores_db
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config, save_config
+from utils.errors import UserError
 from utils.provenance import read_provenance
 from utils.data_utils import encode_split, relevance
 from utils.metrics import retrieval_metrics
@@ -268,6 +269,25 @@ def test_a_damaged_scores_db_is_one_line_and_overwrite_replaces_it(run, how):
     assert {k: after[k] for k in before if k not in written} == \
         {k: v for k, v in before.items() if k not in written}
     assert [e["action"] for e in read_provenance(run_dir)] == ["scores", "scores", "metrics"]
+
+
+def test_log_mels_recomputed_with_other_settings_are_refused_and_the_advice_works(run, tmp_path):
+    """Step 02 rerun with another hop after training: scoring (and query.py) would embed clips
+    of other frames than the model learnt on, and than its own file log-mels: refused."""
+    from models.retrieval import Retriever
+
+    conf, run_dir, call = run
+    h5_path = tmp_path / "data" / "evaluation_audio_logmels.hdf5"
+    with h5py.File(h5_path, "a") as h5:
+        h5.attrs.update({"window_s": 0.04, "hop_s": 0.01, "n_mels": 64})
+    line = error_line(call(SCORES, "--run", run_dir))
+    assert str(h5_path) in line and "computed with hop_s 0.01, but the run was trained on hop_s 0.02" in line
+    assert "preprocessing/02_audio_logmel.py --set features.hop_s=0.02" in line
+    with pytest.raises(UserError, match="hop_s 0.01"):
+        Retriever.from_run(run_dir).search("rain", split="evaluation")
+    with h5py.File(h5_path, "a") as h5:  # what following the advice leaves
+        h5.attrs["hop_s"] = 0.02
+    assert call(SCORES, "--run", run_dir).returncode == 0
 
 
 def test_nan_log_mels_blame_the_hdf5_not_the_checkpoint(run, tmp_path):

@@ -216,8 +216,28 @@ def test_resume_refuses_model_changes(tiny):
     assert tu.resume_config(run, ["training.epochs=5"])["training"]["epochs"] == 5
     with pytest.raises(UserError, match="criterion.temperature.*cannot change"):
         tu.resume_config(run, ["criterion.temperature=0.1"])
+    # the restored Adam and ReduceLROnPlateau would keep their own values, while config.yaml
+    # recorded the new one; a new monitor would be compared with the old one's best value
+    for override in ("training.lr=5e-4", "training.weight_decay=0.01", "training.scheduler.patience=2",
+                     "training.monitor=val_t2a_mAP@10"):
+        with pytest.raises(UserError, match=f"--set {override.split('=')[0]}: .* restored from checkpoints/last.pt"):
+            tu.resume_config(run, [override])
+    assert tu.resume_config(run, ["training.lr=0.001"])["training"]["lr"] == 0.001  # the same value
     with pytest.raises(UserError, match="not a run directory"):
         tu.resume_config(tiny / "data")
+
+
+def test_features_of_another_definition_than_the_config_are_refused(tiny, monkeypatch, capsys):
+    """The run's config would record hop 0.01 for features computed at 0.02: query.py and the
+    submission would then compute their log-mels differently from the training clips'."""
+    for split in ("development", "validation"):
+        with h5py.File(tiny / "data" / f"{split}_audio_logmels.hdf5", "a") as h5:
+            h5.attrs.update({"window_s": 0.04, "hop_s": 0.02, "n_mels": 64})
+    proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tiny), "--set", "features.hop_s=0.01")
+    line = error_line(proc)
+    assert "development_audio_logmels.hdf5: log-mels computed with hop_s 0.02, but the config says hop_s 0.01" in line
+    assert "--set features.hop_s=0.02" in line
+    assert run_dirs(tiny) == []
 
 
 def test_embedding_size_mismatch_on_resume_and_load(tiny, monkeypatch, capsys):

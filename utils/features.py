@@ -110,6 +110,35 @@ def feature_params(features_cfg: dict) -> dict:
             "definition": "log(librosa melspectrogram power=2 hann centred zero-pad + eps), [frames, n_mels]"}
 
 
+CONFIG_PARAMS = ("window_s", "hop_s", "n_mels")  # the feature_params a config sets
+
+
+def check_definition(out_dir: str | Path, split: str, features_cfg: dict, run: bool = False) -> None:
+    """Refuse a split's log-mel file computed with other window/hop/bands than `features_cfg`
+    says (UserError). Training and scoring read the file, while query.py, the submission and
+    the API compute log-mels from `features_cfg`: a run whose config misdescribed its features
+    would embed the same clip differently there. `run`: `features_cfg` is a trained run's, so
+    the file is what changed. A file without these attrs passes."""
+    path = logmel_path(out_dir, split)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in CONFIG_PARAMS if k in f.attrs}
+    except (OSError, ValueError):  # missing or damaged: the reader that follows says so
+        return
+    want = feature_params(features_cfg)
+    differ = [k for k in attrs if not _attrs_match({k: attrs[k]}, {k: want[k]})]
+    if differ:
+        found = ", ".join(f"{k} {attrs[k]}" for k in differ)
+        asked = ", ".join(f"{k} {want[k]}" for k in differ)
+        if run:  # step 02 was rerun with other settings after training
+            sets = " ".join(f"features.{k}={want[k]}" for k in differ)
+            raise UserError(f"{path}: log-mels computed with {found}, but the run was trained on "
+                            f"{asked} — rerun preprocessing/02_audio_logmel.py --set {sets}")
+        sets = " ".join(f"features.{k}={attrs[k]}" for k in differ)
+        raise UserError(f"{path}: log-mels computed with {found}, but the config says {asked} — "
+                        f"rerun preprocessing/02_audio_logmel.py with this config, or --set {sets}")
+
+
 def _attrs_match(attrs, params: dict) -> bool:
     for key, value in params.items():
         if key not in attrs:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.core import build_model
 from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save_checkpoint,
                               set_rng_state)
-from utils.config import CONFIG_NAME, ConfigError, load_run_config, validate as validate_config
+from utils.config import CONFIG_NAME, ConfigError, flat_config, load_run_config, validate as validate_config
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
@@ -37,6 +37,7 @@ from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
 from utils.errors import UserError
+from utils.features import check_definition
 from utils.io_utils import remove_stale_temps
 from utils.metrics import retrieval_metrics
 from utils.runs import checkpoint_path, lock_run, require_run_dir
@@ -44,6 +45,10 @@ from utils.tracking import Tracker
 
 # Sections that define the trained model and its loss: a resumed run must keep them.
 FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
+# Keys the optimizer, scheduler and best metric restored from last.pt carry: a new value would be
+# written to config.yaml but not used (Adam's lr and weight decay, the plateau schedule), or
+# compare epochs on another metric than the best one was chosen on (monitor).
+RESTORED_ON_RESUME = ("training.lr", "training.weight_decay", "training.scheduler", "training.monitor")
 
 
 # --------------------------------------------------------------------------- config
@@ -54,16 +59,21 @@ def check_training_config(cfg: dict) -> None:
 
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
-    """The config of run `run_dir` plus `overrides`, which may not touch the model or the loss."""
+    """The config of run `run_dir` plus `overrides`, which may not touch the model, the loss,
+    or what the restored optimizer and scheduler decide."""
     run_dir = require_run_dir(run_dir)
-    saved = load_run_config(run_dir)
+    saved = flat_config(load_run_config(run_dir))
     cfg = load_run_config(run_dir, overrides)
-    for section in FROZEN_ON_RESUME:
-        for key in sorted(set(saved[section]) | set(cfg[section])):
-            if saved[section].get(key) != cfg[section].get(key):
-                raise UserError(f"--set {section}.{key}: {run_dir} was trained with "
-                                f"{saved[section].get(key)!r}; model and loss keys cannot change "
-                                "on --resume (start a new run instead)")
+    for key, value in flat_config(cfg).items():
+        if saved.get(key) == value:
+            continue
+        if key.split(".", 1)[0] in FROZEN_ON_RESUME:
+            raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}; model "
+                            "and loss keys cannot change on --resume (start a new run instead)")
+        if any(key == k or key.startswith(k + ".") for k in RESTORED_ON_RESUME):
+            raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}, and the "
+                            "optimizer, scheduler and best metric restored from checkpoints/last.pt "
+                            "keep it on --resume; start a new run to change it")
     return cfg
 
 
@@ -89,6 +99,8 @@ class TrainingData:
 def load_training_data(cfg: dict) -> TrainingData:
     """The caption table and both datasets, validated against each other (UserError if not)."""
     feat_dir = features_dir(cfg)
+    for split in (cfg["data"]["train_split"], cfg["data"]["val_split"]):
+        check_definition(feat_dir, split, cfg["features"])
     table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
                                max_frames=cfg["training"]["max_frames"], train=True)
