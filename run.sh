@@ -13,6 +13,8 @@
 #         6 score every pair -> scores.db | 7 metrics, retrieval CSVs, plots
 # Runs:   --name NAME   stage 5 starts a new run called NAME
 #         --resume DIR  stage 5 continues run DIR; stages 6-7 evaluate it
+#                       (after stage 5, stage 6 replaces the run's scores.db: training may have
+#                       replaced the checkpoint it scored)
 #         --run DIR     stages 6-7 evaluate DIR (default: the newest run); with stage 5 in the
 #                       range, DIR is resumed, never replaced by a new run
 # Paths in the config are relative to the repository root; --conf, --run and --resume to where
@@ -71,7 +73,10 @@ while [ $# -gt 0 ]; do
     --run) v=$(value "$@"); run=$(from_caller "$v"); shift 2 ;;
     --resume) v=$(value "$@"); resume=$(from_caller "$v"); shift 2 ;;
     --name) name=$(value "$@"); shift 2 ;;
-    --set) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do overrides+=("$1"); shift; done ;;
+    --set)
+      shift; n=${#overrides[@]}
+      while [ $# -gt 0 ] && [[ "$1" != --* ]]; do overrides+=("$1"); shift; done
+      [ ${#overrides[@]} -gt "$n" ] || die "--set needs KEY=VALUE pairs (see ./run.sh --help)" ;;
     -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see ./run.sh --help)" ;;
   esac
@@ -100,6 +105,10 @@ train_args=()
 [ -n "$name" ] && train_args=(--name "$name")
 run_args=()
 [ -n "$run" ] && run_args=(--run "$run")
+score_args=()
+# training just now may have replaced the best checkpoint: its scores.db is then another
+# checkpoint's, which 01 keeps unless told to replace it
+$trains && score_args=(--overwrite)
 
 step() {  # step N description command...
   local n=$1 what=$2; shift 2
@@ -115,5 +124,5 @@ step 2 "log-mel features" "$PYTHON" preprocessing/02_audio_logmel.py "${common[@
 step 3 "sentence embeddings" "$PYTHON" preprocessing/03_sbert_embeddings.py "${common[@]}"
 step 4 "PANNs CNN14 -> audio encoder weights" "$PYTHON" preprocessing/04_cnn14_transfer.py "${common[@]}"
 step 5 "train" "$PYTHON" main.py "${common[@]}" ${train_args[@]+"${train_args[@]}"}
-step 6 "score every (clip, caption) pair" "$PYTHON" postprocessing/01_xmodal_scores.py "${common[@]}" ${run_args[@]+"${run_args[@]}"}
+step 6 "score every (clip, caption) pair" "$PYTHON" postprocessing/01_xmodal_scores.py "${common[@]}" ${run_args[@]+"${run_args[@]}"} ${score_args[@]+"${score_args[@]}"}
 step 7 "retrieval metrics" "$PYTHON" postprocessing/02_xmodal_retrieval.py "${common[@]}" ${run_args[@]+"${run_args[@]}"}

@@ -46,14 +46,17 @@ def test_all_stages_in_order_with_conf_and_overrides(run_sh):
     assert proc.returncode == 0, proc.stderr
     assert [c[0] for c in calls] == SCRIPTS
     for c in calls:
-        assert c[1:] == ["--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off"]
+        # stage 6 replaces the scores of the checkpoint that training has just replaced
+        extra = ["--overwrite"] if c[0] == SCRIPTS[6] else []
+        assert c[1:] == ["--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off", *extra]
 
 
 def test_stage_5_with_run_resumes_that_run_and_evaluates_it(run_sh):
     proc, calls = run_sh("--stage", "5", "--run", "outputs/r1")
     assert proc.returncode == 0, proc.stderr
     assert calls == [["main.py", "--conf", "conf.yaml", "--resume", "outputs/r1"],
-                     ["postprocessing/01_xmodal_scores.py", "--conf", "conf.yaml", "--run", "outputs/r1"],
+                     ["postprocessing/01_xmodal_scores.py", "--conf", "conf.yaml", "--run", "outputs/r1",
+                      "--overwrite"],
                      ["postprocessing/02_xmodal_retrieval.py", "--conf", "conf.yaml", "--run", "outputs/r1"]]
 
 
@@ -66,7 +69,7 @@ def test_resume_and_name_are_passed_to_main(run_sh):
     assert calls[0] == ["main.py", "--conf", "conf.yaml", "--set", "training.epochs=2", "--name", "my_run"]
     # evaluation: my_run by its name (paths.output_dir/my_run), not whichever run is newest
     assert [c[0] for c in calls[1:]] == SCRIPTS[6:]
-    assert [c[-2:] for c in calls[1:]] == [["--run", "my_run"]] * 2
+    assert calls[1][-3:] == ["--run", "my_run", "--overwrite"] and calls[2][-2:] == ["--run", "my_run"]
 
 
 def test_resume_alone_also_names_the_run_to_evaluate(run_sh):
@@ -98,6 +101,8 @@ def test_run_without_stage_5_only_goes_to_evaluation(run_sh):
     (["--stage", "5", "--run", "a", "--name", "b"], "give one of them"),
     (["--stage", "6", "--name", "b"], "do not include 5"),
     (["--bogus"], "unknown argument '--bogus'"),
+    (["--set"], "--set needs KEY=VALUE pairs"),
+    (["--set", "--stage", "6"], "--set needs KEY=VALUE pairs"),
     (["stray"], "unknown argument 'stray'"),
 ])
 def test_bad_arguments_are_one_line_and_run_nothing(run_sh, args, needle):
