@@ -19,7 +19,7 @@ from models.retrieval import split_cache_key
 from utils import evaluation, provenance, scores_db
 from utils.data_utils import (ClipDataset, SplitEmbeddings, damaged_hdf5_error, encode_split,
                               features_dir, logmels_path)
-from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run, resolve_run_dir
+from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
 from utils.features import check_definition
@@ -55,15 +55,13 @@ def main():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing scores.db, whatever computed it (the old file "
                              "stays until the new one is complete)")
-    args, cfg = utils.cli.parse(parser)
-    run_dir = resolve_run_dir(args.run, cfg)
-    utils.cli.print_config_if_asked(args, load_run_config(run_dir, args.overrides))  # before the lock
+    args, run_dir, overrides, conf_cfg = utils.cli.parse_run(parser)
     with lock_run(run_dir):
-        cfg = load_run_config(run_dir, args.overrides)
+        cfg = load_run_config(run_dir, overrides)
         which = cfg["eval"]["checkpoint"]
         device = resolve_device(cfg["eval"]["device"], "eval.device")
         ckpt = checkpoint_path(run_dir, which)
-        model, cfg, tid2row = load_trained_model(run_dir, which, device, args.overrides)
+        model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
         meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
         db_path = Path(run_dir) / SCORES_DB
         written = []
@@ -84,7 +82,8 @@ def main():
                                       identity=meta[scores_db.SPLIT_KEY + split])
                 written.append(evaluation.save_clip_cache(run_dir, split, emb.fnames, emb.fids,
                                                           emb.audio, cache_key))
-        provenance.record_invocation(run_dir, device, args.overrides, action="scores", conf=args.conf)
+        provenance.record_invocation(run_dir, device, args.overrides, action="scores",
+                                     conf=args.conf if conf_cfg else None)
     print(f"wrote {db_path} ({scores_db.db_size_mb(db_path):.1f} MB; splits "
           f"{', '.join(cfg['eval']['splits'])}; checkpoint {which}, epoch {meta['checkpoint_epoch']})")
     for path in written:

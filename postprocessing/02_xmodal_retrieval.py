@@ -17,20 +17,18 @@ from utils.clotho import read_skipped, skipped_path
 from utils.data_utils import features_dir
 from utils.errors import UserError
 from utils.plots import plot_run_figures
-from utils.runs import (METRICS_JSON, SCORES_DB, checkpoint_path, load_run_config, lock_run,
-                        resolve_run_dir)
+from utils.runs import METRICS_JSON, SCORES_DB, checkpoint_path, load_run_config, lock_run
 from utils.tracking import Tracker
 
 
 def main():
     parser = utils.cli.make_parser(__doc__)
     parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
-    args, cfg = utils.cli.parse(parser)
-    run_dir = resolve_run_dir(args.run, cfg)
-    utils.cli.print_config_if_asked(args, load_run_config(run_dir, args.overrides))  # before the lock
+    args, run_dir, overrides, conf_cfg = utils.cli.parse_run(parser)
     with lock_run(run_dir):
-        evaluate(run_dir, load_run_config(run_dir, args.overrides))
-        provenance.record_invocation(run_dir, None, args.overrides, action="metrics", conf=args.conf)
+        evaluate(run_dir, load_run_config(run_dir, overrides))
+        provenance.record_invocation(run_dir, None, args.overrides, action="metrics",
+                                     conf=args.conf if conf_cfg else None)
 
 
 def evaluate(run_dir: Path, cfg: dict) -> None:

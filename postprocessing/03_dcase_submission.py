@@ -16,7 +16,7 @@ from pathlib import Path
 import utils.cli
 from utils import evaluation, provenance
 from utils.errors import UserError
-from utils.runs import load_run_config, lock_run, resolve_run_dir
+from utils.runs import load_run_config, lock_run
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
 
@@ -57,8 +57,8 @@ def setting(cli_value, key: str, *cfgs) -> str:
     """--option, else eval.submission.<key> of the run config, else of --conf."""
     if cli_value:
         return cli_value
-    for cfg in cfgs:
-        value = cfg.get("eval", {}).get("submission", {}).get(key)
+    for cfg in filter(None, cfgs):  # --conf's is None when it was not read
+        value = cfg["eval"]["submission"][key]
         if value:
             return value
     raise UserError(f"pass --{key.replace('_', '-')} (or set eval.submission.{key})")
@@ -70,10 +70,8 @@ def main():
     parser.add_argument("--audio-dir", help="folder with the retrieval set's audio files")
     parser.add_argument("--captions", help="CSV with a `caption` column")
     parser.add_argument("--out", help="output CSV (default: <run>/submission.csv)")
-    args, conf_cfg = utils.cli.parse(parser)
-    run_dir = resolve_run_dir(args.run, conf_cfg)
-    cfg = load_run_config(run_dir, args.overrides)
-    utils.cli.print_config_if_asked(args, cfg)
+    args, run_dir, overrides, conf_cfg = utils.cli.parse_run(parser)
+    cfg = load_run_config(run_dir, overrides)
     audio_dir = Path(setting(args.audio_dir, "audio_dir", cfg, conf_cfg))
     captions_csv = Path(setting(args.captions, "captions", cfg, conf_cfg))
     out = Path(args.out) if args.out else Path(run_dir) / "submission.csv"
@@ -86,7 +84,7 @@ def main():
     with lock_run(run_dir):
         device = resolve_device(cfg["eval"]["device"], "eval.device")
         model, cfg, _ = load_trained_model(run_dir, cfg["eval"]["checkpoint"], device,
-                                           args.overrides)
+                                           overrides)
         audio = evaluation.encode_audio_files(model, files, cfg["features"], device,
                                               skip_bad=cfg["data"]["skip_bad_audio"],
                                               amp=cfg["eval"]["amp"],
@@ -102,7 +100,7 @@ def main():
         else:
             report.unlink(missing_ok=True)
         provenance.record_invocation(run_dir, device, args.overrides, action="submission",
-                                     conf=args.conf)
+                                     conf=args.conf if conf_cfg else None)
     print(f"ranked {len(audio.fnames)} clips for {len(captions)} captions")
     print(f"wrote {out}")
     if audio.bad:

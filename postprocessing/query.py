@@ -19,11 +19,9 @@ from pathlib import Path
 
 import utils.cli
 from models.retrieval import Retriever, results_json
-from utils.config import load_config
 from utils import report
 from utils.errors import UserError
-from utils.provenance import resolved_overrides
-from utils.runs import load_run_config, resolve_run_dir
+from utils.runs import load_run_config
 
 
 def read_queries(path: str) -> list[str]:
@@ -64,12 +62,8 @@ def main():
     parser.add_argument("--html", metavar="OUT.html",
                         help="also write the results as a page with a player per clip (the clips "
                              "go to OUT_audio/ beside it, or are linked: eval.report.audio)")
-    args = parser.parse_args()
-
-    # --conf is only read to find the newest run: with --run it may be absent (any directory)
-    run_dir = resolve_run_dir(args.run, None if args.run else load_config(args.conf, args.overrides))
-    overrides = resolved_overrides(run_dir, args.overrides)
-    utils.cli.print_config_if_asked(args, load_run_config(run_dir, overrides))
+    # --conf is only read to find the run: with --run DIR it may be absent (any directory)
+    args, run_dir, overrides, _ = utils.cli.parse_run(parser)
     text = " ".join(args.text).strip()
     asked = [name for name, given in (("TEXT", args.text), ("--queries", args.queries),
                                       ("--audio", args.audio)) if given]

@@ -128,6 +128,31 @@ def test_run_may_be_named_by_its_name_in_output_dir(scripts, tmp_path, monkeypat
     assert (run_dir / "scores.db").is_file()
 
 
+def test_postprocessing_works_on_a_run_from_any_directory(tmp_path, monkeypatch):
+    """`--run DIR` from elsewhere: no conf.yaml is needed there, and the run's relative paths
+    are found against the directory it was trained from (provenance.json), as query.py does."""
+    from tests.cli_helpers import run_in_process
+    from tests.test_postprocessing import make_run
+    from utils import provenance
+    from utils.config import load_config, save_config
+
+    _, run_dir = make_run(tmp_path)
+    cfg = load_config(run_dir / "config.yaml")
+    cfg["paths"].update(dataset_dir="data", output_dir="outputs", pretrained_dir="pretrained")
+    save_config(cfg, run_dir)
+    monkeypatch.chdir(tmp_path)
+    provenance.record_invocation(run_dir, "cpu")  # trained from tmp_path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for script in (SCORES, "postprocessing/02_xmodal_retrieval.py"):
+        proc = run_in_process(monkeypatch, script, "--run", run_dir, cwd=elsewhere)
+        assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "metrics.json").is_file() and not any(elsewhere.iterdir())
+    entries = provenance.read_provenance(run_dir)
+    assert [e["action"] for e in entries] == ["new", "scores", "metrics"]
+    assert entries[-1]["conf"] is None  # no conf.yaml there: none was read
+
+
 def test_newest_run_default_skips_folders_without_a_checkpoint(scripts, tmp_path):
     conf, run_dir, call = scripts
     half = tmp_path / "outputs" / "zzz-newer-but-empty"

@@ -92,6 +92,27 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     return args, cfg
 
 
+def parse_run(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """For a script that acts on a run (`--run`): returns (args, run_dir, overrides, conf_cfg).
+
+    --conf is read to find the newest run, or a run by its name in paths.output_dir: with
+    `--run DIR` it may be absent (the default conf.yaml outside the repository), and conf_cfg is
+    then None. `overrides` are args.overrides plus absolute paths for the run's relative ones
+    (from any working directory: utils.provenance.resolved_overrides); load the run's config
+    with them. --print-config prints that config and exits."""
+    from utils.provenance import resolved_overrides
+    from utils.runs import is_run_dir, load_run_config, resolve_run_dir
+
+    args = parser.parse_args(argv)
+    needs_conf = (args.run is None or not is_run_dir(Path(args.run)) or Path(args.conf).is_file()
+                  or args.conf != parser.get_default("conf"))
+    conf_cfg = load_config(args.conf, args.overrides) if needs_conf else None
+    run_dir = resolve_run_dir(args.run, conf_cfg)
+    overrides = resolved_overrides(run_dir, args.overrides)
+    print_config_if_asked(args, load_run_config(run_dir, overrides))
+    return args, run_dir, overrides, conf_cfg
+
+
 def print_config_if_asked(args: argparse.Namespace, cfg: dict) -> None:
     """For --print-config: print `cfg` as YAML and exit 0, before any work is done."""
     if getattr(args, "print_config", False):

@@ -105,14 +105,14 @@ def latest_run_dir(output_dir: str | Path) -> Path:
     return max(runs, key=checkpoint_mtime)
 
 
-def resolve_run_dir(run: str | Path | None, cfg: dict) -> Path:
+def resolve_run_dir(run: str | Path | None, cfg: dict | None) -> Path:
     """`--run DIR` if given (a run directory, or the name of one in paths.output_dir, as
     main.py --name gave it), else the newest run in output_dir."""
     if run is None:
         return latest_run_dir(cfg["paths"]["output_dir"])
     run = Path(run)
-    if is_run_dir(run):
-        return run
+    if is_run_dir(run) or cfg is None:
+        return require_run_dir(run)
     named = Path(cfg["paths"]["output_dir"]) / run
     if len(run.parts) == 1 and is_run_dir(named):
         return named
