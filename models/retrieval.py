@@ -114,10 +114,13 @@ class Retriever:
         from utils.runs import checkpoint_path, load_run_config, resolve_run_dir
         from utils.train_utils import load_trained_model
 
-        run_dir = resolve_run_dir(run_dir, {})
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise UserError(f"Retriever.from_run: run_dir must be a path, got {type(run_dir).__name__}")
+        run_dir = resolve_run_dir(run_dir, None)
         overrides = resolved_overrides(run_dir, overrides)
         cfg = load_run_config(run_dir, overrides)
-        device = device or resolve_device(cfg["eval"]["device"], "eval.device")
+        # `device` stands for eval.device: the same names, checked the same way
+        device = resolve_device(device or cfg["eval"]["device"], "eval.device")
         model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
         ckpt = checkpoint_path(run_dir, which)
         return cls(model, cfg, run_dir, which, ckpt, evaluation.checkpoint_epoch(ckpt), device,
@@ -150,7 +153,7 @@ class Retriever:
 
     def embed_text(self, texts: Sequence[str] | str) -> np.ndarray:
         """Texts -> float32 `[N, E]` (the run's sentence model, then its text projection)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _check_texts([texts] if isinstance(texts, str) else list(texts))
         if self._sbert is None and texts:
             from utils.sbert import load_sentence_model
 
@@ -177,7 +180,10 @@ class Retriever:
         items = list(audio) if _is_batch(audio) else [audio]
         if not items:
             return []
-        if all(isinstance(a, (str, os.PathLike)) for a in items):
+        paths = [isinstance(a, (str, os.PathLike)) for a in items]
+        if any(paths) and not all(paths):
+            raise UserError("embed_audio: give file paths or waveforms, not both in one list")
+        if all(paths):
             files = [Path(a) for a in items]
             folders = [f for f in files if f.is_dir()]
             if folders:  # file_logmels would call it missing
@@ -372,6 +378,8 @@ class Retriever:
         texts (a list of such lists), over a split (default "evaluation") or a folder."""
         _check_top_k(top_k)
         index = self.clip_index(split, folder)
+        if not isinstance(text, str) and not _is_batch(text):
+            raise UserError(f"search: expected a text or a list of texts, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else list(text)
         idx, scores = evaluation.rank_clips(self.embed_text(texts), index.embeds, top_k)
         out = [[Hit(r + 1, float(sc), index.fnames[j], None, index.paths[j])
@@ -393,6 +401,17 @@ class Retriever:
         return out if _is_batch(audio) else out[0]
 
 
+def _check_texts(texts: list) -> list[str]:
+    """Every text a non-blank str (as query.py refuses an empty query: it would rank clips by
+    whatever the sentence model makes of nothing)."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise UserError(f"text {i}: expected str, got {type(t).__name__} ({t!r:.40})")
+        if not t.strip():
+            raise UserError(f"text {i} is empty: give the words to search for")
+    return texts
+
+
 def _check_top_k(top_k: int) -> None:
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
         raise UserError(f"top_k must be a whole number of at least 1, got {top_k!r}")
@@ -404,6 +423,9 @@ MAX_CHANNELS = 8  # a 2-D array this narrow is one multichannel clip, not a batc
 def _as_float_waveform(y: np.ndarray) -> np.ndarray:
     """float32 in [-1, 1], as soundfile reads files: integer PCM (int16 from a wav read as is,
     say) scaled by its full range, which a plain cast would leave 32768 times too loud."""
+    if not np.issubdtype(y.dtype, np.number) or np.iscomplexobj(y):  # a cast would drop or fail
+        raise UserError(f"embed_audio: a waveform of dtype {y.dtype}; expected real numbers "
+                        "(float, or integer PCM)")
     if np.issubdtype(y.dtype, np.signedinteger):
         return (y / float(2 ** (8 * y.dtype.itemsize - 1))).astype(np.float32)
     if np.issubdtype(y.dtype, np.unsignedinteger):  # 8-bit PCM is unsigned, centred at 128

@@ -235,6 +235,31 @@ def test_api_bad_inputs(retriever, tmp_path):
     with pytest.raises(UserError, match=r"split 'nope': no nope_text.csv .*splits of this run: "
                                         r"development, validation, evaluation"):
         retriever.search("x", split="nope")
+    # what a notebook gets wrong: one line saying what was expected, never a bare TypeError,
+    # and no silent results for an empty text or a complex waveform's real part
+    for bad, needle in [(None, "expected a text or a list of texts, got NoneType"),
+                        (5, "got int"), (b"rain", "got bytes"), ("", "text 0 is empty"),
+                        (["rain", "  "], "text 1 is empty"), (["rain", 3], "text 1: expected str")]:
+        with pytest.raises(UserError, match=needle):
+            retriever.search(bad)
+    with pytest.raises(UserError, match="text 0 is empty"):
+        retriever.embed_text([""])
+    with pytest.raises(UserError, match="file paths or waveforms, not both"):
+        retriever.embed_audio([tmp_path / "a.wav", np.zeros(SR, np.float32)], sr=SR)
+    for array in (np.zeros(SR, np.complex64), np.array([np.zeros(4), "x"], dtype=object)):
+        with pytest.raises(UserError, match="expected real numbers"):
+            retriever.embed_audio(array, sr=SR)
+
+
+def test_from_run_bad_arguments(scored_run):
+    run = scored_run[1]
+    with pytest.raises(UserError, match="run_dir must be a path, got int"):
+        Retriever.from_run(5)
+    with pytest.raises(UserError, match=r"'eval.device': 'gpu' is not one of auto, cpu, cuda"):
+        Retriever.from_run(run, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            Retriever.from_run(run, device="cuda")
 
 
 # --------------------------------------------------------------------------- folders and caches
