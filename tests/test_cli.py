@@ -235,6 +235,19 @@ def test_a_script_meets_a_file_where_its_folder_should_be(tmp_path, monkeypatch,
     assert f"`{tmp_path / 'file' / 'demo'}`: a path component is a regular file" in error_line(proc)
 
 
+@pytest.mark.parametrize("script", ["preprocessing/00_make_demo_dataset.py",
+                                    "preprocessing/00_download_clotho.py"])
+def test_a_dataset_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys, script):
+    (tmp_path / "README.md").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    proc = _run_script(monkeypatch, capsys, script, "--conf", REPO / "conf_demo.yaml", "--set",
+                       f"paths.dataset_dir={tmp_path / 'README.md'}", "download.timeout_s=1",
+                       "download.clotho_url=http://127.0.0.1:9/", "download.panns_url=http://127.0.0.1:9/")
+    line = error_line(proc)
+    assert f"`{tmp_path / 'README.md'}` is a file where a folder is expected" in line
+    assert (tmp_path / "README.md").read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("exception", [UserError("boom"), KeyboardInterrupt()])
 def test_an_open_progress_bar_does_not_swallow_the_message(capsys, exception):
     from tqdm import tqdm

@@ -49,6 +49,26 @@ def db_splits(path) -> list[str]:
 
 # --------------------------------------------------------------------------- one process per run
 
+def test_a_read_only_run_folder_gets_advice_that_can_be_followed(scripts, tmp_path, monkeypatch):
+    """No config key moves a run: the advice is to copy it (faked: root ignores file modes)."""
+    import errno
+
+    from utils import runs
+
+    conf, run_dir, call = scripts
+
+    def read_only(path, what):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    monkeypatch.setattr(runs, "exclusive", read_only)
+    line = error_line(call(SCORES, "--run", run_dir))
+    assert f"{run_dir}: the run folder is not writable (read-only file system); copy it" in line
+    assert "--run DEST" in line
+    monkeypatch.undo()
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert call(SCORES, "--run", copy).returncode == 0  # the advice works
+
+
 def test_a_second_resume_is_refused_naming_the_holder(tiny, monkeypatch, capsys):
     conf = tiny_config(tiny, {"training": {"epochs": 1}})
     run = train_in_process(conf, "r").run_dir

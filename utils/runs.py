@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
+import os
 import shutil
 import time
 from pathlib import Path
@@ -62,11 +64,22 @@ def remove_unstarted_run(run_dir: str | Path) -> bool:
     return not run_dir.exists()
 
 
+@contextlib.contextmanager
 def lock_run(run_dir: str | Path):
     """`with lock_run(run):` one process at a time on a run (training, scoring, metrics,
     submission): a second one is refused with one line naming the first."""
     run_dir = Path(run_dir)
-    return exclusive(run_dir / LOCK_FILE, f"run {run_dir}")
+    with contextlib.ExitStack() as held:
+        try:
+            lock = held.enter_context(exclusive(run_dir / LOCK_FILE, f"run {run_dir}"))
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # no config key moves a run
+                raise UserError(f"{run_dir}: the run folder is not writable "
+                                f"({os.strerror(e.errno).lower()}); copy it somewhere writable "
+                                f"(cp -r {run_dir} DEST) and pass --run DEST (or --resume DEST)"
+                                ) from None
+            raise
+        yield lock
 
 
 def is_run_dir(path: Path) -> bool:
