@@ -178,6 +178,7 @@ def test_bad_audio_stops_with_one_line_listing_every_file(repo, tmp_path):
 @pytest.mark.parametrize("maker, reason", [
     (lambda p: None, "missing"),
     (write_zero_length, "empty"),
+    (lambda p: p.write_bytes(b""), "empty"),  # 0 bytes: not "unreadable", as libsndfile has it
     (write_truncated, "unreadable"),
     (write_text_as_wav, "unreadable"),
     (write_header_only, "unreadable"),
@@ -194,6 +195,14 @@ def test_each_bad_audio_kind(tmp_path, maker, reason):
     assert [(f, step) for f, _, step in skipped] == [("bad.wav", "01")] and skipped[0][1].startswith(reason)
     assert list(load_pickle(tmp_path / "audio_info.pkl")["audio_fid2fname"]["development"].values()) == ["good.wav"]
     assert {r["fname"] for r in read_csv(tmp_path / "development_text.csv")} == {"good.wav"}
+
+
+def test_a_name_with_invisible_whitespace_is_quoted_in_the_message():
+    from utils.clotho import format_bad_audio
+
+    message = format_bad_audio("evaluation", [("clip 1.wav ", "missing"), ("a\nb.wav", "missing"),
+                                              ("ok.wav", "missing")])
+    assert "(missing: 'clip 1.wav ', 'a\\nb.wav', ok.wav)" in message
 
 
 def test_skip_bad_audio_cli_reports_count_and_file(repo, tmp_path):

@@ -114,6 +114,10 @@ def test_captions_csv_without_caption_column(sub, tmp_path):
     bad.write_text("text,other\na dog,1\n", encoding="utf-8")
     line = error_line(call("--audio-dir", audio, "--captions", bad))
     assert str(bad) in line and "no 'caption' column" in line and "text, other" in line
+    twice = tmp_path / "twice.csv"
+    twice.write_text("caption,caption\na dog,rain\n", encoding="utf-8")
+    line = error_line(call("--audio-dir", audio, "--captions", twice))
+    assert str(twice) in line and "2 columns are named 'caption'" in line
 
 
 def test_unreadable_wav_stops_listing_all(sub):

@@ -84,6 +84,8 @@ def probe_audio(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "missing")
+    if path.stat().st_size == 0:  # libsndfile would only say "Format not recognised"
+        raise AudioError(path, "empty", "0 bytes")
     try:
         info = sf.info(str(path))
     except (RuntimeError, sf.LibsndfileError, OSError) as e:  # not audio, corrupt header

@@ -288,6 +288,8 @@ def format_bad_audio(split: str, bad: list[tuple[str, str]]) -> str:
     groups: dict[str, list[str]] = {r: [] for r in BAD_AUDIO_REASONS}
     for fname, reason in bad:
         kind, _, detail = reason.partition(": ")
+        if fname != fname.strip() or not fname.isprintable():  # a trailing space, a newline
+            fname = repr(fname)
         if kind == "no log-mel":
             fname = f"{fname} [{detail}]" if detail else fname
         groups.setdefault(kind, []).append(fname)

@@ -428,6 +428,9 @@ def read_caption_csv(path: str | Path, column: str = "caption") -> list[str]:
             if column not in fields:
                 raise UserError(f"{path}: no '{column}' column (columns found: "
                                 f"{', '.join(fields) if fields else 'none'})")
+            if fields.count(column) > 1:  # DictReader would keep the last one's value, silently
+                raise UserError(f"{path}: {fields.count(column)} columns are named '{column}'; "
+                                "keep one")
             reader.fieldnames = fields
             captions = []
             for line, row in enumerate(reader, start=2):
