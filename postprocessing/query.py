@@ -84,6 +84,11 @@ def main():
         report.check_query_page_target(args.html, [*(args.audio or ()), *filter(None, [args.queries])],
                                        args.folder)
     queries = read_queries(args.queries) if args.queries else args.audio or [text]
+    if len(args.text) > 1 and any(" " in a.strip() for a in args.text):
+        # several quoted phrases: the words are one query (quotes are optional), not several
+        print(f"note: the {len(args.text)} arguments are searched as one query: {text!r}; "
+              "for several queries, put one a line in a file and pass --queries FILE",
+              file=sys.stderr)
 
     # progress to stderr with --json, so that stdout is one JSON document
     out = sys.stderr if args.json else sys.stdout

@@ -102,6 +102,7 @@ def test_write_and_read_back(tmp_path):
     doc, _ = document(scored(2))
     path = evaluation.write_metrics_json(tmp_path / "metrics.json", doc)
     assert evaluation.read_metrics_json(path) == json.loads(json.dumps(doc))
+    assert evaluation.read_metrics_json(tmp_path) == evaluation.read_metrics_json(path)  # the run folder
     # a file in the older shape (splits only) still reads
     old = {"evaluation": {d: doc["evaluation"][d] for d in ("t2a", "a2t")}}
     (tmp_path / "old.json").write_text(json.dumps(old))

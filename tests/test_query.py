@@ -421,6 +421,12 @@ def test_query_table_matches_the_api(q, retriever, scored_run):
     want = retriever.search("a high tone", top_k=3)
     assert [(r, n) for r, _, n, _ in block] == [(h.rank, h.fname) for h in want]
     assert [s for _, s, _, _ in block] == pytest.approx([h.score for h in want], abs=1e-4)
+    assert "note:" not in p.stderr
+    # quoted phrases look like several queries: they are one, and the note says so
+    p = q("--top-k", "3", "a high tone", "rain falls")
+    assert "for: a high tone rain falls" in p.stdout
+    assert "note: the 2 arguments are searched as one query: 'a high tone rain falls'" in p.stderr
+    assert "--queries FILE" in p.stderr
 
 
 def test_query_top_k_defaults_to_eval_top_k(q):

@@ -228,7 +228,7 @@ def test_scores_of_changed_features_are_refused_and_the_advice_works(scripts, tm
         name = sorted(h5)[0]
         h5[name][...] = h5[name][...] + 1.0  # step 02 rerun on a replaced wav
     line = error_line(call(RETRIEVAL, "--run", run_dir))
-    assert "split 'evaluation' was scored from other logmels" in line
+    assert "computed from other logmels for split 'evaluation'" in line
     assert "rerun postprocessing/01_xmodal_scores.py" in line
     assert call(SCORES, "--run", run_dir).returncode == 0  # no --overwrite needed: same model
     assert call(RETRIEVAL, "--run", run_dir).returncode == 0

@@ -147,7 +147,7 @@ def test_a_split_scored_from_other_inputs_is_refused_when_read(db):
     key = scores_db.SPLIT_KEY + "evaluation"
     scores_db.open_for_read(path, dict(META, **{key: ident})).close()
     other = json.dumps({"captions": "c", "logmels": "L2", "skipped": None}, sort_keys=True)
-    with pytest.raises(UserError, match="split 'evaluation' was scored from other logmels"):
+    with pytest.raises(UserError, match="computed from other logmels for split 'evaluation'"):
         scores_db.open_for_read(path, dict(META, **{key: other}))
     # adding to the db is fine: the split is rewritten whole, with its new identity
     conn = scores_db.open_for_write(path, dict(META, **{key: other}))

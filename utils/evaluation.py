@@ -199,9 +199,12 @@ def metrics_splits(doc: dict) -> dict[str, dict]:
 
 
 def read_metrics_json(path: str | Path) -> dict:
-    """A run's metrics.json, checked: each split holds "t2a" and "a2t" dicts with the spec's
-    four metrics as floats in [0, 1]. Older files without definitions/provenance are accepted."""
+    """A run's metrics.json (`path`: the file, or the run folder), checked: each split holds
+    "t2a" and "a2t" dicts with the spec's four metrics as floats in [0, 1]. Older files without
+    definitions/provenance are accepted."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
     redo = "rerun postprocessing/02_xmodal_retrieval.py"
     if not path.is_file():
         raise UserError(f"{path}: not found — run postprocessing/01_xmodal_scores.py, then 02")

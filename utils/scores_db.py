@@ -295,7 +295,7 @@ def _mismatch(found: dict[str, str], expected: dict[str, str], splits: bool) -> 
             if key.startswith(SPLIT_KEY) and key in found and found[key] != value:
                 old, new = json.loads(found[key]), json.loads(value)
                 changed = ", ".join(k for k in sorted(new) if old.get(k) != new.get(k))
-                bad.append(f"split '{key[len(SPLIT_KEY):]}' was scored from other {changed}")
+                bad.append(f"other {changed} for split '{key[len(SPLIT_KEY):]}'")
     return bad
 
 
