@@ -454,6 +454,21 @@ def test_a_malformed_index_is_one_line(tmp_path):
         compute_logmels(config(tmp_path), **quiet)
 
 
+def test_an_index_whose_fids_do_not_name_their_clips_is_refused(tmp_path):
+    """Two file names swapped in audio_info.pkl would store one clip's log-mels under the
+    other's fid, and training would pair them with the other clip's captions."""
+    from utils.io_utils import load_pickle
+
+    dataset(tmp_path, n=2)
+    info = load_pickle(tmp_path / "audio_info.pkl")
+    (a, fa), (b, fb) = list(info["audio_fid2fname"]["development"].items())[:2]
+    info["audio_fid2fname"]["development"].update({a: fb, b: fa})
+    save_pickle(info, tmp_path / "audio_info.pkl")
+    with pytest.raises(UserError, match=rf"audio_info.pkl: split 'development': fid {a} is not the "
+                                        rf"id of '{fb}' .* rerun preprocessing/01_clotho_dataset.py"):
+        compute_logmels(config(tmp_path), **quiet)
+
+
 def test_the_parent_transform_route_reports_a_clip_without_log_mel(tmp_path):
     """features.device cuda: the parent computes log_mel_torch; a clip it cannot transform is a
     bad clip there too (run here on the CPU, the same code)."""

@@ -78,7 +78,7 @@ from tqdm import tqdm
 
 from utils.audio_utils import (EPS, AudioError, keep_freed_memory, limit_threads, load_audio, log_mel,
                                log_mel_torch)
-from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, read_skipped, resolve_wav,
+from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, make_fid, read_skipped, resolve_wav,
                           skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
 from utils.errors import Terminated, UserError
@@ -695,6 +695,12 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
                                                   for k, v in clips.items()):
             raise UserError(f"{info_path}: split '{split}' is not a {{fid: file name}} mapping "
                             f"(rerun {STEP_01})")
+        # a fid names its clip (make_fid): an edited index would file one clip's log-mels
+        # under another's fid, which every later step would trust
+        wrong = next((fid for fid, fname in clips.items() if fid != make_fid(split, fname)), None)
+        if wrong is not None:
+            raise UserError(f"{info_path}: split '{split}': fid {wrong} is not the id of "
+                            f"{clips[wrong]!r} (edited, or from another dataset) — rerun {STEP_01}")
     features_cfg = cfg["features"]
     device = resolve_device(features_cfg["device"], "features.device")
     params = worker_params(features_cfg, device)
