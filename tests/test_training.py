@@ -166,6 +166,23 @@ def test_missing_feature_file_names_the_step(tiny, victim, step):
         tu.load_training_data(load_config(tiny_config(tiny)))
 
 
+def test_features_dir_of_the_wrong_kind_is_named(tiny, monkeypatch, capsys):
+    """paths.features_dir at a file, text_encoder.embeddings at a folder, --conf a folder: the
+    line says what is wrong with the path, not "not found — run step 03"."""
+    (tiny / "notes.txt").write_text("x")
+    (tiny / "data" / "embeds_dir").mkdir()
+    conf = tiny_config(tiny)
+    for overrides, needle in [([f"paths.features_dir={tiny / 'notes.txt'}"],
+                               f"{tiny / 'notes.txt'}: a file where a folder is expected"),
+                              (["text_encoder.embeddings=embeds_dir"],
+                               f"{tiny / 'data' / 'embeds_dir'}: a folder where a file is expected")]:
+        line = error_line(main_in_process(monkeypatch, capsys, "--conf", conf, "--set", *overrides))
+        assert needle in line and "03_sbert" not in line
+    line = error_line(main_in_process(monkeypatch, capsys, "--conf", tiny))
+    assert f"{tiny}: a folder, not a config file" in line
+    assert run_dirs(tiny) == []
+
+
 def test_missing_features_via_main_create_no_run_dir(tiny, monkeypatch, capsys):
     (tiny / "data" / "validation_audio_logmels.hdf5").unlink()
     proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tiny))

@@ -81,6 +81,8 @@ def read_raw(text: str) -> Any:
 
 
 def _read_file(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file — pass a .yaml file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

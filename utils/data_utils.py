@@ -60,11 +60,24 @@ def logmels_path(dataset_dir: str | Path, split: str) -> Path:
     return Path(dataset_dir) / f"{split}_audio_logmels.hdf5"
 
 
+def not_found(path: Path, fix: str) -> UserError:
+    """A step's input that is not a file: missing (run the step that writes it), or a folder,
+    or under a file where a folder should be (a paths.* key pointing at the wrong thing)."""
+    if path.is_dir():
+        return UserError(f"{path}: a folder where a file is expected — move it away or point the "
+                         "config elsewhere")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return UserError(f"{blocker}: a file where a folder is expected (looking for {path}) — "
+                         "point the config's paths at a folder")
+    return UserError(f"{path}: not found — {fix}")
+
+
 def read_text_csv(dataset_dir: str | Path, split: str) -> pd.DataFrame:
     """The captions of `split`, every column as str (a caption "null" or "NA" stays text)."""
     path = text_csv_path(dataset_dir, split)
     if not path.is_file():
-        raise UserError(f"{path}: not found — run {STEP_01}")
+        raise not_found(path, f"run {STEP_01}")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -118,7 +131,7 @@ def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
     """
     path = Path(dataset_dir) / filename
     if not path.is_file():
-        raise UserError(f"{path}: not found — run {STEP_03}")
+        raise not_found(path, f"run {STEP_03}")
     embeds = load_pickle(path)
     if not isinstance(embeds, dict) or not embeds:
         raise UserError(f"{path}: expected a non-empty {{tid: vector}} dict — rerun {STEP_03}")
@@ -164,7 +177,7 @@ def open_logmels(dataset_dir: str | Path, split: str) -> h5py.File:
     """The log-mel HDF5 of `split`, opened read-only (the caller closes it)."""
     path = logmels_path(dataset_dir, split)
     if not path.is_file():
-        raise UserError(f"{path}: not found — run {STEP_02}")
+        raise not_found(path, f"run {STEP_02}")
     with _hdf5_errors(path):
         return h5py.File(path, "r")
 
