@@ -24,7 +24,6 @@ cache made for anything else (an older layout included) is recomputed and replac
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import warnings
@@ -32,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import h5py
 import numpy as np
 
 from utils import evaluation
@@ -194,7 +192,7 @@ class Retriever:
                 unusable = [f for f in files if f not in set(good)]
                 listed = "; ".join(f"{f} ({why})" for f, (_, why) in zip(unusable, bad))
                 raise UserError(f"unusable audio: {listed}")
-            self._note_other_rates({str(f): _file_rate(f) for f in good})
+            self._note_other_rates({str(f): evaluation.file_rate(f) for f in good})
             return feats
         if sr is None:
             raise UserError("embed_audio: waveforms need their sample rate (sr=...)")
@@ -222,30 +220,15 @@ class Retriever:
         """The sample rates of the training clips (step 02 records each clip's; the first
         hundred tell), or an empty set where the training features are not at hand."""
         if self._training_rates is None:
-            from utils.data_utils import logmels_path
-
-            self._training_rates = set()
-            try:
-                with h5py.File(logmels_path(self._features_dir(), self.cfg["data"]["train_split"]), "r") as f:
-                    for name in itertools.islice(f, 100):
-                        if "sr" in f[name].attrs:
-                            self._training_rates.add(int(f[name].attrs["sr"]))
-            except (OSError, KeyError):
-                pass
+            self._training_rates = evaluation.training_sample_rates(self.cfg)
         return self._training_rates
 
     def _note_other_rates(self, rates: dict[str, int | None]) -> None:
         """Log-mels are taken at each input's own rate, as step 02 takes them: at another rate
         than the training clips' they span other frequencies than the model has seen, which
         nothing else would say."""
-        trained = self.training_rates()
-        other = {name: sr for name, sr in rates.items() if sr is not None and trained and sr not in trained}
-        if other:
-            name, sr = next(iter(other.items()))
-            want = " or ".join(f"{r} Hz" for r in sorted(trained))
-            message = (f"{len(other)} of {len(rates)} audio inputs are not at {want}, the rate of the "
-                       f"training clips ({name}: {sr} Hz); their log-mels cover other frequencies "
-                       f"than the model was trained on: resample them to {want} for comparable scores")
+        message = evaluation.other_rates_message(rates, self.training_rates())
+        if message:
             if self._log_given:  # query.py: a line with its other messages
                 self.log(f"note: {message}")
             else:  # the Python API: shown once in a notebook
@@ -345,7 +328,7 @@ class Retriever:
                     (" ..." if len(bad) > 20 else "")
                 raise UserError(f"{folder}: {len(bad)} unusable audio file(s): {listed} "
                                 "(--set data.skip_bad_audio=true skips them)")
-            self._note_other_rates({p.name: _file_rate(p) for p in good})
+            self._note_other_rates({p.name: evaluation.file_rate(p) for p in good})
             embeds = evaluation.encode_logmels(self.model, feats, self.cfg["eval"]["batch_size"],
                                                self.device, self.cfg["eval"]["amp"])
             by_name = {f.name: i for f, i in zip(files, ident)}
@@ -432,16 +415,6 @@ def _as_float_waveform(y: np.ndarray) -> np.ndarray:
         half = float(2 ** (8 * y.dtype.itemsize - 1))
         return ((y - half) / half).astype(np.float32)
     return y.astype(np.float32, copy=False)
-
-
-def _file_rate(path: Path) -> int | None:
-    """A sound file's sample rate from its header (None if it cannot tell)."""
-    import soundfile
-
-    try:
-        return int(soundfile.info(str(path)).samplerate)
-    except (RuntimeError, OSError):  # read once already; a header it cannot parse is no news
-        return None
 
 
 # --------------------------------------------------------------------------- cache keys

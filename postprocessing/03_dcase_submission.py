@@ -90,6 +90,10 @@ def main():
                                               amp=cfg["eval"]["amp"],
                                               batch_size=cfg["eval"]["batch_size"])
         check_enough_clips(len(audio.fnames), audio_dir, len(audio.bad))
+        note = evaluation.other_rates_message({f: evaluation.file_rate(audio_dir / f) for f in audio.fnames},
+                                              evaluation.training_sample_rates(cfg))
+        if note:
+            print(f"note: {note}")
         text = evaluation.embed_texts(cfg, model, captions, device)
         top, _ = evaluation.rank_clips(text, audio.embeds, SUBMISSION_RANKS)
         evaluation.write_retrieval_csv(out, captions, audio.fnames, top, SUBMISSION_RANKS)

@@ -147,6 +147,21 @@ def test_unreadable_wav_skipped_on_request(sub):
     assert any("broken.wav" in r for r in read_rows(run_dir / "submission.csv"))
 
 
+def test_audio_at_another_rate_than_the_training_clips_is_noted(sub, tmp_path):
+    """As query.py notes it: the retrieval set's 16 kHz clips against 44.1 kHz training clips."""
+    import h5py
+
+    run_dir, audio, captions, call = sub
+    p = call("--audio-dir", audio, "--captions", captions)
+    assert p.returncode == 0 and "note:" not in p.stdout  # no recorded rates: nothing to say
+    with h5py.File(tmp_path / "data" / "development_audio_logmels.hdf5", "a") as h5:
+        for ds in h5.values():
+            ds.attrs["sr"] = 44100
+    p = call("--audio-dir", audio, "--captions", captions)
+    assert p.returncode == 0, p.stderr
+    assert f"note: {N_CLIPS} of {N_CLIPS} audio inputs are not at 44100 Hz" in p.stdout
+
+
 def test_eval_batch_size_is_honoured(sub, monkeypatch):
     """The clips are encoded eval.batch_size at a time, as in every other scoring step."""
     from utils import evaluation

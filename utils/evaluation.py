@@ -7,12 +7,14 @@ clip index first. So the top-10 lists, the rank CSVs and the metrics always agre
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -417,6 +419,46 @@ def list_audio_files(folder: str | Path) -> list[Path]:
     if not files:
         raise UserError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this folder")
     return files
+
+
+def training_sample_rates(cfg: dict) -> set[int]:
+    """The sample rates of a run's training clips (step 02 records each clip's; the first
+    hundred tell), or an empty set where the training features are not at hand."""
+    from utils.data_utils import features_dir, logmels_path
+
+    rates = set()
+    try:
+        with h5py.File(logmels_path(features_dir(cfg), cfg["data"]["train_split"]), "r") as f:
+            for name in itertools.islice(f, 100):
+                if "sr" in f[name].attrs:
+                    rates.add(int(f[name].attrs["sr"]))
+    except (OSError, KeyError):
+        pass
+    return rates
+
+
+def file_rate(path: Path) -> int | None:
+    """A sound file's sample rate from its header (None if it cannot tell)."""
+    import soundfile
+
+    try:
+        return int(soundfile.info(str(path)).samplerate)
+    except (RuntimeError, OSError):  # read once already; a header it cannot parse is no news
+        return None
+
+
+def other_rates_message(rates: dict[str, int | None], trained: set[int]) -> str | None:
+    """Log-mels are taken at each input's own rate, as step 02 takes them: at another rate than
+    the training clips' they span other frequencies than the model has seen, which nothing
+    else would say. `rates`: {input name: its rate}; None when all are at a training rate."""
+    other = {name: sr for name, sr in rates.items() if sr is not None and trained and sr not in trained}
+    if not other:
+        return None
+    name, sr = next(iter(other.items()))
+    want = " or ".join(f"{r} Hz" for r in sorted(trained))
+    return (f"{len(other)} of {len(rates)} audio inputs are not at {want}, the rate of the "
+            f"training clips ({name}: {sr} Hz); their log-mels cover other frequencies than the "
+            f"model was trained on: resample them to {want} for comparable scores")
 
 
 def read_caption_csv(path: str | Path, column: str = "caption") -> list[str]:
