@@ -197,3 +197,21 @@ def test_script_bad_setting_is_one_line(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "demo.min_seconds" in proc.stderr
+
+
+def test_pool_workers_die_on_sigterm_and_leave_ctrl_c_to_the_parent():
+    """Forked workers must not inherit utils.cli's SIGTERM handler: it raised Terminated inside
+    them when the pool was stopped (a traceback each, and at times a worker left waiting on the
+    queue lock forever). The pool is closed, not terminated, once every clip is back."""
+    import multiprocessing
+    import signal
+
+    from utils import cli, demo_data
+
+    previous = signal.signal(signal.SIGTERM, cli._terminate)  # as utils.cli.run installs it
+    try:
+        with multiprocessing.get_context("fork").Pool(1, demo_data._init_worker) as pool:
+            term, intr = pool.map(signal.getsignal, [signal.SIGTERM, signal.SIGINT])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert term == signal.SIG_DFL and intr == signal.SIG_IGN

@@ -646,6 +646,17 @@ def _render(task: tuple[DemoSettings, str, int]) -> tuple[bytes, list[str]]:
     return wav_bytes(pcm), captions
 
 
+def _init_worker() -> None:
+    """A forked worker inherits the parent's handlers: utils.cli's SIGTERM handler would raise
+    inside it (a traceback per worker, and a worker unwinding while it holds the pool's queue
+    lock leaves the other waiting forever). Workers die on SIGTERM, as processes do by default,
+    and leave Ctrl-C to the parent, which stops the pool."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def generate_dataset(dataset_dir: str | Path, settings: DemoSettings, workers: int = 1,
                      progress: bool = True) -> GenerationResult:
     """Write the demo dataset into `dataset_dir` (Clotho layout) unless the same settings were
@@ -665,7 +676,7 @@ def generate_dataset(dataset_dir: str | Path, settings: DemoSettings, workers: i
     _write_marker(dataset_dir, settings, complete=False)  # owns the directory, not complete yet
     removed = _remove_stale(dataset_dir, set(expected_files(dataset_dir, settings)))
     tasks = [(settings, split, i) for split in SPLITS for i in range(counts[split])]
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    pool = multiprocessing.Pool(workers, _init_worker) if workers > 1 else None
     try:
         results = pool.imap(_render, tasks, chunksize=8) if pool else map(_render, tasks)
         rows: dict[str, list[list[str]]] = {split: [] for split in SPLITS}
@@ -675,10 +686,14 @@ def generate_dataset(dataset_dir: str | Path, settings: DemoSettings, workers: i
             name = (" " if split == "development" and i == space_at else "") + clip_name(split, i)
             _write_bytes(dataset_dir / split / name, data)
             rows[split].append([name] + captions)
-    finally:
+    except BaseException:
         if pool:
-            pool.terminate()
+            pool.terminate()  # SIGTERM: a worker dies at once (see _init_worker)
             pool.join()
+        raise
+    if pool:
+        pool.close()  # every clip is back: the workers are idle, let them exit
+        pool.join()
     for split in SPLITS:
         # bytes, so the CRLF line ends of the csv module survive on every platform
         _write_bytes(dataset_dir / f"clotho_captions_{split}.csv", _captions_csv(rows[split]).encode("utf-8"))
