@@ -82,6 +82,7 @@ def test_the_summary_is_the_best_epochs_record(tmp_path, offline):
     (here the loss is lowest at epoch 3, but mAP@10 picked epoch 2)."""
     train = Tracker(offline, tmp_path, samples_per_epoch=10)
     for epoch, loss, m in ((1, 3.0, 0.1), (2, 2.0, 0.5), (3, 1.0, 0.4)):
+        train.log_train({"train/loss": loss + 1.5, "train/epoch": epoch - 0.5})
         train.log_epoch({"epoch": epoch, "train_loss": loss + 1, "val_loss": loss, "val_t2a_mAP@10": m})
     train.summarize_best(2, {"best_val_t2a_mAP@10": 0.5, "stopped_early": True})
     train.finish()
@@ -89,7 +90,12 @@ def test_the_summary_is_the_best_epochs_record(tmp_path, offline):
     (log,) = segment_records(tmp_path, run_id)
     summary = summary_updates(log)
     assert (summary["val_loss"], summary["val_t2a_mAP@10"], summary["train_loss"]) == (2.0, 0.5, 3.0)
-    assert (summary["best_epoch"], summary["stopped_early"], summary["epoch"]) == (2, True, 3)
+    # the record is one epoch's, its number included; how far training went is said apart
+    assert (summary["best_epoch"], summary["stopped_early"], summary["epoch"]) == (2, True, 2)
+    assert summary["epochs_trained"] == 3
+    removed = {item.key or ".".join(item.nested_key) for r in log if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.remove}
+    assert {"train/loss", "train/epoch"} <= removed  # the last step's point is not the best epoch's
 
 
 def test_resume_backfills_epochs_wandb_never_got_and_logs_none_twice(tmp_path, offline):

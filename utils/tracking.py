@@ -429,16 +429,22 @@ class Tracker:
             self.run.summary.update(data)
 
     def summarize_best(self, best_epoch: int, extra: dict) -> None:
-        """The run's summary is the best epoch's record (a sweep compares runs by it), plus
-        `extra`. One epoch's numbers: a min or max per key would mix epochs."""
+        """The run's summary is the best epoch's record, its `epoch` included (a sweep or a runs
+        table compares runs by it), plus `epochs_trained` and `extra`. One epoch's numbers: a
+        min or max per key would mix epochs, and the last step's training-loss point (train/*)
+        would sit beside them as if it were that epoch's."""
         if self.run is None:
             return
-        best = [r for r in read_jsonl(self.jsonl) if r.get("epoch") == best_epoch]
-        values = {k: v for k, v in (best[-1] if best else {}).items() if k != "epoch"}  # the last stays
+        records = read_jsonl(self.jsonl)
+        best = [r for r in records if r.get("epoch") == best_epoch]
+        trained = max((r["epoch"] for r in records if isinstance(r.get("epoch"), int)), default=None)
         # wandb holds a row logged with a step until a later step comes, and committing it
         # then (at finish) would put the last epoch's numbers back into the summary
         self.run.log({}, commit=True)
-        self.summary({**values, "best_epoch": best_epoch, **extra})
+        for key in [k for k in self.run.summary.keys() if k.startswith("train/")]:
+            del self.run.summary[key]
+        self.summary({**(best[-1] if best else {}), "best_epoch": best_epoch,
+                      "epochs_trained": trained, **extra})
 
     def finish(self) -> None:
         if self.run is not None:
