@@ -508,3 +508,15 @@ def test_tracker_calls_and_no_audio_uploaded_in_link_mode(tmp_path):
             assert all(c is not None and c.endswith(".opus") and Path(c).is_file() for c in cells)
         else:
             assert cells and all(c is None for c in cells)  # link: no audio copied into wandb
+
+
+def test_rank_histogram_bars_are_centred_on_their_ranks():
+    """Rank 1's bar spans [0.5, 1.5) around tick 1, so the R@1 line (x = 1.5) separates the
+    captions found first from the others; each bar is captions per rank of its span."""
+    ranks = np.array([1, 1, 1, 2, 5, 6, 40, 300])
+    edges, per_rank = report.rank_histogram(ranks, 500)
+    assert edges[0] == 0.5 and edges[-1] == 500.5 and np.all(edges[1:] > edges[:-1])
+    assert np.all((edges + 0.5) == np.round(edges + 0.5))  # whole ranks per bar
+    first = np.searchsorted(edges, 1.5)
+    assert edges[first] == 1.5 and per_rank[0] == 3  # rank 1 alone in the first bar
+    assert np.isclose((per_rank * np.diff(edges)).sum(), len(ranks))

@@ -356,6 +356,15 @@ def format_size(n_bytes: int) -> str:
 
 # --------------------------------------------------------------------------- figures
 
+def rank_histogram(ranks: np.ndarray, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edges [bins + 1], captions per rank [bins]) on log-spaced bins of whole ranks. Rank r
+    spans [r - 0.5, r + 0.5): its tick sits in the middle of its bar, and the R@k line (ranks
+    <= k) at k + 0.5, between the bars of k and k + 1."""
+    edges = np.unique(np.round(np.geomspace(1, n_candidates + 1, num=min(40, n_candidates) + 1))) - 0.5
+    counts, _ = np.histogram(np.asarray(ranks), bins=edges)
+    return edges, counts / np.diff(edges)
+
+
 def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_png: Path) -> Path:
     """Histogram of the true clip's rank (t2a) on log-spaced bins, as captions per rank (a bin's
     count over the ranks it spans, so bins of 1 or 2 integer ranks compare), with the flat line a
@@ -367,16 +376,14 @@ def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_pn
     import matplotlib.ticker
 
     ranks = np.asarray(ranks)
-    edges = np.unique(np.round(np.geomspace(1, n_candidates + 1, num=min(40, n_candidates) + 1)))
-    counts, _ = np.histogram(ranks, bins=edges)
-    per_rank = counts / np.diff(edges)                    # [bins]
+    edges, per_rank = rank_histogram(ranks, n_candidates)
     fig, ax = plt.subplots(figsize=(5.8, 3.3))
     ax.stairs(per_rank, edges, fill=True, color="tab:blue", alpha=0.85, label="captions")
     ax.axhline(len(ranks) / n_candidates, color="tab:gray", linestyle="--", label="random ranking")
     for k in (1, 5, 10):
         if k < n_candidates:
-            ax.axvline(k + 1, color="tab:red", linewidth=0.8, alpha=0.6)
-            ax.text(k + 1, 0.99, f" R@{k}", transform=ax.get_xaxis_transform(), va="top",
+            ax.axvline(k + 0.5, color="tab:red", linewidth=0.8, alpha=0.6)
+            ax.text(k + 0.5, 0.99, f" R@{k}", transform=ax.get_xaxis_transform(), va="top",
                     fontsize=8, color="tab:red")
     ax.set_yscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
@@ -389,7 +396,7 @@ def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_pn
              if t <= n_candidates]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlim(1, n_candidates + 1)
+    ax.set_xlim(0.5, n_candidates + 0.5)
     ax.set(xlabel="rank of the true clip (log scale)", ylabel="captions per rank",
            title=f"{split}: text → audio, {len(ranks)} captions, {n_candidates} clips "
                  f"(median rank {np.median(ranks):g})")
@@ -421,7 +428,9 @@ nav a{margin-right:12px}table{border-collapse:collapse;margin:8px 0}
 td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:right}
 th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
 tr.chance td{color:#777;font-size:.9em}figure{display:inline-block;margin:6px 12px 6px 0}
-figure img{max-width:100%;border:1px solid #ddd;background:#fff}figure.wide img{width:600px}
+figure img{max-width:100%;border:1px solid #ddd;background:#fff}
+figure.wide{display:block;margin-right:0}figure.wide img{width:100%;max-width:960px}
+.scroll{overflow-x:auto;max-width:100%}
 figure.full{display:block;margin-right:0}figure.full img{width:100%}
 .panels{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
 .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px}
@@ -485,7 +494,8 @@ def _hits_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
         player = f"<span>{_player(playable.get(hit.clip))}</span>" if audio else ""
         items.append(f'<li class="{cls}"><span class="pos">{pos}</span>{mark}'
                      f'<span class="{"name" if audio else "text"}">{esc(hit.text)}</span>'
-                     f'<span class="score">{hit.score:+.3f}</span>{player}</li>')
+                     f'<span class="score" title="score: cosine similarity of the caption and '
+                     f'clip embeddings">{hit.score:+.3f}</span>{player}</li>')
     return '<ol class="hits">' + "".join(items) + "</ol>"
 
 
@@ -594,7 +604,7 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
                 rows.append('<tr class="chance"><td></td><td>chance</td>'
                             + "".join(f"<td>{esc(_fmt(ch[c])) if c in ch else ''}</td>" for c in columns)
                             + "</tr>")
-    parts = [f"<table>{head}{''.join(rows)}</table>",
+    parts = [f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>',  # narrow windows scroll it
              '<p class="meta">chance: the expected value under a random ranking; R@k: the share of '
              "a query's relevant items in its top k (the DCASE baseline's); R@k_any: whether any "
              "is (CLAP-style); ranks: of the best-ranked relevant item. Exact definitions below."
@@ -711,7 +721,9 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
             body.append(f'<section id="{esc(anchor)}"><h2>{esc(smp.split)}: {DIRECTIONS[d]}</h2>'
                         f'<p class="meta">{n_worst} worst-ranked and {len(panels) - n_worst} drawn at '
                         f"random (seed {opts.seed}) of {smp.n_captions if d == 't2a' else smp.n_clips} "
-                        f"queries: {how[d].format(k=opts.clips_per_query)}.</p>"
+                        f"queries: {how[d].format(k=opts.clips_per_query)}; the number beside each "
+                        "is its score, the dot product of the L2-normalised caption and clip "
+                        "embeddings (cosine similarity, -1 to 1).</p>"
                         '<div class="panels">' + "".join(panel_html(p, playable) for p in panels)
                         + "</div></section>")
     audio_note = (f"clips transcoded to Ogg Opus (mono, ~{kbps} kbit/s) in audio/"
