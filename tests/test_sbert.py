@@ -207,6 +207,7 @@ def test_loading_the_model_prints_nothing_on_stdout():
                           cwd=REPO, env=dict(os.environ, WANDB_MODE="offline"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
+    assert "Loading weights" not in proc.stderr  # transformers' bar for a load from disk
 
 
 def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path, model, monkeypatch):

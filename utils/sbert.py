@@ -61,15 +61,36 @@ def load_sentence_model(name: str, device: str = "auto"):
         return _load(name, target, local, device)
 
 
+@contextlib.contextmanager
+def _no_weight_loading_bar():
+    """transformers 5 draws a "Loading weights 0/103" bar for every load, a line of noise in
+    each query.py and Retriever call. Only around loads from disk: the switch also silences
+    huggingface_hub's bars, which a download should show."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _load(name: str, target: str, local: bool, device: str):
     from sentence_transformers import SentenceTransformer
 
     try:
         if local:
-            model = SentenceTransformer(target, device=device, local_files_only=True)
+            with _no_weight_loading_bar():
+                model = SentenceTransformer(target, device=device, local_files_only=True)
         else:
             try:  # the cache first: no network round trip when the model is already there
-                model = SentenceTransformer(target, device=device, local_files_only=True)
+                with _no_weight_loading_bar():
+                    model = SentenceTransformer(target, device=device, local_files_only=True)
             except Exception:
                 if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
                     raise
