@@ -55,7 +55,8 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
     finally:
         scores_db.close(conn)
     doc = evaluation.metrics_document(
-        results, evaluation.metrics_provenance(run_dir, meta, results, skipped), skipped)
+        results, evaluation.metrics_provenance(run_dir, meta, results, skipped,
+                                               sbert_model=cfg["sbert"]["model"]), skipped)
     written.append(evaluation.write_metrics_json(Path(run_dir) / METRICS_JSON, doc))
     figures = plot_run_figures(run_dir, results, cfg=cfg)
     written += figures

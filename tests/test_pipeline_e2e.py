@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from utils.io_utils import load_pickle
+from utils.provenance import read_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("development", "validation", "evaluation")
@@ -77,6 +78,13 @@ def test_training_and_evaluation_write_the_run_directory(pipeline):
     assert list((run / "plots").glob("*.png"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"validation", "evaluation", "definitions", "provenance"}
+    # what produced the numbers: the training code as well as the scoring code, the inputs
+    prov = metrics["provenance"]
+    assert set(prov["training_code"]) == {"commit", "dirty"} and set(prov["code"]) == {"commit", "dirty"}
+    assert prov["training_code"] == {k: read_provenance(run)[0]["git"][k] for k in ("commit", "dirty")}
+    assert prov["sbert_model"] and len(prov["embeddings_sha1"]) == 40
+    assert set(prov["split_inputs"]) == {"validation", "evaluation"}
+    assert all(len(v["logmels"]) == 40 for v in prov["split_inputs"].values())
     for split in ("validation", "evaluation"):
         for direction in ("t2a", "a2t"):
             assert {"mAP@10", "R@1", "R@5", "R@10"} <= set(metrics[split][direction])

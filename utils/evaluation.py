@@ -163,11 +163,19 @@ def split_rank_stats(r: "SplitResult") -> dict[str, dict]:
 
 
 def metrics_provenance(run_dir: str | Path, meta: dict, results: Sequence["SplitResult"],
-                       skipped: dict[str, int | None] | None = None) -> dict:
+                       skipped: dict[str, int | None] | None = None,
+                       sbert_model: str | None = None) -> dict:
     """Where the numbers come from: the run, its checkpoint (which, file, epoch, sha1), the
-    config hash, the split sizes, the code's commit, when. `meta` is scores_db.expected_meta's."""
+    config hash, the sentence model and the sha1 of its caption embeddings, each split's size
+    and input files (sha1 of its log-mels, captions, skip list), the commit of the code that
+    trained the run and of the code that scored it, when. `meta` is scores_db.expected_meta's."""
+    from utils.provenance import TRAINING_ACTIONS, read_provenance
+    from utils.scores_db import SPLIT_KEY
+
     epoch = meta.get("checkpoint_epoch")
     git = git_state()
+    trained = next((e.get("git") or {} for e in read_provenance(run_dir)
+                    if e.get("action", "new") in TRAINING_ACTIONS), {})
     return {
         "run": meta.get("run", Path(run_dir).resolve().name),
         "checkpoint": meta.get("checkpoint"),
@@ -176,8 +184,13 @@ def metrics_provenance(run_dir: str | Path, meta: dict, results: Sequence["Split
         "checkpoint_sha1": meta.get("checkpoint_sha1"),
         "config_sha1": meta.get("config_sha1"),
         "scores": "scores.db",
+        "sbert_model": sbert_model,
+        "embeddings_sha1": meta.get("embeddings_sha1"),
         "splits": {r.split: split_counts(r, (skipped or {}).get(r.split)) for r in results},
-        "code": {"commit": git["commit"], "dirty": git["dirty"]},
+        "split_inputs": {r.split: json.loads(meta[SPLIT_KEY + r.split]) for r in results
+                         if SPLIT_KEY + r.split in meta},
+        "code": {"commit": git["commit"], "dirty": git["dirty"]},  # the code that scored
+        "training_code": {"commit": trained.get("commit"), "dirty": trained.get("dirty")},
         "written": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
