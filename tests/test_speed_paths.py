@@ -244,6 +244,7 @@ def test_train_loader_pads_as_configured(tmp_path):
             assert check(audio, longest), (overrides, audio.shape, longest)
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CUDA autocast built on a CPU machine
 def test_scoring_follows_eval_amp_not_training_amp(tmp_path, monkeypatch):
     """Validation metrics run with eval.amp (default off: fp32), whatever training.amp says."""
     make_tiny_features(tmp_path / "data")

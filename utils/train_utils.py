@@ -706,7 +706,8 @@ def _end_of_epoch(tr: Trainer, cfg: dict, tracker: Tracker, record: dict, is_bes
 def format_epoch(r: dict, epochs: int, is_best: bool) -> str:
     return (f"epoch {r['epoch']}/{epochs}  train_loss {r['train_loss']:.4f}  val_loss "
             f"{r['val_loss']:.4f}  t2a mAP@10 {r['val_t2a_mAP@10']:.4f}  R@1 {r['val_t2a_R@1']:.4f}  "
-            f"R@10 {r['val_t2a_R@10']:.4f}  lr {r['lr']:.2e}  {r['seconds']:.1f}s"
+            f"R@5 {r['val_t2a_R@5']:.4f}  R@10 {r['val_t2a_R@10']:.4f}  lr {r['lr']:.2e}  "
+            f"{r['seconds']:.1f}s"
             + ("  *best" if is_best else ""))
 
 
