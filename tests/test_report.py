@@ -133,6 +133,8 @@ def test_panels_rank_and_mark_the_true_items(tmp_path):
         # the true clip has its own player exactly when it is not among the hits
         assert (p.true_clip is None) == (p.rank <= 3)
         assert [h.score for h in p.hits] == sorted((h.score for h in p.hits), reverse=True)
+        # each retrieved clip says in words what it is: its first caption
+        assert [h.note for h in p.hits] == [s.captions[s.fnames.index(h.text) * 5] for h in p.hits]
     a2t_ranks = rank_of_first_relevant(s.scores.T, s.relevance().T)
     assert smp.t2a[0].rank == r.ranks.max() and smp.a2t[0].rank == a2t_ranks.max()
     assert np.array_equal(smp.a2t_ranks, r.a2t_ranks)  # evaluation's ranks, the same numbers
@@ -140,6 +142,11 @@ def test_panels_rank_and_mark_the_true_items(tmp_path):
         c = s.fnames.index(p.query)
         assert p.rank == a2t_ranks[c] and len(p.own) == 5 and p.own[0][0] == p.rank
         assert [h.correct for h in p.hits] == [h.text in s.captions[c * 5:(c + 1) * 5] for h in p.hits]
+        # a wrong caption names the clip it belongs to
+        assert [h.note for h in p.hits] == [
+            "" if h.correct else f"of {s.fnames[s.caption_clip[s.captions.index(h.text)]]}" for h in p.hits]
+    page = report.panel_html(smp.t2a[0], {})
+    assert page.count('<span class="note">') == 3 and "<details open>" in report.panel_html(smp.a2t[0], {})
     # the table of every query: caption, true file, rank, top-10 names (padded: 8 clips)
     assert len(smp.table_rows) == len(s.captions)
     row = smp.table_rows[7]

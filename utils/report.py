@@ -113,6 +113,7 @@ class Hit:
     score: float
     correct: bool
     clip: ClipRef | None = None  # t2a: the retrieved clip
+    note: str = ""               # what it is: t2a, one of the clip's captions; a2t, whose caption
 
 
 @dataclass
@@ -182,6 +183,8 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
         return refs[c]
 
     k = opts.clips_per_query
+    # what a wrong clip sounds like, in words, without listening to it: its first caption
+    first_caption = {int(c): q for q, c in reversed(list(enumerate(own_clip.tolist())))}
     t2a = []
     picked = sample_queries(t2a_ranks, opts.worst, opts.random, opts.seed)
     if picked:
@@ -189,7 +192,8 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
         best = top_k_indices(scores[rows], k)             # [P, k]
         for (q, why), cols in zip(picked, best.tolist()):
             true_c = int(own_clip[q])
-            hits = [Hit(s.fnames[c], float(scores[q, c]), c == true_c, ref(c)) for c in cols]
+            hits = [Hit(s.fnames[c], float(scores[q, c]), c == true_c, ref(c),
+                        note=s.captions[first_caption[c]]) for c in cols]
             shown = true_c in cols
             t2a.append(Panel("t2a", why, s.captions[q], n_c, hits, int(t2a_ranks[q]),
                              true_clip=None if shown else ref(true_c), true_name=s.fnames[true_c]))
@@ -202,7 +206,9 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
         q_idx, ranks = relevant_ranks(scores_t[clips], np.ascontiguousarray(rel.T[clips]))
         own_caps = np.nonzero(rel.T[clips])[1]            # caption index of each relevant pair
         for p, ((c, why), cols) in enumerate(zip(picked, best.tolist())):
-            hits = [Hit(s.captions[q], float(scores[q, c]), int(own_clip[q]) == c) for q in cols]
+            hits = [Hit(s.captions[q], float(scores[q, c]), int(own_clip[q]) == c,
+                        note="" if int(own_clip[q]) == c else f"of {s.fnames[int(own_clip[q])]}")
+                    for q in cols]
             mine = sorted((int(r), s.captions[int(q)]) for r, q in
                           zip(ranks[q_idx == p], own_caps[q_idx == p]))
             a2t.append(Panel("a2t", why, s.fnames[c], n_q, hits, int(a2t_ranks[c]),
@@ -445,6 +451,7 @@ ol.hits li.with-audio{grid-template-columns:2em 1.3em minmax(0,1fr) 4.2em 250px}
 ol.hits li.correct{background:#e5f5e5}.pos{color:#777;text-align:right}.mark{color:#116611;font-weight:700}
 .name{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.88em;overflow-wrap:anywhere}
 .text{overflow-wrap:anywhere}
+.note{display:block;color:#666;font:italic .85em system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
 .score{color:#777;font-size:.85em;text-align:right}audio{width:250px;height:32px}
 .missing{color:#a40000;font-size:.88em}.truth{margin-top:6px;padding:4px;border-top:1px dashed #ccc}
 details{margin-top:6px;font-size:.92em}summary{cursor:pointer}
@@ -492,8 +499,9 @@ def _hits_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
         cls = " ".join(c for c in ("correct" if hit.correct else "", "with-audio" if audio else "") if c)
         mark = '<span class="mark" title="correct">✓</span>' if hit.correct else "<span></span>"
         player = f"<span>{_player(playable.get(hit.clip))}</span>" if audio else ""
+        note = f'<span class="note">{esc(hit.note)}</span>' if hit.note else ""
         items.append(f'<li class="{cls}"><span class="pos">{pos}</span>{mark}'
-                     f'<span class="{"name" if audio else "text"}">{esc(hit.text)}</span>'
+                     f'<span class="{"name" if audio else "text"}">{esc(hit.text)}{note}</span>'
                      f'<span class="score" title="score: cosine similarity of the caption and '
                      f'clip embeddings">{hit.score:+.3f}</span>{player}</li>')
     return '<ol class="hits">' + "".join(items) + "</ol>"
@@ -522,8 +530,9 @@ def panel_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
         parts.append(_hits_html(panel, playable))
         if panel.own:
             own = "".join(f"<li>rank {r}: {esc(text)}</li>" for r, text in panel.own)
-            parts.append(f"<details><summary>its {len(panel.own)} captions and their ranks"
-                         f"</summary><ul>{own}</ul></details>")
+            # open where the clip ranked worst: what it should have matched is the point
+            parts.append(f"<details{' open' if panel.why == 'worst' else ''}><summary>its "
+                         f"{len(panel.own)} captions and their ranks</summary><ul>{own}</ul></details>")
     parts.append("</article>")
     return "".join(parts)
 
