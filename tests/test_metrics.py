@@ -243,3 +243,35 @@ def test_chance_curves_agree_with_the_chance_metrics():
             assert curve[k - 1] == pytest.approx(chance_metrics(rel)[f"R@{k}"], abs=1e-12)
             assert any_curve[k - 1] == pytest.approx(chance_recall_any(rel)[f"R@{k}_any"], abs=1e-12)
     assert np.allclose(chance_recall_any_curve(t2a, 7), chance_recall_curve(t2a, 7))  # one relevant
+
+
+def test_per_query_values_average_to_the_metrics():
+    from utils.metrics import evaluate_ranking
+
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(40, 8))
+    relevant = np.zeros((40, 8), dtype=bool)
+    relevant[np.arange(40), np.arange(40) // 5] = True
+    r = evaluate_ranking(scores, relevant)
+    for name, value in r.metrics.items():
+        assert r.per_query[name].shape == (40,) and r.per_query[name].mean() == value
+
+
+def test_bootstrap_resamples_whole_groups():
+    """A loop over explicit resamples of the clips (a caption goes with its clip) gives the same
+    interval; equal values give no spread; the point estimate lies inside; a seed repeats it."""
+    from utils.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(30), 5)
+    ap = rng.random(150) * (groups % 3 == 0)                # clip-level structure
+    ci = bootstrap_ci({"mAP@10": ap, "flat": np.full(150, 0.25)}, groups, n_boot=400, seed=7)
+    draws = np.random.default_rng(7).integers(0, 30, size=(400, 30))
+    means = [np.concatenate([ap[groups == g] for g in row]).mean() for row in draws]
+    assert ci["mAP@10"] == pytest.approx(list(np.percentile(means, [2.5, 97.5])))
+    assert ci["flat"] == pytest.approx([0.25, 0.25])
+    assert ci["mAP@10"][0] < ap.mean() < ci["mAP@10"][1]
+    assert bootstrap_ci({"m": ap}, groups, 400, 7) == {"m": ci["mAP@10"]}
+    # captions resampled alone (each its own group) would understate the spread of clustered data
+    alone = bootstrap_ci({"m": ap}, np.arange(150), 400, 7)["m"]
+    assert alone[1] - alone[0] < ci["mAP@10"][1] - ci["mAP@10"][0]

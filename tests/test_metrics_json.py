@@ -78,7 +78,10 @@ def test_document_shape_definitions_and_provenance():
     assert list(evaluation.metrics_splits(doc)) == ["validation", "evaluation"]
     assert set(doc) == {"validation", "evaluation", "definitions", "provenance"}
     for entry in evaluation.metrics_splits(doc).values():
-        assert set(entry) == {"t2a", "a2t", "chance", "ranks", "counts"}
+        assert set(entry) == {"t2a", "a2t", "chance", "ci95", "ranks", "counts"}
+        for d in ("t2a", "a2t"):  # an interval around each of the four metrics
+            assert set(entry["ci95"][d]) == set(entry[d]) - {"R@1_any", "R@5_any", "R@10_any"}
+            assert all(lo <= entry[d][m] <= hi for m, (lo, hi) in entry["ci95"][d].items())
         assert set(entry["t2a"]) == SPEC
         assert set(entry["a2t"]) == SPEC | {"R@1_any", "R@5_any", "R@10_any"}
         for d in ("t2a", "a2t"):
@@ -86,7 +89,7 @@ def test_document_shape_definitions_and_provenance():
             assert set(entry["chance"][d]) == set(entry[d])
     # every number in the file has a definition
     defs = " ".join(doc["definitions"])
-    for name in ("t2a", "a2t", "R@k", "R@k_any", "mAP@10", "chance", "ranks.mean", "ranks.median",
+    for name in ("t2a", "a2t", "R@k", "R@k_any", "mAP@10", "chance", "ci95", "ranks.mean", "ranks.median",
                  "ranks.queries", "ranks.candidates", "counts"):
         assert name in defs, name
     prov = doc["provenance"]

@@ -97,4 +97,6 @@ def test_training_and_evaluation_write_the_run_directory(pipeline):
     assert "mAP@10" in stdout  # the metrics table is printed
     # ... and the demo ends with the report's path (make demo runs the same stages)
     assert stdout.strip().splitlines()[-1].startswith(f"report: {run / 'report' / 'index.html'} (")
+    lo, hi = metrics["evaluation"]["ci95"]["t2a"]["mAP@10"]
+    assert f"<td>95% CI</td><td>{lo:.3f}–{hi:.3f}</td>" in (run / "report" / "index.html").read_text()
     assert len(list((run / "report" / "audio").rglob("*.opus"))) == 8  # every eval-split clip

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +22,9 @@ from tqdm import tqdm
 from utils.errors import UserError
 from utils.io_utils import atomic_open, atomic_path
 from utils.provenance import git_state
-from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, chance_metrics, chance_recall_any,
-                           chance_recall_any_curve, chance_recall_curve, evaluate_ranking)
+from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, bootstrap_ci, chance_metrics,
+                           chance_recall_any, chance_recall_any_curve, chance_recall_curve,
+                           evaluate_ranking)
 from utils.scores_db import ScoredSplit, file_sha1
 
 DIRECTIONS = ("t2a", "a2t")
@@ -100,6 +101,18 @@ def t2a_ranks(s: ScoredSplit) -> np.ndarray:
     return evaluate_ranking(s.scores, s.relevance()).first
 
 
+CI_RESAMPLES, CI_SEED = 1000, 0
+
+
+def split_ci95(s: ScoredSplit, rankings: dict[str, Ranking] | None = None
+               ) -> dict[str, dict[str, list[float]]]:
+    """{"t2a"|"a2t": {metric: [low, high]}}: 95% bootstrap intervals of the four metrics over
+    the split's clips (a caption is resampled with its clip: utils.metrics.bootstrap_ci)."""
+    r = rankings or split_rankings(s)
+    return {"t2a": bootstrap_ci(r["t2a"].per_query, np.asarray(s.caption_clip), CI_RESAMPLES, CI_SEED),
+            "a2t": bootstrap_ci(r["a2t"].per_query, np.arange(len(s.fids)), CI_RESAMPLES, CI_SEED)}
+
+
 def split_chance(s: ScoredSplit) -> dict[str, dict[str, float]]:
     """The chance level of each direction (expected metrics of a random ranking), same keys as
     split_metrics."""
@@ -138,6 +151,9 @@ DEFINITIONS = {
               "(relevant candidates ranked <= r) / r, divided by the number of relevant "
               "candidates (the DCASE 2023 baseline's definition)",
     "chance": "expected value of each metric under a uniformly random ranking",
+    "ci95": "95% percentile bootstrap interval of each metric: 1000 resamples (seed 0) of the "
+            "split's clips with replacement, each clip with all its captions (t2a) or as itself "
+            "(a2t); the spread a different sample of clips would give, for comparing runs",
     "ranks.mean, ranks.median": "1-based rank of the best-ranked relevant candidate of each "
                                 "query, mean and median over queries (t2a: the caption's clip; "
                                 "a2t: the best-ranked of the clip's own captions)",
@@ -201,7 +217,7 @@ def metrics_document(results: Sequence["SplitResult"], provenance: dict | None =
     doc: dict = {}
     for r in results:
         doc[r.split] = {"t2a": r.metrics["t2a"], "a2t": r.metrics["a2t"], "chance": r.chance,
-                        "ranks": split_rank_stats(r),
+                        "ci95": r.ci95, "ranks": split_rank_stats(r),
                         "counts": split_counts(r, (skipped or {}).get(r.split))}
     doc[DEFINITIONS_KEY] = dict(DEFINITIONS)
     doc[PROVENANCE_KEY] = provenance or {}
@@ -363,6 +379,7 @@ class SplitResult:
     chance_curves: dict[str, list[float]]  # split_chance_curves
     n_clips: int
     n_captions: int
+    ci95: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # split_ci95
 
 
 def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitResult:
@@ -374,7 +391,7 @@ def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitRes
                        ranks=r["t2a"].first, top=top_k_indices(s.scores, top_k),
                        a2t_ranks=r["a2t"].first, chance=split_chance(s),
                        chance_curves=split_chance_curves(s, max_k),
-                       n_clips=len(s.fids), n_captions=len(s.tids))
+                       n_clips=len(s.fids), n_captions=len(s.tids), ci95=split_ci95(s, r))
 
 
 def write_split_files(run_dir: str | Path, s: ScoredSplit, r: SplitResult, top_k: int = 10

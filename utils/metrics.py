@@ -11,7 +11,7 @@ memory-lean (development a2t, 3839 x 19195, never needs a full argsort copy).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -118,6 +118,7 @@ class Ranking:
     curve: np.ndarray
     curve_any: np.ndarray
     first: np.ndarray
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)  # METRIC_NAMES: float64 [Q]
 
     @property
     def mean_rank(self) -> float:
@@ -135,16 +136,16 @@ def evaluate_ranking(scores, relevant, max_k: int = 10) -> Ranking:
     n_queries = relevant.shape[0]
     n_rel = np.bincount(q_idx, minlength=n_queries).astype(np.float64)  # [Q]
     w = 1.0 / n_rel[q_idx]                                               # [P]
-    out = {}
+    per_query = {}  # each query's value; a metric is their mean
     for k in (1, 5, 10):
-        out[f"R@{k}"] = float(np.bincount(q_idx, weights=w * (ranks <= k), minlength=n_queries).mean())
+        per_query[f"R@{k}"] = np.bincount(q_idx, weights=w * (ranks <= k), minlength=n_queries)
     # hits up to rank r for a relevant item = its position among its query's relevant items by rank
     order = np.lexsort((ranks, q_idx))
     q_sorted, r_sorted = q_idx[order], ranks[order]
     first_of_query = np.searchsorted(q_sorted, q_sorted, side="left")
     hits = np.arange(len(q_sorted)) - first_of_query + 1
     prec = np.where(r_sorted <= 10, hits / r_sorted, 0.0)
-    out["mAP@10"] = float((np.bincount(q_sorted, weights=prec, minlength=n_queries) / n_rel).mean())
+    per_query["mAP@10"] = np.bincount(q_sorted, weights=prec, minlength=n_queries) / n_rel
 
     # each relevant item ranked r adds 1/n_rel of its query to R@k for every k >= r
     keep = ranks <= max_k
@@ -156,9 +157,30 @@ def evaluate_ranking(scores, relevant, max_k: int = 10) -> Ranking:
     first_hist = np.bincount(np.minimum(first, max_k + 1) - 1, minlength=max_k + 1)
     curve_any = np.cumsum(first_hist[:max_k]) / n_queries
     any_k = {f"R@{k}_any": float(np.count_nonzero(first <= k) / n_queries) for k in (1, 5, 10)}
-    return Ranking(metrics={name: out[name] for name in METRIC_NAMES},
+    return Ranking(metrics={name: float(per_query[name].mean()) for name in METRIC_NAMES},
                    any={name: any_k[name] for name in ANY_NAMES},
-                   curve=curve, curve_any=curve_any, first=first)
+                   curve=curve, curve_any=curve_any, first=first,
+                   per_query={name: per_query[name] for name in METRIC_NAMES})
+
+
+def bootstrap_ci(values: dict[str, np.ndarray], groups: np.ndarray, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap interval of the mean of each `values[name]` `[Q]`, resampling whole
+    groups `[Q]` with replacement (the clips: a clip's 5 captions are not independent queries,
+    so resampling captions alone would give too narrow an interval). Deterministic in `seed`."""
+    groups = np.asarray(groups)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)     # [G]
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))  # [B, G]
+    n = counts[draws].sum(axis=1)                                            # [B]
+    tail = (1.0 - level) / 2 * 100
+    out = {}
+    for name, v in values.items():
+        sums = np.bincount(inverse, weights=np.asarray(v, dtype=np.float64), minlength=len(ids))
+        means = sums[draws].sum(axis=1) / n                                  # [B]
+        lo, hi = np.percentile(means, [tail, 100 - tail])
+        out[name] = [float(lo), float(hi)]
+    return out
 
 
 def chance_metrics(relevant) -> dict[str, float]:

@@ -537,6 +537,13 @@ def panel_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
     return "".join(parts)
 
 
+def _ci_text(interval) -> str:
+    """"0.512–0.575" for a [low, high] pair, else nothing."""
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(map(_is_number, interval)):
+        return f"{interval[0]:.3f}–{interval[1]:.3f}"
+    return ""
+
+
 def _fmt(value, rank: bool = False) -> str:
     """Metrics (in [0, 1]) with 4 decimals; ranks and other large numbers with 1; None as –."""
     if value is None:
@@ -608,6 +615,10 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
                         + "".join(f"<td>{esc(_fmt(ranks[c], rank=True)) if c in ranks else ''}</td>"
                                   for c in rank_cols)
                         + "</tr>")
+            ci = (metrics[split].get("ci95") or {}).get(d)
+            if isinstance(ci, Mapping) and ci:
+                rows.append('<tr class="chance"><td></td><td>95% CI</td>'
+                            + "".join(f"<td>{_ci_text(ci.get(c))}</td>" for c in columns) + "</tr>")
             ch = ((chance or {}).get(split) or metrics[split].get("chance") or {}).get(d)
             if ch:
                 rows.append('<tr class="chance"><td></td><td>chance</td>'
@@ -616,11 +627,12 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
     parts = [f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>',  # narrow windows scroll it
              '<p class="meta">chance: the expected value under a random ranking; R@k: the share of '
              "a query's relevant items in its top k (the DCASE baseline's); R@k_any: whether any "
-             "is (CLAP-style); ranks: of the best-ranked relevant item. Exact definitions below."
+             "is (CLAP-style); ranks: of the best-ranked relevant item; 95% CI: the interval "
+             "bootstrap resamples of the split's clips give. Exact definitions below."
              "</p>"]
     extra = [(f"{split}.{k}", v) for split in splits
              for k, v in _flat({k: v for k, v in metrics[split].items()
-                                if k not in DIRECTIONS and k not in ("chance", "ranks")})]
+                                if k not in DIRECTIONS and k not in ("chance", "ranks", "ci95")})]
     if extra:
         parts.append("<details><summary>more numbers per split</summary><table>"
                      + "".join(f"<tr><td>{esc(k)}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in extra)
