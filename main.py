@@ -33,7 +33,9 @@ def main() -> None:
         if args.resume:
             parser.error("--import-baseline makes a new run; it cannot be combined with --resume")
         return _import_baseline(args)
-    if args.resume:
+    if args.resume:  # a run folder, or its name in --conf's paths.output_dir (as run.sh passes it)
+        args.resume = str(cli.find_run(args.resume, args.conf, args.overrides,
+                                       conf_given=args.conf != parser.get_default("conf"))[0])
         baseline_release.refuse_resume(args.resume)  # an imported run has no training state
         cfg = train_utils.resume_config(args.resume, args.overrides)
         if any(a == "--conf" or a.startswith("--conf=") for a in sys.argv[1:]):

@@ -10,11 +10,13 @@ least 10 usable clips. Unreadable wavs stop the step (all listed) unless data.sk
 which skips them and lists them in <output>.skipped_audio.csv. --out never replaces the captions
 CSV or an existing file that is not a submission, and is never an audio file of --audio-dir.
 """
+import contextlib
 import os
 from pathlib import Path
 
 import utils.cli
 from utils import evaluation, provenance
+from utils.config import load_config
 from utils.errors import UserError
 from utils.runs import load_run_config, lock_run
 from utils.train_utils import load_trained_model
@@ -71,6 +73,9 @@ def main():
     parser.add_argument("--captions", help="CSV with a `caption` column")
     parser.add_argument("--out", help="output CSV (default: <run>/submission.csv)")
     args, run_dir, overrides, conf_cfg = utils.cli.parse_run(parser)
+    if conf_cfg is None and Path(args.conf).is_file():  # only for eval.submission.* below
+        with contextlib.suppress(UserError):
+            conf_cfg = load_config(args.conf, args.overrides)
     cfg = load_run_config(run_dir, overrides)
     audio_dir = Path(setting(args.audio_dir, "audio_dir", cfg, conf_cfg))
     captions_csv = Path(setting(args.captions, "captions", cfg, conf_cfg))

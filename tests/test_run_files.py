@@ -69,6 +69,17 @@ def test_a_read_only_run_folder_gets_advice_that_can_be_followed(scripts, tmp_pa
     assert call(SCORES, "--run", copy).returncode == 0  # the advice works
 
 
+def test_resume_takes_a_runs_name_as_run_sh_passes_it(tiny, monkeypatch, capsys):
+    """./run.sh --stage 5 --run my_run passes the name on: main.py --resume finds it in
+    paths.output_dir, as the postprocessing steps do."""
+    conf = tiny_config(tiny, {"training": {"epochs": 1}})
+    train_in_process(conf, "named")
+    proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--resume", "named",
+                           "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming after epoch 1: {tiny / 'outputs' / 'named'}" in proc.stdout
+
+
 def test_a_second_resume_is_refused_naming_the_holder(tiny, monkeypatch, capsys):
     conf = tiny_config(tiny, {"training": {"epochs": 1}})
     run = train_in_process(conf, "r").run_dir
@@ -164,10 +175,14 @@ def test_postprocessing_works_on_a_run_from_any_directory(tmp_path, monkeypatch)
     provenance.record_invocation(run_dir, "cpu")  # trained from tmp_path
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (elsewhere / "conf.yaml").write_text("model: another project's\n")  # not ours: never read
     for script in (SCORES, "postprocessing/02_xmodal_retrieval.py"):
         proc = run_in_process(monkeypatch, script, "--run", run_dir, cwd=elsewhere)
         assert proc.returncode == 0, proc.stderr
-    assert (run_dir / "metrics.json").is_file() and not any(elsewhere.iterdir())
+    assert (run_dir / "metrics.json").is_file() and sorted(elsewhere.iterdir()) == [elsewhere / "conf.yaml"]
+    typo = run_dir.parent / "tiny-rum"
+    line = error_line(run_in_process(monkeypatch, SCORES, "--run", typo, cwd=elsewhere))
+    assert f"{typo}: not a run directory" in line
     entries = provenance.read_provenance(run_dir)
     assert [e["action"] for e in entries] == ["new", "scores", "metrics"]
     assert entries[-1]["conf"] is None  # no conf.yaml there: none was read

@@ -6,6 +6,7 @@ import builtins
 import os
 import pickle
 import runpy
+import shutil
 import subprocess
 import sys
 import time
@@ -238,6 +239,14 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     utils.sbert.compute_sbert_embeddings(data, ["development", "validation", "evaluation"], BUNDLED,
                                          device="cpu")
     train_utils.load_training_data(cfg)  # the advice works
+    # another embeddings file (text_encoder.embeddings) is checked against its own record
+    alt = data / "alt.pkl"
+    shutil.copy(path, alt)
+    shutil.copy(texts_path(path), texts_path(alt))
+    df.loc[3, "raw_text"] = "rain on a tin roof"
+    df.to_csv(csv, index=False)
+    with pytest.raises(UserError, match=r"row 5: caption 'rain on a tin roof' changed since .*alt.pkl"):
+        train_utils.load_training_data(load_config(tiny_config(tmp_path), ["text_encoder.embeddings=alt.pkl"]))
     texts_path(path).unlink()  # features from before the record: nothing to check, as before
     df.loc[3, "raw_text"] = "something else"
     df.to_csv(csv, index=False)

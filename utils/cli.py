@@ -95,22 +95,36 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None):
 def parse_run(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """For a script that acts on a run (`--run`): returns (args, run_dir, overrides, conf_cfg).
 
-    --conf is read to find the newest run, or a run by its name in paths.output_dir: with
-    `--run DIR` it may be absent (the default conf.yaml outside the repository), and conf_cfg is
-    then None. `overrides` are args.overrides plus absolute paths for the run's relative ones
-    (from any working directory: utils.provenance.resolved_overrides); load the run's config
-    with them. --print-config prints that config and exits."""
+    `overrides` are args.overrides plus absolute paths for the run's relative ones (from any
+    working directory: utils.provenance.resolved_overrides); load the run's config with them.
+    conf_cfg is --conf's config where it was read (see find_run), else None. --print-config
+    prints the run's config and exits."""
     from utils.provenance import resolved_overrides
-    from utils.runs import is_run_dir, load_run_config, resolve_run_dir
+    from utils.runs import load_run_config
 
     args = parser.parse_args(argv)
-    needs_conf = (args.run is None or not is_run_dir(Path(args.run)) or Path(args.conf).is_file()
-                  or args.conf != parser.get_default("conf"))
-    conf_cfg = load_config(args.conf, args.overrides) if needs_conf else None
-    run_dir = resolve_run_dir(args.run, conf_cfg)
+    run_dir, conf_cfg = find_run(args.run, args.conf, args.overrides,
+                                 conf_given=args.conf != parser.get_default("conf"))
     overrides = resolved_overrides(run_dir, args.overrides)
     print_config_if_asked(args, load_run_config(run_dir, overrides))
     return args, run_dir, overrides, conf_cfg
+
+
+def find_run(run: str | None, conf: str, overrides: Sequence[str] = (), conf_given: bool = False
+             ) -> tuple[Path, dict | None]:
+    """(run folder, --conf's config or None) for `--run`/`--resume`: a run folder as given, else
+    a run's name in --conf's paths.output_dir, else (None) the newest run there. --conf is read
+    only for those two, or when given explicitly: with `--run DIR` from any directory, an
+    unrelated or missing conf.yaml there does not matter."""
+    from utils.runs import is_run_dir, not_a_run_error, resolve_run_dir
+
+    if run is not None and not conf_given:
+        if is_run_dir(Path(run)):
+            return Path(run), None
+        if len(Path(run).parts) != 1:  # a path that is no run: nothing to look up
+            raise not_a_run_error(run)
+    conf_cfg = load_config(conf, overrides)
+    return resolve_run_dir(run, conf_cfg), conf_cfg
 
 
 def print_config_if_asked(args: argparse.Namespace, cfg: dict) -> None:

@@ -111,16 +111,19 @@ def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
     return digests if isinstance(digests, dict) else None
 
 
-def check_texts_embedded(csv_path: Path, df: pd.DataFrame, embeddings_path: Path) -> None:
+def check_texts_embedded(dataset_dir: Path, embeddings_path: Path) -> None:
     """A caption edited after step 03 (then step 01 rerun) keeps its tid, so its old embedding
-    would be used for the new text without a word: refused, naming the row."""
+    would be used for the new text without a word: refused, naming the row. Every split's
+    text CSV beside the embeddings is checked (those step 03 did not embed have no record)."""
     digests = read_text_digests(embeddings_path)
     if digests is None:
         return
-    for row, tid, text in zip(df.index + 2, df["tid"], df["raw_text"]):  # row 1 is the header
-        if digests.get(tid, text_digest(text)) != text_digest(text):
-            raise UserError(f"{csv_path}: row {row}: caption {str(text)[:60]!r} changed since "
-                            f"{embeddings_path} was computed — rerun {STEP_03}")
+    for csv_path in sorted(Path(dataset_dir).glob("*_text.csv")):
+        df = read_text_csv(dataset_dir, csv_path.name[:-len("_text.csv")])
+        for row, tid, text in zip(df.index + 2, df["tid"], df["raw_text"]):  # row 1: the header
+            if digests.get(tid, text_digest(text)) != text_digest(text):
+                raise UserError(f"{csv_path}: row {row}: caption {str(text)[:60]!r} changed since "
+                                f"{embeddings_path} was computed — rerun {STEP_03}")
 
 
 def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
@@ -150,6 +153,7 @@ def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
     if not torch.isfinite(table).all():
         bad = next(t for t, r in tid2row.items() if not torch.isfinite(table[r]).all())
         raise UserError(f"{path}: tid {bad}: embedding has NaN/inf values — rerun {STEP_03}")
+    check_texts_embedded(Path(dataset_dir), path)
     return table, tid2row
 
 
@@ -290,7 +294,6 @@ def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, i
             if tid not in tid2row:
                 raise UserError(f"{csv_path}: row {row}: tid {tid} has no sentence embedding in "
                                 f"{Path(dataset_dir) / embeddings_name} — rerun {STEP_03}")
-        check_texts_embedded(csv_path, df, Path(dataset_dir) / embeddings_name)
     with open_logmels(dataset_dir, split) as h5:
         check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
                            csv_path, list(df.index + 2), split)
