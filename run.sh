@@ -11,7 +11,7 @@
 # Stages: 0 download Clotho + PANNs | 1 captions -> audio_info/text csv | 2 log-mels
 #         3 sentence embeddings | 4 PANNs -> CNN14_300.pth | 5 train (main.py)
 #         6 score every pair -> scores.db | 7 metrics, retrieval CSVs, plots
-# Runs:   --name NAME   stage 5 starts a new run called NAME
+# Runs:   --name NAME   stage 5 starts a new run called NAME; stages 6-7 evaluate it
 #         --resume DIR  stage 5 continues run DIR; stages 6-7 evaluate it
 #                       (after stage 5, stage 6 replaces the run's scores.db: training may have
 #                       replaced the checkpoint it scored)

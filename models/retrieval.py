@@ -118,7 +118,7 @@ class Retriever:
         overrides = resolved_overrides(run_dir, overrides)
         cfg = load_run_config(run_dir, overrides)
         # `device` stands for eval.device: the same names, checked the same way
-        device = resolve_device(device or cfg["eval"]["device"], "eval.device")
+        device = resolve_device(str(device) if device else cfg["eval"]["device"], "eval.device")
         model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
         ckpt = checkpoint_path(run_dir, which)
         return cls(model, cfg, run_dir, which, ckpt, evaluation.checkpoint_epoch(ckpt), device,
@@ -267,9 +267,11 @@ class Retriever:
     def _split_index(self, split: str, key: str) -> ClipIndex:
         from utils.data_utils import encode_split
         from utils.features import check_definition
+        from utils.runs import CONFIG_NAME, load_run_config
 
         # the split's clips and the ones embed_audio/folders compute must share one definition
-        check_definition(self._features_dir(), split, self.cfg["features"], run=True)
+        check_definition(self._features_dir(), split, load_run_config(self.run_dir)["features"],
+                         run_config=self.run_dir / CONFIG_NAME)
         cached = evaluation.load_clip_cache(self.run_dir, split, key,
                                             dim=self.model.text_enc.out_dim)
         if cached is not None:

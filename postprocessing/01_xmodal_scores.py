@@ -19,7 +19,7 @@ from models.retrieval import split_cache_key
 from utils import evaluation, provenance, scores_db
 from utils.data_utils import (ClipDataset, SplitEmbeddings, damaged_hdf5_error, encode_split,
                               features_dir, logmels_path)
-from utils.runs import SCORES_DB, checkpoint_path, load_run_config, lock_run
+from utils.runs import CONFIG_NAME, SCORES_DB, checkpoint_path, load_run_config, lock_run
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
 from utils.features import check_definition
@@ -51,7 +51,7 @@ def check_inputs_finite(dataset_dir: Path, emb: SplitEmbeddings) -> None:
 
 def main():
     parser = utils.cli.make_parser(__doc__)
-    parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
+    utils.cli.add_run_argument(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing scores.db, whatever computed it (the old file "
                              "stays until the new one is complete)")
@@ -64,13 +64,16 @@ def main():
         model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
         meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
         db_path = Path(run_dir) / SCORES_DB
+        # every split before any is encoded; against the run's saved settings, not a --set
+        trained_on = load_run_config(run_dir)["features"]
+        for split in cfg["eval"]["splits"]:
+            check_definition(features_dir(cfg), split, trained_on, run_config=run_dir / CONFIG_NAME)
         written = []
         with scores_db.writing(db_path, meta, overwrite=args.overwrite) as conn:
             for split in cfg["eval"]["splits"]:
                 # taken before encoding (a step 02 rerun meanwhile leaves a stale key), and the
                 # one query.py / Retriever computes: they reuse these embeddings
                 cache_key = split_cache_key(meta["checkpoint_sha1"], cfg, split, device)
-                check_definition(features_dir(cfg), split, cfg["features"], run=True)
                 emb = encode_split(model, features_dir(cfg), split, tid2row,
                                    cfg["eval"]["batch_size"], device, amp=cfg["eval"]["amp"])
                 check_inputs_finite(features_dir(cfg), emb)

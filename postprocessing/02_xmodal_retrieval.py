@@ -23,7 +23,7 @@ from utils.tracking import Tracker
 
 def main():
     parser = utils.cli.make_parser(__doc__)
-    parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
+    utils.cli.add_run_argument(parser)
     args, run_dir, overrides, conf_cfg = utils.cli.parse_run(parser)
     with lock_run(run_dir):
         evaluate(run_dir, load_run_config(run_dir, overrides))

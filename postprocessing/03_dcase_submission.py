@@ -68,7 +68,7 @@ def setting(cli_value, key: str, *cfgs) -> str:
 
 def main():
     parser = utils.cli.make_parser(__doc__)
-    parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
+    utils.cli.add_run_argument(parser)
     parser.add_argument("--audio-dir", help="folder with the retrieval set's audio files")
     parser.add_argument("--captions", help="CSV with a `caption` column")
     parser.add_argument("--out", help="output CSV (default: <run>/submission.csv)")
@@ -95,8 +95,8 @@ def main():
                                               amp=cfg["eval"]["amp"],
                                               batch_size=cfg["eval"]["batch_size"])
         check_enough_clips(len(audio.fnames), audio_dir, len(audio.bad))
-        note = evaluation.other_rates_message({f: evaluation.file_rate(audio_dir / f) for f in audio.fnames},
-                                              evaluation.training_sample_rates(cfg))
+        rates = {f: evaluation.file_rate(audio_dir / f) for f in audio.fnames}
+        note = evaluation.other_rates_message(rates, evaluation.training_sample_rates(cfg))
         if note:
             print(f"note: {note}")
         text = evaluation.embed_texts(cfg, model, captions, device)

@@ -50,7 +50,7 @@ def print_table(searched: str, queries: list[str], results: list) -> None:
 def main():
     parser = utils.cli.make_parser(__doc__)
     parser.add_argument("text", nargs="*", help="the text to search for (quotes optional)")
-    parser.add_argument("--run", help="run directory (default: the newest in paths.output_dir)")
+    utils.cli.add_run_argument(parser)
     parser.add_argument("--queries", metavar="FILE", help="search each line of FILE (- = stdin)")
     parser.add_argument("--audio", nargs="+", metavar="FILE",
                         help="find the captions of these audio files")

@@ -244,7 +244,7 @@ def test_a_dataset_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys,
                        f"paths.dataset_dir={tmp_path / 'README.md'}", "download.timeout_s=1",
                        "download.clotho_url=http://127.0.0.1:9/", "download.panns_url=http://127.0.0.1:9/")
     line = error_line(proc)
-    assert f"`{tmp_path / 'README.md'}` is a file where a folder is expected" in line
+    assert f"`{tmp_path / 'README.md'}`: a path component is a regular file, not a folder" in line
     assert (tmp_path / "README.md").read_text() == "not a folder"
 
 

@@ -92,6 +92,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     return args, cfg
 
 
+def add_run_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", help="run directory, or a run's name in paths.output_dir "
+                                      "(default: the run trained last there)")
+
+
 def parse_run(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """For a script that acts on a run (`--run`): returns (args, run_dir, overrides, conf_cfg).
 

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from utils.errors import UserError
-from utils.io_utils import atomic_open
+from utils.io_utils import atomic_open, ensure_dir
 
 SAMPLE_RATE = 44100  # Clotho's rate
 SPLITS = ("development", "validation", "evaluation")
@@ -671,7 +671,7 @@ def generate_dataset(dataset_dir: str | Path, settings: DemoSettings, workers: i
     counts = dict(settings.sizes)
     if is_complete(dataset_dir, settings):
         return GenerationResult(dataset_dir, counts, regenerated=False)
-    dataset_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dataset_dir)
     _check_target(dataset_dir)
     _write_marker(dataset_dir, settings, complete=False)  # owns the directory, not complete yet
     removed = _remove_stale(dataset_dir, set(expected_files(dataset_dir, settings)))

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_path, atomic_write_text, md5sum
+from utils.io_utils import atomic_path, atomic_write_text, ensure_dir, md5sum
 
 CHUNK = 1 << 20  # bytes read per iteration of the download loop
 USER_AGENT = "dcase-retrieval/0.1 (python urllib)"
@@ -80,7 +80,7 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True)
     URL; the .part file is kept so that the next run resumes from where this one stopped.
     """
     part = part_path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(dest.parent)
     offset = part.stat().st_size if part.is_file() else 0
     try:
         try:
@@ -333,7 +333,7 @@ def download_all(cfg: dict, progress: bool = True, baseline: bool = False
     results: list[FetchResult] = []
     extracted: dict[str, int] = {}
     for base_url, directory, files in jobs:
-        directory.mkdir(parents=True, exist_ok=True)
+        ensure_dir(directory)
         for name, md5 in files.items():
             split = archive_split(name) if directory is dataset_dir else None
             if split and is_extracted(dataset_dir, split, md5):

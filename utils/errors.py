@@ -28,9 +28,6 @@ _OS_MESSAGES = {
     errno.EISDIR: "`{path}` is a folder where a file is expected — move it away or point the "
                   "config at another path",
     errno.ENAMETOOLONG: "`{path}`: file name too long — choose a shorter path",
-    # mkdir of a path that is a file (a config's folder key pointing at one)
-    errno.EEXIST: "`{path}` is a file where a folder is expected — move it away or point the "
-                  "config at another path",
 }
 USER_ERRNOS = frozenset(_OS_MESSAGES)
 
@@ -49,7 +46,7 @@ def os_error_errno(e: OSError) -> int | None:
 
 def os_error_message(e: OSError) -> str | None:
     """One line for an OSError a user causes or meets (ENOSPC, EDQUOT, EROFS, EACCES, EPERM,
-    ENOTDIR, EISDIR, ENAMETOOLONG, EEXIST) naming the path; None for any other (a bug)."""
+    ENOTDIR, EISDIR, ENAMETOOLONG) naming the path; None for any other (a bug)."""
     template = _OS_MESSAGES.get(os_error_errno(e))
     if template is None:
         return None

@@ -190,7 +190,8 @@ def metrics_provenance(run_dir: str | Path, meta: dict, results: Sequence["Split
 
     epoch = meta.get("checkpoint_epoch")
     git = git_state()
-    trained = next((e.get("git") or {} for e in read_provenance(run_dir)
+    # the latest training segment's: a run resumed on newer code wrote its later checkpoints so
+    trained = next((e.get("git") or {} for e in reversed(read_provenance(run_dir))
                     if e.get("action", "new") in TRAINING_ACTIONS), {})
     return {
         "run": meta.get("run", Path(run_dir).resolve().name),
@@ -454,7 +455,7 @@ def list_audio_files(folder: str | Path) -> list[Path]:
 def training_sample_rates(cfg: dict) -> set[int]:
     """The sample rates of a run's training clips (step 02 records each clip's; the first
     hundred tell), or an empty set where the training features are not at hand."""
-    from utils.data_utils import features_dir, logmels_path
+    from utils.data_utils import HDF5_ERRORS, features_dir, logmels_path
 
     rates = set()
     try:
@@ -462,7 +463,7 @@ def training_sample_rates(cfg: dict) -> set[int]:
             for name in itertools.islice(f, 100):
                 if "sr" in f[name].attrs:
                     rates.add(int(f[name].attrs["sr"]))
-    except (OSError, KeyError):
+    except HDF5_ERRORS:  # not at hand, or damaged: nothing to compare with
         pass
     return rates
 

@@ -82,7 +82,7 @@ from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, make_
                           skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
 from utils.errors import Terminated, UserError
-from utils.io_utils import atomic_path, load_pickle, remove_stale_temps
+from utils.io_utils import atomic_path, ensure_dir, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
 STEP_01 = "preprocessing/01_clotho_dataset.py"
@@ -113,27 +113,31 @@ def feature_params(features_cfg: dict) -> dict:
 CONFIG_PARAMS = ("window_s", "hop_s", "n_mels")  # the feature_params a config sets
 
 
-def check_definition(out_dir: str | Path, split: str, features_cfg: dict, run: bool = False) -> None:
+def check_definition(out_dir: str | Path, split: str, features_cfg: dict,
+                     run_config: Path | None = None) -> None:
     """Refuse a split's log-mel file computed with other window/hop/bands than `features_cfg`
     says (UserError). Training and scoring read the file, while query.py, the submission and
     the API compute log-mels from `features_cfg`: a run whose config misdescribed its features
-    would embed the same clip differently there. `run`: `features_cfg` is a trained run's, so
-    the file is what changed. A file without these attrs passes."""
+    would embed the same clip differently there. `run_config`: `features_cfg` is that trained
+    run's (as saved, without --set), so the file is what changed. A file without these attrs
+    passes."""
+    from utils.data_utils import HDF5_ERRORS
+
     path = logmel_path(out_dir, split)
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: f.attrs[k] for k in CONFIG_PARAMS if k in f.attrs}
-    except (OSError, ValueError):  # missing or damaged: the reader that follows says so
+    except HDF5_ERRORS:  # missing or damaged: the reader that follows says so
         return
     want = feature_params(features_cfg)
     differ = [k for k in attrs if not _attrs_match({k: attrs[k]}, {k: want[k]})]
     if differ:
         found = ", ".join(f"{k} {attrs[k]}" for k in differ)
         asked = ", ".join(f"{k} {want[k]}" for k in differ)
-        if run:  # step 02 was rerun with other settings after training
-            sets = " ".join(f"features.{k}={want[k]}" for k in differ)
+        if run_config is not None:  # step 02 was rerun with other settings after training
             raise UserError(f"{path}: log-mels computed with {found}, but the run was trained on "
-                            f"{asked} — rerun preprocessing/02_audio_logmel.py --set {sets}")
+                            f"{asked} — rerun preprocessing/02_audio_logmel.py --conf {run_config} "
+                            "(the run's settings)")
         sets = " ".join(f"features.{k}={attrs[k]}" for k in differ)
         raise UserError(f"{path}: log-mels computed with {found}, but the config says {asked} — "
                         f"rerun preprocessing/02_audio_logmel.py with this config, or --set {sets}")
@@ -408,7 +412,7 @@ def _next_shard_index(folder: Path) -> int:
 
 def write_shard(folder: Path, index: int, results: list[Result], params: dict) -> Path:
     """Write finished clips as one shard, atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_dir(folder)
     path = folder / f"shard-{index:05d}.h5"
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -604,7 +608,7 @@ def _settle_final(out: SplitFeatures, fid2fname: dict[str, str], params: dict, s
         # one rename, so no outdated final survives a crash
         log(f"{out.split}: {final} is outdated ({why}); updating it")
         out.updated = True
-        folder.mkdir(parents=True, exist_ok=True)
+        ensure_dir(folder)
         os.replace(final, folder / f"shard-{_next_shard_index(folder):05d}.h5")
     return False
 
@@ -625,8 +629,8 @@ def _plan(fid2fname: dict[str, str], wavs: dict, done: dict) -> tuple[list[Clip]
     return todo, bad
 
 
-def _compute_shards(out: SplitFeatures, todo: list[Clip], done: dict, folder: Path, device: str, pool,
-             workers: int, flush_every: int) -> list[tuple[str, str]]:
+def _compute_shards(out: SplitFeatures, todo: list[Clip], done: dict, folder: Path, device: str,
+                    pool, workers: int, flush_every: int) -> list[tuple[str, str]]:
     """Compute `todo` into new shards of `folder` (adding them to `done`); returns the unusable
     wavs. Each shard is on disk as soon as it is counted: a kill or Ctrl-C keeps it."""
     first = _next_shard_index(folder) if folder.is_dir() else 0

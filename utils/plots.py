@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from utils.errors import UserError  # noqa: E402
-from utils.io_utils import atomic_path  # noqa: E402
+from utils.io_utils import atomic_path, ensure_dir  # noqa: E402
 from utils.tracking import read_jsonl  # noqa: E402
 
 PNG_DPI = 200
@@ -72,7 +72,7 @@ def figure_paths(out_png: str | Path) -> list[Path]:
 def _save(fig, out_png: str | Path) -> Path:
     """Write `fig` as PNG (PNG_DPI) plus PDF and SVG beside it; returns the PNG path."""
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_png.parent)
     try:
         for path in figure_paths(out_png):
             fmt = path.suffix[1:] or "png"

@@ -30,7 +30,7 @@ from urllib.parse import quote
 import numpy as np
 
 from utils.errors import UserError
-from utils.io_utils import atomic_path, atomic_write_text, remove_stale_temps
+from utils.io_utils import atomic_path, atomic_write_text, ensure_dir, remove_stale_temps
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -697,7 +697,7 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
     histogram per split. A clip that cannot be played gets a note on its panel."""
     run_dir = Path(run_dir)
     out = run_dir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     remove_stale_temps(out)  # the run is locked: temps here are a killed run's
     images: dict[str, Path] = {}
     for src in plots:
@@ -821,7 +821,7 @@ def write_query_page(out_html: str | Path, panels: Sequence[Panel], audio: str =
     if audio not in AUDIO_MODES:
         raise ValueError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
     out_html = Path(out_html)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_html.parent)
     audio_dir = out_html.parent / f"{_safe_stem(out_html.name)}_audio"
     clips = []
     for p in panels:

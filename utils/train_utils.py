@@ -49,6 +49,8 @@ FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
 # written to config.yaml but not used (Adam's lr and weight decay, the plateau schedule), or
 # compare epochs on another metric than the best one was chosen on (monitor).
 RESTORED_ON_RESUME = ("training.lr", "training.weight_decay", "training.scheduler", "training.monitor")
+# The log-mel definition the run has trained on (features.CONFIG_PARAMS).
+FEATURES_ON_RESUME = ("features.window_s", "features.hop_s", "features.n_mels")
 
 
 # --------------------------------------------------------------------------- config
@@ -70,6 +72,9 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
         if key.split(".", 1)[0] in FROZEN_ON_RESUME:
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}; model "
                             "and loss keys cannot change on --resume (start a new run instead)")
+        if key in FEATURES_ON_RESUME:
+            raise UserError(f"--set {key}: {run_dir} was trained on log-mels with {saved.get(key)!r}; "
+                            "the features cannot change on --resume (start a new run instead)")
         if any(key == k or key.startswith(k + ".") for k in RESTORED_ON_RESUME):
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}, and the "
                             "optimizer, scheduler and best metric restored from checkpoints/last.pt "
