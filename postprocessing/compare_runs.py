@@ -1,0 +1,46 @@
+"""Compare evaluated runs on one split: each run's metrics with their 95% intervals, and, for
+two runs scored on the same captions, the text -> audio difference with a paired interval.
+
+    python postprocessing/compare_runs.py outputs/run_a outputs/run_b            # evaluation split
+    python postprocessing/compare_runs.py run_a run_b --split validation --json  # names in paths.output_dir
+
+Reads each run's metrics.json and {split}.t2a_ranks.csv (postprocessing/02_xmodal_retrieval.py).
+The paired interval resamples the split's clips, each caption with itself in both runs: a
+difference whose interval excludes 0 is not what another sample of clips would undo.
+"""
+import json
+
+import utils.cli
+from utils import compare
+from utils.config import load_config
+from utils.errors import UserError
+
+
+def main():
+    parser = utils.cli.make_parser(__doc__)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories or run names")
+    parser.add_argument("--split", default="evaluation", help="split to compare (default: evaluation)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead")
+    args = parser.parse_args()
+    if args.print_config:  # the config that finds runs by name
+        utils.cli.print_config_if_asked(args, load_config(args.conf, args.overrides))
+    conf_given = args.conf != parser.get_default("conf")
+    runs = [utils.cli.find_run(r, args.conf, args.overrides, conf_given)[0] for r in args.runs]
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise UserError("the same run is named twice")
+    rows = compare.metrics_rows(runs, args.split)
+    paired = None
+    if len(runs) == 2:
+        a, b = (compare.read_t2a_ranks(r, args.split) for r in runs)
+        paired = compare.paired_t2a_difference(a, b, where=f"{runs[0]} and {runs[1]}")
+    if args.json:
+        print(json.dumps({"split": args.split, "runs": [str(r) for r in runs],
+                          "metrics": [{"run": r, "direction": d, **m, "ci95": ci} for r, d, m, ci in rows],
+                          "t2a_difference": paired}, indent=2))
+    else:
+        print(compare.format_comparison(rows, args.split, paired, names=(runs[0].name, runs[1].name)
+                                        if paired else ("A", "B")))
+
+
+if __name__ == "__main__":
+    utils.cli.run(main)

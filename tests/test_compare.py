@@ -1,0 +1,78 @@
+"""postprocessing/compare_runs.py and utils.compare: runs side by side, and the paired t2a
+difference of two runs with its bootstrap interval."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.cli_helpers import error_line
+from tests.test_postprocessing import RETRIEVAL, SCORES, make_run, run_script
+from utils import compare
+from utils.evaluation import read_metrics_json
+
+COMPARE = "postprocessing/compare_runs.py"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two evaluated runs (other initial weights) on the same tiny data."""
+    tmp = tmp_path_factory.mktemp("compare")
+    conf, a = make_run(tmp, name="run-a", seed=0)
+    _, b = make_run(tmp, name="run-b", seed=1, features=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for run in (a, b):
+            for script in (SCORES, RETRIEVAL):
+                assert run_script(script, "--conf", conf, "--run", run, monkeypatch=mp).returncode == 0
+    return conf, a, b
+
+
+def test_per_caption_values_average_to_the_metrics_json(two_runs):
+    _, a, _ = two_runs
+    ranks = compare.read_t2a_ranks(a, "evaluation")
+    per = compare.t2a_per_query(ranks.ranks)
+    metrics = read_metrics_json(a)["evaluation"]["t2a"]
+    assert {m: pytest.approx(v.mean(), abs=1e-12) for m, v in per.items()} == metrics
+
+
+def test_paired_difference_of_two_runs(two_runs, monkeypatch):
+    conf, a, b = two_runs
+    p = run_script(COMPARE, "--conf", conf, a, b.name, "--json", monkeypatch=monkeypatch)  # a path, a name
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    ma, mb = (read_metrics_json(r)["evaluation"]["t2a"] for r in (a, b))
+    for m, v in doc["t2a_difference"].items():
+        assert v["difference"] == pytest.approx(mb[m] - ma[m], abs=1e-12)
+        assert v["ci95"][0] <= v["difference"] <= v["ci95"][1]
+    assert [(r["run"], r["direction"]) for r in doc["metrics"]] == \
+        [("run-a", "t2a"), ("run-a", "a2t"), ("run-b", "t2a"), ("run-b", "a2t")]
+    table = run_script(COMPARE, "--conf", conf, a, b, monkeypatch=monkeypatch).stdout
+    assert "run-b - run-a, text -> audio, the same captions paired:" in table and "mAP@10" in table
+    # a run against itself: a zero difference with a zero-width interval
+    same = compare.read_t2a_ranks(a, "evaluation")
+    assert all(v["difference"] == 0 and v["ci95"] == [0, 0]
+               for v in compare.paired_t2a_difference(same, same).values())
+
+
+def test_bad_comparisons_are_one_line(two_runs, monkeypatch, tmp_path):
+    conf, a, b = two_runs
+
+    def call(*args):
+        return run_script(COMPARE, "--conf", conf, *args, monkeypatch=monkeypatch)
+    assert "the same run is named twice" in error_line(call(a, a))
+    assert "no split 'nope'" in error_line(call(a, b, "--split", "nope"))
+    assert f"{tmp_path / 'x'}: not a run directory" in error_line(call(a, tmp_path / "x"))
+    other = compare.read_t2a_ranks(a, "evaluation")
+    other.tids = other.tids[::-1]
+    with pytest.raises(Exception, match="scored on different captions"):
+        compare.paired_t2a_difference(other, compare.read_t2a_ranks(b, "evaluation"), where="x")
+    ranks = b / "evaluation.t2a_ranks.csv"
+    saved = ranks.read_bytes()
+    ranks.unlink()
+    try:
+        line = error_line(call(a, b))
+        assert f"{ranks}: not found — run postprocessing/02_xmodal_retrieval.py" in line
+    finally:
+        ranks.write_bytes(saved)
+    assert np.isfinite(compare.t2a_per_query(np.array([1, 11]))["mAP@10"]).all()
