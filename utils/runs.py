@@ -73,7 +73,10 @@ def lock_run(run_dir: str | Path):
         try:
             lock = held.enter_context(exclusive(run_dir / LOCK_FILE, f"run {run_dir}"))
         except OSError as e:
-            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # no config key moves a run
+            # the folder itself, not one file in it (another user's .lock: the generic line)
+            folder_blocked = e.errno == errno.EROFS or not os.access(run_dir, os.W_OK)
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and folder_blocked:
+                # no config key moves a run
                 raise UserError(f"{run_dir}: the run folder is not writable "
                                 f"({os.strerror(e.errno).lower()}); copy it somewhere writable "
                                 f"(cp -r {run_dir} DEST) and pass --run DEST (or --resume DEST)"
