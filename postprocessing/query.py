@@ -6,8 +6,8 @@
     python postprocessing/query.py --audio my_recordings/garden.wav          # captions of a split
     python postprocessing/query.py --html out.html "a dog barks"             # ... and a page with players
 
---run DIR picks the run (default: the newest in paths.output_dir of --conf); with --run the
-command works from any directory. The checkpoint is the run's eval.checkpoint (`best`), on
+--run DIR (or a run's name in paths.output_dir) picks the run (default: the one trained last
+in paths.output_dir of --conf); with --run DIR the command works from any directory. The checkpoint is the run's eval.checkpoint (`best`), on
 eval.device. A split's clip embeddings are cached in <run>/cache/ and a folder's in
 <run>/cache/folders/, keyed on the checkpoint's content, eval.amp and what the clips were
 computed from: a split's log-mel file (rewritten by preprocessing 02 when a wav changes), or a
