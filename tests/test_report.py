@@ -473,11 +473,14 @@ def test_query_py_html_for_text_and_audio_queries(tmp_path, monkeypatch, capsys)
     (tmp_path / "q.txt").write_text("rain\n")
     (tmp_path / "notes.html").write_text("<html>my notes</html>")
     (tmp_path / "a_dir.html").mkdir()
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "index.html").write_text(report._page("report", "", ""))  # as 02 writes it
     for args, needle in [
             (["--html", conf, "rain"], "give the page a .html name"),
             (["--html", tmp_path / "q.txt", "--queries", tmp_path / "q.txt"], "give the page a .html name"),
             (["--html", clips / "evaluation_001.wav", "--audio", clips / "evaluation_001.wav"], ".html name"),
-            (["--html", tmp_path / "notes.html", "rain"], "is not a page this project wrote"),
+            (["--html", tmp_path / "notes.html", "rain"], "is not a page query.py wrote"),
+            (["--html", run_dir / "report" / "index.html", "rain"], "is a run's report page"),
             (["--html", tmp_path / "a_dir.html", "rain"], "is a folder"),
             (["--html", clips / "x.html", "--folder", clips, "rain"], "inside the searched folder")]:
         before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}

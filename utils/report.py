@@ -644,11 +644,14 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
     return "\n".join(parts)
 
 
-GENERATOR = '<meta name="generator" content="dcase-retrieval report">'  # marks a page as ours
+# marks a page as ours, and which kind: query.py --html may replace its own pages, never a report
+GENERATOR = '<meta name="generator" content="dcase-retrieval {kind}">'
+REPORT_PAGE, QUERY_PAGE = "report", "query page"
 
 
-def _page(title: str, header: str, body: str) -> str:
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR +
+def _page(title: str, header: str, body: str, kind: str = REPORT_PAGE) -> str:
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            + GENERATOR.format(kind=kind) +
             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n{header}\n"
             '<p id="audio-status" class="meta"></p>\n'
@@ -832,7 +835,7 @@ def write_query_page(out_html: str | Path, panels: Sequence[Panel], audio: str =
     title = "Query: " + (panels[0].query if len(panels) == 1 else f"{len(panels)} queries")
     header = f"<h1>{esc(title)}</h1>" + (f'<p class="meta">{esc(subtitle)}</p>' if subtitle else "")
     body = '<div class="panels">' + "".join(panel_html(p, playable) for p in panels) + "</div>"
-    atomic_write_text(out_html, _page(title, header, body))
+    atomic_write_text(out_html, _page(title, header, body, QUERY_PAGE))
     return out_html
 
 
@@ -873,8 +876,11 @@ def check_query_page_target(out_html: str | Path, inputs: Sequence[str | Path] =
     if out.is_file():
         with open(out, encoding="utf-8", errors="replace") as f:
             head = f.read(4096)
-        if GENERATOR not in head:
-            raise UserError(f"--html {out} exists and is not a page this project wrote; delete it "
+        if GENERATOR.format(kind=REPORT_PAGE) in head:
+            raise UserError(f"--html {out} is a run's report page (postprocessing 02); choose "
+                            "another name")
+        if GENERATOR.format(kind=QUERY_PAGE) not in head:
+            raise UserError(f"--html {out} exists and is not a page query.py wrote; delete it "
                             "or choose another name")
 
 
