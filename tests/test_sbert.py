@@ -225,7 +225,8 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     path, _, _ = utils.sbert.compute_sbert_embeddings(data, ["development", "validation", "evaluation"],
                                                       BUNDLED, device="cpu")
     assert len(read_text_digests(path)) == len(load_pickle(path))
-    cfg = load_config(tiny_config(tmp_path))
+    conf = tiny_config(tmp_path, {"sbert": {"model": BUNDLED}})
+    cfg = load_config(conf)
     train_utils.load_training_data(cfg)  # as step 03 left it: fine
 
     csv = data / "validation_text.csv"
@@ -239,6 +240,11 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     utils.sbert.compute_sbert_embeddings(data, ["development", "validation", "evaluation"], BUNDLED,
                                          device="cpu")
     train_utils.load_training_data(cfg)  # the advice works
+    # the embeddings' sentence model is the one the config names (query.py embeds with it)
+    with pytest.raises(UserError, match=r"sbert_embeds.pkl: computed with sentence model "
+                                        r"'bundled:all-MiniLM-L6-v2', but the config says "
+                                        r"sbert.model='other-model' — --set sbert.model=bundled"):
+        train_utils.load_training_data(load_config(conf, ["sbert.model=other-model"]))
     # another embeddings file (text_encoder.embeddings) is checked against its own record
     alt = data / "alt.pkl"
     shutil.copy(path, alt)
@@ -246,7 +252,7 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     df.loc[3, "raw_text"] = "rain on a tin roof"
     df.to_csv(csv, index=False)
     with pytest.raises(UserError, match=r"row 5: caption 'rain on a tin roof' changed since .*alt.pkl"):
-        train_utils.load_training_data(load_config(tiny_config(tmp_path), ["text_encoder.embeddings=alt.pkl"]))
+        train_utils.load_training_data(load_config(conf, ["text_encoder.embeddings=alt.pkl"]))
     texts_path(path).unlink()  # features from before the record: nothing to check, as before
     df.loc[3, "raw_text"] = "something else"
     df.to_csv(csv, index=False)

@@ -242,6 +242,8 @@ def test_resume_refuses_model_changes(tiny):
     assert tu.resume_config(run, ["training.lr=0.001"])["training"]["lr"] == 0.001  # the same value
     with pytest.raises(UserError, match="--set features.hop_s: .* trained on log-mels with 0.02"):
         tu.resume_config(run, ["features.hop_s=0.01"])
+    with pytest.raises(UserError, match="--set sbert.model: .* model and loss keys cannot change"):
+        tu.resume_config(run, ["sbert.model=bundled:all-MiniLM-L6-v2"])
     with pytest.raises(UserError, match="not a run directory"):
         tu.resume_config(tiny / "data")
 

@@ -111,6 +111,21 @@ def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
     return digests if isinstance(digests, dict) else None
 
 
+def check_sentence_model(embeddings_path: Path, model: str) -> None:
+    """The caption embeddings must come from the sentence model the config names: query.py and
+    the API embed typed queries with it, into the space the captions' projection was trained
+    on. Refused when step 03's record says another model (absent record: nothing to check)."""
+    try:
+        with open(texts_path(embeddings_path), encoding="utf-8") as f:
+            recorded = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(recorded, str) and recorded != model:
+        raise UserError(f"{embeddings_path}: computed with sentence model {recorded!r}, but the "
+                        f"config says sbert.model={model!r} — --set sbert.model={recorded}, or "
+                        f"rerun {STEP_03} with this config")
+
+
 def check_texts_embedded(dataset_dir: Path, embeddings_path: Path) -> None:
     """A caption edited after step 03 (then step 01 rerun) keeps its tid, so its old embedding
     would be used for the new text without a word: refused, naming the row. Every split's

@@ -31,8 +31,9 @@ from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save
 from utils.config import CONFIG_NAME, ConfigError, flat_config, load_run_config, validate as validate_config
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
-from utils.data_utils import (CaptionDataset, collate_pad, encode_split, features_dir,
-                              leave_signals_to_the_parent, load_text_table, logmels_path, relevance)
+from utils.data_utils import (CaptionDataset, check_sentence_model, collate_pad, encode_split,
+                              features_dir, leave_signals_to_the_parent, load_text_table,
+                              logmels_path, relevance)
 from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
@@ -51,6 +52,8 @@ FROZEN_ON_RESUME = ("audio_encoder", "text_encoder", "criterion")
 RESTORED_ON_RESUME = ("training.lr", "training.weight_decay", "training.scheduler", "training.monitor")
 # The log-mel definition the run has trained on (features.CONFIG_PARAMS).
 FEATURES_ON_RESUME = ("features.window_s", "features.hop_s", "features.n_mels")
+# The sentence model whose caption embeddings the text projection has learnt from.
+FROZEN_KEYS_ON_RESUME = ("sbert.model",)
 
 
 # --------------------------------------------------------------------------- config
@@ -69,7 +72,7 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
     for key, value in flat_config(cfg).items():
         if saved.get(key) == value:
             continue
-        if key.split(".", 1)[0] in FROZEN_ON_RESUME:
+        if key.split(".", 1)[0] in FROZEN_ON_RESUME or key in FROZEN_KEYS_ON_RESUME:
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}; model "
                             "and loss keys cannot change on --resume (start a new run instead)")
         if key in FEATURES_ON_RESUME:
@@ -107,6 +110,7 @@ def load_training_data(cfg: dict) -> TrainingData:
     for split in (cfg["data"]["train_split"], cfg["data"]["val_split"]):
         check_definition(feat_dir, split, cfg["features"])
     table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
+    check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"])
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
                                max_frames=cfg["training"]["max_frames"], train=True)
     val_set = CaptionDataset(feat_dir, cfg["data"]["val_split"], tid2row)  # whole clips
@@ -733,6 +737,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     state = load_checkpoint(path)
     table, tid2row = load_text_table(features_dir(cfg), cfg["text_encoder"]["embeddings"])
     embeddings_path = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
+    check_sentence_model(embeddings_path, cfg["sbert"]["model"])
     if "text_embed_dim" in state:
         check_text_dim(state, path, table, embeddings_path)
     model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
