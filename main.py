@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from utils import baseline_release, cli, dist_utils, provenance, train_utils
-from utils.config import flat_config, load_config, save_config
+from utils.config import flat_config, load_config, load_run_config, save_config
 from utils.errors import UserError
 from utils.runs import checkpoint_path, lock_run, new_run_dir, remove_unstarted_run
 
@@ -53,7 +53,7 @@ def main() -> None:
         if args.resume:
             dist_utils.on_master(ctx, lambda: train_utils.claim_run(args.resume, held))
         state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
-        data = train_utils.load_training_data(cfg)
+        data = train_utils.load_training_data(cfg, args.resume)
         if state is not None:
             train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
                                        data.embeddings_path)
@@ -66,7 +66,9 @@ def main() -> None:
         if args.resume:
             run_dir = Path(args.resume)
             if args.overrides:
-                dist_utils.on_master(ctx, lambda: save_config(cfg, run_dir))
+                # as given: paths resolved for this working directory are not the run's
+                dist_utils.on_master(ctx, lambda: save_config(load_run_config(run_dir, args.overrides),
+                                                              run_dir))
         else:
             run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
         cli.advise_resume(run_dir)  # Ctrl-C from here on prints the exact --resume command

@@ -80,6 +80,33 @@ def test_resume_takes_a_runs_name_as_run_sh_passes_it(tiny, monkeypatch, capsys)
     assert f"resuming after epoch 1: {tiny / 'outputs' / 'named'}" in proc.stdout
 
 
+def test_resume_from_another_directory_finds_the_runs_relative_paths(tiny, monkeypatch):
+    """A job script resuming from elsewhere: the run's relative paths.* resolve against the
+    directory it was trained from (provenance.json), and config.yaml keeps them as given."""
+    import yaml
+
+    from tests.cli_helpers import run_in_process
+    from tests.test_training import one_thread
+    from utils.config import load_config
+
+    cfg = yaml.safe_load(tiny_config(tiny, {"training": {"epochs": 1}}).read_text())
+    cfg["paths"].update(dataset_dir="data", output_dir="outputs", pretrained_dir="pretrained")
+    (tiny / "rel.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tiny / "elsewhere"
+    elsewhere.mkdir()
+    with one_thread():
+        proc = run_in_process(monkeypatch, "main.py", "--conf", tiny / "rel.yaml", "--name", "r", cwd=tiny)
+        assert proc.returncode == 0, proc.stderr
+        run = tiny / "outputs" / "r"
+        proc = run_in_process(monkeypatch, "main.py", "--resume", run, "--set", "training.epochs=2",
+                              cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stdout
+    saved = load_config(run / "config.yaml")
+    assert saved["paths"]["dataset_dir"] == "data" and saved["training"]["epochs"] == 2
+    assert not any(elsewhere.iterdir())
+
+
 def test_a_second_resume_is_refused_naming_the_holder(tiny, monkeypatch, capsys):
     conf = tiny_config(tiny, {"training": {"epochs": 1}})
     run = train_in_process(conf, "r").run_dir

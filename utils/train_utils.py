@@ -65,7 +65,11 @@ def check_training_config(cfg: dict) -> None:
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
     """The config of run `run_dir` plus `overrides`, which may not touch the model, the loss,
-    or what the restored optimizer and scheduler decide."""
+    or what the restored optimizer and scheduler decide. The run's relative paths.* are found
+    against its training directory from anywhere (utils.provenance.resolved_overrides), as the
+    postprocessing steps find them; save `load_run_config(run_dir, overrides)`, not this."""
+    from utils.provenance import resolved_overrides
+
     run_dir = require_run_dir(run_dir)
     saved = flat_config(load_run_config(run_dir))
     cfg = load_run_config(run_dir, overrides)
@@ -82,7 +86,7 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}, and the "
                             "optimizer, scheduler and best metric restored from checkpoints/last.pt "
                             "keep it on --resume; start a new run to change it")
-    return cfg
+    return load_run_config(run_dir, resolved_overrides(run_dir, overrides))
 
 
 # --------------------------------------------------------------------------- devices, seeds
@@ -104,11 +108,13 @@ class TrainingData:
     embeddings_path: Path
 
 
-def load_training_data(cfg: dict) -> TrainingData:
-    """The caption table and both datasets, validated against each other (UserError if not)."""
+def load_training_data(cfg: dict, run_dir: str | Path | None = None) -> TrainingData:
+    """The caption table and both datasets, validated against each other (UserError if not).
+    `run_dir`: the run being resumed (its features cannot change, so advice names its config)."""
     feat_dir = features_dir(cfg)
+    run_config = Path(run_dir) / CONFIG_NAME if run_dir is not None else None
     for split in (cfg["data"]["train_split"], cfg["data"]["val_split"]):
-        check_definition(feat_dir, split, cfg["features"])
+        check_definition(feat_dir, split, cfg["features"], run_config=run_config)
     table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
     check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"])
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
