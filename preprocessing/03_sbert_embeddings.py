@@ -7,7 +7,7 @@ encoded by `sbert.model` (hub name, local directory, or "bundled:all-MiniLM-L6-v
 import utils.cli
 from utils.clotho import features_dir, features_lock
 from utils.config import save_config
-from utils.data_utils import texts_path
+from utils.data_utils import STEP_03_CONFIG, texts_path
 from utils.sbert import compute_sbert_embeddings
 
 
@@ -20,7 +20,7 @@ def main():
         path, count, dim = compute_sbert_embeddings(
             dataset_dir, cfg["data"]["splits"], sb["model"], batch_size=sb["batch_size"],
             device=sb["device"], filename=cfg["text_encoder"]["embeddings"])
-        conf_path = save_config(cfg, dataset_dir, "config.03_sbert_embeddings.yaml")
+        conf_path = save_config(cfg, dataset_dir, STEP_03_CONFIG)
     print(f"encoded {count} captions ({', '.join(cfg['data']['splits'])}) with {sb['model']}: "
           f"{dim}-d float32")
     print(f"wrote {path}")

@@ -216,7 +216,8 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     the embedded texts, training, scoring and query.py would use the old text's embedding."""
     from tests.tiny_data import make_tiny_features, tiny_config
     from utils import train_utils
-    from utils.config import load_config
+    from tests.cli_helpers import run_in_process
+    from utils.config import load_config, save_config
     from utils.data_utils import read_text_digests, texts_path
 
     make_tiny_features(tmp_path / "data", embed_dim=384)
@@ -235,10 +236,16 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     df.to_csv(csv, index=False)
     with pytest.raises(UserError, match=r"validation_text.csv: row 5: caption 'A dog barks loudly.*' "
                                         r"changed since .*sbert_embeds.pkl was computed — rerun "
-                                        r"preprocessing/03_sbert_embeddings.py"):
+                                        r"preprocessing/03_sbert_embeddings.py$"):
         train_utils.load_training_data(cfg)
-    utils.sbert.compute_sbert_embeddings(data, ["development", "validation", "evaluation"], BUNDLED,
-                                         device="cpu")
+    # where step 03 saved its config, the advice names it (a bare rerun would read conf.yaml)
+    save_config(cfg, data, "config.03_sbert_embeddings.yaml")
+    with pytest.raises(UserError) as e:
+        train_utils.load_training_data(cfg)
+    advice = str(e.value).split(" — ")[-1]
+    assert advice == f"rerun preprocessing/03_sbert_embeddings.py --conf {data / 'config.03_sbert_embeddings.yaml'}"
+    proc = run_in_process(monkeypatch, SCRIPT, *advice.split()[2:])  # following it
+    assert proc.returncode == 0, proc.stderr
     train_utils.load_training_data(cfg)  # the advice works
     # the embeddings' sentence model is the one the config names (query.py embeds with it)
     with pytest.raises(UserError, match=r"sbert_embeds.pkl: computed with sentence model "

@@ -45,6 +45,7 @@ from utils.io_utils import load_pickle
 STEP_01 = "preprocessing/01_clotho_dataset.py"
 STEP_02 = "preprocessing/02_audio_logmel.py"
 STEP_03 = "preprocessing/03_sbert_embeddings.py"
+STEP_03_CONFIG = "config.03_sbert_embeddings.yaml"  # step 03's config, saved beside its output
 TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")
 # what h5py raises for a file it cannot parse (zeroed headers, garbage, truncation)
 HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
@@ -111,6 +112,13 @@ def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
     return digests if isinstance(digests, dict) else None
 
 
+def rerun_step_03(embeddings_path: Path) -> str:
+    """"rerun step 03", with the --conf it ran with when it saved one: a bare rerun reads
+    conf.yaml, whose paths may name another dataset (the demo's are in conf_demo.yaml)."""
+    saved = Path(embeddings_path).parent / STEP_03_CONFIG
+    return f"rerun {STEP_03} --conf {saved}" if saved.is_file() else f"rerun {STEP_03}"
+
+
 def check_sentence_model(embeddings_path: Path, model: str) -> None:
     """The caption embeddings must come from the sentence model the config names: query.py and
     the API embed typed queries with it, into the space the captions' projection was trained
@@ -138,7 +146,7 @@ def check_texts_embedded(dataset_dir: Path, embeddings_path: Path) -> None:
         for row, tid, text in zip(df.index + 2, df["tid"], df["raw_text"]):  # row 1: the header
             if digests.get(tid, text_digest(text)) != text_digest(text):
                 raise UserError(f"{csv_path}: row {row}: caption {str(text)[:60]!r} changed since "
-                                f"{embeddings_path} was computed — rerun {STEP_03}")
+                                f"{embeddings_path} was computed — {rerun_step_03(embeddings_path)}")
 
 
 def load_text_table(dataset_dir: str | Path, filename: str = "sbert_embeds.pkl"
