@@ -15,10 +15,11 @@
 #         --resume DIR  stage 5 continues run DIR; stages 6-7 evaluate it
 #                       (after stage 5, stage 6 replaces the run's scores.db: training may have
 #                       replaced the checkpoint it scored)
-#         --run DIR     stages 6-7 evaluate DIR (default: the newest run); with stage 5 in the
-#                       range, DIR is resumed, never replaced by a new run
+#         --run DIR     stages 6-7 evaluate DIR, or the run NAME in paths.output_dir (default:
+#                       the run trained last); with stage 5 in the range, it is resumed, never
+#                       replaced by a new run
 # Paths in the config are relative to the repository root; --conf, --run and --resume to where
-# you call run.sh from.
+# you call run.sh from (one that is not there is looked for from the root, as the config's).
 set -euo pipefail
 here=$PWD
 cd "$(dirname "$0")"

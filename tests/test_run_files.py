@@ -210,6 +210,12 @@ def test_postprocessing_works_on_a_run_from_any_directory(tmp_path, monkeypatch)
     typo = run_dir.parent / "tiny-rum"
     line = error_line(run_in_process(monkeypatch, SCORES, "--run", typo, cwd=elsewhere))
     assert f"{typo}: not a run directory" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, what in (((), "the newest run"), (("--run", "tiny-run"), "the run named tiny-run")):
+        line = error_line(run_in_process(monkeypatch, SCORES, *args, cwd=empty))
+        assert f"conf.yaml: config file not found, to look for {what} in its paths.output_dir" in line
+        assert "pass --run DIR (a run folder), or --conf PATH" in line
     entries = provenance.read_provenance(run_dir)
     assert [e["action"] for e in entries] == ["new", "scores", "metrics"]
     assert entries[-1]["conf"] is None  # no conf.yaml there: none was read

@@ -128,6 +128,10 @@ def find_run(run: str | None, conf: str, overrides: Sequence[str] = (), conf_giv
             return Path(run), None
         if len(Path(run).parts) != 1:  # a path that is no run: nothing to look up
             raise not_a_run_error(run)
+    if not conf_given and not Path(conf).is_file():
+        what = f"the run named {run}" if run is not None else "the newest run"
+        raise UserError(f"{conf}: config file not found, to look for {what} in its "
+                        "paths.output_dir — pass --run DIR (a run folder), or --conf PATH")
     conf_cfg = load_config(conf, overrides)
     return resolve_run_dir(run, conf_cfg), conf_cfg
 

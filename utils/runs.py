@@ -132,6 +132,7 @@ def resolve_run_dir(run: str | Path | None, cfg: dict | None) -> Path:
     named = Path(cfg["paths"]["output_dir"]) / run
     if len(run.parts) == 1 and is_run_dir(named):
         return named
-    raise not_a_run_error(run, f" nor is {named}" if len(run.parts) == 1 else "")
+    raise not_a_run_error(run, f" nor is {named} (paths.output_dir of --conf)"
+                          if len(run.parts) == 1 else "")
 
 
