@@ -96,7 +96,8 @@ def main() -> None:
               + (" (stopped early)" if result.stopped_early else "") + f"; best {best}")
         if ctx.enabled:
             print(f"DDP: weights identical on {ctx.world_size} ranks (checksum {result.checksum})")
-        for path in result.written:
+        saved = [run_dir / "config.yaml"] if args.resume and args.overrides else []
+        for path in saved + result.written:
             print(f"wrote {path}")
 
 

@@ -13,6 +13,7 @@ import yaml
 from tests.cli_helpers import error_line, signal_after_first_checkpoint
 from tests.test_training import main_in_process, script_env, train_in_process
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
+from utils import train_utils
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config, save_config
 from utils.runs import new_run_dir
@@ -142,16 +143,21 @@ def test_resume_of_a_finished_run_trains_nothing_more(conf, tmp_path, monkeypatc
     assert "demo." not in proc.stderr  # training does not read it: no news
     proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--resume", run, "--set", "training.epochs=1")
     assert "note:" not in proc.stderr  # the same keys: nothing to say
-    # ... and more epochs may be asked for; the saved config follows
+    # ... and more epochs may be asked for; the saved config follows. An epoch that does not
+    # beat the best leaves best.pt as it was: "wrote" names only what was written
+    best_before = (run / "checkpoints" / "best.pt").stat().st_mtime_ns
+    monkeypatch.setattr(train_utils, "improved", lambda *args: False)
     proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr
+    assert f"wrote {run / 'checkpoints' / 'last.pt'}" in proc.stdout and "best.pt" not in proc.stdout
+    assert f"wrote {run / 'config.yaml'}" in proc.stdout
+    assert (run / "checkpoints" / "best.pt").stat().st_mtime_ns == best_before
     assert _epoch_of(run / "checkpoints" / "last.pt") == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 2
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
 
 
 def test_ctrl_c_in_the_first_epoch_leaves_no_folder_and_says_so(conf, tmp_path, monkeypatch, capsys):
-    from utils import train_utils
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -640,6 +640,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     if resume_state is not None:
         restore(tr, resume_state, checkpoint_path(run_dir, "last"))
         restore_rng_of_rank(resume_state, ctx, cfg, device)
+    first_epoch = tr.epoch  # what this process writes is what it trained after that
     wrap_for_training(tr, cfg, ctx, device)
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
@@ -697,8 +698,12 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
         writer.close()  # a write under way is finished, whatever stopped the run
         if tracker is not None:
             tracker.finish()
-    written = [p for p in (run_dir / CONFIG_NAME, last, best, tracker.jsonl if tracker else None)
-               if p is not None and p.exists()]
+    # "wrote" only what this process wrote: a resumed run whose epochs did not beat the best
+    # left best.pt as it was, and its config.yaml is main.py's business
+    names = (run_dir / CONFIG_NAME if resume_state is None else None,
+             last if tr.epoch > first_epoch else None, best if tr.best_epoch > first_epoch else None,
+             tracker.jsonl if tracker and tr.epoch > first_epoch else None)
+    written = [p for p in names if p is not None and p.exists()]
     return FitResult(run_dir, tr.epoch, tr.best_epoch, tr.best_metric, monitor, stopped_early,
                      written, checksum)
 
