@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
-from utils.evaluation import CI_RESAMPLES, CI_SEED, read_metrics_json
+from utils.evaluation import CI_RESAMPLES, CI_SEED, metrics_splits, read_metrics_json
 from utils.metrics import METRIC_NAMES, bootstrap_ci
 
 
@@ -66,12 +66,12 @@ def metrics_rows(run_dirs: list[Path], split: str) -> list[tuple[str, str, dict,
     """(run, direction, metrics, ci95) per run and direction of `split`, from metrics.json."""
     rows = []
     for run in run_dirs:
-        doc = read_metrics_json(run)
-        if split not in doc:
+        splits = metrics_splits(read_metrics_json(run))
+        if split not in splits:
             raise UserError(f"{run / 'metrics.json'}: no split '{split}' (it has "
-                            f"{', '.join(k for k in doc if k not in ('definitions', 'provenance'))})")
+                            f"{', '.join(splits)})")
         for d in ("t2a", "a2t"):
-            rows.append((run.name, d, doc[split][d], (doc[split].get("ci95") or {}).get(d, {})))
+            rows.append((run.name, d, splits[split][d], (splits[split].get("ci95") or {}).get(d, {})))
     return rows
 
 
@@ -80,10 +80,8 @@ def format_comparison(rows, split: str, paired: dict | None = None, names=("A", 
     lines = [f"split {split}: metric (95% CI over clips)",
              f"{'run':<32} {'dir':<4} " + " ".join(f"{m:>22}" for m in METRIC_NAMES)]
     for run, d, metrics, ci in rows:
-        cells = []
-        for m in METRIC_NAMES:
-            lo_hi = ci.get(m)
-            cells.append(f"{metrics[m]:.4f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else f"{metrics[m]:.4f}")
+        cells = [f"{metrics[m]:.4f}" + (f" [{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if ci.get(m) else "")
+                 for m in METRIC_NAMES]
         lines.append(f"{run[:32]:<32} {d:<4} " + " ".join(f"{c:>22}" for c in cells))
     if paired:
         lines.append(f"\n{names[1]} - {names[0]}, text -> audio, the same captions paired:")
