@@ -101,14 +101,20 @@ def text_digest(text: str) -> str:
     return hashlib.sha1(str(text).encode("utf-8")).hexdigest()[:16]
 
 
-def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
-    """{tid: text_digest} that step 03 embedded, or None where it is absent or unreadable (an
-    older step 03, or a kill between its two files): then nothing can be checked."""
+def _texts_record(embeddings_path: str | Path) -> dict:
+    """Step 03's record beside the embeddings ({"model", "text_sha1"}), or {} where it is absent
+    or unreadable (an older step 03, or a kill between its two files): nothing to check then."""
     try:
         with open(texts_path(embeddings_path), encoding="utf-8") as f:
-            digests = json.load(f)["text_sha1"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
+    """{tid: text_digest} that step 03 embedded, or None where there is no record."""
+    digests = _texts_record(embeddings_path).get("text_sha1")
     return digests if isinstance(digests, dict) else None
 
 
@@ -123,11 +129,7 @@ def check_sentence_model(embeddings_path: Path, model: str) -> None:
     """The caption embeddings must come from the sentence model the config names: query.py and
     the API embed typed queries with it, into the space the captions' projection was trained
     on. Refused when step 03's record says another model (absent record: nothing to check)."""
-    try:
-        with open(texts_path(embeddings_path), encoding="utf-8") as f:
-            recorded = json.load(f).get("model")
-    except (OSError, ValueError, AttributeError):
-        return
+    recorded = _texts_record(embeddings_path).get("model")
     if isinstance(recorded, str) and recorded != model:
         raise UserError(f"{embeddings_path}: computed with sentence model {recorded!r}, but the "
                         f"config says sbert.model={model!r} — --set sbert.model={recorded}, or "
