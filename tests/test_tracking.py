@@ -28,9 +28,14 @@ def offline(tmp_path, monkeypatch):
     return load_config(REPO / "conf.yaml")
 
 
+# A finished segment gets its exit record: wait for it, however long wandb's service pauses
+# between writes on a loaded machine (the 2 s default, for killed segments, cut it short once)
+FINISHED_QUIET_S = 20.0
+
+
 def segment_records(run_dir, run_id):
     """Each segment's records, once wandb's service has written them all."""
-    return [read_finished_segment(path) for path in wandb_segments(run_dir, run_id)]
+    return [read_finished_segment(path, quiet_s=FINISHED_QUIET_S) for path in wandb_segments(run_dir, run_id)]
 
 
 def run_records(records):
@@ -181,7 +186,8 @@ def test_reader_survives_torn_and_corrupt_logs(tmp_path, offline):
         tracker.run.log({"text": "x" * 70_000, "i": i}, step=i)
     tracker.finish()
     (path,) = wandb_segments(tmp_path, tracker.run_id)
-    assert [row["i"] for _, row in history_rows(read_finished_segment(path))] == [0, 1, 2, 3, 4]
+    assert [row["i"] for _, row in history_rows(read_finished_segment(path, quiet_s=FINISHED_QUIET_S))] \
+        == [0, 1, 2, 3, 4]
     data = path.read_bytes()
 
     for cut in range(7, len(data), len(data) // 13):
