@@ -1,12 +1,13 @@
 """Compare evaluated runs on one split: each run's metrics with their 95% intervals, and, for
-two runs scored on the same captions, the text -> audio difference with a paired interval.
+two runs scored on the same queries, each direction's difference with a paired interval.
 
     python postprocessing/compare_runs.py outputs/run_a outputs/run_b            # evaluation split
     python postprocessing/compare_runs.py run_a run_b --split validation --json  # names in paths.output_dir
 
-Reads each run's metrics.json and {split}.t2a_ranks.csv (postprocessing/02_xmodal_retrieval.py).
-The paired interval resamples the split's clips, each caption with itself in both runs: a
-difference whose interval excludes 0 is not what another sample of clips would undo.
+Reads each run's metrics.json, {split}.t2a_ranks.csv and {split}.a2t_per_clip.csv
+(postprocessing/02_xmodal_retrieval.py). The paired interval resamples the split's clips, each
+query with itself in both runs: a difference whose interval excludes 0 is not what another
+sample of clips would undo.
 """
 import json
 
@@ -31,12 +32,13 @@ def main():
     rows = compare.metrics_rows(runs, args.split)
     paired = None
     if len(runs) == 2:
-        a, b = (compare.read_t2a_ranks(r, args.split) for r in runs)
-        paired = compare.paired_t2a_difference(a, b, where=f"{runs[0]} and {runs[1]}")
+        paired = {d: compare.paired_difference(*(compare.read_per_query(r, args.split, d) for r in runs),
+                                               where=f"{runs[0]} and {runs[1]}")
+                  for d in ("t2a", "a2t")}
     if args.json:
         print(json.dumps({"split": args.split, "runs": [str(r) for r in runs],
                           "metrics": [{"run": r, "direction": d, **m, "ci95": ci} for r, d, m, ci in rows],
-                          "t2a_difference": paired}, indent=2))
+                          "difference": paired}, indent=2))
     else:
         print(compare.format_comparison(rows, args.split, paired, names=(runs[0].name, runs[1].name)
                                         if paired else ("A", "B")))

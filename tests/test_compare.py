@@ -1,5 +1,5 @@
-"""postprocessing/compare_runs.py and utils.compare: runs side by side, and the paired t2a
-difference of two runs with its bootstrap interval."""
+"""postprocessing/compare_runs.py and utils.compare: runs side by side, and the paired
+difference of two runs in each direction with its bootstrap interval."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import pytest
 from tests.cli_helpers import error_line
 from tests.test_postprocessing import RETRIEVAL, SCORES, make_run, run_script
 from utils import compare
+from utils.errors import UserError
 from utils.evaluation import read_metrics_json
 
 COMPARE = "postprocessing/compare_runs.py"
@@ -28,12 +29,15 @@ def two_runs(tmp_path_factory):
     return conf, a, b
 
 
-def test_per_caption_values_average_to_the_metrics_json(two_runs):
+@pytest.mark.parametrize("direction", ["t2a", "a2t"])
+def test_per_query_values_average_to_the_metrics_json(two_runs, direction):
     _, a, _ = two_runs
-    ranks = compare.read_t2a_ranks(a, "evaluation")
-    per = compare.t2a_per_query(ranks.ranks)
-    metrics = read_metrics_json(a)["evaluation"]["t2a"]
-    assert {m: pytest.approx(v.mean(), abs=1e-12) for m, v in per.items()} == metrics
+    per = compare.read_per_query(a, "evaluation", direction)
+    metrics = read_metrics_json(a)["evaluation"][direction]
+    assert {m: pytest.approx(v.mean(), abs=1e-12) for m, v in per.values.items()} == \
+        {m: metrics[m] for m in per.values}
+    n = len(per.keys)
+    assert n == (len(set(per.groups)) * 5 if direction == "t2a" else len(set(per.groups)))
 
 
 def test_paired_difference_of_two_runs(two_runs, monkeypatch):
@@ -41,18 +45,20 @@ def test_paired_difference_of_two_runs(two_runs, monkeypatch):
     p = run_script(COMPARE, "--conf", conf, a, b.name, "--json", monkeypatch=monkeypatch)  # a path, a name
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    ma, mb = (read_metrics_json(r)["evaluation"]["t2a"] for r in (a, b))
-    for m, v in doc["t2a_difference"].items():
-        assert v["difference"] == pytest.approx(mb[m] - ma[m], abs=1e-12)
-        assert v["ci95"][0] <= v["difference"] <= v["ci95"][1]
+    for d in ("t2a", "a2t"):
+        ma, mb = (read_metrics_json(r)["evaluation"][d] for r in (a, b))
+        for m, v in doc["difference"][d].items():
+            assert v["difference"] == pytest.approx(mb[m] - ma[m], abs=1e-12)
+            assert v["ci95"][0] <= v["difference"] <= v["ci95"][1]
     assert [(r["run"], r["direction"]) for r in doc["metrics"]] == \
         [("run-a", "t2a"), ("run-a", "a2t"), ("run-b", "t2a"), ("run-b", "a2t")]
     table = run_script(COMPARE, "--conf", conf, a, b, monkeypatch=monkeypatch).stdout
-    assert "run-b - run-a, text -> audio, the same captions paired:" in table and "mAP@10" in table
+    assert "run-b - run-a, text -> audio, the same queries paired:" in table
+    assert "run-b - run-a, audio -> text, the same queries paired:" in table
     # a run against itself: a zero difference with a zero-width interval
-    same = compare.read_t2a_ranks(a, "evaluation")
+    same = compare.read_per_query(a, "evaluation", "t2a")
     assert all(v["difference"] == 0 and v["ci95"] == [0, 0]
-               for v in compare.paired_t2a_difference(same, same).values())
+               for v in compare.paired_difference(same, same).values())
 
 
 def test_bad_comparisons_are_one_line(two_runs, monkeypatch, tmp_path):
@@ -63,16 +69,17 @@ def test_bad_comparisons_are_one_line(two_runs, monkeypatch, tmp_path):
     assert "the same run is named twice" in error_line(call(a, a))
     assert "no split 'nope'" in error_line(call(a, b, "--split", "nope"))
     assert f"{tmp_path / 'x'}: not a run directory" in error_line(call(a, tmp_path / "x"))
-    other = compare.read_t2a_ranks(a, "evaluation")
-    other.tids = other.tids[::-1]
-    with pytest.raises(Exception, match="scored on different captions"):
-        compare.paired_t2a_difference(other, compare.read_t2a_ranks(b, "evaluation"), where="x")
-    ranks = b / "evaluation.t2a_ranks.csv"
-    saved = ranks.read_bytes()
-    ranks.unlink()
-    try:
-        line = error_line(call(a, b))
-        assert f"{ranks}: not found — run postprocessing/02_xmodal_retrieval.py" in line
-    finally:
-        ranks.write_bytes(saved)
+    other = compare.read_per_query(a, "evaluation", "t2a")
+    other.keys = other.keys[::-1]
+    with pytest.raises(UserError, match="scored on different queries"):
+        compare.paired_difference(other, compare.read_per_query(b, "evaluation", "t2a"), where="x")
+    for name in ("evaluation.t2a_ranks.csv", "evaluation.a2t_per_clip.csv"):
+        path = b / name
+        saved = path.read_bytes()
+        path.unlink()
+        try:
+            line = error_line(call(a, b))
+            assert f"{path}: not found — run postprocessing/02_xmodal_retrieval.py" in line
+        finally:
+            path.write_bytes(saved)
     assert np.isfinite(compare.t2a_per_query(np.array([1, 11]))["mAP@10"]).all()

@@ -73,7 +73,7 @@ def test_training_and_evaluation_write_the_run_directory(pipeline):
     _, run, stdout = pipeline
     for name in ("config.yaml", "checkpoints/best.pt", "checkpoints/last.pt", "metrics.jsonl",
                  "scores.db", "metrics.json", "validation.t2a_retrieval.csv",
-                 "evaluation.t2a_retrieval.csv", "evaluation.t2a_ranks.csv"):
+                 "evaluation.t2a_retrieval.csv", "evaluation.t2a_ranks.csv", "evaluation.a2t_per_clip.csv"):
         assert (run / name).is_file(), name
     assert list((run / "plots").glob("*.png"))
     metrics = json.loads((run / "metrics.json").read_text())

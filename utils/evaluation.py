@@ -381,6 +381,7 @@ class SplitResult:
     n_clips: int
     n_captions: int
     ci95: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # split_ci95
+    a2t_per_clip: dict[str, np.ndarray] = field(default_factory=dict)  # METRIC_NAMES: float64 [C]
 
 
 def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitResult:
@@ -392,16 +393,31 @@ def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitRes
                        ranks=r["t2a"].first, top=top_k_indices(s.scores, top_k),
                        a2t_ranks=r["a2t"].first, chance=split_chance(s),
                        chance_curves=split_chance_curves(s, max_k),
-                       n_clips=len(s.fids), n_captions=len(s.tids), ci95=split_ci95(s, r))
+                       n_clips=len(s.fids), n_captions=len(s.tids), ci95=split_ci95(s, r),
+                       a2t_per_clip=r["a2t"].per_query)
 
 
 def write_split_files(run_dir: str | Path, s: ScoredSplit, r: SplitResult, top_k: int = 10
                       ) -> list[Path]:
-    """`<run>/{split}.t2a_retrieval.csv` and `<run>/{split}.t2a_ranks.csv`."""
+    """`<run>/{split}.t2a_retrieval.csv`, `{split}.t2a_ranks.csv` and `{split}.a2t_per_clip.csv`."""
     run_dir = Path(run_dir)
     return [write_retrieval_csv(run_dir / f"{s.split}.t2a_retrieval.csv", s.captions, s.fnames,
                                 r.top, top_k),
-            write_ranks_csv(run_dir / f"{s.split}.t2a_ranks.csv", s, r.ranks)]
+            write_ranks_csv(run_dir / f"{s.split}.t2a_ranks.csv", s, r.ranks),
+            write_a2t_per_clip_csv(run_dir / f"{s.split}.a2t_per_clip.csv", s, r)]
+
+
+def write_a2t_per_clip_csv(path: str | Path, s: ScoredSplit, r: "SplitResult") -> Path:
+    """`fid,fname,best_rank,mAP@10,R@1,R@5,R@10`: each clip as an audio -> text query, the rank
+    of its best-ranked own caption and its own values of the four metrics (their means are
+    metrics.json's a2t; per clip, for paired comparisons of runs: utils.compare)."""
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fid", "fname", "best_rank", *METRIC_NAMES])
+        values = [r.a2t_per_clip[m].tolist() for m in METRIC_NAMES]
+        w.writerows([fid, fname, int(best), *(repr(float(v[c])) for v in values)]
+                     for c, (fid, fname, best) in enumerate(zip(s.fids, s.fnames, r.a2t_ranks.tolist())))
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- new clips and captions
