@@ -202,9 +202,12 @@ def test_plot_run_figures_from_evaluated_splits(tmp_path):
     cfg = {"data": {"val_split": "validation"}, "training": {"monitor": "val_loss"},
            "eval": {"checkpoint": "best"}}
     written = plot_run_figures(run, results, cfg=cfg)
-    assert [p.name for p in written] == ["training_curves.png", "recall_at_k.png"]
+    splits = [r.split for r in results]
+    assert [p.name for p in written] == ["training_curves.png", "recall_at_k.png"] + \
+        [f"{s}_t2a_rank_histogram.png" for s in splits]
     for path in written:
         _assert_png(path)
+        assert path.with_suffix(".pdf").is_file() and path.with_suffix(".svg").is_file()  # for papers
     svg = written[0].with_suffix(".svg").read_text()
     assert f'id="{CHANCE_GID}-validation-mAP"' in svg and f'id="{BEST_GID}"' in svg
 

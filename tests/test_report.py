@@ -20,7 +20,7 @@ from tests.cli_helpers import error_line
 from tests.test_postprocessing import make_run, run_script
 from tests.test_tracking import offline  # noqa: F401  (a fixture: wandb offline inside tmp_path)
 from tests.wav_fixtures import write_text_as_wav, write_wav
-from utils import report
+from utils import plots, report
 from utils.config import load_config
 from utils.scores_db import ScoredSplit
 from utils.tracking import history_rows, read_wandb_file
@@ -316,7 +316,9 @@ def test_step_02_writes_the_report_and_prints_its_path_last(run_with_wavs):
     text = index.read_text()
     assert "not found in the dataset folder (evaluation/evaluation_002.wav)" in text
     for split in ("validation", "evaluation"):
-        assert (run_dir / "report" / f"{split}_t2a_rank_histogram.png").is_file()
+        # the run's figure (plots/, with PDF and SVG) is the one the page shows
+        assert (run_dir / "plots" / f"{split}_t2a_rank_histogram.pdf").is_file()
+        assert (run_dir / "report" / "plots" / f"{split}_t2a_rank_histogram.png").is_file()
         assert f'id="{split}-t2a"' in text and f'id="{split}-a2t"' in text
     assert 'src="plots/recall_at_k.png"' in text
     # 30 captions a split: 20 worst + 10 random t2a panels, 6 a2t panels
@@ -524,7 +526,7 @@ def test_rank_histogram_bars_are_centred_on_their_ranks():
     """Rank 1's bar spans [0.5, 1.5) around tick 1, so the R@1 line (x = 1.5) separates the
     captions found first from the others; each bar is captions per rank of its span."""
     ranks = np.array([1, 1, 1, 2, 5, 6, 40, 300])
-    edges, per_rank = report.rank_histogram(ranks, 500)
+    edges, per_rank = plots.rank_histogram(ranks, 500)
     assert edges[0] == 0.5 and edges[-1] == 500.5 and np.all(edges[1:] > edges[:-1])
     assert np.all((edges + 0.5) == np.round(edges + 0.5))  # whole ranks per bar
     first = np.searchsorted(edges, 1.5)

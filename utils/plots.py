@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # before pyplot: headless servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -266,10 +267,62 @@ def plot_recall_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], out_
     return _save(recall_figure(curves, chance, run_name, subtitle), out_png)
 
 
+def rank_histogram(ranks: np.ndarray, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edges [bins + 1], captions per rank [bins]) on log-spaced bins of whole ranks. Rank r
+    spans [r - 0.5, r + 0.5): its tick sits in the middle of its bar, and the R@k line (ranks
+    <= k) at k + 0.5, between the bars of k and k + 1."""
+    edges = np.unique(np.round(np.geomspace(1, n_candidates + 1, num=min(40, n_candidates) + 1))) - 0.5
+    counts, _ = np.histogram(np.asarray(ranks), bins=edges)
+    return edges, counts / np.diff(edges)
+
+
+def draw_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str):
+    """Histogram of the true clip's rank (t2a) on log-spaced bins, as captions per rank (a bin's
+    count over the ranks it spans, so bins of 1 or 2 integer ranks compare), with the flat line a
+    random ranking would give and the R@1/5/10 cut-offs -> the matplotlib figure."""
+    import matplotlib.ticker
+
+    ranks = np.asarray(ranks)
+    edges, per_rank = rank_histogram(ranks, n_candidates)
+    fig, ax = plt.subplots(figsize=(5.8, 3.3))
+    ax.stairs(per_rank, edges, fill=True, color="tab:blue", alpha=0.85, label="captions")
+    ax.axhline(len(ranks) / n_candidates, color="tab:gray", linestyle="--", label="random ranking")
+    for k in (1, 5, 10):
+        if k < n_candidates:
+            ax.axvline(k + 0.5, color="tab:red", linewidth=0.8, alpha=0.6)
+            ax.text(k + 0.5, 0.99, f" R@{k}", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8, color="tab:red")
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    low = min([len(ranks) / n_candidates] + per_rank[per_rank > 0].tolist())
+    ax.set_ylim(bottom=low / 3)
+    ax.set_xscale("log")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+             if t <= n_candidates]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(0.5, n_candidates + 0.5)
+    ax.set(xlabel="rank of the true clip (log scale)", ylabel="captions per rank",
+           title=f"{split}: text → audio, {len(ranks)} captions, {n_candidates} clips "
+                 f"(median rank {np.median(ranks):g})")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_png: str | Path) -> Path:
+    """`draw_rank_histogram` as PNG, PDF and SVG (`_save`)."""
+    return _save(draw_rank_histogram(ranks, n_candidates, split), out_png)
+
+
 def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Path | None = None,
                      cfg: dict | None = None) -> list[Path]:
     """The standard figures of an evaluated run -> [PNG paths] (PDF and SVG beside each):
-    `plots/training_curves.png` (when metrics.jsonl exists) and `plots/recall_at_k.png`.
+    `plots/training_curves.png` (when metrics.jsonl exists), `plots/recall_at_k.png` and
+    `plots/{split}_t2a_rank_histogram.png`.
 
     results: utils.evaluation.SplitResult of each split. The best checkpoint's epoch and the
     training monitor come from `checkpoints/best.pt` and `cfg`; the validation chance level
@@ -294,4 +347,7 @@ def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Pa
         {r.split: r.curves for r in results}, plots_dir / "recall_at_k.png",
         chance={r.split: r.chance_curves for r in results}, run_name=run_dir.name,
         subtitle=f"checkpoint {which} (epoch {epoch})" if which else None))
+    for r in results:
+        written.append(plot_rank_histogram(r.ranks, r.n_clips, r.split,
+                                           plots_dir / f"{r.split}_t2a_rank_histogram.png"))
     return written

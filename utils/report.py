@@ -362,53 +362,12 @@ def format_size(n_bytes: int) -> str:
 
 # --------------------------------------------------------------------------- figures
 
-def rank_histogram(ranks: np.ndarray, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
-    """(edges [bins + 1], captions per rank [bins]) on log-spaced bins of whole ranks. Rank r
-    spans [r - 0.5, r + 0.5): its tick sits in the middle of its bar, and the R@k line (ranks
-    <= k) at k + 0.5, between the bars of k and k + 1."""
-    edges = np.unique(np.round(np.geomspace(1, n_candidates + 1, num=min(40, n_candidates) + 1))) - 0.5
-    counts, _ = np.histogram(np.asarray(ranks), bins=edges)
-    return edges, counts / np.diff(edges)
-
-
 def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_png: Path) -> Path:
-    """Histogram of the true clip's rank (t2a) on log-spaced bins, as captions per rank (a bin's
-    count over the ranks it spans, so bins of 1 or 2 integer ranks compare), with the flat line a
-    random ranking would give and the R@1/5/10 cut-offs. Small PNG, written atomically."""
-    import matplotlib
+    """The page's own copy of a split's rank histogram (utils.plots.draw_rank_histogram), for a
+    report written without the run's plots/: a small PNG, written atomically."""
+    from utils.plots import draw_rank_histogram, plt
 
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    ranks = np.asarray(ranks)
-    edges, per_rank = rank_histogram(ranks, n_candidates)
-    fig, ax = plt.subplots(figsize=(5.8, 3.3))
-    ax.stairs(per_rank, edges, fill=True, color="tab:blue", alpha=0.85, label="captions")
-    ax.axhline(len(ranks) / n_candidates, color="tab:gray", linestyle="--", label="random ranking")
-    for k in (1, 5, 10):
-        if k < n_candidates:
-            ax.axvline(k + 0.5, color="tab:red", linewidth=0.8, alpha=0.6)
-            ax.text(k + 0.5, 0.99, f" R@{k}", transform=ax.get_xaxis_transform(), va="top",
-                    fontsize=8, color="tab:red")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    low = min([len(ranks) / n_candidates] + per_rank[per_rank > 0].tolist())
-    ax.set_ylim(bottom=low / 3)
-    ax.set_xscale("log")
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
-             if t <= n_candidates]
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlim(0.5, n_candidates + 0.5)
-    ax.set(xlabel="rank of the true clip (log scale)", ylabel="captions per rank",
-           title=f"{split}: text → audio, {len(ranks)} captions, {n_candidates} clips "
-                 f"(median rank {np.median(ranks):g})")
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig = draw_rank_histogram(ranks, n_candidates, split)
     out_png = Path(out_png)
     try:
         with atomic_path(out_png) as tmp:
@@ -436,7 +395,7 @@ th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
 tr.chance td{color:#777;font-size:.9em}figure{display:inline-block;margin:6px 12px 6px 0}
 figure img{max-width:100%;border:1px solid #ddd;background:#fff}
 figure.wide{display:block;margin-right:0}figure.wide img{width:100%;max-width:960px}
-.scroll{overflow-x:auto;max-width:100%}
+.scroll{overflow-x:auto;max-width:100%}figure.hist img{width:580px}
 figure.full{display:block;margin-right:0}figure.full img{width:100%}
 .panels{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
 .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px}
@@ -709,9 +668,10 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
             with atomic_path(dest) as tmp:
                 shutil.copyfile(src, tmp)
             images[Path(src).stem] = dest
-    for smp in samples:
-        images[f"{smp.split}_t2a_rank_histogram"] = plot_rank_histogram(
-            smp.t2a_ranks, smp.n_clips, smp.split, out / f"{smp.split}_t2a_rank_histogram.png")
+    for smp in samples:  # from plots/ when given there (plot_run_figures), else drawn here
+        if f"{smp.split}_t2a_rank_histogram" not in images:
+            images[f"{smp.split}_t2a_rank_histogram"] = plot_rank_histogram(
+                smp.t2a_ranks, smp.n_clips, smp.split, out / f"{smp.split}_t2a_rank_histogram.png")
 
     audio_dir = out / AUDIO_DIR
     playable, kbps = materialize(_sample_clips(samples), out, audio_dir, opts.audio)
