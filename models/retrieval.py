@@ -362,10 +362,10 @@ class Retriever:
         """The top_k clips for a text (a list of Hit, best first), or for each of a list of
         texts (a list of such lists), over a split (default "evaluation") or a folder."""
         _check_top_k(top_k)
-        index = self.clip_index(split, folder)
         if not isinstance(text, str) and not _is_batch(text):
             raise UserError(f"search: expected a text or a list of texts, got {type(text).__name__}")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _check_texts([text] if isinstance(text, str) else list(text))  # before encoding
+        index = self.clip_index(split, folder)
         idx, scores = evaluation.rank_clips(self.embed_text(texts), index.embeds, top_k)
         out = [[Hit(r + 1, float(sc), index.fnames[j], None, index.paths[j])
                 for r, (j, sc) in enumerate(zip(row_i.tolist(), row_s.tolist()))]
