@@ -236,7 +236,9 @@ def read_metrics_json(path: str | Path) -> dict:
     definitions/provenance are accepted."""
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.json"
+        from utils.runs import METRICS_JSON
+
+        path = path / METRICS_JSON
     redo = "rerun postprocessing/02_xmodal_retrieval.py"
     if not path.is_file():
         raise UserError(f"{path}: not found — run postprocessing/01_xmodal_scores.py, then 02")
