@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import stat
 import zipfile
 
 import h5py
@@ -91,6 +92,33 @@ def test_full_disk_names_the_target_not_the_temporary(tmp_path, monkeypatch):
         atomic_write_text(target, "{}")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
     assert not target.exists() and not list(tmp_path.iterdir())  # temporary removed
+
+
+def test_the_rename_itself_is_made_durable(tmp_path, monkeypatch):
+    """fsync of the file alone leaves its new name in the page cache: after a power cut the
+    folder can still list the old file. The folder is fsynced after the rename."""
+    synced, real_fsync = [], os.fsync
+    def record(fd):
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), os.listdir(tmp_path) if stat.S_ISDIR(
+            os.fstat(fd).st_mode) else None))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", record)
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert [d for d, _ in synced] == [False, True]  # the data, then the folder holding the name
+    assert synced[1][1] == ["metrics.json"]  # after the rename, not before
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.EBADF])
+def test_a_folder_that_cannot_be_fsynced_is_no_error(tmp_path, monkeypatch, err):
+    """Some network file systems refuse fsync on a directory; the file is written all the same."""
+    real_fsync = os.fsync
+    def refuse_folders(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(err, os.strerror(err))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", refuse_folders)
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert (tmp_path / "metrics.json").read_text() == "{}"
 
 
 def test_checkpoint_on_a_full_disk_is_an_oserror_not_torchs_runtimeerror(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ from utils.checkpoint import save_checkpoint
 from utils.config import CONFIG_NAME, load_config, save_config
 from utils.data_utils import features_dir, load_text_table
 from utils.errors import UserError
-from utils.io_utils import md5sum
+from utils.io_utils import fsync_dir, md5sum
 from utils.runs import checkpoint_path
 
 RELEASE = "DCASE 2023 Task 6B baseline, Zenodo DOI 10.5281/zenodo.7752975"
@@ -190,6 +190,7 @@ def import_release(cfg: dict, checkpoint: str | Path, name: str | None = None) -
         save_config(run_cfg, tmp)
         load_config(tmp / CONFIG_NAME)  # fails here, not in a later step, if the schema refuses it
         os.rename(tmp, run_dir)
+        fsync_dir(run_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     written = [run_dir / CONFIG_NAME, checkpoint_path(run_dir, "best"), checkpoint_path(run_dir, "last")]

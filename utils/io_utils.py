@@ -76,6 +76,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename in `directory` survive a power cut: the new name lives in the directory's
+    own data, which fsync of the file does not write. File systems that cannot fsync a directory
+    (some network mounts: EINVAL, EBADF, EISDIR, ENOTSUP) keep the rename in their cache instead;
+    that loses at most this newest name on a crash, never leaves half a file."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_link(src: str | Path, dst: str | Path) -> Path:
