@@ -6,13 +6,11 @@ CNN14Encoder(audio_encoder.out_dim) state dict to <paths.pretrained_dir>/<audio_
 """
 from pathlib import Path
 
-import torch
-
 import utils.cli
 from models.audio_encoders import DEFAULT_CHANNELS
 from utils.config import save_config
 from utils.errors import UserError
-from utils.io_utils import atomic_path
+from utils.checkpoint import save_checkpoint
 from utils.panns import transfer_cnn14
 
 
@@ -32,8 +30,7 @@ def main():
     dst = pretrained_dir / a_cfg["weights"]
     encoder = transfer_cnn14(src, out_dim=a_cfg["out_dim"], url=cfg["download"]["panns_url"],
                              seed=cfg["seed"])
-    with atomic_path(dst) as tmp:
-        torch.save(encoder.state_dict(), tmp)
+    save_checkpoint(dst, encoder.state_dict())
     conf_path = save_config(cfg, pretrained_dir, "config.04_cnn14_transfer.yaml")
     n_params = sum(v.numel() for k, v in encoder.state_dict().items() if not k.startswith("fc2."))
     print(f"transferred {n_params:,} CNN14 values from {src}")

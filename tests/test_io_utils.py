@@ -121,21 +121,29 @@ def test_a_folder_that_cannot_be_fsynced_is_no_error(tmp_path, monkeypatch, err)
     assert (tmp_path / "metrics.json").read_text() == "{}"
 
 
-def test_checkpoint_on_a_full_disk_is_an_oserror_not_torchs_runtimeerror(tmp_path, monkeypatch):
-    """torch.save(obj, <path>) reports ENOSPC as RuntimeError('unexpected pos'); through a
-    Python file it is the OSError the one-line handler knows. /dev/full fails every write."""
-    import utils.checkpoint as ckpt_mod
-    import contextlib
+FULL_PART_WAY = """
+import resource, signal, sys, torch
+from utils.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(1_000_000)}})
+except OSError as e:
+    print("OSError", e.errno, e.filename)
+"""
 
-    @contextlib.contextmanager
-    def dev_full(path):
-        yield "/dev/full"
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
-    monkeypatch.setattr(ckpt_mod, "atomic_path", dev_full)
-    with pytest.raises(OSError) as e:
-        save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.zeros(100_000)}})
-    assert e.value.errno == errno.ENOSPC
+
+def test_checkpoint_that_stops_fitting_part_way_is_an_oserror_naming_it(tmp_path):
+    """torch.save reports a write that fails part-way (a disk filling up, a quota, a file-size
+    limit) as RuntimeError('unexpected pos ...'), which the one-line handler does not know; the
+    write's own OSError comes out instead, naming the checkpoint, and no temporary is left."""
+    import subprocess
+    import sys
+    target = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", FULL_PART_WAY, str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["OSError", str(errno.EFBIG), str(target)], proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("below", ["", "run"])

@@ -34,15 +34,38 @@ def save_checkpoint(path: str | Path, state: dict, copies: Sequence[str | Path] 
     """
     path = Path(path)
     with atomic_path(path) as tmp:
-        # through a Python file object: a full disk is then an OSError (ENOSPC) naming `path`;
-        # torch.save(state, <str path>) reports it as RuntimeError "unexpected pos ..."
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            out = _KeepWriteError(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is not None:  # a full disk: an OSError (ENOSPC), named by atomic_path
+                    raise out.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())  # on disk before any other name points at it
         for other in copies:
             atomic_link(tmp, other)
     return path
+
+
+class _KeepWriteError:
+    """A file object for torch.save that keeps the OSError of a failed write: torch replaces it
+    (a full disk, a quota) with RuntimeError "unexpected pos ...", which says nothing of why."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def snapshot(obj, into=None):
@@ -198,8 +221,8 @@ def torch_load(path: str | Path, map_location="cpu", what: str = "checkpoint") -
         detail = _UNPICKLER_DETAIL.search(str(e))
         raise UserError(f"{path}: not a readable {what}: not a PyTorch file saved by torch.save"
                         + (f" ({detail.group(1).strip()[:200]})" if detail else "")) from None
-    except MemoryError:
-        raise
+    except (MemoryError, OSError):  # the disk or the permissions, not the file's content:
+        raise                        # named as they are, not as a damaged file to delete
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise UserError(f"{path}: not a readable {what}: truncated, or not saved by torch.save "
                         f"({_first_line(e)})") from None
