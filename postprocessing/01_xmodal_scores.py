@@ -17,8 +17,8 @@ import torch
 import utils.cli
 from models.retrieval import split_cache_key
 from utils import evaluation, provenance, scores_db
-from utils.data_utils import (ClipDataset, SplitEmbeddings, damaged_hdf5_error, encode_split,
-                              features_dir, logmels_path)
+from utils.data_utils import (ClipDataset, SplitEmbeddings, check_split_prepared, damaged_hdf5_error,
+                              encode_split, features_dir, logmels_path)
 from utils.runs import CONFIG_NAME, SCORES_DB, checkpoint_path, load_run_config, lock_run
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
@@ -67,6 +67,7 @@ def main():
         # every split before any is encoded; against the run's saved settings, not a --set
         trained_on = load_run_config(run_dir)["features"]
         for split in cfg["eval"]["splits"]:
+            check_split_prepared(features_dir(cfg), split, cfg, "eval.splits")
             check_definition(features_dir(cfg), split, trained_on, run_config=run_dir / CONFIG_NAME)
         written = []
         with scores_db.writing(db_path, meta, overwrite=args.overwrite) as conn:

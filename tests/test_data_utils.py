@@ -163,8 +163,10 @@ def test_tid_without_embedding(data):
     _, tid2row = du.load_text_table(d)
     tid = next(iter(tid2row))
     del tid2row[tid]
-    with pytest.raises(UserError, match=f"row 2: tid {tid}"):
+    with pytest.raises(UserError, match=f"row 2: tid {tid}") as e:
         du.CaptionDataset(d, "development", tid2row)
+    # the embeddings file is text_encoder.embeddings, whatever its name: no default named
+    assert "text_encoder.embeddings" in str(e.value) and "sbert_embeds.pkl" not in str(e.value)
 
 
 def test_inconsistent_embedding_sizes(data):

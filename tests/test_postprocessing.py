@@ -188,6 +188,13 @@ def test_split_missing_from_db(run):
     assert "split 'evaluation' was not scored" in line
 
 
+def test_a_misspelt_eval_split_is_named_before_anything_is_scored(run):
+    conf, run_dir, call = run
+    line = error_line(call(SCORES, "--run", run_dir, "--set", "eval.splits=[validation, evalution]"))
+    assert "config key 'eval.splits': split 'evalution' is not one of data.splits" in line
+    assert not (run_dir / "scores.db").exists()
+
+
 def test_no_checkpoint(run):
     conf, run_dir, call = run
     checkpoint_path(run_dir, "best").unlink()

@@ -166,6 +166,21 @@ def test_missing_feature_file_names_the_step(tiny, victim, step):
         tu.load_training_data(load_config(tiny_config(tiny)))
 
 
+@pytest.mark.parametrize("key", ["data.train_split", "data.val_split"])
+def test_a_split_no_step_prepares_is_named_as_a_config_key(tiny, key):
+    """A typo in a split name: "run step 01" would not help (01 prepares data.splits only)."""
+    with pytest.raises(UserError, match=f"config key '{key}': split 'developmnet' is not one of "
+                                        "data.splits .* correct the name"):
+        tu.load_training_data(load_config(tiny_config(tiny), [f"{key}=developmnet"]))
+
+
+def test_a_split_outside_data_splits_that_exists_is_used(tiny):
+    """Files prepared for a split by an earlier config are used: data.splits says what steps
+    01-03 prepare, not what may be read."""
+    cfg = load_config(tiny_config(tiny), ["data.splits=[evaluation]"])
+    assert len(tu.load_training_data(cfg).train_set) > 0
+
+
 def test_features_dir_of_the_wrong_kind_is_named(tiny, monkeypatch, capsys):
     """paths.features_dir at a file, text_encoder.embeddings at a folder, --conf a folder: the
     line says what is wrong with the path, not "not found — run step 03"."""

@@ -74,6 +74,18 @@ def not_found(path: Path, fix: str) -> UserError:
     return UserError(f"{path}: not found — {fix}")
 
 
+def check_split_prepared(dataset_dir: str | Path, split: str, cfg: dict, key: str) -> None:
+    """A split named by config key `key` (data.train_split, eval.splits, ...) that steps 01-03
+    never prepare, as it is not in data.splits, and whose captions are absent: a typo, most
+    likely. Say so, rather than "run step 01", which would not write it either (UserError)."""
+    prepared = cfg["data"]["splits"]
+    if split in prepared or text_csv_path(dataset_dir, split).exists():
+        return
+    raise UserError(f"config key '{key}': split '{split}' is not one of data.splits "
+                    f"({', '.join(prepared)}), the splits steps 01-03 prepare — correct the name, "
+                    f"or add it to data.splits and run steps 01-03")
+
+
 def read_text_csv(dataset_dir: str | Path, split: str) -> pd.DataFrame:
     """The captions of `split`, every column as str (a caption "null" or "NA" stays text)."""
     path = text_csv_path(dataset_dir, split)
@@ -310,15 +322,14 @@ def _split_clips(df: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
     return list(fid_index), fnames, caption_clip
 
 
-def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, int] | None,
-                 embeddings_name: str = "sbert_embeds.pkl") -> None:
+def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, int] | None) -> None:
     """Every caption's fid has readable log-mels and every tid a sentence embedding (else UserError)."""
     csv_path = text_csv_path(dataset_dir, split)
     if tid2row is not None:
         for row, tid in zip(df.index + 2, df["tid"]):  # row 1 is the header
             if tid not in tid2row:
                 raise UserError(f"{csv_path}: row {row}: tid {tid} has no sentence embedding in "
-                                f"{Path(dataset_dir) / embeddings_name} — rerun {STEP_03}")
+                                f"text_encoder.embeddings (written by step 03) — rerun {STEP_03}")
     with open_logmels(dataset_dir, split) as h5:
         check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
                            csv_path, list(df.index + 2), split)

@@ -31,8 +31,9 @@ from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save
 from utils.config import CONFIG_NAME, ConfigError, flat_config, load_run_config, validate as validate_config
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
-from utils.data_utils import (CaptionDataset, check_sentence_model, collate_pad, encode_split,
-                              features_dir, leave_signals_to_the_parent, load_text_table,
+from utils.data_utils import (CaptionDataset, check_sentence_model, check_split_prepared,
+                              collate_pad, encode_split, features_dir,
+                              leave_signals_to_the_parent, load_text_table,
                               logmels_path, relevance)
 from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
@@ -113,8 +114,9 @@ def load_training_data(cfg: dict, run_dir: str | Path | None = None) -> Training
     `run_dir`: the run being resumed (its features cannot change, so advice names its config)."""
     feat_dir = features_dir(cfg)
     run_config = Path(run_dir) / CONFIG_NAME if run_dir is not None else None
-    for split in (cfg["data"]["train_split"], cfg["data"]["val_split"]):
-        check_definition(feat_dir, split, cfg["features"], run_config=run_config)
+    for key in ("train_split", "val_split"):
+        check_split_prepared(feat_dir, cfg["data"][key], cfg, f"data.{key}")
+        check_definition(feat_dir, cfg["data"][key], cfg["features"], run_config=run_config)
     table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
     check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"])
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
