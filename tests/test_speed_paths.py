@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -382,6 +383,23 @@ def test_validation_loss_summed_on_the_device_is_the_float_sum(tmp_path):
     for v in losses:
         total += v
     assert tu.validation_loss(tr, val_loader) == total / len(losses)
+
+
+def test_validation_loss_follows_eval_amp_not_training_amp(tmp_path):
+    """The loss that picks best.pt is fp32 (eval.amp: off) however training autocasts; bf16
+    autocast (which the CPU also runs) only where eval.amp asks for it."""
+    cfg, data = _tiny_training(tmp_path)
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    val_loader = tu.make_val_loader(data.val_set, 8, 0, 0, "cpu")
+    fp32 = tu.validation_loss(tr, val_loader)
+    tr.amp = "bf16"  # as training.amp: auto resolves on a bf16 GPU
+    assert tu.validation_loss(tr, val_loader, "off") == fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the training precision would give
+        tr.model.eval()
+        with torch.no_grad():
+            bf16 = np.mean([tr.criterion(*(t.float() for t in tr.model(a, r)), c).item()
+                            for a, r, c in val_loader])
+    assert abs(bf16 - fp32) > 1e-6  # the test could tell them apart
 
 
 def test_validation_workers_live_for_the_run_and_each_epoch_draws_the_global_rng_as_before(tmp_path):

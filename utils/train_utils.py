@@ -33,7 +33,7 @@ from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, check_sentence_model, check_split_prepared,
                               collate_pad, encode_split, features_dir,
-                              leave_signals_to_the_parent, load_text_table,
+                              inference_autocast, leave_signals_to_the_parent, load_text_table,
                               logmels_path, relevance)
 from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
@@ -525,8 +525,10 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
 
 
 @torch.no_grad()
-def validation_loss(tr: Trainer, loader: DataLoader) -> float:
-    """Mean InfoNCE over the validation batches, eval mode (single process, unwrapped model)."""
+def validation_loss(tr: Trainer, loader: DataLoader, amp: str = "off") -> float:
+    """Mean InfoNCE over the validation batches, eval mode (single process, unwrapped model).
+    `amp`: eval.amp, not training.amp: this loss picks best.pt and steers ReduceLROnPlateau
+    (an absolute threshold of 0.005), so by default it is the original's fp32 value."""
     model = tr.model
     was_training = model.training
     model.eval()
@@ -537,7 +539,7 @@ def validation_loss(tr: Trainer, loader: DataLoader) -> float:
     # read once: a read per batch would stall the GPU at every batch
     total, n = torch.zeros((), dtype=torch.float64, device=tr.device), 0
     for audio, rows, clips in loader:
-        with autocast(tr.device, tr.amp):
+        with inference_autocast(tr.device, amp):
             audio_emb, text_emb = model(audio.to(tr.device, non_blocking=True),
                                         rows.to(tr.device, non_blocking=True))
         total += tr.criterion(audio_emb.float(), text_emb.float(),
@@ -549,7 +551,7 @@ def validation_loss(tr: Trainer, loader: DataLoader) -> float:
 
 def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
     """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split."""
-    val_loss = validation_loss(tr, val_loader)
+    val_loss = validation_loss(tr, val_loader, cfg["eval"]["amp"])
     # The clips are read in this process (num_workers=0), while the GPU works on the batches
     # already launched: Clotho's 1045 validation clips take ~0.3 s to read (2-core CPU), about
     # what starting 8 workers costs (a fork of this multi-GB process each), GPU idle meanwhile.
