@@ -21,6 +21,7 @@ from utils import train_utils as tu
 from utils.config import load_config
 from utils.criterion_utils import LogSoftmaxLoss
 from utils.dist_utils import DistContext
+from utils.errors import UserError
 
 CHANNELS = (4, 8, 8, 16, 16, 16)
 
@@ -208,6 +209,11 @@ def test_a_compiler_failure_on_the_first_step_falls_back_to_eager_later_errors_s
     assert "torch.compile failed on the first step" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="out of luck"):
         tu.train_step(trainer(RuntimeError("out of luck"), checked=True), *batch(150), DistContext())
+    # several processes: the rank stops (torchrun then stops the others) rather than redoing
+    # the step's collectives alone
+    with pytest.raises(UserError, match="on rank 1 .*set training.compile=off"):
+        tu.train_step(trainer(RuntimeError("inductor bug"), checked=False), *batch(150),
+                      DistContext(rank=1, world_size=2))
 
 
 def reference_collate(items):

@@ -415,9 +415,13 @@ def train_step(tr: Trainer, audio: torch.Tensor, rows: torch.Tensor, clips: torc
     except Exception as e:  # noqa: BLE001 - any compiler failure: train on without it
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise
-        tqdm.write(f"warning: torch.compile failed on the first step ({type(e).__name__}: "
-                   f"{str(e).strip().splitlines()[0][:160]}); training continues without it "
-                   "(set training.compile=off to skip the attempt)")
+        what = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        if ctx.enabled:  # a rank redoing the step alone would run collectives the others never
+            # join (a hang until the timeout); its exit makes torchrun stop them all instead
+            raise UserError(f"torch.compile failed on the first step on rank {ctx.rank} ({what}); "
+                            "set training.compile=off for a run with several processes") from e
+        tqdm.write(f"warning: torch.compile failed on the first step ({what}); training "
+                   "continues without it (set training.compile=off to skip the attempt)")
         tr.compiled, tr.symbolic_time, tr.train_model = False, False, tr.plain_train_model
         loss = _step(tr, audio, rows, clips, ctx)
     tr.compile_checked = True
