@@ -26,6 +26,14 @@ class DualEncoderModel(nn.Module):
         super().__init__()
         self.audio_enc = audio_enc
         self.text_enc = text_enc
+        if audio_enc.out_dim != text_enc.out_dim:
+            raise ValueError(f"audio embeddings are {audio_enc.out_dim}-d, text embeddings "
+                             f"{text_enc.out_dim}-d: one joint space needs one size")
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the size of the joint space both branches map into."""
+        return self.audio_enc.out_dim
 
     def audio_branch(self, x: torch.Tensor) -> torch.Tensor:
         """Log-mels `[B, T, 64]` -> unit-norm `[B, E]`."""

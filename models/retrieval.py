@@ -273,7 +273,7 @@ class Retriever:
         check_definition(self._features_dir(), split, load_run_config(self.run_dir)["features"],
                          run_config=self.run_dir / CONFIG_NAME)
         cached = evaluation.load_clip_cache(self.run_dir, split, key,
-                                            dim=self.model.text_enc.out_dim)
+                                            dim=self.model.embed_dim)
         if cached is not None:
             fnames, _, embeds = cached
         else:
@@ -319,7 +319,7 @@ class Retriever:
         ident = [(f.name, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)]
         cache = self.folder_cache_path(folder)
         key = self.folder_key()
-        known = _read_folder_cache(cache, key, self.model.text_enc.out_dim)
+        known = _read_folder_cache(cache, key, self.model.embed_dim)
         todo = [f for f, i in zip(files, ident) if i not in known]
         fresh: dict[tuple, np.ndarray] = {}
         bad: list[tuple[str, str]] = []

@@ -68,13 +68,16 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
                                             f"{report.now_text()}")
 
     tracker = Tracker(cfg, run_dir, job_type="eval")
-    # which checkpoint each row scored: a run evaluated again after a --resume has several
-    flat = {**evaluation.flat_metrics(doc), "checkpoint_epoch": epoch}
-    tracker.log(flat)
-    tracker.summary({**flat, "checkpoint": which, "checkpoint_sha1": meta.get("checkpoint_sha1")})
-    report.log_to_tracker(tracker, samples, page, page.images if page else {p.stem: p for p in figures},
-                          opts.clips_per_query)
-    tracker.finish()
+    try:
+        # which checkpoint each row scored: a run evaluated again after a --resume has several
+        flat = {**evaluation.flat_metrics(doc), "checkpoint_epoch": epoch}
+        tracker.log(flat)
+        tracker.summary({**flat, "checkpoint": which, "checkpoint_sha1": meta.get("checkpoint_sha1")})
+        report.log_to_tracker(tracker, samples, page,
+                              page.images if page else {p.stem: p for p in figures},
+                              opts.clips_per_query)
+    finally:
+        tracker.finish()
 
     print(f"updated {db_path} (table t2a_ranks)")
     for path in written:

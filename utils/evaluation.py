@@ -441,7 +441,7 @@ def encode_sentence_embeddings(model, embeds: np.ndarray, batch_size: int, devic
         x = torch.as_tensor(embeds[s:s + batch_size], dtype=torch.float32, device=device)
         with inference_autocast(device, amp):
             parts.append(model.text_branch(x).float().cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, model.text_enc.out_dim), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, model.embed_dim), np.float32)
 
 
 def embed_texts(cfg: dict, model, texts: list[str], device: str, sbert=None) -> np.ndarray:
@@ -592,7 +592,7 @@ def encode_logmels(model, feats: Sequence[np.ndarray], batch_size: int, device,
     from utils.data_utils import equal_length_batches, inference_autocast
 
     model.eval()
-    out = np.zeros((len(feats), model.text_enc.out_dim), dtype=np.float32)  # the joint space's E
+    out = np.zeros((len(feats), model.embed_dim), dtype=np.float32)  # the joint space's E
     batches = equal_length_batches([len(x) for x in feats], batch_size)
     for idx in tqdm(batches, desc="encode audio", unit="batch",
                     disable=not progress or len(batches) < 2):

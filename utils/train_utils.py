@@ -653,17 +653,16 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
     # wandb steps count training captions seen, so they keep increasing across resumes
-    tracker = Tracker(cfg, run_dir, samples_per_epoch=len(data.train_set)) if ctx.is_master else None
-    if tracker is not None:
-        # drop records of an epoch that finished after the checkpoint; log to wandb the
-        # checkpointed epochs that no earlier wandb segment holds
-        tracker.rewind(tr.epoch)
     monitor, patience = t["monitor"], t["early_stopping"]
     last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
     stopped_early = patience > 0 and tr.epoch - tr.best_epoch >= patience and tr.epoch > 0
     writer = CheckpointWriter()
-
+    tracker = Tracker(cfg, run_dir, samples_per_epoch=len(data.train_set)) if ctx.is_master else None
     try:
+        if tracker is not None:
+            # drop records of an epoch that finished after the checkpoint; log to wandb the
+            # checkpointed epochs that no earlier wandb segment holds
+            tracker.rewind(tr.epoch)
         for epoch in range(tr.epoch + 1, t["epochs"] + 1):
             if stopped_early:
                 break
