@@ -232,6 +232,19 @@ def test_step_writes_every_clip_and_skips_a_complete_split(repo, tmp_path):
     assert all(r.skipped_existing for r in compute_logmels(cfg, log=lambda *a: None))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_callers_threads_are_its_own_again_after_the_step(repo, tmp_path, workers):
+    """Computing log-mels limits this process to one BLAS/OpenMP thread (the workers fill the
+    cores); a caller in the same process (a notebook, training next) gets its threads back."""
+    dataset(tmp_path, {"development": 2})
+    cfg = config(repo, tmp_path, "data.splits=[development]", f"features.workers={workers}")
+    torch.set_num_threads(2)
+    compute_logmels(cfg, log=lambda *a: None)
+    assert torch.get_num_threads() == 2
+    features_mod.compute_split(tmp_path, "development", {}, cfg["features"], log=lambda *a: None)
+    assert torch.get_num_threads() == 2
+
+
 def test_changed_parameters_or_clips_update_the_file(repo, tmp_path):
     rows = dataset(tmp_path, {"development": 3})
     cfg = config(repo, tmp_path, "data.splits=[development]", "features.workers=1")

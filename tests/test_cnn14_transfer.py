@@ -108,6 +108,12 @@ def test_transfer_is_deterministic(pretrained_dir):
     a = transfer_cnn14(pretrained_dir / CKPT_NAME, out_dim=8, seed=3)
     b = transfer_cnn14(pretrained_dir / CKPT_NAME, out_dim=8, seed=3)
     assert torch.equal(a.fc2.weight, b.fc2.weight)
+    # and the caller's random stream is its own: nothing reseeded behind its back
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    transfer_cnn14(pretrained_dir / CKPT_NAME, out_dim=8, seed=3)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_random_init_needs_nothing(tmp_path):

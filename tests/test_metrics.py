@@ -130,6 +130,9 @@ def test_shape_dtype_and_nan_errors():
     scores[2, 1] = np.nan
     with pytest.raises(ValueError, match="query 2 contain NaN"):
         retrieval_metrics(scores, relevant)
+    for shape in [(4, 0), (0, 4)]:  # numpy's own "zero-size array" error said nothing useful
+        with pytest.raises(ValueError, match=r"no queries or no candidates"):
+            retrieval_metrics(np.zeros(shape), np.zeros(shape, bool))
 
 
 def test_chance_metrics_match_the_average_over_random_rankings():

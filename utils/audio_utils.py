@@ -218,14 +218,14 @@ def log_mel_torch(y_or_batch, sr: int, device: str = "cpu", window_s: float = WI
     return out[0] if single else out
 
 
-def limit_threads() -> None:
-    """One BLAS/OpenMP thread per process: worker processes already use every core."""
+def limit_threads():
+    """One BLAS/OpenMP thread per process (torch's included): worker processes already use
+    every core. Returns what undoes it (`.restore_original_limits()`), or None."""
     try:
         from threadpoolctl import threadpool_limits  # installed with librosa (scikit-learn)
-
-        threadpool_limits(1)
     except ImportError:
-        pass
+        return None
+    return threadpool_limits(1)
 
 
 # glibc's mallopt parameters (malloc.h)

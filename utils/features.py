@@ -56,6 +56,7 @@ features folder has (almost) no free space, else as killed (out of memory?).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import json
@@ -237,12 +238,28 @@ def _quiet_excepthook(exc_type, exc, tb, previous=sys.excepthook) -> None:
         previous(exc_type, exc, tb)
 
 
-def _init_worker(params: dict) -> None:
-    limit_threads()  # one thread per worker process: the processes already fill the cores
+def _init_worker(params: dict):
+    """Set up a process to compute log-mels; returns what undoes the thread limit (or None)."""
+    limiter = limit_threads()  # one thread per worker process: the processes already fill the cores
     keep_freed_memory()  # reuse the per-clip buffers instead of page-faulting them in anew
     sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
     _WORKER_PARAMS.clear()
     _WORKER_PARAMS.update(params)
+    return limiter
+
+
+@contextlib.contextmanager
+def _as_worker(params: dict) -> Iterator[None]:
+    """This process set up as a worker (`_init_worker`), its thread limit for the block only:
+    a caller of compute_logmels / compute_split (a notebook, the tests) keeps its threads,
+    torch's included. The exception hooks stay: they hide only the HDF5 noise of a full disk,
+    which comes as the failed write's objects are freed, after the block."""
+    limiter = _init_worker(params)
+    try:
+        yield
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -518,8 +535,8 @@ def _pool_context():
 
 
 def _warm_up(params: dict) -> None:
-    """Import and run the transform once in the parent, before forking the workers."""
-    _init_worker(params)
+    """Import and run the transform once in the parent (set up by `_as_worker`), before forking
+    the workers."""
     log_mel(np.zeros(4410, np.float32), 44100, params["window_s"], params["hop_s"], params["n_mels"])
     _log_mel_errors()
 
@@ -565,27 +582,27 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
     """
     params = feature_params(features_cfg)
     device = resolve_device(features_cfg["device"], "features.device")
-    if pool is None:
-        _init_worker(worker_params(features_cfg, device))
-    out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
-    final = logmel_path(out_dir, split)
-    folder = parts_dir(out_dir, split)
-    out = SplitFeatures(split, final, len(fid2fname))
-    remove_stale_temps(final.parent, f"{final.name}.")
-    wavs = _locate_wavs(split_paths(dataset_dir, split)[1], fid2fname)
-    sigs = {fid: w[1] if w is not None else None for fid, w in wavs.items()}
-    if final.exists() and _settle_final(out, fid2fname, params, sigs, skip_bad_audio, folder, log):
-        return out  # complete and current: nothing to do
+    here = _as_worker(worker_params(features_cfg, device)) if pool is None else contextlib.nullcontext()
+    with here:
+        out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
+        final = logmel_path(out_dir, split)
+        folder = parts_dir(out_dir, split)
+        out = SplitFeatures(split, final, len(fid2fname))
+        remove_stale_temps(final.parent, f"{final.name}.")
+        wavs = _locate_wavs(split_paths(dataset_dir, split)[1], fid2fname)
+        sigs = {fid: w[1] if w is not None else None for fid, w in wavs.items()}
+        if final.exists() and _settle_final(out, fid2fname, params, sigs, skip_bad_audio, folder, log):
+            return out  # complete and current: nothing to do
 
-    done = scan_parts(folder, params, log)
-    todo, bad = _plan(fid2fname, wavs, done)
-    out.reused = sum(fid in done for fid in fid2fname)
-    if out.reused and not out.updated:
-        log(f"{split}: resuming, {out.reused} of {len(fid2fname)} clips already computed in {folder}")
-    workers = int(features_cfg["workers"]) if pool is not None else 1
-    bad += _compute_shards(out, todo, done, folder, device, pool, workers, int(features_cfg["flush_every"]))
-    _finish(out, fid2fname, done, bad, sigs, params, skip_bad_audio, folder)
-    return out
+        done = scan_parts(folder, params, log)
+        todo, bad = _plan(fid2fname, wavs, done)
+        out.reused = sum(fid in done for fid in fid2fname)
+        if out.reused and not out.updated:
+            log(f"{split}: resuming, {out.reused} of {len(fid2fname)} clips already computed in {folder}")
+        workers = int(features_cfg["workers"]) if pool is not None else 1
+        bad += _compute_shards(out, todo, done, folder, device, pool, workers, int(features_cfg["flush_every"]))
+        _finish(out, fid2fname, done, bad, sigs, params, skip_bad_audio, folder)
+        return out
 
 
 def _settle_final(out: SplitFeatures, fid2fname: dict[str, str], params: dict, sigs: dict,
@@ -708,12 +725,18 @@ def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:
     features_cfg = cfg["features"]
     device = resolve_device(features_cfg["device"], "features.device")
     params = worker_params(features_cfg, device)
-    _warm_up(params)
-    workers = int(features_cfg["workers"])
+    with _as_worker(params):
+        _warm_up(params)
+        return _compute_splits(cfg, dataset_dir, out_dir, fid2fname, params, log)
+
+
+def _compute_splits(cfg: dict, dataset_dir: Path, out_dir: Path, fid2fname: dict, params: dict,
+                    log: Callable) -> list[SplitFeatures]:
+    workers = int(cfg["features"]["workers"])
     pool = (ProcessPoolExecutor(workers, _pool_context(), _init_pool_worker, (params, os.getpid()))
             if workers > 1 else None)
     try:
-        return [compute_split(dataset_dir, split, fid2fname[split], features_cfg,
+        return [compute_split(dataset_dir, split, fid2fname[split], cfg["features"],
                               cfg["data"]["skip_bad_audio"], log, pool, out_dir)
                 for split in cfg["data"]["splits"]]
     except KeyboardInterrupt as e:

@@ -40,6 +40,8 @@ def _check(scores, relevant) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"relevant must be a boolean array, got {relevant.dtype}")
     if not np.issubdtype(scores.dtype, np.floating) and not np.issubdtype(scores.dtype, np.integer):
         raise ValueError(f"scores must be numeric, got {scores.dtype}")
+    if scores.size == 0:
+        raise ValueError(f"scores of shape {scores.shape}: no queries or no candidates to rank")
     if np.issubdtype(scores.dtype, np.floating) and np.isnan(np.min(scores)):  # min propagates NaN
         q = int(np.flatnonzero(np.isnan(scores).any(axis=1))[0])
         raise ValueError(f"scores of query {q} contain NaN; ranks would be undefined")

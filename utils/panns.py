@@ -94,10 +94,13 @@ def map_panns_state(state: dict, encoder: CNN14Encoder, source: str = "PANNs che
 def transfer_cnn14(panns_path: str | Path, out_dim: int = 300, url: str | None = None,
                    seed: int = 0) -> CNN14Encoder:
     """A `CNN14Encoder(out_dim)` holding PANNs' CNN14 weights; `fc2` freshly initialised from `seed`."""
-    torch.manual_seed(seed)  # the same seed gives the same fc2, hence the same output file
-    encoder = CNN14Encoder(out_dim=out_dim)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)  # the same seed gives the same fc2, hence the same output file
+        encoder = CNN14Encoder(out_dim=out_dim)
     state = load_panns_state(panns_path, url)
     mapped = map_panns_state(state, encoder, source=str(panns_path))
     result = encoder.load_state_dict(mapped, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys  # map_panns_state only emits our keys
+    if result.unexpected_keys:  # map_panns_state emits only our keys: a bug here, not bad input
+        raise RuntimeError(f"map_panns_state gave keys CNN14Encoder does not have: "
+                           f"{result.unexpected_keys[:4]}")
     return encoder

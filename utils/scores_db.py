@@ -392,7 +392,8 @@ def writing(path: str | Path, meta: dict[str, str], overwrite: bool = False
 
 
 def open_for_read(path: str | Path, meta: dict[str, str] | None = None) -> sqlite3.Connection:
-    """Open an existing scores.db read-only; with `meta`, check it belongs to that run."""
+    """Open an existing scores.db to read its scores; with `meta`, check it belongs to that run.
+    The connection can write (postprocessing 02 adds its t2a_ranks table through it)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no scores database; run postprocessing/01_xmodal_scores.py first")
