@@ -445,11 +445,11 @@ def split_cache_key(checkpoint_sha1: str, cfg: dict, split: str, device) -> str:
     take seconds, and step 02 only rewrites it when a clip (or a parameter) changed. Take it
     before encoding, so that a change during the encoding shows as a stale key next time."""
     from utils.clotho import skipped_path
-    from utils.data_utils import features_dir, inference_precision, logmels_path, text_csv_path
+    from utils.data_utils import features_dir, inference_precision, logmel_path, text_csv_path
 
     feats = features_dir(cfg)
     return _compose_key(checkpoint_sha1, {
-        "logmels": _file_identity(logmels_path(feats, split)),
+        "logmels": _file_identity(logmel_path(feats, split)),
         "captions": _file_identity(text_csv_path(feats, split)),   # which clips are in the split
         "skipped": _file_identity(skipped_path(feats, split)),
         "precision": inference_precision(device, cfg["eval"]["amp"])})

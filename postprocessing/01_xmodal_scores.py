@@ -18,7 +18,7 @@ import utils.cli
 from models.retrieval import split_cache_key
 from utils import evaluation, provenance, scores_db
 from utils.data_utils import (ClipDataset, SplitEmbeddings, check_split_prepared, damaged_hdf5_error,
-                              encode_split, features_dir, logmels_path)
+                              encode_split, features_dir, logmel_path)
 from utils.runs import CONFIG_NAME, SCORES_DB, checkpoint_path, load_run_config, lock_run
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
@@ -44,7 +44,7 @@ def check_inputs_finite(dataset_dir: Path, emb: SplitEmbeddings) -> None:
     NaN/inf), not a bad checkpoint: say so before write_split blames the model."""
     i = first_nonfinite_clip(dataset_dir, emb)
     if i is not None:
-        raise damaged_hdf5_error(logmels_path(dataset_dir, emb.split),
+        raise damaged_hdf5_error(logmel_path(dataset_dir, emb.split),
                                  f"clip {emb.fnames[i]} (fid {emb.fids[i]}): its log-mels "
                                  "contain NaN/inf", data=True)
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import utils.cli
 from utils import evaluation, provenance, report, scores_db
-from utils.clotho import read_skipped, skipped_path
-from utils.data_utils import features_dir
+from utils.data_utils import features_dir, skipped_counts
 from utils.errors import UserError
 from utils.plots import plot_run_figures
 from utils.runs import METRICS_JSON, SCORES_DB, checkpoint_path, load_run_config, lock_run
@@ -51,7 +50,8 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
             written += evaluation.write_split_files(run_dir, s, r, top_k)
             samples.append(report.split_sample(s, r.ranks, r.top, cfg["paths"]["dataset_dir"], opts,
                                                a2t_ranks=r.a2t_ranks))
-            skipped[split] = len(read_skipped(skipped_path(features_dir(cfg), split)))
+            # distinct clips: a clip can be listed by step 01 and again by step 02
+            skipped[split] = skipped_counts(features_dir(cfg), [split])[split]["clips"]
     finally:
         scores_db.close(conn)
     doc = evaluation.metrics_document(

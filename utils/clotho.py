@@ -90,6 +90,19 @@ def features_dir(cfg: dict) -> Path:
     return Path(paths.get("features_dir") or paths["dataset_dir"])
 
 
+# the steps that write the features, named in advice (also imported from data_utils, features)
+STEP_01 = "preprocessing/01_clotho_dataset.py"
+STEP_02 = "preprocessing/02_audio_logmel.py"
+STEP_03 = "preprocessing/03_sbert_embeddings.py"
+# what h5py raises for a file it cannot parse (zeroed headers, garbage, truncation)
+HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+
+
+def logmel_path(out_dir: str | Path, split: str) -> Path:
+    """A split's log-mel file (step 02) in paths.features_dir."""
+    return Path(out_dir) / f"{split}_audio_logmels.hdf5"
+
+
 def features_lock(out_dir: str | Path, step: str):
     """The lock of a features folder (a context manager): steps 01–03 read each other's outputs,
     so one of them at a time works there; a second gets one line naming the holder."""

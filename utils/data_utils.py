@@ -36,29 +36,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utils.audio_utils import N_MELS
-from utils.clotho import CAPTIONS_PER_CLIP, make_fid, read_skipped, skipped_path
+from utils.clotho import (CAPTIONS_PER_CLIP, HDF5_ERRORS, STEP_01, STEP_02, STEP_03, logmel_path,
+                          make_fid, read_skipped, skipped_path)
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
 from utils.devices import amp_mode, autocast
 from utils.errors import UserError
 from utils.io_utils import load_pickle
 
-STEP_01 = "preprocessing/01_clotho_dataset.py"
-STEP_02 = "preprocessing/02_audio_logmel.py"
-STEP_03 = "preprocessing/03_sbert_embeddings.py"
 STEP_03_CONFIG = "config.03_sbert_embeddings.yaml"  # step 03's config, saved beside its output
-TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")
-# what h5py raises for a file it cannot parse (zeroed headers, garbage, truncation)
-HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+REQUIRED_TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")  # of clotho.TEXT_COLUMNS, what we read
 
 
 # --------------------------------------------------------------------------- files
 
 def text_csv_path(dataset_dir: str | Path, split: str) -> Path:
     return Path(dataset_dir) / f"{split}_text.csv"
-
-
-def logmels_path(dataset_dir: str | Path, split: str) -> Path:
-    return Path(dataset_dir) / f"{split}_audio_logmels.hdf5"
 
 
 def not_found(path: Path, fix: str) -> UserError:
@@ -96,7 +88,7 @@ def read_text_csv(dataset_dir: str | Path, split: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a readable caption CSV ({str(e).splitlines()[0]}) — "
                         f"rerun {STEP_01}") from None
-    missing = [c for c in TEXT_COLUMNS if c not in df.columns]
+    missing = [c for c in REQUIRED_TEXT_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} — rerun {STEP_01}")
     if df.empty:
@@ -216,7 +208,7 @@ def _hdf5_errors(path: str | Path, data: bool = False):
 
 def open_logmels(dataset_dir: str | Path, split: str) -> h5py.File:
     """The log-mel HDF5 of `split`, opened read-only (the caller closes it)."""
-    path = logmels_path(dataset_dir, split)
+    path = logmel_path(dataset_dir, split)
     if not path.is_file():
         raise not_found(path, f"run {STEP_02}")
     with _hdf5_errors(path):
@@ -227,7 +219,7 @@ def logmel_lengths(dataset_dir: str | Path, split: str, fids: Sequence[str]) -> 
     """Frames per clip `[C]` (int64), in the order of `fids`; a fid absent from the HDF5 raises.
 
     Reads every clip's header, so a damaged file is found here."""
-    path = logmels_path(dataset_dir, split)
+    path = logmel_path(dataset_dir, split)
     with open_logmels(dataset_dir, split) as h5, _hdf5_errors(path):
         check_fids_in_hdf5(h5, fids, path, split=split)
         lengths = np.empty(len(fids), dtype=np.int64)
@@ -331,7 +323,7 @@ def _check_split(dataset_dir, split: str, df: pd.DataFrame, tid2row: dict[str, i
                 raise UserError(f"{csv_path}: row {row}: tid {tid} has no sentence embedding in "
                                 f"text_encoder.embeddings (written by step 03) — rerun {STEP_03}")
     with open_logmels(dataset_dir, split) as h5:
-        check_fids_in_hdf5(h5, list(df["fid"]), logmels_path(dataset_dir, split),
+        check_fids_in_hdf5(h5, list(df["fid"]), logmel_path(dataset_dir, split),
                            csv_path, list(df.index + 2), split)
     logmel_lengths(dataset_dir, split, list(dict.fromkeys(df["fid"])))  # every clip's header reads
 
@@ -410,7 +402,7 @@ class CaptionDataset(Dataset):
         self.fids, self.fnames, self.caption_clip = _split_clips(df)
         self.tids = list(df["tid"])
         self.rows = np.array([tid2row[t] for t in self.tids], dtype=np.int64)
-        self._h5 = _LazyHDF5(logmels_path(dataset_dir, split))
+        self._h5 = _LazyHDF5(logmel_path(dataset_dir, split))
 
     def __len__(self) -> int:
         return len(self.tids)
@@ -430,7 +422,7 @@ class ClipDataset(Dataset):
     def __init__(self, dataset_dir: str | Path, split: str, fids: Sequence[str]):
         self.dataset_dir, self.split, self.fids = Path(dataset_dir), split, list(fids)
         self.lengths = logmel_lengths(dataset_dir, split, self.fids)  # [C], also validates fids
-        self._h5 = _LazyHDF5(logmels_path(dataset_dir, split))
+        self._h5 = _LazyHDF5(logmel_path(dataset_dir, split))
 
     def __len__(self) -> int:
         return len(self.fids)

@@ -473,11 +473,11 @@ def list_audio_files(folder: str | Path) -> list[Path]:
 def training_sample_rates(cfg: dict) -> set[int]:
     """The sample rates of a run's training clips (step 02 records each clip's; the first
     hundred tell), or an empty set where the training features are not at hand."""
-    from utils.data_utils import HDF5_ERRORS, features_dir, logmels_path
+    from utils.data_utils import HDF5_ERRORS, features_dir, logmel_path
 
     rates = set()
     try:
-        with h5py.File(logmels_path(features_dir(cfg), cfg["data"]["train_split"]), "r") as f:
+        with h5py.File(logmel_path(features_dir(cfg), cfg["data"]["train_split"]), "r") as f:
             for name in itertools.islice(f, 100):
                 if "sr" in f[name].attrs:
                     rates.add(int(f[name].attrs["sr"]))

@@ -79,25 +79,18 @@ from tqdm import tqdm
 
 from utils.audio_utils import (EPS, AudioError, keep_freed_memory, limit_threads, load_audio, log_mel,
                                log_mel_torch)
-from utils.clotho import (bad_audio_error, features_dir, format_bad_audio, make_fid, read_skipped, resolve_wav,
+from utils.clotho import (HDF5_ERRORS, STEP_01, STEP_02, bad_audio_error, features_dir,
+                          format_bad_audio, logmel_path, make_fid, read_skipped, resolve_wav,
                           skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
 from utils.errors import Terminated, UserError
 from utils.io_utils import atomic_path, ensure_dir, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
-STEP_01 = "preprocessing/01_clotho_dataset.py"
-STEP_02 = "preprocessing/02_audio_logmel.py"
-# what h5py and friends raise for a file they cannot parse (zeroed headers, garbage, truncation)
-HDF5_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 LOW_DISK_BYTES = 64 << 20  # a worker that died with less free space than this: the disk is full
 
 Signature = tuple[int, int]  # (size in bytes, st_mtime_ns) of a wav
-
-
-def logmel_path(out_dir: str | Path, split: str) -> Path:
-    return Path(out_dir) / f"{split}_audio_logmels.hdf5"
 
 
 def parts_dir(out_dir: str | Path, split: str) -> Path:
@@ -122,8 +115,6 @@ def check_definition(out_dir: str | Path, split: str, features_cfg: dict,
     would embed the same clip differently there. `run_config`: `features_cfg` is that trained
     run's (as saved, without --set), so the file is what changed. A file without these attrs
     passes."""
-    from utils.data_utils import HDF5_ERRORS
-
     path = logmel_path(out_dir, split)
     try:
         with h5py.File(path, "r") as f:

@@ -140,10 +140,10 @@ def split_identity(cfg: dict, split: str) -> str:
     """What a split's scores are computed from besides the model: sha1 of its log-mels, of its
     caption CSV and of its skip list (JSON; a file that does not exist is null)."""
     from utils.clotho import skipped_path
-    from utils.data_utils import features_dir, logmels_path, text_csv_path
+    from utils.data_utils import features_dir, logmel_path, text_csv_path
 
     feats = features_dir(cfg)
-    files = {"logmels": logmels_path(feats, split), "captions": text_csv_path(feats, split),
+    files = {"logmels": logmel_path(feats, split), "captions": text_csv_path(feats, split),
              "skipped": skipped_path(feats, split)}
     return json.dumps({k: file_sha1(p) if p.is_file() else None for k, p in files.items()},
                       sort_keys=True)

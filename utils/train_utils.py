@@ -34,7 +34,7 @@ from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, check_sentence_model, check_split_prepared,
                               collate_pad, encode_split, features_dir,
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
-                              logmels_path, relevance)
+                              logmel_path, relevance)
 from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
@@ -380,7 +380,7 @@ def nonfinite_loss_error(epoch: int, step: int, value: float, audio: torch.Tenso
         fids = sorted({dataset.fids[int(c)] for c in clip_ids.cpu()[bad].tolist()})
         # step 02 never writes NaN/inf (it rejects such clips), so the file is damaged; it
         # would call the file complete, as it does not read every value: delete it first
-        path = logmels_path(dataset.dataset_dir, dataset.split)
+        path = logmel_path(dataset.dataset_dir, dataset.split)
         cause = (f"the log-mels of fid {', '.join(fids[:3])} in {path} contain NaN/inf, so the "
                  f"file is damaged — delete {path} and rerun preprocessing/02_audio_logmel.py")
     else:
