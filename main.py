@@ -33,72 +33,85 @@ def main() -> None:
         if args.resume:
             parser.error("--import-baseline makes a new run; it cannot be combined with --resume")
         return _import_baseline(args)
-    if args.resume:  # a run folder, or its name in --conf's paths.output_dir (as run.sh passes it)
-        args.resume = str(cli.find_run(args.resume, args.conf, args.overrides,
-                                       conf_given=args.conf != parser.get_default("conf"))[0])
-        baseline_release.refuse_resume(args.resume)  # an imported run has no training state
-        cfg = train_utils.resume_config(args.resume, args.overrides)
-        if any(a == "--conf" or a.startswith("--conf=") for a in sys.argv[1:]):
-            _note_conf_not_read(args.conf, args.overrides, args.resume, cfg)
-    else:
-        cfg = load_config(args.conf, args.overrides)
+    cfg = _resume_config(args, parser) if args.resume else load_config(args.conf, args.overrides)
     train_utils.check_training_config(cfg)
     cli.print_config_if_asked(args, cfg)  # --print-config: the resolved config, nothing else done
 
     with contextlib.ExitStack() as held, \
             dist_utils.distributed(cfg["training"]["device"]) as (ctx, device):
-        # One process per run, locked before the checkpoint is read: a second --resume is
-        # refused (on every rank) instead of training on from a state the first one is about
-        # to replace, or removing its half-written checkpoint as a killed run's
-        if args.resume:
-            dist_utils.on_master(ctx, lambda: train_utils.claim_run(args.resume, held))
-        state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
-        data = train_utils.load_training_data(cfg, args.resume)
-        if state is not None:
-            train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
-                                       data.embeddings_path)
-            if state["epoch"] >= cfg["training"]["epochs"]:
-                if ctx.is_master:
-                    print(f"nothing to train: {args.resume} has finished {state['epoch']} epochs of "
-                          f"training.epochs={cfg['training']['epochs']}; train on with --set "
-                          f"training.epochs=N (N > {state['epoch']})")
-                return
-        if args.resume:
-            run_dir = Path(args.resume)
-            if args.overrides:
-                # as given: paths resolved for this working directory are not the run's
-                dist_utils.on_master(ctx, lambda: save_config(load_run_config(run_dir, args.overrides),
-                                                              run_dir))
-        else:
-            run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
-        cli.advise_resume(run_dir)  # Ctrl-C from here on prints the exact --resume command
-        try:
-            # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
-            dist_utils.on_master(ctx, lambda: provenance.record_invocation(
-                run_dir, device, args.overrides, action="resume" if args.resume else "new",
-                conf=None if args.resume else args.conf, world_size=ctx.world_size))
-            if ctx.is_master:
-                start = f"resuming after epoch {state['epoch']}" if state else "starting"
-                print(f"{start}: {run_dir} on {device}"
-                      + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
-            result = train_utils.fit(cfg, run_dir, data, ctx, device, state)
-        except BaseException:
-            # a new run stopped before its first checkpoint (an error, Ctrl-C) leaves no folder
-            # behind to block its --name or to pass for a run
-            if not args.resume and ctx.is_master and remove_unstarted_run(run_dir):
-                cli.set_interrupt_advice(f"no epoch had finished, so nothing is kept ({run_dir} removed)")
-            raise
+        trained = _train(args, cfg, ctx, device, held)
+    if ctx.is_master and trained is not None:
+        _print_result(args, cfg, ctx, *trained)
 
-    if ctx.is_master:
-        best = f"{result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}" \
-            if result.best_metric is not None else "no epoch finished"
-        print(f"trained {result.epochs_done}/{cfg['training']['epochs']} epochs"
-              + (" (stopped early)" if result.stopped_early else "") + f"; best {best}")
-        if ctx.enabled:
-            print(f"DDP: weights identical on {ctx.world_size} ranks (checksum {result.checksum})")
-        saved = [run_dir / "config.yaml"] if args.resume and args.overrides else []
-        for path in saved + result.written:
-            print(f"wrote {path}")
+
+def _resume_config(args, parser) -> dict:
+    """The run's own config.yaml with --set applied; `args.resume` becomes the run's folder (it
+    may be given as a run's name in --conf's paths.output_dir, as run.sh passes it)."""
+    args.resume = str(cli.find_run(args.resume, args.conf, args.overrides,
+                                   conf_given=args.conf != parser.get_default("conf"))[0])
+    baseline_release.refuse_resume(args.resume)  # an imported run has no training state
+    cfg = train_utils.resume_config(args.resume, args.overrides)
+    if any(a == "--conf" or a.startswith("--conf=") for a in sys.argv[1:]):
+        _note_conf_not_read(args.conf, args.overrides, args.resume, cfg)
+    return cfg
+
+
+def _train(args, cfg: dict, ctx, device, held: contextlib.ExitStack):
+    """Train a new run or go on with `args.resume`: (run folder, FitResult), or None when a
+    resumed run has nothing left to train."""
+    # One process per run, locked before the checkpoint is read: a second --resume is refused
+    # (on every rank) instead of training on from a state the first one is about to replace,
+    # or removing its half-written checkpoint as a killed run's
+    if args.resume:
+        dist_utils.on_master(ctx, lambda: train_utils.claim_run(args.resume, held))
+    state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
+    data = train_utils.load_training_data(cfg, args.resume)
+    if state is not None:
+        train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
+                                   data.embeddings_path)
+        if state["epoch"] >= cfg["training"]["epochs"]:
+            if ctx.is_master:
+                print(f"nothing to train: {args.resume} has finished {state['epoch']} epochs of "
+                      f"training.epochs={cfg['training']['epochs']}; train on with --set "
+                      f"training.epochs=N (N > {state['epoch']})")
+            return None
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.overrides:
+            # as given: paths resolved for this working directory are not the run's
+            dist_utils.on_master(ctx, lambda: save_config(load_run_config(run_dir, args.overrides),
+                                                          run_dir))
+    else:
+        run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
+    cli.advise_resume(run_dir)  # Ctrl-C from here on prints the exact --resume command
+    try:
+        # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
+        dist_utils.on_master(ctx, lambda: provenance.record_invocation(
+            run_dir, device, args.overrides, action="resume" if args.resume else "new",
+            conf=None if args.resume else args.conf, world_size=ctx.world_size))
+        if ctx.is_master:
+            start = f"resuming after epoch {state['epoch']}" if state else "starting"
+            print(f"{start}: {run_dir} on {device}"
+                  + (f" x {ctx.world_size} processes" if ctx.enabled else ""), flush=True)
+        return run_dir, train_utils.fit(cfg, run_dir, data, ctx, device, state)
+    except BaseException:
+        # a new run stopped before its first checkpoint (an error, Ctrl-C) leaves no folder
+        # behind to block its --name or to pass for a run
+        if not args.resume and ctx.is_master and remove_unstarted_run(run_dir):
+            cli.set_interrupt_advice(f"no epoch had finished, so nothing is kept ({run_dir} removed)")
+        raise
+
+
+def _print_result(args, cfg: dict, ctx, run_dir: Path, result) -> None:
+    best = f"{result.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}" \
+        if result.best_metric is not None else "no epoch finished"
+    print(f"trained {result.epochs_done}/{cfg['training']['epochs']} epochs"
+          + (" (stopped early)" if result.stopped_early else "") + f"; best {best}")
+    if ctx.enabled:
+        print(f"DDP: weights identical on {ctx.world_size} ranks (checksum {result.checksum})")
+    saved = [run_dir / "config.yaml"] if args.resume and args.overrides else []
+    for path in saved + result.written:
+        print(f"wrote {path}")
 
 
 def _note_conf_not_read(conf: str, overrides: list[str], run_dir: str, cfg: dict) -> None:
