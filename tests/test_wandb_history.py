@@ -122,3 +122,30 @@ def test_epochs_once_each_with_increasing_steps_after_kill_9_and_resume(tmp_path
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert f"Would sync {len(segments)} run(s)" in dry.stdout + dry.stderr
+
+
+def test_a_run_stopped_early_keeps_the_best_epochs_summary(tmp_path, conf, monkeypatch, capsys):
+    """Ctrl-C (or a time limit) after epoch 2, whose numbers did not beat epoch 1's: the
+    summary a sweep ranks runs by is still epoch 1's, not the last epoch's."""
+    import utils.train_utils as tu
+    from tests.test_tracking import segment_records, summary_updates
+
+    for var, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(tu, "improved", lambda monitor, value, best: best is None)  # epoch 1 best
+    train = tu.train_one_epoch
+
+    def stop_at_3(tr, loader, epoch, *args, **kwargs):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return train(tr, loader, epoch, *args, **kwargs)
+    monkeypatch.setattr(tu, "train_one_epoch", stop_at_3)
+    proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "r")
+    assert proc.returncode == 130, proc.stderr
+    run_dir = tmp_path / "outputs" / "r"
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    (log,) = segment_records(run_dir, run_id)
+    summary = summary_updates(log)
+    epoch1 = read_jsonl(run_dir / "metrics.jsonl")[0]
+    assert (summary["epoch"], summary["best_epoch"], summary["epochs_trained"]) == (1, 1, 2)
+    assert summary["val_loss"] == epoch1["val_loss"]

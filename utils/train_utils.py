@@ -658,6 +658,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     stopped_early = patience > 0 and tr.epoch - tr.best_epoch >= patience and tr.epoch > 0
     writer = CheckpointWriter()
     tracker = Tracker(cfg, run_dir, samples_per_epoch=len(data.train_set)) if ctx.is_master else None
+    summarized = False
     try:
         if tracker is not None:
             # drop records of an epoch that finished after the checkpoint; log to wandb the
@@ -701,9 +702,15 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
         if tracker is not None:
             tracker.summarize_best(tr.best_epoch, {f"best_{monitor}": tr.best_metric,
                                                    "stopped_early": stopped_early})
+            summarized = True
     finally:
         writer.close()  # a write under way is finished, whatever stopped the run
         if tracker is not None:
+            if not summarized and tr.best_epoch > 0:
+                # stopped (Ctrl-C, a time limit, an error): the summary is still the best
+                # epoch's, not the last one's, for a sweep that ranks runs by it
+                with contextlib.suppress(Exception):  # the error under way is the one to report
+                    tracker.summarize_best(tr.best_epoch, {f"best_{monitor}": tr.best_metric})
             tracker.finish()
     # "wrote" only what this process wrote: a resumed run whose epochs did not beat the best
     # left best.pt as it was, and its config.yaml is main.py's business
