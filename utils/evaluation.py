@@ -24,7 +24,7 @@ from utils.io_utils import atomic_open, atomic_path
 from utils.provenance import git_state
 from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, bootstrap_ci, chance_metrics,
                            chance_recall_any, chance_recall_any_curve, chance_recall_curve,
-                           evaluate_ranking)
+                           evaluate_ranking, recall_any_per_query)
 from utils.scores_db import ScoredSplit, file_sha1
 
 DIRECTIONS = ("t2a", "a2t")
@@ -106,11 +106,13 @@ CI_RESAMPLES, CI_SEED = 1000, 0
 
 def split_ci95(s: ScoredSplit, rankings: dict[str, Ranking] | None = None
                ) -> dict[str, dict[str, list[float]]]:
-    """{"t2a"|"a2t": {metric: [low, high]}}: 95% bootstrap intervals of the four metrics over
-    the split's clips (a caption is resampled with its clip: utils.metrics.bootstrap_ci)."""
+    """{"t2a"|"a2t": {metric: [low, high]}}: 95% bootstrap intervals over the split's clips (a
+    caption is resampled with its clip: utils.metrics.bootstrap_ci) of the four metrics, and
+    for a2t of R@k_any too."""
     r = rankings or split_rankings(s)
+    a2t = {**r["a2t"].per_query, **recall_any_per_query(r["a2t"].first)}
     return {"t2a": bootstrap_ci(r["t2a"].per_query, np.asarray(s.caption_clip), CI_RESAMPLES, CI_SEED),
-            "a2t": bootstrap_ci(r["a2t"].per_query, np.arange(len(s.fids)), CI_RESAMPLES, CI_SEED)}
+            "a2t": bootstrap_ci(a2t, np.arange(len(s.fids)), CI_RESAMPLES, CI_SEED)}
 
 
 def split_chance(s: ScoredSplit) -> dict[str, dict[str, float]]:

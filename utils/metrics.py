@@ -165,6 +165,13 @@ def evaluate_ranking(scores, relevant, max_k: int = 10) -> Ranking:
                    per_query={name: per_query[name] for name in METRIC_NAMES})
 
 
+def recall_any_per_query(first: np.ndarray) -> dict[str, np.ndarray]:
+    """{R@k_any: float64 [Q]}: 1 where the query's best-ranked relevant item (`Ranking.first`)
+    is in its top k; their means are `Ranking.any`."""
+    first = np.asarray(first)
+    return {f"R@{k}_any": (first <= k).astype(np.float64) for k in (1, 5, 10)}
+
+
 def bootstrap_ci(values: dict[str, np.ndarray], groups: np.ndarray, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
     """Percentile bootstrap interval of the mean of each `values[name]` `[Q]`, resampling whole

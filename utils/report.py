@@ -392,7 +392,7 @@ h1{font-size:1.5em;margin:18px 0 4px}h2{margin-top:32px;border-bottom:1px solid 
 nav a{margin-right:12px}table{border-collapse:collapse;margin:8px 0}
 td,th{padding:3px 9px;border-bottom:1px solid #e3e3e3;text-align:right}
 th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
-tr.chance td{color:#777;font-size:.9em}figure{display:inline-block;margin:6px 12px 6px 0}
+tr.chance td{color:#777;font-size:.9em;white-space:nowrap}figure{display:inline-block;margin:6px 12px 6px 0}
 figure img{max-width:100%;border:1px solid #ddd;background:#fff}
 figure.wide{display:block;margin-right:0}figure.wide img{width:100%;max-width:960px}
 .scroll{overflow-x:auto;max-width:100%}figure.hist img{width:580px}
