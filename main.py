@@ -85,10 +85,12 @@ def _train(args, cfg: dict, ctx, device, held: contextlib.ExitStack):
         run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
     cli.advise_resume(run_dir)  # Ctrl-C from here on prints the exact --resume command
     try:
-        # provenance.json: command line, overrides, cwd, git commit, package versions, hardware
+        # provenance.json: command line, overrides, cwd, git commit, package versions, hardware,
+        # and the data by content (sha1 of the embeddings and of the splits' files)
         dist_utils.on_master(ctx, lambda: provenance.record_invocation(
             run_dir, device, args.overrides, action="resume" if args.resume else "new",
-            conf=None if args.resume else args.conf, world_size=ctx.world_size))
+            conf=None if args.resume else args.conf, world_size=ctx.world_size,
+            data=provenance.training_data(cfg)))
         if ctx.is_master:
             start = f"resuming after epoch {state['epoch']}" if state else "starting"
             print(f"{start}: {run_dir} on {device}"

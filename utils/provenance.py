@@ -115,6 +115,21 @@ def hardware(device=None) -> dict:
     return info
 
 
+def training_data(cfg: dict) -> dict:
+    """What training reads besides the config, by content: the sentence model, the sha1 of the
+    caption embeddings, and of each training and validation split's log-mels, captions and skip
+    list. Recorded at each training segment, so that a rerun of steps 01-03 later cannot leave
+    a run whose data nobody can name."""
+    from utils.data_utils import features_dir
+    from utils.scores_db import file_sha1, split_identity
+
+    embeddings = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
+    splits = dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"]))
+    return {"sbert_model": cfg["sbert"]["model"],
+            "embeddings_sha1": file_sha1(embeddings) if embeddings.is_file() else None,
+            "splits": {split: json.loads(split_identity(cfg, split)) for split in splits}}
+
+
 def invocation(device=None, overrides: Sequence[str] = (), action: str = "new",
                conf: str | None = None, world_size: int = 1) -> dict:
     """One provenance entry for the current process."""
@@ -154,9 +169,11 @@ def read_provenance(run_dir: str | Path) -> list[dict]:
 
 
 def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str] = (),
-                      action: str = "new", conf: str | None = None, world_size: int = 1) -> Path:
-    """Append this process's entry (`action`: one of ACTIONS) to `<run>/provenance.json` (atomic
-    rewrite); returns the path. Call it holding the run's lock.
+                      action: str = "new", conf: str | None = None, world_size: int = 1,
+                      data: dict | None = None) -> Path:
+    """Append this process's entry (`action`: one of ACTIONS; `data`: training_data's, for a
+    training segment) to `<run>/provenance.json` (atomic rewrite); returns the path. Call it
+    holding the run's lock.
 
     An unreadable existing file is kept aside as `provenance.json.unreadable` rather than lost.
     """
@@ -169,9 +186,40 @@ def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str]
             json.loads(path.read_text(encoding="utf-8"))["invocations"]
         except (OSError, ValueError, KeyError, TypeError):
             os.replace(path, path.with_name(PROVENANCE_JSON + ".unreadable"))
-    entries.append(invocation(device, overrides, action, conf, world_size))
+    entry = invocation(device, overrides, action, conf, world_size)
+    if data is not None:
+        entry["data"] = data
+    entries.append(entry)
     atomic_write_text(path, json.dumps({"invocations": entries}, indent=2) + "\n")
     return path
+
+
+def trained_on(run_dir: str | Path) -> dict | None:
+    """The latest training segment's `data` (training_data), or None when not recorded (an
+    imported run, or one trained before it was)."""
+    for entry in reversed(read_provenance(run_dir)):
+        if entry.get("action", "new") in TRAINING_ACTIONS:
+            return entry.get("data") if isinstance(entry.get("data"), dict) else None
+    return None
+
+
+def changed_since_training(run_dir: str | Path, meta: dict) -> list[str]:
+    """What the scoring inputs `meta` (scores_db.expected_meta) have that differs from what the
+    run was trained on: the caption embeddings, or a split used in training (the validation
+    split, scored too). [] when nothing differs or training recorded nothing."""
+    from utils.scores_db import SPLIT_KEY
+
+    data = trained_on(run_dir)
+    if data is None:
+        return []
+    changed = []
+    if data.get("embeddings_sha1") not in (None, meta.get("embeddings_sha1")):
+        changed.append("the caption embeddings (text_encoder.embeddings)")
+    for split, files in (data.get("splits") or {}).items():
+        now = json.loads(meta.get(SPLIT_KEY + split, "null"))
+        if isinstance(now, dict) and isinstance(files, dict):
+            changed += [f"{split}'s {kind}" for kind in sorted(files) if now.get(kind) != files[kind]]
+    return changed
 
 
 def training_cwd(run_dir: str | Path) -> Path | None:
