@@ -5,7 +5,9 @@ two runs scored on the same queries, each direction's difference with a paired i
     python postprocessing/compare_runs.py run_a run_b --split validation --json  # names in paths.output_dir
 
 Reads each run's metrics.json, {split}.t2a_ranks.csv and {split}.a2t_per_clip.csv
-(postprocessing/02_xmodal_retrieval.py). The paired interval resamples the split's clips, each
+(postprocessing/02_xmodal_retrieval.py), and its config.yaml: first come each run's checkpoint
+and epoch, the config keys in which the runs differ, and a warning where they were scored on
+different data. The paired interval resamples the split's clips, each
 query with itself in both runs: a difference whose interval excludes 0 is not what another
 sample of clips would undo.
 """
@@ -35,11 +37,16 @@ def main():
         paired = {d: compare.paired_difference(*(compare.read_per_query(r, args.split, d) for r in runs),
                                                where=f"{runs[0]} and {runs[1]}")
                   for d in ("t2a", "a2t")}
+    described = compare.describe_runs(runs)
+    differences = compare.config_differences(runs)
+    warnings = compare.input_warnings(runs, args.split)
     if args.json:
-        print(json.dumps({"split": args.split, "runs": [str(r) for r in runs],
+        print(json.dumps({"split": args.split, "runs": [str(r) for r in runs], "checkpoints": described,
+                          "config_differences": differences, "warnings": warnings,
                           "metrics": [{"run": r, "direction": d, **m, "ci95": ci} for r, d, m, ci in rows],
                           "difference": paired}, indent=2))
     else:
+        print(compare.format_runs(described, differences, warnings) + "\n")
         print(compare.format_comparison(rows, args.split, paired, names=(runs[0].name, runs[1].name)
                                         if paired else ("A", "B")))
 

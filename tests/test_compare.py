@@ -18,10 +18,11 @@ COMPARE = "postprocessing/compare_runs.py"
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """Two evaluated runs (other initial weights) on the same tiny data."""
+    """Two evaluated runs (other initial weights, a config that differs in training.lr) on the
+    same tiny data."""
     tmp = tmp_path_factory.mktemp("compare")
     conf, a = make_run(tmp, name="run-a", seed=0)
-    _, b = make_run(tmp, name="run-b", seed=1, features=False)
+    _, b = make_run(tmp, name="run-b", seed=1, features=False, extra={"training": {"lr": 0.002}})
     with pytest.MonkeyPatch.context() as mp:
         for run in (a, b):
             for script in (SCORES, RETRIEVAL):
@@ -59,6 +60,30 @@ def test_paired_difference_of_two_runs(two_runs, monkeypatch):
     same = compare.read_per_query(a, "evaluation", "t2a")
     assert all(v["difference"] == 0 and v["ci95"] == [0, 0]
                for v in compare.paired_difference(same, same).values())
+
+
+def test_the_comparison_says_what_differs_between_the_runs(two_runs, monkeypatch):
+    """Which checkpoint and epoch each number is of, the config keys that differ (training.lr),
+    and a warning when the runs were scored on different data."""
+    conf, a, b = two_runs
+    doc = json.loads(run_script(COMPARE, "--conf", conf, a, b, "--json", monkeypatch=monkeypatch).stdout)
+    assert doc["config_differences"] == {"training.lr": [0.001, 0.002]}
+    assert [(c["run"], c["checkpoint"]) for c in doc["checkpoints"]] == [("run-a", "best"), ("run-b", "best")]
+    assert all(isinstance(c["checkpoint_epoch"], int) for c in doc["checkpoints"])
+    assert doc["warnings"] == []
+    text = run_script(COMPARE, "--conf", conf, a, b, monkeypatch=monkeypatch).stdout
+    assert "config differences: training.lr (0.001 | 0.002)" in text and "run-a: checkpoint best (epoch " in text
+
+    metrics = read_metrics_json(b)
+    saved = (b / "metrics.json").read_bytes()
+    metrics["provenance"]["split_inputs"]["evaluation"]["logmels"] = "0" * 40
+    (b / "metrics.json").write_text(json.dumps(metrics))
+    try:
+        warnings = compare.input_warnings([a, b], "evaluation")
+    finally:
+        (b / "metrics.json").write_bytes(saved)
+    assert warnings == ["the runs were scored on different logmels files of split 'evaluation': "
+                        "their differences are not the models' alone"]
 
 
 def test_bad_comparisons_are_one_line(two_runs, monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.config import flat_config, load_run_config
 from utils.errors import UserError
 from utils.evaluation import CI_RESAMPLES, CI_SEED, metrics_splits, read_metrics_json
 from utils.metrics import METRIC_NAMES, bootstrap_ci
@@ -87,7 +88,70 @@ def metrics_rows(run_dirs: list[Path], split: str) -> list[tuple[str, str, dict,
     return rows
 
 
+MAX_DIFFERENCES = 12  # config keys named in the text output (--json lists every one)
+
+
+def describe_runs(run_dirs: list[Path]) -> list[dict]:
+    """What each run's numbers are of: its checkpoint and epoch, and the commit that trained it
+    (metrics.json's provenance)."""
+    out = []
+    for run in run_dirs:
+        prov = read_metrics_json(run).get("provenance") or {}
+        out.append({"run": run.name, "checkpoint": prov.get("checkpoint"),
+                    "checkpoint_epoch": prov.get("checkpoint_epoch"),
+                    "training_commit": (prov.get("training_code") or {}).get("commit")})
+    return out
+
+
+def config_differences(run_dirs: list[Path]) -> dict[str, list]:
+    """{dotted key: [value in each run]} for the keys of the runs' config.yaml that differ
+    (wandb.* aside: it does not change a number)."""
+    flat = [flat_config(load_run_config(run)) for run in run_dirs]
+    keys = sorted(set().union(*flat))
+    return {k: [f.get(k) for f in flat] for k in keys
+            if not k.startswith("wandb.") and any(f.get(k) != flat[0].get(k) for f in flat)}
+
+
+def input_warnings(run_dirs: list[Path], split: str) -> list[str]:
+    """Where the runs' numbers of `split` were computed from different inputs (metrics.json's
+    provenance): other files of the split, or other caption embeddings. Differences of the
+    metrics then mix the models with the data."""
+    provs = [read_metrics_json(run).get("provenance") or {} for run in run_dirs]
+    warnings = []
+    inputs = [(p.get("split_inputs") or {}).get(split) for p in provs]
+    if all(isinstance(i, dict) for i in inputs):
+        kinds = sorted({k for i in inputs for k in i if any(j.get(k) != i.get(k) for j in inputs)})
+        if kinds:
+            warnings.append(f"the runs were scored on different {', '.join(kinds)} files of split "
+                            f"'{split}': their differences are not the models' alone")
+    sha1s = [p.get("embeddings_sha1") for p in provs]
+    if None not in sha1s and len(set(sha1s)) > 1:
+        warnings.append("the runs were scored with different caption embeddings "
+                        "(text_encoder.embeddings, or another sbert.model)")
+    return warnings
+
+
 DIRECTION_WORDS = {"t2a": "text -> audio", "a2t": "audio -> text"}
+
+
+def format_runs(described: list[dict], differences: dict[str, list], warnings: list[str]) -> str:
+    """The lines compare_runs.py prints above the table: each run's checkpoint, the config
+    keys in which the runs differ, and the warnings."""
+    lines = []
+    for d in described:
+        commit = (d["training_commit"] or "")[:10] or "not recorded"
+        lines.append(f"{d['run']}: checkpoint {d['checkpoint']} (epoch {d['checkpoint_epoch']}), "
+                     f"trained by commit {commit}")
+    if differences:
+        lines.append("config differences: " + "; ".join(
+            f"{k} ({' | '.join(map(repr, v))})" for k, v in list(differences.items())[:MAX_DIFFERENCES])
+            + (f"; and {len(differences) - MAX_DIFFERENCES} more (--json lists them all)"
+               if len(differences) > MAX_DIFFERENCES else ""))
+    else:
+        lines.append("config differences: none")
+    lines += [f"warning: {w}" for w in warnings]
+    return "\n".join(lines)
+
 
 
 def format_comparison(rows, split: str, paired: dict | None = None, names=("A", "B")) -> str:
