@@ -65,7 +65,8 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
     if cfg["eval"]["report"]["enabled"]:
         page = report.write_report(run_dir, samples, doc, None, figures, opts,
                                    subtitle=f"checkpoint {which} (epoch {epoch}) · written "
-                                            f"{report.now_text()}")
+                                            f"{report.now_text()}",
+                                   tuned=report.tuning_notes(cfg))
 
     tracker = Tracker(cfg, run_dir, job_type="eval")
     try:

@@ -226,3 +226,65 @@ def test_the_training_figure_says_how_far_the_run_got():
     assert "run r · 5 of 30 epochs (stopped early: no better val_t2a_mAP@10 for 1)" in \
         [t.get_text() for t in fig.texts]
     plt.close(fig)
+
+
+def test_figures_without_titles_for_a_paper(tmp_path):
+    """eval.figure_titles: false leaves the title and the run/checkpoint subtitle to the paper's
+    caption; the panels keep their own titles."""
+    from utils.plots import draw_rank_histogram
+
+    curves = {"evaluation": {"t2a": [0.1, 0.3, 0.4], "a2t": [0.1, 0.1, 0.2]}}
+    figs = [training_figure(_records(3), run_name="r", best_epoch=2, titles=False),
+            recall_figure(curves, run_name="r", subtitle="checkpoint best (epoch 2)", titles=False),
+            draw_rank_histogram(np.array([1, 2, 3, 9]), 10, "evaluation", titles=False)]
+    for fig in figs:
+        assert fig.get_suptitle() == "" and not fig.texts
+        plt.close(fig)
+    titled = draw_rank_histogram(np.array([1, 2, 3, 9]), 10, "evaluation")
+    assert "evaluation: text → audio, 4 captions, 10 clips (median rank 2.5)" in \
+        [t.get_text() for t in titled.texts]
+    plt.close(titled)
+
+
+def test_rank_histogram_has_the_shared_style_and_says_what_it_counts():
+    from utils.plots import STYLE, draw_rank_histogram
+
+    ranks = np.minimum(np.random.default_rng(0).geometric(0.05, 750), 150)
+    fig = draw_rank_histogram(ranks, 150, "evaluation")
+    [ax] = fig.axes
+    assert not ax.spines["top"].get_visible() and not ax.spines["right"].get_visible()
+    assert ax.xaxis.label.get_fontsize() == STYLE["axes.labelsize"]
+    assert fig.legends and ax.get_legend() is None  # under the panel, as the other figures'
+    # a rate (a bar's count over the ranks it spans), so fractions are real values; ticks in
+    # 1-2-5 steps label more than the decades
+    assert ax.get_ylabel().startswith("captions per rank")
+    ticks = _visible_ticks(ax, "y")
+    assert {0.1, 0.2, 0.5, 1, 2, 5, 10} <= {round(t, 6) for t in ticks}
+    plt.close(fig)
+
+
+def test_plot_run_figures_follows_eval_figure_titles(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_jsonl(run / "metrics.jsonl", _records(2))
+    s = scores_db.ScoredSplit("evaluation", [f"f{i}" for i in range(4)], [f"{i}.wav" for i in range(4)],
+                              [f"t{i}" for i in range(8)], ["c"] * 8, np.repeat(np.arange(4), 2),
+                              np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    results = [evaluation.evaluate_split(s)]
+    for titles in (True, False):
+        cfg = {"eval": {"checkpoint": "best", "figure_titles": titles}}
+        written = plot_run_figures(run, results, plots_dir=tmp_path / str(titles), cfg=cfg)
+        svgs = [p.with_suffix(".svg").read_text() for p in written]
+        assert [("run run" in svg) == titles for svg in svgs[:2]] == [True, True]
+        assert ("Rank of the true clip" in svgs[2]) == titles
+
+
+def test_training_legend_gives_the_long_best_checkpoint_entry_its_own_column():
+    """Filled column by column, the legend put the best-checkpoint entry under "validation
+    mAP@10": that column took its width and left a wide gap before "chance"."""
+    fig = training_figure(_records(6), best_epoch=4, monitor="val_loss", chance_map=0.03)
+    [legend] = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["train loss", "validation loss", "validation mAP@10", "chance (random ranking)",
+                      "best checkpoint: epoch 4 (by val_loss)"]
+    plt.close(fig)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.cli_helpers import error_line
+from tests.cli_helpers import REPO, error_line
 from tests.test_postprocessing import make_run, run_script
 from tests.test_tracking import offline  # noqa: F401  (a fixture: wandb offline inside tmp_path)
 from tests.wav_fixtures import write_text_as_wav, write_wav
@@ -135,6 +135,9 @@ def test_panels_rank_and_mark_the_true_items(tmp_path):
         assert [h.score for h in p.hits] == sorted((h.score for h in p.hits), reverse=True)
         # each retrieved clip says in words what it is: its first caption
         assert [h.note for h in p.hits] == [s.captions[s.fnames.index(h.text) * 5] for h in p.hits]
+        # so does the true clip, with its score: how far below rank 1 it is tells a near miss
+        assert p.true_note == s.captions[s.caption_clip[q] * 5]
+        assert p.true_score == pytest.approx(float(s.scores[q, s.caption_clip[q]]))
     a2t_ranks = rank_of_first_relevant(s.scores.T, s.relevance().T)
     assert smp.t2a[0].rank == r.ranks.max() and smp.a2t[0].rank == a2t_ranks.max()
     assert np.array_equal(smp.a2t_ranks, r.a2t_ranks)  # evaluation's ranks, the same numbers
@@ -145,8 +148,21 @@ def test_panels_rank_and_mark_the_true_items(tmp_path):
         # a wrong caption names the clip it belongs to
         assert [h.note for h in p.hits] == [
             "" if h.correct else f"of {s.fnames[s.caption_clip[s.captions.index(h.text)]]}" for h in p.hits]
-    page = report.panel_html(smp.t2a[0], {})
-    assert page.count('<span class="note">') == 3 and "<details open>" in report.panel_html(smp.a2t[0], {})
+        # its own captions with their scores, best first
+        assert [score for _, _, score in p.own] == pytest.approx(
+            [float(s.scores[s.captions.index(text), c]) for _, text, _ in p.own])
+        assert [score for _, _, score in p.own] == sorted((sc for _, _, sc in p.own), reverse=True)
+    worst = smp.t2a[0]
+    assert worst.true_clip is not None  # ranked below the 3 shown
+    page = report.panel_html(worst, {})
+    assert page.count('<span class="note">') == 4  # 3 hits and the true clip
+    gap = worst.hits[0].score - worst.true_score
+    assert (f"true clip, rank {worst.rank}: score {worst.true_score:+.3f}, {gap:.3f} below rank 1"
+            in page) and gap > 0
+    a2t_page = report.panel_html(smp.a2t[0], {})
+    assert "<details open>" in a2t_page
+    rank, _, score = smp.a2t[0].own[0]
+    assert f"rank {rank}, score {score:+.3f}: " in a2t_page
     # the table of every query: caption, true file, rank, top-10 names (padded: 8 clips)
     assert len(smp.table_rows) == len(s.captions)
     row = smp.table_rows[7]
@@ -278,6 +294,7 @@ def test_metrics_table_shows_every_number_chance_and_definitions():
     chance = {"evaluation": {"t2a": {"mAP@10": 0.01, "R@1": 0.125, "R@5": 0.625, "R@10": 1.0},
                              "a2t": {"mAP@10": 0.02, "R@1": 0.025, "R@5": 0.125, "R@10": 0.25}}}
     text = report.metrics_html(metrics, chance)
+    assert report.TUNED_MARK not in text  # no split said to be tuned on
     parsed = Tags(text)
     cells = "|".join(parsed.text)
     for value in ("0.5000", "0.2500", "3.0", "0.3500", "0.1250", "0.6250"):
@@ -286,6 +303,27 @@ def test_metrics_table_shows_every_number_chance_and_definitions():
     assert headers == ["mAP@10", "median_rank", "R@1_any"]
     assert "evaluation.counts.skipped_clips" in cells and "1" in cells
     assert "&lt;b&gt;any&lt;/b&gt;" in text and "provenance" in cells
+
+
+def test_the_split_training_was_tuned_on_is_marked_as_not_held_out():
+    cfg = load_config(REPO / "conf.yaml")  # best.pt, chosen by val_loss on validation
+    notes = report.tuning_notes(cfg)
+    assert list(notes) == ["validation"]
+    assert "used to choose the checkpoint (best.pt by training.monitor, val_loss)" in notes["validation"]
+    assert notes["validation"].endswith("not a held-out estimate")
+    last = load_config(REPO / "conf.yaml", ["eval.checkpoint=last", "training.early_stopping=3"])
+    assert "used to stop training early" in report.tuning_notes(last)["validation"]
+    plain = report.tuning_notes(load_config(REPO / "conf.yaml", ["eval.checkpoint=last"]))["validation"]
+    assert "checkpoint" not in plain and "learning rate" in plain
+    moved = load_config(REPO / "conf.yaml", ["data.val_split=evaluation"])
+    assert list(report.tuning_notes(moved)) == ["evaluation"]
+
+    metrics = {split: {"t2a": {"mAP@10": 0.5}, "a2t": {"mAP@10": 0.4}}
+               for split in ("validation", "evaluation")}
+    text = report.metrics_html(metrics, tuned=notes)
+    rows = re.findall(r"<tr><td>(.*?)</td>", text)
+    assert [report.TUNED_MARK in r for r in rows] == [True, True, False, False]  # validation only
+    assert f"{report.TUNED_MARK}</span> validation: used to choose the checkpoint" in text
 
 
 # --------------------------------------------------------------------------- postprocessing/02
@@ -404,7 +442,8 @@ def test_query_page_for_text_and_audio_queries(tmp_path):
     clips = [write_wav(tmp_path / "clips" / f"c{i}.wav", seconds=0.5, seed=i) for i in range(3)]
     hits = [(p.name, 0.9 - 0.1 * i, p) for i, p in enumerate(clips)] + [("gone.wav", 0.1, None)]
     t2a = report.text_query_panel("a <b>dog</b> barks", hits)
-    a2t = report.audio_query_panel(clips[0], [("a dog barks", 0.8), ("<i>rain</i>", 0.5)])
+    a2t = report.audio_query_panel(clips[0], [("a dog barks", 0.8, "x.wav", None),
+                                               ("<i>rain</i>", 0.5, "y.wav", None)])
     out = report.write_query_page(tmp_path / "out" / "q.html", [t2a, a2t])
     text = out.read_text()
     srcs = audio_srcs(out)
@@ -443,6 +482,26 @@ def test_query_results_page_from_retriever_hits(tmp_path):
     assert audio_srcs(clips) == ["c.wav"] and "rain &lt;falls&gt;" in clips.read_text()
 
 
+def test_audio_query_page_marks_the_clips_own_captions_and_names_the_others(tmp_path):
+    """As query.py's terminal table: each caption's clip; the query clip's own captions get
+    the report's ✓ when the query file is that clip (the same file, not the same name)."""
+    split = tmp_path / "data" / "evaluation"
+    clip, other = (write_wav(split / name, seconds=0.5, seed=i) for i, name in enumerate(("c.wav", "d.wav")))
+    hits = [("rain falls", 0.7, "c.wav", str(clip)), ("wind <blows>", 0.5, "d.wav", str(other)),
+            ("a door", 0.3, "gone.wav", None)]
+    page = report.write_query_page(tmp_path / "a.html", [report.audio_query_panel(clip, hits)])
+    text = page.read_text()
+    assert text.count('<li class="correct">') == 1 and '<span class="mark" title="correct">✓' in text
+    assert "rain falls<" in text and "of c.wav" not in text
+    assert "of d.wav" in text and "of gone.wav" in text and "✓ marks the captions of the query clip" in text
+    # a recording of one's own that shares the clip's name is not that clip
+    mine = write_wav(tmp_path / "mine" / "c.wav", seconds=0.5, seed=7)
+    panel = report.audio_query_panel(mine, hits)
+    assert not any(h.correct for h in panel.hits) and panel.hits[0].note == "of c.wav"
+    text = report.write_query_page(tmp_path / "b.html", [panel]).read_text()
+    assert "✓" not in text
+
+
 def test_query_py_html_for_text_and_audio_queries(tmp_path, monkeypatch, capsys):
     conf, run_dir = make_run(tmp_path, embed_dim=384,
                              extra={"sbert": {"model": "bundled:all-MiniLM-L6-v2", "device": "cpu"}})
@@ -469,6 +528,7 @@ def test_query_py_html_for_text_and_audio_queries(tmp_path, monkeypatch, capsys)
     text = out.read_text()
     assert audio_srcs(out) == ["audio_audio/query/evaluation_001-" + audio_srcs(out)[0].split("-")[-1]]
     assert "Sound of class" in text and text.count('class="panel"') == 1
+    assert re.search(r'<span class="note">of evaluation_00\d\.wav</span>', text)  # whose caption
     query("--html", out, "rain")  # its own earlier page may be replaced
 
     # --html never replaces what is not a page of ours, and fails before any work

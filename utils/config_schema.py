@@ -178,6 +178,7 @@ SCHEMA: dict[str, Key] = {
     "eval.top_k": Int(gt=0),
     "eval.device": DEVICE,
     "eval.amp": Choice("off", "auto", "bf16", "fp16"),
+    "eval.figure_titles": Bool(),
     "eval.report.enabled": Bool(),
     "eval.report.worst": Int(ge=0),
     "eval.report.random": Int(ge=0),

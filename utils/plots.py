@@ -85,7 +85,13 @@ def _save(fig, out_png: str | Path) -> Path:
     return out_png
 
 
-def _titles(fig, title: str, subtitle: str | None) -> None:
+def _titles(fig, title: str, subtitle: str | None, shown: bool = True) -> None:
+    """The figure's title and subtitle (the run, the checkpoint), unless not `shown`: a paper
+    says those in its caption (eval.figure_titles)."""
+    if not shown:
+        return
+    if subtitle:
+        fig.get_layout_engine().set(rect=(0, 0, 1, 0.9))  # room for the subtitle above the panels
     fig.suptitle(title, fontweight="bold", y=1.0)
     if subtitle:
         fig.text(0.5, 0.935, subtitle, ha="center", va="top", fontsize=9, color="0.35")
@@ -143,9 +149,10 @@ def _mark_best(ax, xs: list[int], ys: list[float], best_epoch: int | None, color
 
 def training_figure(records: list[dict], run_name: str | None = None, best_epoch: int | None = None,
                     monitor: str | None = None, chance_map: float | None = None,
-                    epochs_note: str | None = None):
+                    epochs_note: str | None = None, titles: bool = True):
     """Two panels from a run's per-epoch records: train/validation loss, and validation
-    text -> audio mAP@10 with its chance level; the best checkpoint's epoch marked on both."""
+    text -> audio mAP@10 with its chance level; the best checkpoint's epoch marked on both.
+    `titles`: the figure's title and subtitle (the panels keep theirs)."""
     with plt.rc_context(STYLE):
         fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(7.4, 3.1), constrained_layout=True)
         best_label = f"best checkpoint: epoch {best_epoch}" + (f" (by {monitor})" if monitor else "")
@@ -178,11 +185,13 @@ def training_figure(records: list[dict], run_name: str | None = None, best_epoch
         for ax in (ax_loss, ax_map):
             _epoch_axis(ax, sorted(set(epochs)))
             _finish_axes(ax, legend=False)
-        _figure_legend(fig, [ax_loss, ax_map])
+        handles = [h for ax in (ax_loss, ax_map) for h in ax.get_legend_handles_labels()[0]]
+        # the long best-checkpoint entry last, in a column of its own: above or below a short
+        # entry it widens that column and leaves a wide gap before the next
+        handles.sort(key=lambda h: h.get_gid() == BEST_GID)
+        _figure_legend(fig, handles=handles)
         subtitle = " · ".join(t for t in (f"run {run_name}" if run_name else None, epochs_note) if t)
-        if subtitle:
-            fig.get_layout_engine().set(rect=(0, 0, 1, 0.9))
-        _titles(fig, "Training", subtitle or None)
+        _titles(fig, "Training", subtitle or None, titles)
     return fig
 
 
@@ -202,21 +211,21 @@ def epochs_note(records: list[dict], cfg: dict | None, best_epoch: int | None) -
 def plot_training_curves(metrics_jsonl_path: str | Path, out_png: str | Path,
                          run_name: str | None = None, best_epoch: int | None = None,
                          monitor: str | None = None, chance_map: float | None = None,
-                         cfg: dict | None = None) -> Path:
+                         cfg: dict | None = None, titles: bool = True) -> Path:
     """training_figure from a run's metrics.jsonl (missing keys leave gaps), written as PNG, PDF
     and SVG. `chance_map`: the validation split's chance-level t2a mAP@10; `cfg`: the run's
     config, for how many epochs were planned. Returns the PNG path."""
     records = read_metrics_jsonl(metrics_jsonl_path)
     return _save(training_figure(records, run_name, best_epoch, monitor, chance_map,
-                                 epochs_note(records, cfg, best_epoch)), out_png)
+                                 epochs_note(records, cfg, best_epoch), titles), out_png)
 
 
 def recall_figure(curves: Mapping[str, Mapping[str, Sequence[float]]],
                   chance: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                  run_name: str | None = None, subtitle: str | None = None):
+                  run_name: str | None = None, subtitle: str | None = None, titles: bool = True):
     """Recall@k against k: text -> audio, audio -> text as the baseline defines R@k, and
     audio -> text R@k_any (panels for which some split has a curve); one line per split, its
-    chance level dashed in the same colour.
+    chance level dashed in the same colour. `titles`: as training_figure's.
 
     curves, chance: {split: {"t2a" | "a2t" | "a2t_any": [value at k = 1..K]}}, values in [0, 1]."""
     if not curves:
@@ -254,17 +263,16 @@ def recall_figure(curves: Mapping[str, Mapping[str, Sequence[float]]],
                                       **CHANCE_STYLE))
         _figure_legend(fig, handles=handles)
         sub = " · ".join(x for x in (f"run {run_name}" if run_name else None, subtitle) if x)
-        if sub:
-            fig.get_layout_engine().set(rect=(0, 0, 1, 0.9))
-        _titles(fig, "Recall@k", sub or None)
+        _titles(fig, "Recall@k", sub or None, titles)
     return fig
 
 
 def plot_recall_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], out_png: str | Path,
                        chance: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                       run_name: str | None = None, subtitle: str | None = None) -> Path:
+                       run_name: str | None = None, subtitle: str | None = None,
+                       titles: bool = True) -> Path:
     """recall_figure written as PNG, PDF and SVG. Returns the PNG path."""
-    return _save(recall_figure(curves, chance, run_name, subtitle), out_png)
+    return _save(recall_figure(curves, chance, run_name, subtitle, titles), out_png)
 
 
 def rank_histogram(ranks: np.ndarray, n_candidates: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,46 +284,53 @@ def rank_histogram(ranks: np.ndarray, n_candidates: int) -> tuple[np.ndarray, np
     return edges, counts / np.diff(edges)
 
 
-def draw_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str):
+def draw_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, titles: bool = True):
     """Histogram of the true clip's rank (t2a) on log-spaced bins, as captions per rank (a bin's
     count over the ranks it spans, so bins of 1 or 2 integer ranks compare), with the flat line a
-    random ranking would give and the R@1/5/10 cut-offs -> the matplotlib figure."""
+    random ranking would give and the R@1/5/10 cut-offs -> the matplotlib figure.
+
+    A rate, not a count: a bar of 3 captions over 10 ranks is 0.3, so the y ticks are 1-2-5
+    steps of a log axis, fractions included, rather than integers."""
     import matplotlib.ticker
 
     ranks = np.asarray(ranks)
     edges, per_rank = rank_histogram(ranks, n_candidates)
-    fig, ax = plt.subplots(figsize=(5.8, 3.3))
-    ax.stairs(per_rank, edges, fill=True, color="tab:blue", alpha=0.85, label="captions")
-    ax.axhline(len(ranks) / n_candidates, color="tab:gray", linestyle="--", label="random ranking")
-    for k in (1, 5, 10):
-        if k < n_candidates:
-            ax.axvline(k + 0.5, color="tab:red", linewidth=0.8, alpha=0.6)
-            ax.text(k + 0.5, 0.99, f" R@{k}", transform=ax.get_xaxis_transform(), va="top",
-                    fontsize=8, color="tab:red")
-    ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    low = min([len(ranks) / n_candidates] + per_rank[per_rank > 0].tolist())
-    ax.set_ylim(bottom=low / 3)
-    ax.set_xscale("log")
-    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
-             if t <= n_candidates]
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlim(0.5, n_candidates + 0.5)
-    ax.set(xlabel="rank of the true clip (log scale)", ylabel="captions per rank",
-           title=f"{split}: text → audio, {len(ranks)} captions, {n_candidates} clips "
-                 f"(median rank {np.median(ranks):g})")
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.8, 3.3), constrained_layout=True)
+        ax.stairs(per_rank, edges, fill=True, color="tab:blue", alpha=0.85, label="captions")
+        ax.axhline(len(ranks) / n_candidates, color="0.4", label="chance (random ranking)",
+                   **CHANCE_STYLE)
+        for k in (1, 5, 10):
+            if k < n_candidates:
+                ax.axvline(k + 0.5, color="tab:red", linewidth=0.8, alpha=0.6)
+                ax.text(k + 0.5, 0.99, f" R@{k}", transform=ax.get_xaxis_transform(), va="top",
+                        fontsize=9, color="tab:red")
+        ax.set_yscale("log")
+        # 1-2-5 steps: a plain log axis labels only decades, often a single tick here
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        low = min([len(ranks) / n_candidates] + per_rank[per_rank > 0].tolist())
+        ax.set_ylim(bottom=low / 3)
+        ax.set_xscale("log")
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+                 if t <= n_candidates]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlim(0.5, n_candidates + 0.5)
+        ax.set(xlabel="rank of the true clip (log scale)",
+               ylabel="captions per rank (log scale)")
+        _finish_axes(ax, legend=False)
+        _figure_legend(fig, [ax])
+        _titles(fig, "Rank of the true clip", f"{split}: text → audio, {len(ranks)} captions, "
+                f"{n_candidates} clips (median rank {np.median(ranks):g})", titles)
     return fig
 
 
-def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_png: str | Path) -> Path:
+def plot_rank_histogram(ranks: np.ndarray, n_candidates: int, split: str, out_png: str | Path,
+                        titles: bool = True) -> Path:
     """`draw_rank_histogram` as PNG, PDF and SVG (`_save`)."""
-    return _save(draw_rank_histogram(ranks, n_candidates, split), out_png)
+    return _save(draw_rank_histogram(ranks, n_candidates, split, titles), out_png)
 
 
 def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Path | None = None,
@@ -332,6 +347,7 @@ def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Pa
 
     run_dir = Path(run_dir)
     plots_dir = Path(plots_dir) if plots_dir else run_dir / "plots"
+    titles = (cfg or {}).get("eval", {}).get("figure_titles", True)
     best = checkpoint_epoch(checkpoint_path(run_dir, "best"))
     val_split = (cfg or {}).get("data", {}).get("val_split")
     val = next((r for r in results if r.split == val_split), None)
@@ -340,14 +356,15 @@ def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Pa
         written.append(plot_training_curves(
             run_dir / METRICS_JSONL, plots_dir / "training_curves.png", run_name=run_dir.name,
             best_epoch=best, monitor=(cfg or {}).get("training", {}).get("monitor"),
-            chance_map=val.chance["t2a"]["mAP@10"] if val is not None else None, cfg=cfg))
+            chance_map=val.chance["t2a"]["mAP@10"] if val is not None else None, cfg=cfg,
+            titles=titles))
     which = (cfg or {}).get("eval", {}).get("checkpoint")
     epoch = checkpoint_epoch(checkpoint_path(run_dir, which)) if which else None
     written.append(plot_recall_curves(
         {r.split: r.curves for r in results}, plots_dir / "recall_at_k.png",
         chance={r.split: r.chance_curves for r in results}, run_name=run_dir.name,
-        subtitle=f"checkpoint {which} (epoch {epoch})" if which else None))
+        subtitle=f"checkpoint {which} (epoch {epoch})" if which else None, titles=titles))
     for r in results:
         written.append(plot_rank_histogram(r.ranks, r.n_clips, r.split,
-                                           plots_dir / f"{r.split}_t2a_rank_histogram.png"))
+                                           plots_dir / f"{r.split}_t2a_rank_histogram.png", titles))
     return written

@@ -127,7 +127,9 @@ class Panel:
     query_clip: ClipRef | None = None  # a2t: the clip that is the query
     true_clip: ClipRef | None = None   # t2a: the true clip, when it is not among the hits
     true_name: str = ""                # t2a: its file name
-    own: list[tuple[int, str]] = field(default_factory=list)  # a2t: (rank, caption) of its captions
+    true_score: float | None = None    # t2a: its score
+    true_note: str = ""                # t2a: its first caption
+    own: list[tuple[int, str, float]] = field(default_factory=list)  # a2t: (rank, caption, score)
 
 
 @dataclass
@@ -196,7 +198,9 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
                         note=s.captions[first_caption[c]]) for c in cols]
             shown = true_c in cols
             t2a.append(Panel("t2a", why, s.captions[q], n_c, hits, int(t2a_ranks[q]),
-                             true_clip=None if shown else ref(true_c), true_name=s.fnames[true_c]))
+                             true_clip=None if shown else ref(true_c), true_name=s.fnames[true_c],
+                             true_score=float(scores[q, true_c]),
+                             true_note=s.captions[first_caption[true_c]]))
 
     a2t = []
     picked = sample_queries(a2t_ranks, opts.worst, opts.random, opts.seed)
@@ -209,7 +213,7 @@ def split_sample(s, t2a_ranks: np.ndarray, top: np.ndarray, dataset_dir: str | P
             hits = [Hit(s.captions[q], float(scores[q, c]), int(own_clip[q]) == c,
                         note="" if int(own_clip[q]) == c else f"of {s.fnames[int(own_clip[q])]}")
                     for q in cols]
-            mine = sorted((int(r), s.captions[int(q)]) for r, q in
+            mine = sorted((int(r), s.captions[int(q)], float(scores[q, c])) for r, q in
                           zip(ranks[q_idx == p], own_caps[q_idx == p]))
             a2t.append(Panel("a2t", why, s.fnames[c], n_q, hits, int(a2t_ranks[c]),
                              query_clip=ref(c), own=mine))
@@ -451,19 +455,31 @@ def _player(play: Playable | None) -> str:
     return f'<audio controls preload="metadata" src="{esc(play.href)}"></audio>'
 
 
+def _hit_html(pos: int, hit: Hit, playable: Mapping[ClipRef, Playable]) -> str:
+    audio = hit.clip is not None
+    cls = " ".join(c for c in ("correct" if hit.correct else "", "with-audio" if audio else "") if c)
+    mark = '<span class="mark" title="correct">✓</span>' if hit.correct else "<span></span>"
+    player = f"<span>{_player(playable.get(hit.clip))}</span>" if audio else ""
+    note = f'<span class="note">{esc(hit.note)}</span>' if hit.note else ""
+    return (f'<li class="{cls}"><span class="pos">{pos}</span>{mark}'
+            f'<span class="{"name" if audio else "text"}">{esc(hit.text)}{note}</span>'
+            f'<span class="score" title="score: cosine similarity of the caption and '
+            f'clip embeddings">{hit.score:+.3f}</span>{player}</li>')
+
+
 def _hits_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
-    items = []
-    for pos, hit in enumerate(panel.hits, start=1):
-        audio = hit.clip is not None
-        cls = " ".join(c for c in ("correct" if hit.correct else "", "with-audio" if audio else "") if c)
-        mark = '<span class="mark" title="correct">✓</span>' if hit.correct else "<span></span>"
-        player = f"<span>{_player(playable.get(hit.clip))}</span>" if audio else ""
-        note = f'<span class="note">{esc(hit.note)}</span>' if hit.note else ""
-        items.append(f'<li class="{cls}"><span class="pos">{pos}</span>{mark}'
-                     f'<span class="{"name" if audio else "text"}">{esc(hit.text)}{note}</span>'
-                     f'<span class="score" title="score: cosine similarity of the caption and '
-                     f'clip embeddings">{hit.score:+.3f}</span>{player}</li>')
-    return '<ol class="hits">' + "".join(items) + "</ol>"
+    return ('<ol class="hits">' + "".join(_hit_html(pos, hit, playable)
+                                          for pos, hit in enumerate(panel.hits, start=1)) + "</ol>")
+
+
+def _truth_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
+    """The true clip below the hits, as a row of its own at its rank: its distance below rank 1
+    tells a near miss (a few thousandths) from a clip the model places far off."""
+    gap = panel.hits[0].score - panel.true_score
+    row = Hit(panel.true_name, panel.true_score, True, panel.true_clip, panel.true_note)
+    return (f'<div class="truth"><p class="rank">true clip, rank {panel.rank}: score '
+            f"{panel.true_score:+.3f}, {gap:.3f} below rank 1</p>"
+            f'<ol class="hits">{_hit_html(panel.rank, row, playable)}</ol></div>')
 
 
 def panel_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
@@ -477,9 +493,7 @@ def panel_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
                          f"rank <b>{panel.rank}</b> of {panel.n_candidates}</p>")
         parts.append(_hits_html(panel, playable))
         if panel.true_clip is not None:
-            parts.append(f'<div class="truth">true clip (rank {panel.rank}): '
-                         f'<span class="name">{esc(panel.true_name)}</span> '
-                         f"{_player(playable.get(panel.true_clip))}</div>")
+            parts.append(_truth_html(panel, playable))
     else:
         parts.append(f'<h3>{tag}<span class="name">{esc(panel.query)}</span></h3>')
         parts.append(f"<div>{_player(playable.get(panel.query_clip))}</div>")
@@ -488,10 +502,12 @@ def panel_html(panel: Panel, playable: Mapping[ClipRef, Playable]) -> str:
                          f"{panel.n_candidates}</p>")
         parts.append(_hits_html(panel, playable))
         if panel.own:
-            own = "".join(f"<li>rank {r}: {esc(text)}</li>" for r, text in panel.own)
+            own = "".join(f"<li>rank {r}, score {score:+.3f}: {esc(text)}</li>"
+                          for r, text, score in panel.own)
             # open where the clip ranked worst: what it should have matched is the point
             parts.append(f"<details{' open' if panel.why == 'worst' else ''}><summary>its "
-                         f"{len(panel.own)} captions and their ranks</summary><ul>{own}</ul></details>")
+                         f"{len(panel.own)} captions, their ranks and scores</summary><ul>{own}</ul>"
+                         "</details>")
     parts.append("</article>")
     return "".join(parts)
 
@@ -540,12 +556,34 @@ RANK_COLUMNS = {"mean": "mean rank", "median": "median rank", "queries": "querie
                 "candidates": "candidates"}
 
 
-def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
+TUNED_MARK = "†"
+
+
+def tuning_notes(cfg: dict) -> dict[str, str]:
+    """{data.val_split: how training used it}, for the metrics table. Every training.monitor is
+    measured on that split and its val_loss drives the learning-rate schedule, so its numbers
+    are biased upward whichever checkpoint is evaluated."""
+    t = cfg["training"]
+    lr = "its loss to schedule the learning rate"
+    if cfg["eval"]["checkpoint"] == "best":
+        use = f"used to choose the checkpoint (best.pt by training.monitor, {t['monitor']}) and {lr}"
+    elif t["early_stopping"] > 0:
+        use = (f"used to stop training early (training.early_stopping: {t['early_stopping']} epochs "
+               f"without a better {t['monitor']}) and {lr}")
+    else:
+        use = f"used during training, {lr}"
+    return {cfg["data"]["val_split"]: f"{use}: not a held-out estimate"}
+
+
+def metrics_html(metrics: Mapping, chance: Mapping | None = None,
+                 tuned: Mapping[str, str] | None = None) -> str:
     """The metrics table (every number of each split and direction, chance levels under each
     row), the splits' other entries, and metrics.json's definitions and provenance if present.
 
     metrics: a metrics.json document (utils.evaluation.metrics_document: chance levels in each
-    split's "chance") or {split: {"t2a": {...}, "a2t": {...}}} with `chance` given apart."""
+    split's "chance") or {split: {"t2a": {...}, "a2t": {...}}} with `chance` given apart;
+    tuned: {split: why its numbers are not held-out} (tuning_notes), its rows marked."""
+    tuned = tuned or {}
     from utils.evaluation import metrics_splits
     from utils.metrics import METRIC_NAMES
 
@@ -569,7 +607,9 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
             if not isinstance(vals, Mapping):
                 continue
             ranks = (metrics[split].get("ranks") or {}).get(d) or {}
-            rows.append(f"<tr><td>{esc(split)}</td><td>{label}</td>"
+            mark = (f'&nbsp;<span class="warn" title="{esc(tuned[split])}">{TUNED_MARK}</span>'
+                    if split in tuned else "")
+            rows.append(f"<tr><td>{esc(split)}{mark}</td><td>{label}</td>"
                         + "".join(f"<td>{esc(_fmt(vals[c])) if c in vals else ''}</td>" for c in columns)
                         + "".join(f"<td>{esc(_fmt(ranks[c], rank=True)) if c in ranks else ''}</td>"
                                   for c in rank_cols)
@@ -589,6 +629,8 @@ def metrics_html(metrics: Mapping, chance: Mapping | None = None) -> str:
              "is (CLAP-style); ranks: of the best-ranked relevant item; 95% CI: the interval "
              "bootstrap resamples of the split's clips give. Exact definitions below."
              "</p>"]
+    parts += [f'<p class="meta"><span class="warn">{TUNED_MARK}</span> {esc(split)}: {esc(why)}</p>'
+              for split, why in tuned.items() if split in splits]
     extra = [(f"{split}.{k}", v) for split in splits
              for k, v in _flat({k: v for k, v in metrics[split].items()
                                 if k not in DIRECTIONS and k not in ("chance", "ranks", "ci95")})]
@@ -654,9 +696,10 @@ def _sample_clips(samples: Sequence[SplitSample]) -> list[ClipRef]:
 
 def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: Mapping,
                  chance: Mapping | None, plots: Sequence[Path], opts: ReportSettings,
-                 subtitle: str = "") -> Report:
+                 subtitle: str = "", tuned: Mapping[str, str] | None = None) -> Report:
     """`<run>/report/`: index.html, audio/ (copy mode), plots/ (copies of `plots`) and a rank
-    histogram per split. A clip that cannot be played gets a note on its panel."""
+    histogram per split. A clip that cannot be played gets a note on its panel; `tuned`: as
+    metrics_html's."""
     run_dir = Path(run_dir)
     out = run_dir / REPORT_DIR
     ensure_dir(out)
@@ -680,7 +723,7 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
     n_missing = sum(p.href is None for p in playable.values())
 
     nav = ["<a href=\"#metrics\">metrics</a>", "<a href=\"#plots\">plots</a>"]
-    body = ['<section id="metrics"><h2>Metrics</h2>', metrics_html(metrics, chance), "</section>"]
+    body = ['<section id="metrics"><h2>Metrics</h2>', metrics_html(metrics, chance, tuned), "</section>"]
     def fig(name: str, path: Path, cls: str) -> str:  # a click opens the full-size image
         href = esc(_href(path, out))
         return (f'<figure class="{cls}"><a href="{href}"><img src="{href}" alt="{esc(name)}"></a>'
@@ -693,8 +736,8 @@ def write_report(run_dir: str | Path, samples: Sequence[SplitSample], metrics: M
                                for n, p in images.items() if n not in hists)
              + "</div><div>" + "".join(fig(n, p, "hist") for n, p in images.items() if n in hists)
              + "</div></section>"]
-    how = {"t2a": "each caption's top {k} clips; ✓ marks its own clip, which gets its own player "
-                  "below when it is not among them",
+    how = {"t2a": "each caption's top {k} clips; ✓ marks its own clip, which gets a row of its "
+                  "own below, at its rank, when it is not among them",
            "a2t": "each clip's top {k} captions; ✓ marks its own captions"}
     for smp in samples:
         for d in DIRECTIONS:
@@ -794,6 +837,9 @@ def write_query_page(out_html: str | Path, panels: Sequence[Panel], audio: str =
     playable, _ = materialize(clips, out_html.parent, audio_dir, audio)
     title = "Query: " + (panels[0].query if len(panels) == 1 else f"{len(panels)} queries")
     header = f"<h1>{esc(title)}</h1>" + (f'<p class="meta">{esc(subtitle)}</p>' if subtitle else "")
+    if any(h.correct for p in panels for h in p.hits):
+        header += ('<p class="meta">✓ marks the captions of the query clip itself (it is one of '
+                   "the searched split's clips)</p>")
     body = '<div class="panels">' + "".join(panel_html(p, playable) for p in panels) + "</div>"
     atomic_write_text(out_html, _page(title, header, body, QUERY_PAGE))
     return out_html
@@ -809,13 +855,27 @@ def text_query_panel(query: str, hits: Sequence[tuple[str, float, str | Path | N
                                             for (name, score, _), ref in zip(hits, refs)])
 
 
-def audio_query_panel(audio_path: str | Path, hits: Sequence[tuple[str, float]]) -> Panel:
-    """An a2t panel for a clip given on the command line: hits are (caption, score)."""
+def _same_file(a: str | Path, b: str | Path | None) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:  # either one missing: not the same clip
+        return False
+
+
+def audio_query_panel(audio_path: str | Path,
+                      hits: Sequence[tuple[str, float, str, str | Path | None]]) -> Panel:
+    """An a2t panel for a clip given on the command line: hits are (caption, score, file name
+    of the clip it describes, that clip's audio path or None). A caption of the query file
+    itself (the query is one of the searched split's clips) is marked correct; any other names
+    its clip. Same file, not same name: a recording of one's own may share a split clip's name."""
     audio_path = Path(audio_path)
     ref = (ClipRef("query", audio_path.name, audio_path) if audio_path.is_file()
            else ClipRef("query", audio_path.name, None, f"audio file not found ({audio_path.name})"))
-    return Panel("a2t", "query", audio_path.name, 0, [Hit(c, float(s), False) for c, s in hits],
-                 query_clip=ref)
+    rows = []
+    for caption, score, fname, src in hits:
+        own = _same_file(audio_path, src)
+        rows.append(Hit(caption, float(score), own, note="" if own else f"of {fname}"))
+    return Panel("a2t", "query", audio_path.name, 0, rows, query_clip=ref)
 
 
 def check_query_page_target(out_html: str | Path, inputs: Sequence[str | Path] = (),
@@ -853,7 +913,8 @@ def write_query_results(out_html: str | Path, queries: Sequence[str], results: S
     panels = []
     for query, hits in zip(queries, results):
         if audio_queries:
-            panels.append(audio_query_panel(query, [(h.caption, h.score) for h in hits]))
+            panels.append(audio_query_panel(query, [(h.caption, h.score, h.fname, h.path)
+                                                    for h in hits]))
         else:
             panels.append(text_query_panel(query, [(h.fname, h.score, h.path) for h in hits]))
     return write_query_page(out_html, panels, audio, subtitle)
