@@ -144,6 +144,7 @@ def test_bad_value_stops_main_before_the_run_folder_exists(tmp_path, monkeypatch
     (errno.ENOTDIR, "`/x/f.h5`: a path component is a regular file, not a folder"),
     (errno.EISDIR, "`/x/f.h5` is a folder where a file is expected"),
     (errno.ENAMETOOLONG, "`/x/f.h5`: file name too long"),
+    (errno.EFBIG, "`/x/f.h5` grew past a file-size limit (the process's `ulimit -f`"),
 ])
 def test_each_errno_gets_its_line(code, needle):
     assert needle in os_error_message(OSError(code, os.strerror(code), "/x/f.h5"))

@@ -8,6 +8,7 @@ import sqlite3
 import numpy as np
 import pytest
 
+from tests.tiny_data import REPO
 from utils import evaluation, scores_db
 from utils.errors import UserError
 from utils.metrics import rank_of_first_relevant
@@ -204,6 +205,34 @@ def test_a_full_disk_is_an_oserror_naming_the_db(tmp_path, monkeypatch):
         with scores_db.writing(path, META) as conn:
             scores_db.write_split(conn, make_split("evaluation", n_clips=300, per_clip=5))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+
+
+SIZE_LIMITED = """
+import resource, signal, sys
+from tests.test_scores_db import META, make_split
+from utils import scores_db
+from utils.errors import UserError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+try:
+    with scores_db.writing(sys.argv[1], META) as conn:
+        scores_db.write_split(conn, make_split("evaluation", n_clips=300, per_clip=5))
+except UserError as e:
+    print(e)
+"""
+
+
+def test_a_quota_or_file_size_limit_is_one_line_not_a_disk_failure(tmp_path):
+    """SQLite reports every failed write but a full disk as SQLITE_IOERR: a quota or a
+    `ulimit -f` came out as a traceback saying "Input/output error" (a failing disk?)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "scores.db"
+    proc = subprocess.run([sys.executable, "-c", SIZE_LIMITED, str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith(f"{path}: could not write the scores (disk I/O error: a disk "
+                                  "quota, a file-size limit"), proc.stdout + proc.stderr
 
 
 def damage_scores_table(path) -> None:

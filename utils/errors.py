@@ -28,6 +28,9 @@ _OS_MESSAGES = {
     errno.EISDIR: "`{path}` is a folder where a file is expected — move it away or point the "
                   "config at another path",
     errno.ENAMETOOLONG: "`{path}`: file name too long — choose a shorter path",
+    errno.EFBIG: "`{path}` grew past a file-size limit (the process's `ulimit -f`, or the file "
+                 "system's largest file) — raise the limit or point the config at another disk, "
+                 "and rerun",
 }
 USER_ERRNOS = frozenset(_OS_MESSAGES)
 
@@ -46,7 +49,7 @@ def os_error_errno(e: OSError) -> int | None:
 
 def os_error_message(e: OSError) -> str | None:
     """One line for an OSError a user causes or meets (ENOSPC, EDQUOT, EROFS, EACCES, EPERM,
-    ENOTDIR, EISDIR, ENAMETOOLONG) naming the path; None for any other (a bug)."""
+    ENOTDIR, EISDIR, ENAMETOOLONG, EFBIG) naming the path; None for any other (a bug)."""
     template = _OS_MESSAGES.get(os_error_errno(e))
     if template is None:
         return None

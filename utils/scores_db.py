@@ -232,8 +232,11 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
             err = errno.ENOSPC
         elif code in (_READONLY, _CANTOPEN, _PERM):
             err = errno.EROFS if _read_only_fs(path.parent) else errno.EACCES
-        elif code == _IOERR:
-            err = errno.EIO
+        elif code == _IOERR:  # SQLite says this of every failed write but a full disk:
+            # a quota (EDQUOT) and a file-size limit (EFBIG) among them, not only a bad disk
+            raise UserError(f"{path}: could not write the scores (disk I/O error: a disk quota, "
+                            "a file-size limit (ulimit -f) or a failing disk) — free space or "
+                            "raise the limit, and rerun") from e
         else:
             raise
         raise OSError(err, os.strerror(err), str(path)) from e
