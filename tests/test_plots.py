@@ -201,7 +201,11 @@ def test_plot_run_figures_from_evaluated_splits(tmp_path):
         results.append(evaluation.evaluate_split(s))
     cfg = {"data": {"val_split": "validation"}, "training": {"monitor": "val_loss"},
            "eval": {"checkpoint": "best"}}
+    (run / "plots").mkdir()
+    stale = run / "plots" / ".recall_at_k.svg.0badf00d.tmp"  # of a killed earlier run
+    stale.write_text("half a figure")
     written = plot_run_figures(run, results, cfg=cfg)
+    assert not stale.exists()
     splits = [r.split for r in results]
     assert [p.name for p in written] == ["training_curves.png", "recall_at_k.png"] + \
         [f"{s}_t2a_rank_histogram.png" for s in splits]

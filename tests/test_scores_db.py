@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,20 @@ def test_overwrite_keeps_the_old_db_until_the_new_one_is_complete(db):
     conn = scores_db.open_for_read(path, other)
     assert scores_db.stored_splits(conn) == ["validation"]
     conn.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["scores.db"]
+
+
+def test_a_killed_overwrites_temporary_db_is_removed_by_the_next_write(db):
+    """kill -9 leaves the half-built db of --overwrite (up to a scores.db in size) and its
+    journal; the next writer, holding the run's lock, removes them."""
+    path, conn = db
+    scores_db.write_split(conn, make_split(seed=1))
+    conn.close()
+    stale = path.with_name(".scores.db.0badf00d.tmp")
+    stale.write_bytes(b"half a db")
+    Path(f"{stale}-journal").write_bytes(b"its journal")
+    with scores_db.writing(path, dict(META, checkpoint_sha1="k2"), overwrite=True) as new:
+        scores_db.write_split(new, make_split("validation", seed=2))
     assert sorted(p.name for p in path.parent.iterdir()) == ["scores.db"]
 
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from utils.errors import UserError  # noqa: E402
-from utils.io_utils import atomic_path, ensure_dir  # noqa: E402
+from utils.io_utils import atomic_path, ensure_dir, remove_stale_temps  # noqa: E402
 from utils.tracking import read_jsonl  # noqa: E402
 
 PNG_DPI = 200
@@ -347,6 +347,7 @@ def plot_run_figures(run_dir: str | Path, results: Sequence, plots_dir: str | Pa
 
     run_dir = Path(run_dir)
     plots_dir = Path(plots_dir) if plots_dir else run_dir / "plots"
+    remove_stale_temps(plots_dir)  # of a killed earlier run (postprocessing 02 holds the lock)
     titles = (cfg or {}).get("eval", {}).get("figure_titles", True)
     best = checkpoint_epoch(checkpoint_path(run_dir, "best"))
     val_split = (cfg or {}).get("data", {}).get("val_split")

@@ -47,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_path, ensure_dir, file_digest
+from utils.io_utils import atomic_path, ensure_dir, file_digest, remove_stale_temps
 
 SCHEMA_VERSION = "2"
 # the meta entries an existing db must share with this run to be reused: what decides a score
@@ -362,11 +362,15 @@ def writing(path: str | Path, meta: dict[str, str], overwrite: bool = False
     Without `overwrite`, splits go into `path` itself (created if missing), one transaction
     each: a failure keeps every split finished before it. With `overwrite`, the new db is built
     in a temporary file beside `path` and renamed onto it only when the block succeeds: until
-    then the old scores.db stays complete and untouched.
+    then the old scores.db stays complete and untouched. Call it holding the run's lock: the
+    temporary db (and journal) of a killed earlier --overwrite, up to a scores.db in size, is
+    removed first.
     """
     path = Path(path)
     if path.exists() and not path.is_file():  # SQLite would only say "unable to open"
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    for stale in remove_stale_temps(path.parent, f"{path.name}."):
+        Path(f"{stale}-journal").unlink(missing_ok=True)
     if not overwrite:
         created = not path.exists()
         if created:  # by open(), not SQLite (0644): the mode a plain open() gives (0666 - umask)
