@@ -153,11 +153,26 @@ def test_the_training_directory_comes_from_a_training_entry(tmp_path, monkeypatc
         provenance.record_invocation(tmp_path, "cpu", action="query")
 
 
-def test_unreadable_provenance_is_kept_aside(tmp_path):
-    (tmp_path / "provenance.json").write_text('{"invocations": [{"cwd": ')  # cut off
-    provenance.record_invocation(tmp_path, "cpu")
-    assert (tmp_path / "provenance.json.unreadable").read_text().startswith('{"invocations"')
+def test_unreadable_provenance_is_kept_aside(tmp_path, capsys):
+    """Each damaged or reshaped file is kept under a name of its own (a second one does not
+    replace the first), with a warning; a good file's other keys survive a new entry."""
+    path = tmp_path / "provenance.json"
+    damaged = ['{"invocations": [{"cwd": ',  # cut off
+               '{"invocations": {"note": "x"}, "my_notes": "important"}']  # valid JSON, other shape
+    for text in damaged:
+        path.write_text(text)
+        provenance.record_invocation(tmp_path, "cpu")
+        assert "was not a provenance file (damaged or edited); kept as" in capsys.readouterr().err
+    assert (tmp_path / "provenance.json.unreadable").read_text() == damaged[0]
+    assert (tmp_path / "provenance.json.unreadable-2").read_text() == damaged[1]
     assert len(provenance.read_provenance(tmp_path)) == 1
+
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "my_notes": "keep me"}))
+    provenance.record_invocation(tmp_path, "cpu", action="scores")
+    assert json.loads(path.read_text())["my_notes"] == "keep me"
+    assert len(provenance.read_provenance(tmp_path)) == 2
+    assert "warning" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- run paths

@@ -175,23 +175,50 @@ def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str]
     training segment) to `<run>/provenance.json` (atomic rewrite); returns the path. Call it
     holding the run's lock.
 
-    An unreadable existing file is kept aside as `provenance.json.unreadable` rather than lost.
+    An existing file that is not `{"invocations": [{...}, ...]}` (damaged, or edited into
+    another shape) is kept aside under a free name, `provenance.json.unreadable[-N]`, never
+    over an earlier one, and said so; other top-level keys of a good file are kept.
     """
     if action not in ACTIONS:
         raise ValueError(f"action {action!r} is not one of {ACTIONS}")
     path = provenance_path(run_dir)
-    entries = read_provenance(run_dir)
-    if not entries and path.is_file():
-        try:
-            json.loads(path.read_text(encoding="utf-8"))["invocations"]
-        except (OSError, ValueError, KeyError, TypeError):
-            os.replace(path, path.with_name(PROVENANCE_JSON + ".unreadable"))
+    doc = _read_document(path)
+    if doc is None:
+        doc = {}
+        if path.exists():
+            aside = _free_name(path.with_name(PROVENANCE_JSON + ".unreadable"))
+            os.replace(path, aside)
+            print(f"warning: {path} was not a provenance file (damaged or edited); kept as "
+                  f"{aside.name}, a new one started", file=sys.stderr)
     entry = invocation(device, overrides, action, conf, world_size)
     if data is not None:
         entry["data"] = data
-    entries.append(entry)
-    atomic_write_text(path, json.dumps({"invocations": entries}, indent=2) + "\n")
+    doc["invocations"] = doc.get("invocations", []) + [entry]
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def _read_document(path: Path) -> dict | None:
+    """provenance.json as written ({} when absent), or None when it is not one."""
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    entries = doc.get("invocations") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return None
+    return doc
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ...: the first that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def trained_on(run_dir: str | Path) -> dict | None:
