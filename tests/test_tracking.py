@@ -8,8 +8,8 @@ import soundfile as sf
 from tests.tiny_data import REPO
 from utils.config import load_config
 from utils.errors import UserError
-from utils.tracking import (Tracker, history_rows, read_finished_segment, read_jsonl, read_wandb_file,
-                            wandb_mode, wandb_segments)
+from utils.tracking import (FINISHED_QUIET_S, Tracker, history_rows, read_finished_segment, read_jsonl,
+                            read_wandb_file, wandb_mode, wandb_segments)
 
 
 def offline_env(tmp_path) -> dict:
@@ -28,9 +28,6 @@ def offline(tmp_path, monkeypatch):
     return load_config(REPO / "conf.yaml")
 
 
-# A finished segment gets its exit record: wait for it, however long wandb's service pauses
-# between writes on a loaded machine (the 2 s default, for killed segments, cut it short once)
-FINISHED_QUIET_S = 20.0
 
 
 def segment_records(run_dir, run_id):
@@ -80,6 +77,25 @@ def test_evaluation_has_its_own_run_grouped_with_and_linked_from_training(tmp_pa
     rows = [(step, sorted(row)) for log in evals for step, row in history_rows(log)]
     assert [step for step, _ in rows] == [0, 1]  # the second evaluation does not overwrite the first
     assert all("evaluation/t2a/mAP@10" in keys and "evaluation/t2a/rank._type" in keys for _, keys in rows)
+
+
+def test_finish_waits_for_its_own_segment_to_be_complete(tmp_path, offline, monkeypatch):
+    """The next segment (a second evaluation, a resume) continues from the steps it reads in
+    this one: finish() returns once the service has written it all, waiting out pauses longer
+    than the 2 s a reader allows a killed segment (a loaded machine logged step 0 twice)."""
+    import utils.tracking as tracking
+
+    waited, read = [], tracking.read_finished_segment
+    def record(path, quiet_s=2.0, **kwargs):
+        waited.append((path, quiet_s))
+        return read(path, quiet_s=quiet_s, **kwargs)
+    monkeypatch.setattr(tracking, "read_finished_segment", record)
+    ev = Tracker(offline, tmp_path, job_type="eval")
+    ev.log({"evaluation/t2a/mAP@10": 0.5})
+    ev.finish()
+    [segment] = wandb_segments(tmp_path, ev.run_id)
+    assert waited == [(segment, FINISHED_QUIET_S)]
+    assert any(r.WhichOneof("record_type") == "exit" for r in read_wandb_file(segment))
 
 
 def test_the_summary_is_the_best_epochs_record(tmp_path, offline):

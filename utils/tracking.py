@@ -217,6 +217,11 @@ def _has_exit(records: list) -> bool:
     return any(r.WhichOneof("record_type") == "exit" for r in records)
 
 
+# Tracker.finish waits this long for silence before it gives up on its own exit record (which
+# always comes); a reader of a segment killed mid-run waits the default 2 s (none will come)
+FINISHED_QUIET_S = 20.0
+
+
 def read_finished_segment(path: Path, quiet_s: float = 2.0, limit_s: float = 30.0) -> list:
     """The records of a segment that may still be being written: wandb's service writes a
     finished segment's last rows and its exit record just after `finish()` returns, and the
@@ -447,6 +452,15 @@ class Tracker:
                       "epochs_trained": trained, **extra})
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        """End the wandb segment, and wait until its transaction log is complete on disk: the
+        service writes its last rows and exit record just after run.finish() returns, and the
+        next segment (another evaluation, a resume) continues from the steps it reads there.
+        On a loaded machine the service can pause for seconds; a reader that gave up early
+        would log at a step wandb already has (and wandb drops such rows)."""
+        if self.run is None:
+            return
+        self.run.finish()
+        self.run = None
+        segments = wandb_segments(self.run_dir, self.run_id)
+        if segments:
+            read_finished_segment(segments[-1], quiet_s=FINISHED_QUIET_S)
