@@ -8,7 +8,7 @@ verified; a caption or metadata CSV you edited is kept as `<name>.local-<md5>.cs
 
 --baseline also fetches the released DCASE 2023 baseline (Zenodo, DOI 10.5281/zenodo.7752975:
 its training checkpoint and audio_encoder.pth) into `paths.pretrained_dir`, each file checked
-against the md5 the record lists (or `download.baseline_files`); then
+against the md5 the record (`download.baseline_record`) lists; then
 `python main.py --import-baseline <checkpoint>` makes a run of it.
 """
 from pathlib import Path

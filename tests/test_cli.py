@@ -154,6 +154,24 @@ def test_each_errno_gets_its_line(code, needle):
     assert needle in os_error_message(h5)
 
 
+PRINTS_A_LOT = """
+import utils.cli
+def main():
+    for _ in range(100_000):
+        print("a line of results, as query.py --json prints them")
+utils.cli.run(main)
+"""
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`query.py --json | head`: the reader closes the pipe; no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(PRINTS_A_LOT)} | head -1",
+                          shell=True, cwd=REPO, capture_output=True, text=True, timeout=60,
+                          executable="/bin/bash")
+    assert proc.stdout == "a line of results, as query.py --json prints them\n"
+    assert proc.stderr == ""
+
+
 def test_a_write_error_without_a_path_still_says_what_happened():
     assert os_error_message(OSError(errno.ENOSPC, "No space left on device")).startswith(
         "no space left on device writing a file —")

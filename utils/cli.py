@@ -196,6 +196,10 @@ def _run(main: Callable[[], object]) -> None:
         main()
     except UserError as e:
         _fail(str(e))
+    except BrokenPipeError:  # `query.py --json | head`: the reader has all it wanted
+        # Python would complain again flushing stdout at exit: point it at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except OSError as e:
         message = os_error_message(e)
         if message is None:
