@@ -123,6 +123,22 @@ def test_read_captions_missing_column(tmp_path):
         read_captions(tmp_path, ["validation"])
 
 
+@pytest.mark.parametrize("row, needle", [
+    (",,,,,", "row 3: empty tid, fid, fname"),  # an edited file's blank row
+    ("t0,f9,x.wav,a caption,a caption,a caption", "row 3: tid t0 appears twice"),
+])
+def test_read_captions_names_a_blank_or_repeated_row(tmp_path, row, needle):
+    """Named here, not later as a clip "missing from the log-mels" (advice to rerun step 02)."""
+    _write_text_csvs(tmp_path, {"validation": ["a dog", "rain"]})
+    path = tmp_path / "validation_text.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    tid0 = lines[1].split(",")[0]
+    path.write_text("\n".join([lines[0], lines[1], row.replace("t0", tid0), *lines[2:]]) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(UserError, match=needle.replace("t0", tid0)):
+        read_captions(tmp_path, ["validation"])
+
+
 def test_script_writes_embeddings(tmp_path, model, monkeypatch, capsys):
     """The script end to end, in this process (runpy) so the module's model is reused."""
     data = tmp_path / "data"

@@ -93,6 +93,19 @@ def read_text_csv(dataset_dir: str | Path, split: str) -> pd.DataFrame:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} — rerun {STEP_01}")
     if df.empty:
         raise UserError(f"{path}: no captions — rerun {STEP_01}")
+    # an edited file: name the row here, not as a clip missing from the log-mels later
+    ids = ["tid", "fid", "fname"]  # a caption may be any text, an empty one included
+    empty = (df[ids].apply(lambda c: c.str.strip()) == "").any(axis=1)
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0])
+        blank = [c for c in ids if not df[c].iloc[row].strip()]
+        raise UserError(f"{path}: row {row + 2}: empty {', '.join(blank)} — remove the row or rerun "
+                        f"{STEP_01}")
+    repeated = df["tid"].duplicated()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated.to_numpy())[0])
+        raise UserError(f"{path}: row {row + 2}: tid {df['tid'].iloc[row]} appears twice — rerun "
+                        f"{STEP_01}")
     return df
 
 
