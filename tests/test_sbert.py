@@ -276,6 +276,14 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     df.to_csv(csv, index=False)
     with pytest.raises(UserError, match=r"row 5: caption 'rain on a tin roof' changed since .*alt.pkl"):
         train_utils.load_training_data(load_config(conf, ["text_encoder.embeddings=alt.pkl"]))
+    # step 03 stopped after its new embeddings, before their record: the old record does not
+    # vouch for them (it would pass another model's embeddings)
+    record = texts_path(path).read_text()
+    save_pickle({k: v * 2 for k, v in load_pickle(path).items()}, path)
+    with pytest.raises(UserError, match=r"sbert_embeds.texts.json: describes other caption "
+                                        r"embeddings than .*sbert_embeds.pkl \(step 03 was stopped"):
+        train_utils.load_training_data(load_config(conf, ["sbert.model=other-model"]))
+    assert texts_path(path).read_text() == record  # refused, not rewritten
     texts_path(path).unlink()  # features from before the record: nothing to check, as before
     df.loc[3, "raw_text"] = "something else"
     df.to_csv(csv, index=False)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_utils import STEP_01, read_text_csv, text_csv_path, text_digest, texts_path
+from utils.data_utils import (STEP_01, embeddings_sha1, read_text_csv, text_csv_path, text_digest,
+                              texts_path)
 from utils.devices import resolve_device
 from utils.errors import UserError
 from utils.io_utils import atomic_write_text, save_pickle
@@ -159,10 +160,10 @@ def compute_sbert_embeddings(dataset_dir: str | Path, splits: list[str], model_n
     model = load_sentence_model(model_name, device)
     emb = encode_captions(model, texts, batch_size, progress=True)
     path = Path(dataset_dir) / filename
-    # the old record goes first: killed in between, no record (nothing checked) is right, and
-    # an old record beside new embeddings would not be
-    texts_path(path).unlink(missing_ok=True)
     save_pickle({tid: emb[i].copy() for i, tid in enumerate(tids)}, path)
+    # the record names the file it describes: stopped before it is rewritten, the old record no
+    # longer matches the new embeddings and readers refuse it (utils.data_utils._texts_record)
     atomic_write_text(texts_path(path), json.dumps(
-        {"model": model_name, "text_sha1": {tid: text_digest(t) for tid, t in zip(tids, texts)}}))
+        {"model": model_name, "embeddings_sha1": embeddings_sha1(path),
+         "text_sha1": {tid: text_digest(t) for tid, t in zip(tids, texts)}}))
     return path, len(tids), emb.shape[1]
