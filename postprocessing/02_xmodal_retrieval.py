@@ -13,7 +13,7 @@ from pathlib import Path
 
 import utils.cli
 from utils import evaluation, provenance, report, scores_db
-from utils.data_utils import features_dir, skipped_counts
+from utils.data_utils import check_features_found, features_dir, skipped_counts
 from utils.errors import UserError
 from utils.plots import plot_run_figures
 from utils.runs import METRICS_JSON, SCORES_DB, checkpoint_path, load_run_config, lock_run
@@ -37,6 +37,7 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
     if not ckpt.is_file():
         raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {ckpt})")
     epoch = evaluation.checkpoint_epoch(ckpt)
+    check_features_found(cfg, run_dir)  # else the db would look like another data's scores
     meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, epoch)
     db_path = Path(run_dir) / SCORES_DB
     conn = scores_db.open_for_read(db_path, meta)

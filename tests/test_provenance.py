@@ -209,6 +209,23 @@ def test_relative_paths_resolve_from_another_directory(tmp_path, monkeypatch, re
     assert cfg["eval"]["top_k"] == 3  # the caller's overrides are kept
 
 
+def test_a_run_whose_data_is_not_found_from_here_says_so(tmp_path, monkeypatch):
+    """The run's checkout moved (its recorded training directory is gone): the relative dataset
+    path is named, not "scores.db does not belong" / "run step 03" (advice to recompute)."""
+    from tests.cli_helpers import error_line, run_in_process
+    from utils.runs import checkpoint_path
+
+    run_dir = _trained_elsewhere(tmp_path, record=False)
+    (tmp_path / "proj" / "data").rename(tmp_path / "proj" / "moved")
+    checkpoint_path(run_dir, "best").parent.mkdir()
+    checkpoint_path(run_dir, "best").write_bytes(b"never read")
+    for script in ("postprocessing/01_xmodal_scores.py", "postprocessing/02_xmodal_retrieval.py"):
+        line = error_line(run_in_process(monkeypatch, str(REPO / script), "--run", run_dir,
+                                         cwd=tmp_path))
+        assert (f"paths.dataset_dir 'data/tiny' of {run_dir / 'config.yaml'} is not a folder from "
+                f"{tmp_path} — run from the directory the run was trained in") in line, line
+
+
 def test_paths_that_exist_from_here_are_left_alone(tmp_path, monkeypatch):
     run_dir = _trained_elsewhere(tmp_path, record=True)
     monkeypatch.chdir(tmp_path / "proj")  # where it was trained: nothing to change

@@ -67,6 +67,20 @@ def not_found(path: Path, fix: str) -> UserError:
     return UserError(f"{path}: not found — {fix}")
 
 
+def check_features_found(cfg: dict, run_dir: str | Path) -> None:
+    """A trained run's features folder must be found before anything is compared with it: a run
+    moved (or its checkout moved) away from relative paths would otherwise read as "scores from
+    other data" or "run step 03", advice that recomputes what is only not found (UserError)."""
+    folder = features_dir(cfg)
+    if folder.is_dir():
+        return
+    key = "paths.features_dir" if cfg["paths"].get("features_dir") else "paths.dataset_dir"
+    where = "" if folder.is_absolute() else f" from {Path.cwd()}"
+    raise UserError(f"{key} {str(folder)!r} of {Path(run_dir) / 'config.yaml'} is not a folder"
+                    f"{where} — run from the directory the run was trained in, or --set "
+                    f"{key}=<where it is now>")
+
+
 def check_split_prepared(dataset_dir: str | Path, split: str, cfg: dict, key: str) -> None:
     """A split named by config key `key` (data.train_split, eval.splits, ...) that steps 01-03
     never prepare, as it is not in data.splits, and whose captions are absent: a typo, most

@@ -31,8 +31,8 @@ from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save
 from utils.config import CONFIG_NAME, ConfigError, flat_config, load_run_config, validate as validate_config
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
-from utils.data_utils import (CaptionDataset, check_sentence_model, check_split_prepared,
-                              collate_pad, encode_split, features_dir,
+from utils.data_utils import (CaptionDataset, check_features_found, check_sentence_model,
+                              check_split_prepared, collate_pad, encode_split, features_dir,
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
                               logmel_path, relevance)
 from utils.devices import amp_mode, autocast
@@ -756,6 +756,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     """
     run_dir = require_run_dir(run_dir)
     cfg = load_run_config(run_dir, overrides)
+    check_features_found(cfg, run_dir)
     path = checkpoint_path(run_dir, which)
     if not path.is_file():
         raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {path})")
