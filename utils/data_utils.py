@@ -160,11 +160,13 @@ def embeddings_sha1(path: str | Path) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    return _sha1_of_version(str(path), st.st_size, st.st_mtime_ns)
+    # the inode too: every write of it is an atomic rename, a new inode even within one tick
+    # of a coarse file-system clock
+    return _sha1_of_version(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _sha1_of_version(path: str, size: int, mtime_ns: int) -> str:
+def _sha1_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str:
     return file_digest(path, "sha1")
 
 

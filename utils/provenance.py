@@ -120,13 +120,13 @@ def training_data(cfg: dict) -> dict:
     caption embeddings, and of each training and validation split's log-mels, captions and skip
     list. Recorded at each training segment, so that a rerun of steps 01-03 later cannot leave
     a run whose data nobody can name."""
-    from utils.data_utils import features_dir
-    from utils.scores_db import file_sha1, split_identity
+    from utils.data_utils import embeddings_sha1, features_dir
+    from utils.scores_db import split_identity
 
     embeddings = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
     splits = dict.fromkeys((cfg["data"]["train_split"], cfg["data"]["val_split"]))
     return {"sbert_model": cfg["sbert"]["model"],
-            "embeddings_sha1": file_sha1(embeddings) if embeddings.is_file() else None,
+            "embeddings_sha1": embeddings_sha1(embeddings),  # hashed once per process
             "splits": {split: json.loads(split_identity(cfg, split)) for split in splits}}
 
 

@@ -154,7 +154,7 @@ def expected_meta(run_dir: str | Path, cfg: dict, checkpoint: str, checkpoint_fi
     """The meta rows of a scores.db computed by this run's checkpoint from the current data
     (all strings). IDENTITY_KEYS and the `split:<name>` rows of eval.splits are what a stored
     db must match; run, checkpoint, epoch and config_sha1 only say where it came from."""
-    from utils.data_utils import features_dir
+    from utils.data_utils import embeddings_sha1, features_dir
 
     embeddings = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
     meta = {
@@ -164,7 +164,7 @@ def expected_meta(run_dir: str | Path, cfg: dict, checkpoint: str, checkpoint_fi
         "checkpoint": checkpoint,
         "checkpoint_epoch": "" if checkpoint_epoch is None else str(int(checkpoint_epoch)),
         "checkpoint_sha1": file_sha1(checkpoint_file),
-        "embeddings_sha1": file_sha1(embeddings) if embeddings.is_file() else "",
+        "embeddings_sha1": embeddings_sha1(embeddings) or "",  # hashed once per process
         "eval_amp": str(cfg["eval"]["amp"]),
     }
     for split in cfg["eval"]["splits"]:
