@@ -47,7 +47,7 @@ class DualEncoderModel(nn.Module):
         return self.audio_branch(audio), self.text_branch(text)
 
 
-def _describe_mismatch(encoder: nn.Module, state: dict) -> list[str]:
+def describe_mismatch(encoder: nn.Module, state: dict) -> list[str]:
     """Human-readable differences between `encoder`'s state dict and `state` (keys, shapes)."""
     expected = encoder.state_dict()
     problems = []
@@ -92,7 +92,7 @@ def load_audio_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state dict, got {type(state).__name__}")
-    problems = _describe_mismatch(encoder, state)
+    problems = describe_mismatch(encoder, state)
     if problems:
         raise UserError(f"{path}: does not fit {type(encoder).__name__}: {'; '.join(problems)}")
     encoder.load_state_dict(state, strict=True)

@@ -414,6 +414,7 @@ def test_a_checkpoint_that_is_not_ours_or_does_not_fit_names_the_cause(scripts):
     channels = "audio_encoder.channels=[8,8,8,16,16,16]"
     line = error_line(call(SCORES, "--run", run_dir, "--set", channels))
     assert f"{best}: does not fit the model of {run_dir / 'config.yaml'} with --set {channels}" in line
+    assert "has shape [" in line and ", expected [" in line  # which tensor, not torch's header only
     import torch
 
     torch.save({"model": 5}, best)  # a dict, but no state dict in it

@@ -263,6 +263,20 @@ def test_resume_refuses_model_changes(tiny):
         tu.resume_config(tiny / "data")
 
 
+def test_a_last_pt_of_another_width_names_the_tensor_that_differs(tiny):
+    """A checkpoint copied in from a run of another width: the line says which tensor and which
+    shapes, not only torch's "Error(s) in loading state_dict for DualEncoderModel:"."""
+    cfg = load_config(tiny_config(tiny))
+    data = tu.load_training_data(cfg)
+    wide = tu.build_trainer(load_config(tiny_config(tiny), ["audio_encoder.channels=[8,8,8,16,16,32]"]),
+                            data.table, torch.device("cpu"))
+    state = tu.checkpoint_dict(wide, cfg, [])
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"last.pt: does not fit the model of this run's config "
+                                        r"\('audio_enc\..*' has shape \[.*\], expected \["):
+        tu.restore(tr, state, tiny / "last.pt")
+
+
 def test_features_of_another_definition_than_the_config_are_refused(tiny, monkeypatch, capsys):
     """The run's config would record hop 0.01 for features computed at 0.02: query.py and the
     submission would then compute their log-mels differently from the training clips'."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from models.audio_encoders import DEFAULT_CHANNELS
-from models.core import _describe_mismatch, build_model, read_torch_file
+from models.core import describe_mismatch, build_model, read_torch_file
 from utils.checkpoint import save_checkpoint
 from utils.config import CONFIG_NAME, load_config, save_config
 from utils.data_utils import features_dir, load_text_table
@@ -174,7 +174,7 @@ def import_release(cfg: dict, checkpoint: str | Path, name: str | None = None) -
     check_embedding_dim(int(table.shape[1]), embeddings)
     del table
     run_cfg = release_config(cfg, out_dim, path)
-    problems = _describe_mismatch(_expected_model(run_cfg), state)
+    problems = describe_mismatch(_expected_model(run_cfg), state)
     if in_dim != TEXT_DIM or problems:
         raise UserError(f"{path}: does not fit the baseline's model (CNN14 + {TEXT_DIM} -> {out_dim} "
                         f"text projection): {'; '.join(problems)}")

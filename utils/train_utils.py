@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from models.core import build_model
+from models.core import build_model, describe_mismatch
 from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save_checkpoint,
                               set_rng_state)
 from utils.config import CONFIG_NAME, ConfigError, flat_config, load_run_config, validate as validate_config
@@ -320,7 +320,7 @@ def restore(tr: Trainer, state: dict, ckpt: Path) -> None:
         tr.scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{ckpt}: does not fit the model of this run's config "
-                        f"({str(e).strip().splitlines()[0][:200]})") from None
+                        f"({_mismatch_text(tr.model, state['model'], e)})") from None
     if tr.scaler is not None and state.get("scaler"):
         tr.scaler.load_state_dict(state["scaler"])
     tr.epoch, tr.best_epoch = int(state["epoch"]), int(state["best_epoch"])
@@ -773,5 +773,12 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
         model_sets = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in FROZEN_ON_RESUME]
         given = f" with --set {' '.join(model_sets)}" if model_sets else ""
         raise UserError(f"{path}: does not fit the model of {run_dir / CONFIG_NAME}{given} "
-                        f"({str(e).strip().splitlines()[0][:200]})") from None
+                        f"({_mismatch_text(model, state['model'], e)})") from None
     return model.to(device).eval(), cfg, tid2row
+
+
+def _mismatch_text(model: torch.nn.Module, weights, error: Exception) -> str:
+    """Which tensors differ (names, shapes): torch's first line says only "Error(s) in loading
+    state_dict for DualEncoderModel:", the details follow on lines a one-line error drops."""
+    problems = describe_mismatch(model, weights) if isinstance(weights, dict) else []
+    return "; ".join(problems[:3]) if problems else str(error).strip().splitlines()[0][:200]
