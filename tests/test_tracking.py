@@ -28,8 +28,6 @@ def offline(tmp_path, monkeypatch):
     return load_config(REPO / "conf.yaml")
 
 
-
-
 def segment_records(run_dir, run_id):
     """Each segment's records, once wandb's service has written them all."""
     return [read_finished_segment(path, quiet_s=FINISHED_QUIET_S) for path in wandb_segments(run_dir, run_id)]

@@ -39,7 +39,7 @@ def save_checkpoint(path: str | Path, state: dict, copies: Sequence[str | Path] 
             try:
                 torch.save(state, out)
             except RuntimeError:
-                if out.error is not None:  # a full disk: an OSError (ENOSPC), named by atomic_path
+                if out.error is not None:  # ENOSPC, EDQUOT, EFBIG...: named by atomic_path
                     raise out.error from None
                 raise
             f.flush()

@@ -153,7 +153,6 @@ def format_runs(described: list[dict], differences: dict[str, list], warnings: l
     return "\n".join(lines)
 
 
-
 def format_comparison(rows, split: str, paired: dict | None = None, names=("A", "B")) -> str:
     """The plain-text table compare_runs.py prints; `paired`: {direction: paired_difference}."""
     lines = [f"split {split}: metric (95% CI over clips)",
