@@ -67,8 +67,9 @@ def _train(args, cfg: dict, ctx, device, held: contextlib.ExitStack):
     state = train_utils.read_resume_checkpoint(args.resume) if args.resume else None
     data = train_utils.load_training_data(cfg, args.resume)
     if state is not None:
-        train_utils.check_text_dim(state, checkpoint_path(args.resume, "last"), data.table,
-                                   data.embeddings_path)
+        ckpt = checkpoint_path(args.resume, "last")
+        train_utils.check_resume_checkpoint(state, ckpt, cfg)
+        train_utils.check_text_dim(state, ckpt, data.table, data.embeddings_path)
         if state["epoch"] >= cfg["training"]["epochs"]:
             if ctx.is_master:
                 print(f"nothing to train: {args.resume} has finished {state['epoch']} epochs of "

@@ -190,3 +190,23 @@ def test_corrupt_checkpoint_is_refused_and_kept(conf, tmp_path, monkeypatch, cap
     assert f"{last}: not a readable checkpoint" in error_line(proc)
     assert last.read_bytes() == bad  # nothing deleted or rewritten
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
+
+
+def test_a_last_pt_from_another_run_is_refused_before_training(conf, tmp_path, monkeypatch, capsys):
+    """A last.pt copied in from a run of the same width but other settings (here Adam's lr, which
+    the restored optimizer would silently keep) is named as not this run's; nothing is trained,
+    and no "resuming after epoch N" is printed first."""
+    ours = train_in_process(conf, "ours", ["training.epochs=1"]).run_dir
+    theirs = train_in_process(conf, "theirs", ["training.epochs=1", "training.lr=0.002"]).run_dir
+    mine = (ours / "checkpoints" / "last.pt").read_bytes()
+    (ours / "checkpoints" / "last.pt").write_bytes((theirs / "checkpoints" / "last.pt").read_bytes())
+    proc = main_in_process(monkeypatch, capsys, "--resume", ours, "--set", "training.epochs=2")
+    line = error_line(proc)
+    assert f"{ours / 'checkpoints' / 'last.pt'}: written by a run with training.lr 0.002 (the run: 0.001)" in line
+    assert "not this run's checkpoint" in line and "resuming" not in proc.stdout
+    assert [r["epoch"] for r in read_jsonl(ours / "metrics.jsonl")] == [1]
+    # the advice works: with its own last.pt back, the run goes on
+    (ours / "checkpoints" / "last.pt").write_bytes(mine)
+    proc = main_in_process(monkeypatch, capsys, "--resume", ours, "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert _epoch_of(ours / "checkpoints" / "last.pt") == 2

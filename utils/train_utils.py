@@ -77,17 +77,29 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
     for key, value in flat_config(cfg).items():
         if saved.get(key) == value:
             continue
-        if key.split(".", 1)[0] in FROZEN_ON_RESUME or key in FROZEN_KEYS_ON_RESUME:
+        fixed = fixed_on_resume(key)
+        if fixed == "model":
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}; model "
                             "and loss keys cannot change on --resume (start a new run instead)")
-        if key in FEATURES_ON_RESUME:
+        if fixed == "features":
             raise UserError(f"--set {key}: {run_dir} was trained on log-mels with {saved.get(key)!r}; "
                             "the features cannot change on --resume (start a new run instead)")
-        if any(key == k or key.startswith(k + ".") for k in RESTORED_ON_RESUME):
+        if fixed == "restored":
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}, and the "
                             "optimizer, scheduler and best metric restored from checkpoints/last.pt "
                             "keep it on --resume; start a new run to change it")
     return load_run_config(run_dir, resolved_overrides(run_dir, overrides))
+
+
+def fixed_on_resume(key: str) -> str | None:
+    """Why a flat config key cannot change on --resume ("model", "features", "restored"), or None."""
+    if key.split(".", 1)[0] in FROZEN_ON_RESUME or key in FROZEN_KEYS_ON_RESUME:
+        return "model"
+    if key in FEATURES_ON_RESUME:
+        return "features"
+    if any(key == k or key.startswith(k + ".") for k in RESTORED_ON_RESUME):
+        return "restored"
+    return None
 
 
 # --------------------------------------------------------------------------- devices, seeds
@@ -303,6 +315,20 @@ def read_resume_checkpoint(run_dir: str | Path) -> dict | None:
     if missing:
         raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}; it cannot resume a run")
     return state
+
+
+def check_resume_checkpoint(state: dict, ckpt: Path, cfg: dict) -> None:
+    """Refuse a last.pt written under other model, loss, feature or optimizer settings than the
+    run's config.yaml says (one copied in from another run, or a config.yaml edited by hand):
+    training would go on from a model the config does not describe, and every later step would
+    trust the config. Keys a checkpoint of an older version lacks are not compared."""
+    saved, ours = flat_config(state.get("config") or {}), flat_config(cfg)
+    differ = [k for k in ours if k in saved and saved[k] != ours[k] and fixed_on_resume(k)]
+    if differ:
+        shown = ", ".join(f"{k} {saved[k]!r} (the run: {ours[k]!r})" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise UserError(f"{ckpt}: written by a run with {shown}{more}, so it is not this run's "
+                        f"checkpoint; put the run's own last.pt back, or train a new run")
 
 
 def check_text_dim(state: dict, ckpt: Path, table: torch.Tensor, embeddings_path: Path) -> None:
