@@ -47,11 +47,9 @@ def _epoch_of(path) -> int:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf_workers, tmp_path, monkeypatch, capsys):
     conf = conf_workers
     out = tmp_path / "outputs"
-    # the reference run goes on alongside the one we kill
-    reference = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "ref"],
-                                 cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "killed"],
+    # far more epochs than it is given time for: however fast the machine, the kill lands mid-run
+    victim = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "killed",
+                               "--set", "training.epochs=50"],
                               cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     last = out / "killed" / "checkpoints" / "last.pt"
@@ -62,18 +60,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf_workers, t
             assert time.time() - started < 120, "no checkpoint after 120 s"
             time.sleep(0.05)
         time.sleep(0.3)  # a checkpoint is saved; a later epoch (40 steps, ~0.8 s) is under way
-        assert victim.poll() is None, "the run finished before it could be killed"
+        assert victim.poll() is None, "the run ended before it could be killed"
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
     finally:
         if victim.poll() is None:
             victim.kill()
     killed_at = _epoch_of(last)
-    assert 1 <= killed_at < EPOCHS
+    assert killed_at >= 1
+    epochs = killed_at + 2  # the resumed run trains on past the kill, and past one more epoch end
+    # the reference: the same run, never interrupted (training.epochs steers nothing else)
+    reference = subprocess.Popen([sys.executable, "main.py", "--conf", str(conf), "--name", "ref",
+                                  "--set", f"training.epochs={epochs}"],
+                                 cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
 
     stale = out / "killed" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # a save cut by the kill
     stale.write_bytes(b"half a checkpoint")
-    resumed = main_in_process(monkeypatch, capsys, "--resume", out / "killed")
+    resumed = main_in_process(monkeypatch, capsys, "--resume", out / "killed", "--set", f"training.epochs={epochs}")
     assert resumed.returncode == 0, resumed.stderr
     assert not stale.exists()
     assert f"resuming after epoch {killed_at}" in resumed.stdout
@@ -81,10 +85,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(conf_workers, t
     assert reference.returncode == 0, ref_err
 
     records = read_jsonl(out / "killed" / "metrics.jsonl")
-    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))  # each epoch exactly once
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))  # each epoch exactly once
     state = load_checkpoint(last)
     ref = load_checkpoint(out / "ref" / "checkpoints" / "last.pt")
-    assert state["epoch"] == ref["epoch"] == EPOCHS
+    assert state["epoch"] == ref["epoch"] == epochs
     # Same seed, CPU: the resumed run is the uninterrupted run, bit for bit.
     for key, value in ref["model"].items():
         torch.testing.assert_close(state["model"][key], value, rtol=0, atol=1e-5, msg=key)
