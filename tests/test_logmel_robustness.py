@@ -40,9 +40,22 @@ def config(root, *overrides):
                                             "features.workers=1", *overrides])
 
 
-def run_step(step, root, *overrides, popen=False):
+# a script run with every file it writes limited to `limit` bytes (RLIMIT_FSIZE): a write past
+# it fails with EFBIG, as one fails on a full disk, without needing a small file system
+FILE_SIZE_LIMITED = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_step(step, root, *overrides, popen=False, limit=None):
     script = {"01": "preprocessing/01_clotho_dataset.py", "02": "preprocessing/02_audio_logmel.py"}[step]
-    cmd = [sys.executable, script, "--conf", str(REPO / "conf.yaml"), "--set",
+    start = [script] if limit is None else ["-c", FILE_SIZE_LIMITED, str(limit), script]
+    cmd = [sys.executable, *start, "--conf", str(REPO / "conf.yaml"), "--set",
            f"paths.dataset_dir={root}", "data.splits=[development]", *overrides]
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -94,7 +107,7 @@ def nan_samples(path):
 
 
 @pytest.mark.parametrize("maker, reason", [(low_rate, "no log-mel: sample rate 1000 Hz is too low"),
-                                           (nan_samples, "unreadable: non-finite samples")])
+                                           (nan_samples, "non-finite: NaN or inf samples")])
 def test_without_skipping_step_02_is_one_line_listing_the_file_never_a_worker_traceback(tmp_path, maker, reason):
     names = dataset(tmp_path)
     maker(tmp_path / "development" / names[1])
@@ -102,8 +115,23 @@ def test_without_skipping_step_02_is_one_line_listing_the_file_never_a_worker_tr
     line = error_line(run_step("02", tmp_path, "features.workers=2", "features.flush_every=1"))
     assert "development: 1 unusable audio file" in line and names[1] in line
     assert "data.skip_bad_audio: true" in line
+    # listed under its reason, the one the skip list gives: a wav of NaN/inf reads fine
+    assert f"({reason.partition(':')[0]}: {names[1]}" in line and "unreadable" not in line
     if reason.startswith("no log-mel"):
         assert "sample rate 1000 Hz is too low for the 40 ms window" in line
+
+
+def test_a_wav_of_nan_samples_is_listed_as_non_finite_not_unreadable(tmp_path):
+    """The skip list and the line refusing the file name the same reason."""
+    names = dataset(tmp_path, n=3)
+    nan_samples(tmp_path / "development" / names[1])
+    prepare_clotho(tmp_path, ["development"])
+    with pytest.raises(UserError, match=rf"\(non-finite: {names[1]}\)"):
+        compute_logmels(config(tmp_path), **quiet)
+    [r] = compute_logmels(config(tmp_path, "data.skip_bad_audio=true"), **quiet)
+    assert r.bad == [(names[1], "non-finite: NaN or inf samples")]
+    listed = read_skipped(tmp_path / SKIP_CSV)
+    assert [row[:2] for row in listed] == [(names[1], "non-finite: NaN or inf samples")]
 
 
 def test_skip_list_is_kept_by_both_steps_and_every_reader_leaves_the_clips_out(tmp_path):
@@ -239,18 +267,92 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_really_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, tiny_disk):
+@pytest.mark.parametrize("workers, size, fails_in", [(2, "300k", "shards"), (1, "300k", "shards"),
+                                                     (1, "720k", "merge")])
+def test_a_really_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, tiny_disk, workers, size, fails_in):
+    """20 clips of ~20 kB, in shards of 2 and then merged: 300 kB fills up while the shards are
+    written, 720 kB holds the shards but not the merged file as well (anything from 560 to 960 kB
+    does). workers=1 writes in this process, where HDF5 writing to the full disk itself crashed
+    it (exit 139)."""
     root = tmp_path / "clotho"
     make_clotho(root, {"development": 20}, seconds=1.5)
     feats = [f"paths.features_dir={tiny_disk}"]
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(tiny_disk)], check=True)
     assert run_step("01", root, *feats).returncode == 0
-    line = error_line(run_step("02", root, *feats, "features.workers=2", "features.flush_every=2"))
+    line = error_line(run_step("02", root, *feats, f"features.workers={workers}", "features.flush_every=2"))
     assert line.startswith(f"error: no space left on {tiny_disk}") and "out of memory" not in line
     assert "rerun preprocessing/02_audio_logmel.py to resume" in line
+    if fails_in == "merge":
+        assert "the 20 clips finished are kept" in line
+    assert not logmel_path(tiny_disk, "development").exists()
+    assert not list(tiny_disk.glob(".*.tmp")) and not list(parts_dir(tiny_disk, "development").glob(".*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=20m", str(tiny_disk)], check=True)
-    proc = run_step("02", root, *feats, "features.workers=2")
+    proc = run_step("02", root, *feats, f"features.workers={workers}")
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stdout + proc.stderr
+
+
+def limit_dataset(root):
+    """Four 0.3 s clips (shards of ~10 kB each), then a 2 s one (~32 kB); merged ~51 kB."""
+    names = dataset(root, n=5)
+    write_wav(root / "development" / names[-1], seconds=2.0, seed=4)
+    prepare_clotho(root, ["development"])
+    return names
+
+
+def assert_same_logmels(path, reference):
+    """The same clips, in the same order, with the same data and attrs, file attrs included."""
+    with h5py.File(path, "r") as f, h5py.File(reference, "r") as ref:
+        assert list(f) == list(ref) and dict(f.attrs) == dict(ref.attrs)
+        for fid in ref:
+            np.testing.assert_array_equal(f[fid][()], ref[fid][()])
+            assert dict(f[fid].attrs) == dict(ref[fid].attrs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("limit, fails_in", [(20_000, "shards"), (40_000, "merge")])
+def test_a_write_that_does_not_fit_is_one_line_and_the_rerun_resumes(tmp_path, workers, limit, fails_in):
+    """A file-size limit hit while the 2 s clip's shard is written, or while the merged file is:
+    one line (workers=1 writes in this process, where HDF5 hitting the limit itself crashed it
+    with SIGSEGV, and a failed merge was an h5py traceback), the finished shards are kept, and
+    the rerun finishes them into the file that a run which never failed writes."""
+    root, clean = tmp_path / "a", tmp_path / "b"
+    limit_dataset(root)
+    shutil.copytree(root, clean)  # keeps mtimes: the same clip signatures
+    line = error_line(run_step("02", root, f"features.workers={workers}", "features.flush_every=1", limit=limit))
+    assert "grew past a file-size limit" in line and "rerun preprocessing/02_audio_logmel.py to resume" in line
+    parts = parts_dir(root, "development")
+    shards = sorted(parts.glob("shard-*.h5"))
+    if fails_in == "merge" or workers == 1:  # one worker takes the clips in order: 4 fit
+        kept = 5 if fails_in == "merge" else 4
+        assert f"the {kept} clips finished are kept in {parts}" in line and len(shards) == kept
+    assert shards and not logmel_path(root, "development").exists()
+    assert not list(root.glob(".*.tmp")) and not list(parts.glob(".*.tmp"))
+    proc = run_step("02", root, f"features.workers={workers}")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout + proc.stderr
+    compute_logmels(config(clean), **quiet)
+    assert_same_logmels(logmel_path(root, "development"), logmel_path(clean, "development"))
+
+
+def test_a_shard_written_by_hdf5_on_disk_is_still_reused(tmp_path):
+    """Shards used to be written by HDF5 straight to their file, now from memory: the old ones
+    are read back the same (same datasets and attrs)."""
+    names = dataset(tmp_path, n=3)
+    cfg = config(tmp_path, "features.flush_every=1")
+    compute_logmels(cfg, **quiet)
+    final = logmel_path(tmp_path, "development")
+    reference = final.with_name("reference.hdf5")
+    final.rename(reference)
+    parts = parts_dir(tmp_path, "development")
+    parts.mkdir()
+    fid = make_fid("development", names[0])
+    with h5py.File(reference, "r") as ref, h5py.File(parts / "shard-00000.h5", "w") as old:
+        old.attrs.update({k: v for k, v in ref.attrs.items() if not k.startswith("skipped_")})
+        ref.copy(fid, old, name=fid)
+    r = compute_logmels(cfg, **quiet)[0]
+    assert (r.computed, r.reused) == (2, 1)
+    assert_same_logmels(final, reference)
 
 
 def test_a_disk_error_in_a_worker_is_reported_as_such(tmp_path, monkeypatch):

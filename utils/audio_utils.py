@@ -39,7 +39,8 @@ EPS = float(np.spacing(1))  # added before the log, as the baseline (~2.2e-16)
 
 
 class AudioError(UserError):
-    """A wav that cannot be used. `reason` is one of "missing", "empty", "unreadable"."""
+    """A wav that cannot be used. `reason` is one of "missing", "empty", "unreadable",
+    "non-finite" (it reads, but holds NaN/inf samples)."""
 
     def __init__(self, path: str | Path, reason: str, detail: str = ""):
         self.path, self.reason, self.detail = Path(path), reason, detail
@@ -102,7 +103,7 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Read a sound file: (y float32 [samples] mono, native sample rate).
 
     16/24/32-bit PCM and float wavs (anything libsndfile reads); several channels are averaged.
-    Raises AudioError("missing" | "empty" | "unreadable").
+    Raises AudioError("missing" | "empty" | "unreadable" | "non-finite").
     """
     path = Path(path)
     probe_audio(path)  # header checks, including a cut-off data chunk
@@ -114,7 +115,7 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(path, "empty", "0 frames")
     y = y.mean(axis=1, dtype=np.float32) if y.shape[1] > 1 else y[:, 0]
     if not np.isfinite(y).all():  # a float wav can hold NaN/inf, which would poison the model
-        raise AudioError(path, "unreadable", "non-finite samples")
+        raise AudioError(path, "non-finite", "NaN or inf samples")
     return np.ascontiguousarray(y), int(sr)
 
 

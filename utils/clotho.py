@@ -62,9 +62,10 @@ CAPTION_COLUMNS = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
 CAPTIONS_PER_CLIP = len(CAPTION_COLUMNS) - 1  # every row of a captions CSV has all five
 TEXT_COLUMNS = ["tid", "fid", "fname", "raw_text", "text", "tokens"]
 SKIPPED_COLUMNS = ["fname", "reason", "step"]
+# "non-finite": the wav reads, but holds NaN/inf samples (step 02: step 01 reads headers only).
 # "no log-mel": the wav reads, but cannot be turned into a log-mel (step 02; e.g. its sample
 # rate is too low for the 40 ms window)
-BAD_AUDIO_REASONS = ("missing", "empty", "unreadable", "no log-mel")
+BAD_AUDIO_REASONS = ("missing", "empty", "unreadable", "non-finite", "no log-mel")
 LOCK_NAME = ".features.lock"  # in paths.features_dir, held by steps 01-03 (utils.locks)
 AAC_DATASETS_ROOT = "CLOTHO_v2.1"  # aac-datasets' folder for Clotho v2.1 (its _get_clotho_root)
 

@@ -39,10 +39,12 @@ _NAME_IN_TEXT = re.compile(r"name = '([^']*)'")
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
 
 
-def os_error_errno(e: OSError) -> int | None:
-    """The errno of `e`, also where only its message carries it (h5py: `errno = 28`)."""
-    if e.errno is not None:
-        return e.errno
+def os_error_errno(e: BaseException) -> int | None:
+    """The errno of `e`, also where only its message carries it (h5py: `errno = 28`, in an
+    OSError, or in the RuntimeError of a failed object copy or close)."""
+    code = getattr(e, "errno", None)
+    if code is not None:
+        return code
     found = _ERRNO_IN_TEXT.search(str(e))
     return int(found.group(1)) if found else None
 

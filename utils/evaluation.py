@@ -565,7 +565,7 @@ def waveform_logmel(y: np.ndarray, sr: int, features_cfg: dict) -> np.ndarray:
 def file_logmels(files: Sequence[Path], features_cfg: dict, progress: bool = True
                  ) -> tuple[list[np.ndarray], list[Path], list[tuple[str, str]]]:
     """Read and log-mel every file: (log-mels `[T_i, F]`, their files, (name, reason) of the
-    unusable ones: missing, empty, unreadable, no log-mel)."""
+    unusable ones: missing, empty, unreadable, non-finite, no log-mel)."""
     from utils.audio_utils import AudioError, load_audio
 
     feats, good, bad = [], [], []
@@ -616,8 +616,9 @@ def encode_audio_files(model, files: Sequence[Path], features_cfg: dict, device:
                        skip_bad: bool, amp: str, batch_size: int) -> EncodedAudio:
     """Log-mel every file (as preprocessing 02) and run audio_branch on it (encode_logmels).
 
-    All files are read first: unusable ones (missing, empty, unreadable, no log-mel) stop with
-    one line listing every one of them, unless `skip_bad`, which drops and returns them in `.bad`.
+    All files are read first: unusable ones (missing, empty, unreadable, non-finite, no log-mel)
+    stop with one line listing every one of them, unless `skip_bad`, which drops and returns them
+    in `.bad`.
     """
     feats, good, bad = file_logmels(files, features_cfg)
     if bad and not skip_bad:

@@ -10,10 +10,10 @@ Crash safety and resuming — why the final file can always be trusted:
 
 1. Work in progress lives in `<features_dir>/{split}_audio_logmels.parts/`. The clips to compute
    are cut into chunks of at most `features.flush_every`; each chunk is computed and written as
-   one small HDF5 shard `shard-NNNNN.h5`, to a temporary name renamed into place
-   (utils.io_utils.atomic_path), so a shard that exists is whole. A kill loses at most the
-   chunks in progress (`workers` x `flush_every` clips); on Ctrl-C the workers first finish and
-   save the chunks they started.
+   one small HDF5 shard `shard-NNNNN.h5`, built in memory and written to a temporary name
+   renamed into place (utils.io_utils.atomic_open), so a shard that exists is whole. A kill
+   loses at most the chunks in progress (`workers` x `flush_every` clips); on Ctrl-C the workers
+   first finish and save the chunks they started.
 2. A rerun opens every shard, keeps the clips whose feature parameters and wav size and mtime
    match, and computes only the others. Leftover temporary files from a kill are removed.
 3. When every clip is in a shard, the shards are merged, in audio_info.pkl order, into a
@@ -43,15 +43,17 @@ the log-mels on the GPU (utils.audio_utils.log_mel_torch) and writes the shards.
 when its parent does, even by SIGKILL (Linux: PR_SET_PDEATHSIG; elsewhere a thread watches the
 parent's pid), so no orphan keeps computing or holding the features folder's lock.
 
-Unusable audio — missing, empty, unreadable (including non-finite samples), or "no log-mel" (the
-wav reads but has no log-mel, e.g. a sample rate too low for the 40 ms window) — stops the step
+Unusable audio — missing, empty, unreadable, "non-finite" (NaN or inf samples), or "no log-mel"
+(the wav reads but has no log-mel, e.g. a sample rate too low for the 40 ms window) — stops the step
 after everything else is computed and flushed, listing every such file, unless
 `data.skip_bad_audio`; then the clips are left out of the HDF5 and listed as step 02's rows of the
 split's skip list `{split}_skipped_audio.csv` (utils.clotho.update_skipped; step 01's rows stay).
 
 Disk full: a worker or the merge that fails for lack of space is one line, "no space left on
-<features_dir>", with what was kept; a worker that died outright is reported so too when the
-features folder has (almost) no free space, else as killed (out of memory?).
+<features_dir>", with what was kept (a file-size limit, EFBIG, says so instead); a worker that
+died outright is reported so too when the features folder has (almost) no free space, else as
+killed (out of memory?). HDF5 never writes a shard to the disk itself (see write_shard); the
+merge's errors come back from h5py with the errno in their text.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import io
 import json
 import multiprocessing as mp
 import os
@@ -83,11 +86,12 @@ from utils.clotho import (HDF5_ERRORS, STEP_01, STEP_02, bad_audio_error, featur
                           format_bad_audio, logmel_path, make_fid, read_skipped, resolve_wav,
                           skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
-from utils.errors import Terminated, UserError
-from utils.io_utils import atomic_path, ensure_dir, load_pickle, remove_stale_temps
+from utils.errors import Terminated, UserError, os_error_errno
+from utils.io_utils import atomic_open, atomic_path, ensure_dir, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NO_ROOM = (*DISK_FULL, errno.EFBIG)  # a write that did not fit: the disk, a quota, a file-size limit
 LOW_DISK_BYTES = 64 << 20  # a worker that died with less free space than this: the disk is full
 
 Signature = tuple[int, int]  # (size in bytes, st_mtime_ns) of a wav
@@ -188,7 +192,8 @@ class Result:
     clip: Clip
     feats: np.ndarray | None = None  # [frames, n_mels] float32 (or the waveform when loading only)
     sr: int = 0
-    reason: str = ""  # "missing" | "empty" | "unreadable: ..." | "no log-mel: ..." when unusable
+    # when unusable: "missing" | "empty" | "unreadable: ..." | "non-finite: ..." | "no log-mel: ..."
+    reason: str = ""
 
 
 @dataclass
@@ -216,7 +221,7 @@ def _hdf5_close_on_full_disk(exc: BaseException | None) -> bool:
     the full disk already says it all."""
     text = str(exc)
     return (isinstance(exc, RuntimeError) and "decrement id ref count" in text
-            and any(f"errno = {code}," in text for code in DISK_FULL))
+            and any(f"errno = {code}," in text for code in NO_ROOM))
 
 
 def _quiet_unraisable(unraisable, previous=sys.unraisablehook) -> None:
@@ -306,7 +311,8 @@ def _compute(clip: Clip) -> Result:
     try:
         y, sr = load_audio(clip.path)
     except AudioError as e:
-        return Result(clip, reason=e.reason + (f": {e.detail}" if e.reason == "unreadable" and e.detail else ""))
+        detailed = e.reason in ("unreadable", "non-finite") and e.detail
+        return Result(clip, reason=e.reason + (f": {e.detail}" if detailed else ""))
     if p.get("load_only"):
         return Result(clip, y, sr)
     try:
@@ -419,16 +425,20 @@ def _next_shard_index(folder: Path) -> int:
 
 
 def write_shard(folder: Path, index: int, results: list[Result], params: dict) -> Path:
-    """Write finished clips as one shard, atomically."""
-    ensure_dir(folder)
-    path = folder / f"shard-{index:05d}.h5"
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(params)
-            for r in results:
-                ds = f.create_dataset(r.clip.fid, data=r.feats)
-                ds.attrs.update({"fname": r.clip.fname, "sr": r.sr, "size": r.clip.size,
-                                 "mtime_ns": r.clip.mtime_ns})
+    """Write finished clips as one shard, atomically. The HDF5 file is built in memory and its
+    bytes written by Python: HDF5 whose own write fails (a full disk) leaves objects that fail
+    again as they are freed, and crashed the process (SIGSEGV) instead of the one-line error;
+    a Python write fails with a plain OSError naming the shard."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.attrs.update(params)
+        for r in results:
+            ds = f.create_dataset(r.clip.fid, data=r.feats)
+            ds.attrs.update({"fname": r.clip.fname, "sr": r.sr, "size": r.clip.size,
+                             "mtime_ns": r.clip.mtime_ns})
+    path = ensure_dir(folder) / f"shard-{index:05d}.h5"
+    with atomic_open(path, "wb") as out:
+        out.write(image.getbuffer())
     return path
 
 
@@ -536,6 +546,21 @@ def _disk_full(out_dir: Path, kept: int, folder: Path) -> UserError:
     return UserError(f"no space left on {out_dir}: the {kept} clips finished are kept in {folder} — "
                      "free some space (or set paths.features_dir to another disk) and rerun "
                      f"{STEP_02} to resume")
+
+
+def _no_room(e: Exception, out_dir: Path, kept: int, folder: Path) -> UserError | None:
+    """The one line for a write that did not fit (NO_ROOM), None for any other error. h5py
+    carries the errno only in its message, in an OSError or (a failed copy or close) a
+    RuntimeError."""
+    code = os_error_errno(e)
+    if code in DISK_FULL:
+        return _disk_full(out_dir, kept, folder)
+    if code == errno.EFBIG:
+        return UserError(f"a file in {out_dir} grew past a file-size limit (the process's `ulimit -f`, "
+                         f"or the file system's largest file): the {kept} clips finished are kept in "
+                         f"{folder} — raise the limit (or set paths.features_dir to another disk) and "
+                         f"rerun {STEP_02} to resume")
+    return None
 
 
 def _worker_died(split: str, out_dir: Path, kept: int, folder: Path) -> UserError:
@@ -655,9 +680,10 @@ def _compute_shards(out: SplitFeatures, todo: list[Clip], done: dict, folder: Pa
                 progress.update(chunk.clips)
     except BrokenProcessPool:  # a worker was killed (out of memory, a signal); the pool is unusable
         raise _worker_died(out.split, out_dir, len(done), folder) from None
-    except OSError as e:  # from a worker's shard write: HDF5 names no useful path
-        if e.errno in DISK_FULL:
-            raise _disk_full(out_dir, len(done), folder) from None
+    except OSError as e:  # from a shard write, perhaps a worker's: say what was kept
+        no_room = _no_room(e, out_dir, len(done), folder)
+        if no_room is not None:
+            raise no_room from None
         raise
     return bad
 
@@ -676,9 +702,10 @@ def _finish(out: SplitFeatures, fid2fname: dict[str, str], done: dict, bad: list
     skipped = {fid: sigs[fid] for fid in fid2fname if fid2fname[fid] in bad_names}
     try:
         merge_shards(out.path, keep, done, params, skipped)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise _disk_full(out.path.parent, len(done), folder) from None
+    except (OSError, RuntimeError) as e:  # the shards stay: a rerun merges them again
+        no_room = _no_room(e, out.path.parent, len(done), folder)
+        if no_room is not None:
+            raise no_room from None
         raise
     # after the HDF5: killed in between, the list disagrees with the file and a rerun redoes it
     skip_csv = skipped_path(out.path.parent, out.split)
