@@ -290,8 +290,9 @@ def test_log_mels_recomputed_with_other_settings_are_refused_and_the_advice_work
     line = error_line(call(SCORES, "--run", run_dir))
     assert str(h5_path) in line and "computed with hop_s 0.01, but the run was trained on hop_s 0.02" in line
     assert f"preprocessing/02_audio_logmel.py --conf {run_dir / 'config.yaml'}" in line
-    # a --set on the scoring step does not make the file the run's
-    assert "trained on hop_s 0.02" in error_line(call(SCORES, "--run", run_dir, "--set", "features.hop_s=0.01"))
+    # a --set on the scoring step does not make the file the run's: a trained run's log-mels are fixed
+    assert (f"--set features.hop_s: {run_dir} was trained on log-mels with 0.02; a trained run's features "
+            "cannot change") in error_line(call(SCORES, "--run", run_dir, "--set", "features.hop_s=0.01"))
     with pytest.raises(UserError, match="hop_s 0.01"):
         Retriever.from_run(run_dir).search("rain", split="evaluation")
     with h5py.File(h5_path, "a") as h5:  # what following the advice leaves

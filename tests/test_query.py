@@ -466,6 +466,21 @@ def test_query_audio_gives_captions(q, retriever, scored_run):
     assert json.loads(p.stdout)["results"][0]["hits"][0]["caption"] == want[0].caption
 
 
+@pytest.mark.parametrize("override", ["features.hop_s=0.01", "features.window_s=0.08"])
+def test_another_log_mel_definition_for_new_audio_is_refused(q, scored_run, override):
+    """`--set features.hop_s=...` on a trained run changed the log-mels of new audio (query.py
+    --audio/--folder, the API, the submission) and nothing else, without a word: refused, like
+    on --resume, before any audio is read."""
+    wav = sorted(scored_run[2].values())[0]
+    key = override.split("=")[0]
+    line = error_line(q("--audio", wav, "--set", override))
+    assert line.startswith(f"error: --set {key}: {scored_run[1]} was trained on log-mels with ")
+    assert "a trained run's features cannot change (train a new run instead)" in line
+    with pytest.raises(UserError, match=f"--set {key}: .* a trained run's features cannot change"):
+        Retriever.from_run(scored_run[1], overrides=[override])
+    assert q("--audio", wav, "--set", "features.workers=1").returncode == 0  # not the definition
+
+
 def test_query_from_another_directory_with_relative_paths(scored_run, tmp_path, monkeypatch, capsys):
     """A run trained in <tmp>/proj with `paths.dataset_dir: data`, queried from elsewhere with
     --run only (no conf.yaml there)."""

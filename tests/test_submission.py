@@ -56,6 +56,13 @@ def test_submission_file(sub):
     assert "wrote" in p.stdout and "submission.csv" in p.stdout
 
 
+def test_another_log_mel_definition_is_refused(sub):
+    run_dir, audio, captions, call = sub
+    line = error_line(call("--audio-dir", audio, "--captions", captions, "--set", "features.hop_s=0.01"))
+    assert f"--set features.hop_s: {run_dir} was trained on log-mels with 0.02" in line
+    assert not (run_dir / "submission.csv").exists()
+
+
 @pytest.mark.parametrize("top_k", [5, 20])
 def test_submission_has_exactly_ten_files_whatever_eval_top_k(sub, tmp_path, top_k):
     run_dir, audio, captions, call = sub

@@ -28,7 +28,7 @@ from tests.cli_helpers import error_line, run_in_process
 RECORD_KEYS = {"epoch", "train_loss", "val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5",
                "val_t2a_R@10", "lr", "seconds", "train_seconds", "data_wait_seconds"}
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric",
-                   "best_epoch", "config", "rng", "text_embed_dim"}
+                   "best_epoch", "config", "rng", "text_embed_dim", "caption_probe"}
 
 
 # --------------------------------------------------------------------------- helpers (also used
@@ -422,3 +422,61 @@ def test_each_rank_continues_its_own_saved_rng_streams(tmp_path):
         tu.restore_rng_of_rank(old, DistContext(1, 2, 1), cfg, torch.device("cpu"))
         fresh = torch.rand(3)
         assert not torch.equal(fresh, expected[0]) and not torch.equal(fresh, expected[1])
+
+
+class _FakeSentenceModel:
+    """A sentence model of 16-d vectors that depend on the text and a seed: `seed` picks the model."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return 16
+
+    def encode(self, texts, **kwargs) -> np.ndarray:
+        import zlib
+        return np.stack([np.random.default_rng([self.seed, zlib.crc32(t.encode())]).normal(size=16)
+                         for t in texts]).astype(np.float32)
+
+
+def test_scoring_with_captions_of_another_sentence_model_is_refused(tiny, monkeypatch, capsys):
+    """Step 03 rerun with another model of the same size after training: the run's scores would
+    be near chance. Neither the advice of the model-name check (`--set sbert.model=` to the new
+    name) nor resuming may lead there: the caption vectors are compared with those the
+    checkpoint was trained on, whatever the model is called."""
+    import utils.sbert
+    from utils.data_utils import texts_path
+
+    data = tiny / "data"
+    splits = ["development", "validation", "evaluation"]
+    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(0))
+    utils.sbert.compute_sbert_embeddings(data, splits, "model-a", device="cpu")
+    run = train_in_process(tiny_config(tiny, {"sbert": {"model": "model-a"}, "training": {"epochs": 1}}),
+                           "a").run_dir
+    tu.load_trained_model(run)  # as trained: fine
+    same = data / "same.pkl"  # the same model elsewhere (a local copy, say), other file
+    utils.sbert.compute_sbert_embeddings(data, splits, "/local/copy/of/model-a", device="cpu", filename="same.pkl")
+    tu.load_trained_model(run, overrides=["sbert.model=/local/copy/of/model-a", "text_encoder.embeddings=same.pkl"])
+    assert same.is_file()
+
+    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(1))
+    utils.sbert.compute_sbert_embeddings(data, splits, "model-b", device="cpu")
+    with pytest.raises(UserError, match=rf"computed with sentence model 'model-b', but the config says "
+                                        rf"sbert.model='model-a' — rerun preprocessing/03_sbert_embeddings.py "
+                                        rf"--conf {run / 'config.yaml'}, which embeds"):
+        tu.load_trained_model(run)
+    with pytest.raises(UserError, match=r"sbert_embeds.pkl: caption \S+ is not the vector .*best.pt was "
+                                        r"trained on \(cosine -?0\.\d+\): step 03 was rerun with another "
+                                        r"sentence model \('model-b'\) — rerun preprocessing/03"):
+        tu.load_trained_model(run, overrides=["sbert.model=model-b"])
+    # the same for training on: --resume (sbert.model cannot change there) names the run's config
+    proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
+    assert f"rerun preprocessing/03_sbert_embeddings.py --conf {run / 'config.yaml'}" in error_line(proc)
+    texts_path(data / "sbert_embeds.pkl").unlink()  # no record (older step 03): the vectors still tell
+    proc = main_in_process(monkeypatch, capsys, "--resume", run, "--set", "training.epochs=2")
+    assert "is not the vector" in error_line(proc) and "resuming" not in proc.stdout
+    # the advice works: step 03 with the run's config gives back the vectors it was trained on
+    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(0))
+    proc = run_in_process(monkeypatch, "preprocessing/03_sbert_embeddings.py", "--conf", run / "config.yaml")
+    assert proc.returncode == 0, proc.stderr
+    tu.load_trained_model(run)

@@ -1,7 +1,7 @@
 """One checkpoint dict with everything needed to resume, written atomically, read safely.
 
 Keys (see CONTRIBUTING.md): model, optimizer, scheduler, scaler, epoch, best_metric, best_epoch,
-config, rng, text_embed_dim. Loading uses `torch.load(weights_only=True)`, so a checkpoint can
+config, rng, text_embed_dim, caption_probe. Loading uses `torch.load(weights_only=True)`, so a checkpoint can
 hold only tensors and plain Python data: RNG states are converted to those below.
 """
 from __future__ import annotations

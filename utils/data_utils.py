@@ -183,15 +183,25 @@ def rerun_step_03(embeddings_path: Path) -> str:
     return f"rerun {STEP_03} --conf {saved}" if saved.is_file() else f"rerun {STEP_03}"
 
 
-def check_sentence_model(embeddings_path: Path, model: str) -> None:
+def recorded_sentence_model(embeddings_path: Path) -> str | None:
+    """The sentence model step 03 says it computed the embeddings with (None: no record)."""
+    recorded = _texts_record(embeddings_path).get("model")
+    return recorded if isinstance(recorded, str) else None
+
+
+def check_sentence_model(embeddings_path: Path, model: str, run_config: Path | None = None) -> None:
     """The caption embeddings must come from the sentence model the config names: query.py and
     the API embed typed queries with it, into the space the captions' projection was trained
-    on. Refused when step 03's record says another model (absent record: nothing to check)."""
-    recorded = _texts_record(embeddings_path).get("model")
-    if isinstance(recorded, str) and recorded != model:
+    on. Refused when step 03's record says another model (absent record: nothing to check).
+    `run_config`: a trained run's config.yaml. Its sentence model is fixed, so the advice is to
+    embed with it again, never to --set sbert.model to whatever step 03 used last."""
+    recorded = recorded_sentence_model(embeddings_path)
+    if recorded is not None and recorded != model:
+        advice = (f"rerun {STEP_03} --conf {run_config}, which embeds the captions with the run's "
+                  "model" if run_config is not None
+                  else f"--set sbert.model={recorded}, or rerun {STEP_03} with this config")
         raise UserError(f"{embeddings_path}: computed with sentence model {recorded!r}, but the "
-                        f"config says sbert.model={model!r} — --set sbert.model={recorded}, or "
-                        f"rerun {STEP_03} with this config")
+                        f"config says sbert.model={model!r} — {advice}")
 
 
 def check_texts_embedded(dataset_dir: Path, embeddings_path: Path) -> None:

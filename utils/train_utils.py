@@ -28,13 +28,14 @@ from tqdm import tqdm
 from models.core import build_model, describe_mismatch
 from utils.checkpoint import (CheckpointWriter, load_checkpoint, rng_state, save_checkpoint,
                               set_rng_state)
+from utils.clotho import STEP_03
 from utils.config import CONFIG_NAME, ConfigError, flat_config, load_run_config, validate as validate_config
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, check_features_found, check_sentence_model,
                               check_split_prepared, collate_pad, encode_split, features_dir,
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
-                              logmel_path, relevance)
+                              logmel_path, recorded_sentence_model, relevance)
 from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
@@ -82,13 +83,27 @@ def resume_config(run_dir: str | Path, overrides=()) -> dict:
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}; model "
                             "and loss keys cannot change on --resume (start a new run instead)")
         if fixed == "features":
-            raise UserError(f"--set {key}: {run_dir} was trained on log-mels with {saved.get(key)!r}; "
-                            "the features cannot change on --resume (start a new run instead)")
+            raise _features_fixed(key, run_dir, saved.get(key))
         if fixed == "restored":
             raise UserError(f"--set {key}: {run_dir} was trained with {saved.get(key)!r}, and the "
                             "optimizer, scheduler and best metric restored from checkpoints/last.pt "
                             "keep it on --resume; start a new run to change it")
     return load_run_config(run_dir, resolved_overrides(run_dir, overrides))
+
+
+def _features_fixed(key: str, run_dir: Path, trained: object) -> UserError:
+    return UserError(f"--set {key}: {run_dir} was trained on log-mels with {trained!r}; a trained "
+                     "run's features cannot change (train a new run instead)")
+
+
+def refuse_feature_overrides(run_dir: Path, cfg: dict) -> None:
+    """Scoring, queries and the submission compute or read log-mels with the definition the run
+    was trained on: `--set features.hop_s=...` would have changed new audio only, without a word."""
+    trained = flat_config(load_run_config(run_dir))
+    now = flat_config(cfg)
+    for key in FEATURES_ON_RESUME:
+        if now[key] != trained[key]:
+            raise _features_fixed(key, run_dir, trained[key])
 
 
 def fixed_on_resume(key: str) -> str | None:
@@ -130,7 +145,7 @@ def load_training_data(cfg: dict, run_dir: str | Path | None = None) -> Training
         check_split_prepared(feat_dir, cfg["data"][key], cfg, f"data.{key}")
         check_definition(feat_dir, cfg["data"][key], cfg["features"], run_config=run_config)
     table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
-    check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"])
+    check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"], run_config)
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
                                max_frames=cfg["training"]["max_frames"], train=True)
     val_set = CaptionDataset(feat_dir, cfg["data"]["val_split"], tid2row)  # whole clips
@@ -240,6 +255,7 @@ class Trainer:
     best_metric: float | None = None
     best_epoch: int = 0
     text_embed_dim: int = 0
+    caption_probe: dict = field(default_factory=dict)  # caption_probe(): saved with each checkpoint
     train_model: torch.nn.Module | None = field(default=None)  # compiled / DDP wrapper, or the model
     compiled: bool = False              # train_model is torch.compile'd
     symbolic_time: bool = False         # ... with one graph for every clip length (whole clips)
@@ -293,6 +309,7 @@ def checkpoint_dict(tr: Trainer, cfg: dict, rng_states: list[dict] | None = None
         "config": cfg,
         "rng": rng_states if rng_states is not None else [rng_state(tr.device)],  # one per rank
         "text_embed_dim": tr.text_embed_dim,
+        "caption_probe": tr.caption_probe,
     }
 
 
@@ -329,6 +346,42 @@ def check_resume_checkpoint(state: dict, ckpt: Path, cfg: dict) -> None:
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise UserError(f"{ckpt}: written by a run with {shown}{more}, so it is not this run's "
                         f"checkpoint; put the run's own last.pt back, or train a new run")
+
+
+PROBE_CAPTIONS = 8
+PROBE_MIN_COSINE = 0.995  # the same sentence model elsewhere (a local copy, fp16, another GPU): > 0.9999
+
+
+def caption_probe(table: torch.Tensor, tid2row: dict[str, int]) -> dict:
+    """A few caption vectors the model is trained on, spread over the table (so that some are
+    in any split still there when the run is scored): {"tids": [K], "vectors": [K, D]}."""
+    tids = list(tid2row)
+    picks = sorted({round(i * (len(tids) - 1) / max(PROBE_CAPTIONS - 1, 1)) for i in range(PROBE_CAPTIONS)})
+    chosen = [tids[i] for i in picks]
+    return {"tids": chosen, "vectors": table[[tid2row[t] for t in chosen]].detach().float().cpu().clone()}
+
+
+def check_caption_probe(state: dict, ckpt: Path, table: torch.Tensor, tid2row: dict[str, int],
+                        embeddings_path: Path, run_config: Path) -> None:
+    """The caption embeddings must be the vectors the checkpoint was trained on, whatever the
+    sentence model is called now: step 03 rerun with another model of the same size (and
+    `--set sbert.model=` to match it) would otherwise score the run without a word, near chance.
+    Checkpoints without a probe (older versions) and captions no longer in the file pass."""
+    probe = state.get("caption_probe") or {}
+    tids, vectors = probe.get("tids") or [], probe.get("vectors")
+    shared = [(i, tid) for i, tid in enumerate(tids) if tid in tid2row]
+    if not shared or vectors is None or vectors.shape[1] != table.shape[1]:
+        return  # (another size is check_text_dim's to report)
+    then = torch.nn.functional.normalize(vectors[[i for i, _ in shared]].float(), dim=1)
+    now = torch.nn.functional.normalize(table[[tid2row[t] for _, t in shared]].float(), dim=1)
+    cosine = (then * now).sum(dim=1)  # (K,)
+    worst = int(cosine.argmin())
+    if float(cosine[worst]) < PROBE_MIN_COSINE:
+        model = recorded_sentence_model(embeddings_path)
+        raise UserError(f"{embeddings_path}: caption {shared[worst][1]} is not the vector {ckpt} was "
+                        f"trained on (cosine {float(cosine[worst]):.3f}): step 03 was rerun with "
+                        f"another sentence model{f' ({model!r})' if model else ''} — rerun "
+                        f"{STEP_03} --conf {run_config} to embed the captions with the run's model")
 
 
 def check_text_dim(state: dict, ckpt: Path, table: torch.Tensor, embeddings_path: Path) -> None:
@@ -671,6 +724,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     seed_everything(cfg["seed"] + ctx.rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark(cfg, device)
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
+    tr.caption_probe = caption_probe(data.table, data.tid2row)
     if resume_state is not None:
         restore(tr, resume_state, checkpoint_path(run_dir, "last"))
         restore_rng_of_rank(resume_state, ctx, cfg, device)
@@ -782,6 +836,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     """
     run_dir = require_run_dir(run_dir)
     cfg = load_run_config(run_dir, overrides)
+    refuse_feature_overrides(run_dir, cfg)
     check_features_found(cfg, run_dir)
     path = checkpoint_path(run_dir, which)
     if not path.is_file():
@@ -789,9 +844,10 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     state = load_checkpoint(path)
     table, tid2row = load_text_table(features_dir(cfg), cfg["text_encoder"]["embeddings"])
     embeddings_path = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
-    check_sentence_model(embeddings_path, cfg["sbert"]["model"])
+    check_sentence_model(embeddings_path, cfg["sbert"]["model"], run_dir / CONFIG_NAME)
     if "text_embed_dim" in state:
         check_text_dim(state, path, table, embeddings_path)
+    check_caption_probe(state, path, table, tid2row, embeddings_path, run_dir / CONFIG_NAME)
     model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
     try:
         model.load_state_dict(state["model"])
