@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +37,11 @@ import numpy as np
 from utils import evaluation
 from utils.errors import UserError
 
-DEFAULT_SPLIT = "evaluation"
 FOLDER_CACHE_DIR = ("cache", "folders")
+LOAD_TRIES = 3  # loads of a checkpoint that training keeps replacing, before giving up
+# a float waveform peaking above this (+6 dBFS) is integer PCM cast without scaling (its peaks
+# run in the hundreds or thousands), not a float mix with some headroom over full scale (±1)
+FLOAT_PEAK_LIMIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,26 +91,33 @@ class Retriever:
 
     def __init__(self, model, cfg: dict, run_dir: Path, which: str, checkpoint: Path,
                  epoch: int | None, device: str, tid2row: dict[str, int],
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, key: str | None = None,
+                 table_sha1: str | None = None):
+        """`key`: the sha1 of the checkpoint file the weights came from (default: hashed now);
+        `table_sha1`: that of the caption embeddings `tid2row` and the model's table were
+        built from (default: the file as it is now)."""
         self.model, self.cfg, self.run_dir = model, cfg, Path(run_dir)
         self.which, self.checkpoint, self.epoch = which, Path(checkpoint), epoch
         self.device, self.tid2row = device, tid2row
         self.log = log or (lambda message: None)
         self._log_given = log is not None
         self._training_rates: set[int] | None = None
-        self._key: str | None = None
+        self._key = key if key is not None else evaluation.checkpoint_key(self.checkpoint)
+        self._table_sha1 = table_sha1 if table_sha1 is not None else _embeddings_sha1(cfg)
         self._sbert = None
-        self._captions: dict[str, CaptionIndex] = {}
-        self._clips: dict[str, ClipIndex] = {}
+        self._captions: dict[str, tuple[str, CaptionIndex]] = {}
+        self._clips: dict[str, tuple[str, ClipIndex]] = {}
 
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "best", device: str | None = None,
-                 overrides: Sequence[str] = (), log: Callable[[str], None] | None = None
+                 overrides: Sequence[str] | str = (), log: Callable[[str], None] | None = None
                  ) -> "Retriever":
         """Load `<run_dir>/checkpoints/<which>.pt` with the run's config (plus `overrides`,
-        e.g. "eval.amp=bf16"). Relative paths of the config that do not exist from the current
-        directory are found from the directory the run was trained in (utils.provenance).
-        `device`: default the config's eval.device. `log`: called with progress messages."""
+        e.g. ["eval.amp=bf16"]; a single string is one override). Relative paths of the config
+        that do not exist from the current directory are found from the directory the run was
+        trained in (utils.provenance); the run folder and every path are kept absolute, so that
+        a later change of directory (a notebook's `%cd`) changes nothing. `device`: default the
+        config's eval.device. `log`: called with progress messages."""
         from utils.devices import resolve_device
         from utils.provenance import resolved_overrides
         from utils.runs import checkpoint_path, load_run_config, resolve_run_dir
@@ -114,24 +125,44 @@ class Retriever:
 
         if not isinstance(run_dir, (str, os.PathLike)):
             raise UserError(f"Retriever.from_run: run_dir must be a path, got {type(run_dir).__name__}")
-        run_dir = resolve_run_dir(run_dir, None)
-        overrides = resolved_overrides(run_dir, overrides)
+        if isinstance(overrides, str):
+            overrides = [overrides]
+        run_dir = Path(os.path.abspath(resolve_run_dir(run_dir, None)))
+        overrides = resolved_overrides(run_dir, overrides, every=True)
         cfg = load_run_config(run_dir, overrides)
         # `device` stands for eval.device: the same names, checked the same way
         device = resolve_device(str(device) if device else cfg["eval"]["device"], "eval.device")
-        model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
         ckpt = checkpoint_path(run_dir, which)
-        return cls(model, cfg, run_dir, which, ckpt, evaluation.checkpoint_epoch(ckpt), device,
-                   tid2row, log)
+        # the caches' key and the epoch must describe the weights loaded: training may replace
+        # the checkpoint (a rename: a new inode) meanwhile, and hashing it later would file the
+        # old model's clip embeddings under the new one's key
+        for _ in range(LOAD_TRIES):
+            before = _file_identity(ckpt)
+            table_sha1 = _embeddings_sha1(cfg)
+            model, cfg, tid2row = load_trained_model(run_dir, which, device, overrides)
+            epoch = evaluation.checkpoint_epoch(ckpt)
+            key = evaluation.checkpoint_key(ckpt)
+            if _file_identity(ckpt) == before:
+                break
+        else:
+            raise UserError(f"{ckpt}: replaced {LOAD_TRIES} times while it was being loaded (is "
+                            "the run training?); try again when it has finished an epoch")
+        return cls(model, cfg, run_dir, which, ckpt, epoch, device, tid2row, log, key=key,
+                   table_sha1=table_sha1)
 
     # ----------------------------------------------------------------------- identity
 
     @property
     def key(self) -> str:
-        """sha1 of the checkpoint file: the model part of the caches' keys."""
-        if self._key is None:
-            self._key = evaluation.checkpoint_key(self.checkpoint)
+        """sha1 of the checkpoint file the weights were loaded from: the model part of the
+        caches' keys (a checkpoint replaced since then does not change it)."""
         return self._key
+
+    @property
+    def default_split(self) -> str:
+        """The split searched when none is given: the last of the run's eval.splits (Clotho's
+        evaluation split)."""
+        return self.cfg["eval"]["splits"][-1]
 
     def split_key(self, split: str) -> str:
         """What a split's clip embeddings computed now depend on (split_cache_key)."""
@@ -196,17 +227,28 @@ class Retriever:
             return feats
         if sr is None:
             raise UserError("embed_audio: waveforms need their sample rate (sr=...)")
+        _check_rate(sr)  # before the note on other rates, which would name it as a rate
         self._note_other_rates({f"waveform {i}": int(sr) for i in range(len(items))})
-        feats = []
+        feats, loud = [], []
         for i, y in enumerate(items):
-            y = _as_float_waveform(np.asarray(y.detach().cpu() if hasattr(y, "detach") else y))
+            given = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y)
+            y = _as_float_waveform(given)
             if y.ndim != 1 or y.size == 0:
                 raise UserError(f"embed_audio: waveform {i} has shape {list(y.shape)}; expected a "
                                 "non-empty mono signal [samples]")
+            peak = float(np.abs(y).max())
+            if np.issubdtype(given.dtype, np.floating) and peak > FLOAT_PEAK_LIMIT:
+                loud.append(f"waveform {i} peaks at {peak:.6g}")
             try:
                 feats.append(evaluation.waveform_logmel(y, sr, fcfg))
             except ValueError as e:
                 raise UserError(f"embed_audio: waveform {i}: no log-mel ({e})") from None
+        if loud:
+            listed = "; ".join(loud[:3]) + (" ..." if len(loud) > 3 else "")
+            _warn_caller(f"{listed}: a float waveform is taken as is, full scale ±1, and these "
+                         "look like integer PCM cast to float (scipy's "
+                         "wavfile.read(p)[1].astype(np.float32), say); divide by the integer "
+                         "range (32768 for 16-bit) or pass the integer array itself")
         return feats
 
     # ----------------------------------------------------------------------- indexes
@@ -231,8 +273,8 @@ class Retriever:
         if message:
             if self._log_given:  # query.py: a line with its other messages
                 self.log(f"note: {message}")
-            else:  # the Python API: shown once in a notebook
-                warnings.warn(message, stacklevel=4)
+            else:  # the Python API: shown once per line of the notebook
+                _warn_caller(message)
 
     def _check_split(self, split: str) -> None:
         from utils.data_utils import text_csv_path
@@ -248,13 +290,14 @@ class Retriever:
         return str(path) if path is not None else None
 
     def clip_index(self, split: str | None = None, folder: str | Path | None = None) -> ClipIndex:
-        """The clips of a split (default "evaluation") or of a folder (its .wav/.flac files,
-        not recursive), with their embeddings: from the cache when it is current."""
+        """The clips of a split (default: the last of the run's eval.splits, Clotho's
+        evaluation) or of a folder (its .wav/.flac files, not recursive), with their
+        embeddings: from the cache when it is current."""
         if split is not None and folder is not None:
             raise UserError("search one split or one folder, not both")
         if folder is not None:
             return self._folder_index(Path(folder))
-        split = split or DEFAULT_SPLIT
+        split = split or self.default_split
         self._check_split(split)
         # taken before encoding: features rewritten meanwhile leave a key that no longer
         # matches, so the next call recomputes; checked on every call, as a Retriever kept
@@ -288,14 +331,24 @@ class Retriever:
                          [self._clip_path(split, f) for f in fnames])
 
     def caption_index(self, split: str | None = None) -> CaptionIndex:
-        """A split's captions (default "evaluation") embedded as scoring embeds them: their
-        step-03 sentence embeddings through the run's text projection."""
-        from utils.data_utils import encode_text_rows, read_split_captions
+        """A split's captions (default: as clip_index) embedded as scoring embeds them: their
+        step-03 sentence embeddings through the run's text projection. Checked on every call,
+        as clip_index: a rerun of step 01 (the captions, the skip list) gives the new
+        captions; one of step 03 (the caption table, loaded with the model) is an error."""
+        from utils.clotho import skipped_path
+        from utils.data_utils import (check_texts_embedded, encode_text_rows, read_split_captions,
+                                      text_csv_path)
 
-        split = split or DEFAULT_SPLIT
-        if split not in self._captions:
-            self._check_split(split)
-            df, _ = read_split_captions(self._features_dir(), split)  # without skipped clips
+        split = split or self.default_split
+        self._check_split(split)
+        self._check_table()
+        feats = self._features_dir()
+        key = json.dumps([_file_identity(text_csv_path(feats, split)),
+                          _file_identity(skipped_path(feats, split))])
+        if split not in self._captions or self._captions[split][0] != key:
+            # a caption edited since step 03 keeps its tid, and so the old text's embedding
+            check_texts_embedded(feats, feats / self.cfg["text_encoder"]["embeddings"])
+            df, _ = read_split_captions(feats, split)  # without skipped clips
             missing = [t for t in df["tid"] if t not in self.tid2row]
             if missing:
                 raise UserError(f"split '{split}': {len(missing)} caption(s) without a sentence "
@@ -305,15 +358,24 @@ class Retriever:
                                       self.cfg["eval"]["amp"])
             fnames = list(df["fname"])
             paths = {f: self._clip_path(split, f) for f in set(fnames)}
-            self._captions[split] = CaptionIndex(split, list(df["raw_text"]), fnames,
-                                                 [paths[f] for f in fnames], embeds)
-        return self._captions[split]
+            self._captions[split] = (key, CaptionIndex(split, list(df["raw_text"]), fnames,
+                                                       [paths[f] for f in fnames], embeds))
+        return self._captions[split][1]
+
+    def _check_table(self) -> None:
+        """The caption embeddings file must still be the one the model's caption table (and
+        tid2row) was built from at from_run: captions are embedded through that table."""
+        if _embeddings_sha1(self.cfg) != self._table_sha1:
+            raise UserError(f"{self._features_dir() / self.cfg['text_encoder']['embeddings']}: "
+                            "the caption embeddings changed since this Retriever was loaded "
+                            "(preprocessing/03 rerun); call Retriever.from_run again")
 
     def folder_cache_path(self, folder: str | Path) -> Path:
         digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
         return self.run_dir.joinpath(*FOLDER_CACHE_DIR, f"{digest}.npz")
 
     def _folder_index(self, folder: Path) -> ClipIndex:
+        folder = Path(os.path.abspath(folder))  # Hit.path stays valid after a change of directory
         files = evaluation.list_audio_files(folder)
         stats = [f.stat() for f in files]
         ident = [(f.name, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)]
@@ -360,7 +422,8 @@ class Retriever:
     def search(self, text: str | Sequence[str], top_k: int = 10, split: str | None = None,
                folder: str | Path | None = None) -> list[Hit] | list[list[Hit]]:
         """The top_k clips for a text (a list of Hit, best first), or for each of a list of
-        texts (a list of such lists), over a split (default "evaluation") or a folder."""
+        texts (a list of such lists), over a split (default: the last of the run's
+        eval.splits) or a folder."""
         _check_top_k(top_k)
         if not isinstance(text, str) and not _is_batch(text):
             raise UserError(f"search: expected a text or a list of texts, got {type(text).__name__}")
@@ -374,8 +437,9 @@ class Retriever:
 
     def captions_for(self, audio, top_k: int = 10, split: str | None = None,
                      sr: int | None = None) -> list[Hit] | list[list[Hit]]:
-        """The top_k captions of a split (default "evaluation") for a clip (a list of Hit, best
-        first), or for each of several clips; `audio` as for embed_audio."""
+        """The top_k captions of a split (default: the last of the run's eval.splits) for a
+        clip (a list of Hit, best first), or for each of several clips; `audio` as for
+        embed_audio."""
         _check_top_k(top_k)
         index = self.caption_index(split)
         queries = self.embed_audio(audio, sr)                           # [N, E]
@@ -405,6 +469,22 @@ def _check_top_k(top_k: int) -> None:
 MAX_CHANNELS = 8  # a 2-D array this narrow is one multichannel clip, not a batch of clips
 
 
+def _check_rate(sr) -> None:
+    if (isinstance(sr, bool) or not isinstance(sr, (int, float, np.integer, np.floating))
+            or not np.isfinite(sr) or sr <= 0 or sr != int(sr)):
+        raise UserError(f"embed_audio: sr must be the waveforms' sample rate in Hz, a whole "
+                        f"number above 0; got {sr!r}")
+
+
+def _warn_caller(message: str) -> None:
+    """warnings.warn at the first frame outside this module: the line of the caller's code,
+    however deep in the API the warning arises (each line then warns once in a notebook)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
 def _as_float_waveform(y: np.ndarray) -> np.ndarray:
     """float32 in [-1, 1], as soundfile reads files: integer PCM (int16 from a wav read as is,
     say) scaled by its full range, which a plain cast would leave 32768 times too loud."""
@@ -430,6 +510,13 @@ def _file_identity(path: Path) -> list[int] | None:
     except OSError:  # absent or unreadable: the reader reports it; the key just differs
         return None
     return [int(st.st_ino), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _embeddings_sha1(cfg: dict) -> str | None:
+    """sha1 of the run's caption embeddings file (text_encoder.embeddings), once per version."""
+    from utils.data_utils import embeddings_sha1, features_dir
+
+    return embeddings_sha1(features_dir(cfg) / cfg["text_encoder"]["embeddings"])
 
 
 def _compose_key(checkpoint_sha1: str, inputs: dict) -> str:

@@ -1,7 +1,7 @@
 """Compare evaluated runs on one split: each run's metrics with their 95% intervals, and, for
 two runs scored on the same queries, each direction's difference with a paired interval.
 
-    python postprocessing/compare_runs.py outputs/run_a outputs/run_b            # evaluation split
+    python postprocessing/compare_runs.py outputs/run_a outputs/run_b            # last of eval.splits
     python postprocessing/compare_runs.py run_a run_b --split validation --json  # names in paths.output_dir
 
 Reads each run's metrics.json, {split}.t2a_ranks.csv and {split}.a2t_per_clip.csv
@@ -22,7 +22,8 @@ from utils.errors import UserError
 def main():
     parser = utils.cli.make_parser(__doc__)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories or run names")
-    parser.add_argument("--split", default="evaluation", help="split to compare (default: evaluation)")
+    parser.add_argument("--split", help="split to compare (default: the last of the runs' "
+                                        "eval.splits, evaluation for Clotho)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
     args = parser.parse_args()
     if args.print_config:  # the config that finds runs by name
@@ -31,23 +32,24 @@ def main():
     runs = [utils.cli.find_run(r, args.conf, args.overrides, conf_given)[0] for r in args.runs]
     if len({r.resolve() for r in runs}) != len(runs):
         raise UserError("the same run is named twice")
-    rows = compare.metrics_rows(runs, args.split)
+    split = args.split or compare.default_split(runs)
+    rows = compare.metrics_rows(runs, split)
     paired = None
     if len(runs) == 2:
-        paired = {d: compare.paired_difference(*(compare.read_per_query(r, args.split, d) for r in runs),
+        paired = {d: compare.paired_difference(*(compare.read_per_query(r, split, d) for r in runs),
                                                where=f"{runs[0]} and {runs[1]}")
                   for d in ("t2a", "a2t")}
     described = compare.describe_runs(runs)
     differences = compare.config_differences(runs)
-    warnings = compare.input_warnings(runs, args.split)
+    warnings = compare.input_warnings(runs, split)
     if args.json:
-        print(json.dumps({"split": args.split, "runs": [str(r) for r in runs], "checkpoints": described,
+        print(json.dumps({"split": split, "runs": [str(r) for r in runs], "checkpoints": described,
                           "config_differences": differences, "warnings": warnings,
                           "metrics": [{"run": r, "direction": d, **m, "ci95": ci} for r, d, m, ci in rows],
                           "difference": paired}, indent=2))
     else:
         print(compare.format_runs(described, differences, warnings) + "\n")
-        print(compare.format_comparison(rows, args.split, paired, names=(runs[0].name, runs[1].name)
+        print(compare.format_comparison(rows, split, paired, names=(runs[0].name, runs[1].name)
                                         if paired else ("A", "B")))
 
 

@@ -55,7 +55,8 @@ def main():
     parser.add_argument("--audio", nargs="+", metavar="FILE",
                         help="find the captions of these audio files")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--split", help="split to search (default: evaluation)")
+    where.add_argument("--split", help="split to search (default: the last of the run's "
+                                       "eval.splits, evaluation for Clotho)")
     where.add_argument("--folder", metavar="DIR", help="search the .wav/.flac files of DIR instead")
     parser.add_argument("--top-k", type=int, help="results per query (default: the run's eval.top_k, 10)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -3,6 +3,7 @@ difference of two runs in each direction with its bootstrap interval."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from tests.cli_helpers import error_line
 from tests.test_postprocessing import RETRIEVAL, SCORES, make_run, run_script
 from utils import compare
+from utils.config import load_config, save_config
 from utils.errors import UserError
 from utils.evaluation import read_metrics_json
 
@@ -108,3 +110,21 @@ def test_bad_comparisons_are_one_line(two_runs, monkeypatch, tmp_path):
         finally:
             path.write_bytes(saved)
     assert np.isfinite(compare.t2a_per_query(np.array([1, 11]))["mAP@10"]).all()
+
+
+def test_default_split_is_the_runs_last_evaluated_one(two_runs, monkeypatch, tmp_path):
+    """Runs that evaluate other splits than Clotho's: without --split, compare_runs looked for a
+    split named evaluation."""
+    conf, a, b = two_runs
+    runs = []
+    for run in (a, b):
+        shutil.copytree(run, tmp_path / run.name)
+        runs.append(tmp_path / run.name)
+        save_config(load_config(runs[-1] / "config.yaml", ["eval.splits=[validation]"]), runs[-1])
+    p = run_script(COMPARE, "--conf", conf, *runs, "--json", monkeypatch=monkeypatch)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["split"] == "validation"
+    save_config(load_config(runs[1] / "config.yaml", ["eval.splits=[evaluation]"]), runs[1])
+    line = error_line(run_script(COMPARE, "--conf", conf, *runs, monkeypatch=monkeypatch))
+    assert ("the runs evaluate no split in common (eval.splits of run-a: validation; run-b: "
+            "evaluation); name one with --split") in line

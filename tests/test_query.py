@@ -565,3 +565,190 @@ def test_audio_at_another_rate_than_the_training_clips_is_noted(own_data, tmp_pa
     assert lines == [f"note: 1 of 1 audio inputs are not at {SR} Hz, the rate of the training clips "
                      f"(waveform 0: 8000 Hz); their log-mels cover other frequencies than the model "
                      f"was trained on: resample them to {SR} Hz for comparable scores"]
+
+
+# --------------------------------------------------------------------------- a long-lived process
+
+def _replace_best(run: Path, epoch: int, seed: int = 123) -> dict:
+    """What training does to best.pt: another model saved under a temporary name, renamed into
+    place. Returns its weights."""
+    torch.manual_seed(seed)
+    state = build_model(load_config(run / "config.yaml"), text_in_dim=384).state_dict()
+    save_checkpoint(checkpoint_path(run, "best"), {"model": state, "epoch": epoch,
+                                                   "text_embed_dim": 384})
+    return state
+
+
+def test_checkpoint_replaced_after_loading_keeps_the_loaded_ones_key(fresh_run):
+    """A notebook's Retriever outlives a new best.pt: its caches stay keyed on the weights it
+    holds, so a new Retriever never reads the old model's clip embeddings."""
+    conf, run, _ = fresh_run
+    loaded_sha1 = scores_db.file_sha1(checkpoint_path(run, "best"))
+    r = Retriever.from_run(run)
+    r.embed_text("warm up")  # no cache touched yet
+    _replace_best(run, epoch=r.epoch + 1)
+    assert r.describe()["checkpoint_sha1"] == loaded_sha1 and r.describe()["epoch"] == 2
+    shutil.rmtree(run / "cache")
+    held = r.clip_index("evaluation").embeds  # cached under the loaded weights' key
+    new = Retriever.from_run(run)
+    assert new.key == scores_db.file_sha1(checkpoint_path(run, "best")) != loaded_sha1
+    assert new.epoch == 3
+    assert not np.allclose(new.clip_index("evaluation").embeds, held)
+
+
+def test_checkpoint_replaced_while_loading_is_loaded_again(fresh_run, monkeypatch):
+    from utils import train_utils
+
+    conf, run, _ = fresh_run
+    load = train_utils.load_trained_model
+    calls, saved = [], {}
+
+    def load_while_training_saves(*args, **kwargs):
+        out = load(*args, **kwargs)
+        if len(calls) < replacements:
+            saved.update(_replace_best(run, epoch=7, seed=len(calls)))
+        calls.append(1)
+        return out
+    monkeypatch.setattr(train_utils, "load_trained_model", load_while_training_saves)
+    replacements = 1
+    r = Retriever.from_run(run)
+    assert len(calls) == 2 and r.epoch == 7
+    assert r.key == scores_db.file_sha1(checkpoint_path(run, "best"))
+    got = r.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.items())  # the weights of that file
+    calls.clear()
+    replacements = 3
+    with pytest.raises(UserError, match=r"best.pt: replaced 3 times while it was being loaded "
+                                        r"\(is the run training\?\)"):
+        Retriever.from_run(run)
+
+
+def test_captions_for_follows_reruns_of_steps_01_and_03(own_data):
+    """search() notices rerun steps; captions_for did not: it kept the captions of the first
+    call for good."""
+    import pandas as pd
+
+    def rerun_step_01(df):  # its CSV: a new file renamed into place
+        df.to_csv(csv.with_name("new.csv"), index=False)
+        os.replace(csv.with_name("new.csv"), csv)
+
+    run, data, wavs = own_data
+    wav = wavs[sorted(wavs)[0]]
+    csv = data / "evaluation_text.csv"
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    r = Retriever.from_run(run)
+    top = r.captions_for(wav, top_k=1)[0].fname
+    # the top clip's wav removed from the dataset, step 01 rerun: its captions are gone
+    rerun_step_01(df[df["fname"] != top])
+    assert top not in {h.fname for h in r.captions_for(wav, top_k=25)}
+    rerun_step_01(df)
+    assert r.captions_for(wav, top_k=1)[0].fname == top
+    # a caption edited and step 01 rerun, step 03 not yet: its old embedding would stand for
+    # the new text
+    df.loc[0, "raw_text"] = "A dog barks loudly."
+    rerun_step_01(df)
+    with pytest.raises(UserError, match="row 2: caption 'A dog barks loudly.' changed since"):
+        r.captions_for(wav)
+    # step 03 rerun: the caption table the Retriever loaded with the model is another now
+    compute_sbert_embeddings(data, ["development", "validation", "evaluation"], BUNDLED, device="cpu")
+    with pytest.raises(UserError, match=r"sbert_embeds.pkl: the caption embeddings changed since "
+                                        r"this Retriever was loaded .*call Retriever.from_run again"):
+        r.captions_for(wav)
+    assert r.search("a tone", top_k=1)  # the clips do not depend on that table
+    # the advice works
+    captions = {h.caption for h in Retriever.from_run(run).captions_for(wav, top_k=30)}
+    assert "A dog barks loudly." in captions
+
+
+def test_a_change_of_directory_changes_nothing(scored_run, tmp_path, monkeypatch):
+    """A notebook's `%cd` after Retriever.from_run("outputs/r1") with relative paths.*: the
+    same answers, absolute paths in the hits, and no cache written under the new directory."""
+    conf, run_dir, wavs = scored_run
+    proj = tmp_path / "proj"
+    shutil.copytree(Path(load_config(conf)["paths"]["dataset_dir"]), proj / "data")
+    run = proj / "outputs" / "r1"
+    shutil.copytree(run_dir, run)
+    save_config(load_config(run / "config.yaml", ["paths.dataset_dir=data",
+                                                  "paths.output_dir=outputs"]), run)
+    monkeypatch.chdir(proj)
+    r = Retriever.from_run("outputs/r1")
+    hits = r.search("a tone", top_k=3)
+    wav = "data/evaluation/" + Path(wavs[hits[0].fname]).name
+    captions = r.captions_for(wav, top_k=3)
+    assert all(Path(h.path).is_absolute() for h in hits + captions)
+    assert r.describe()["run"] == str(run) and r.checkpoint == checkpoint_path(run, "best")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert r.search("a tone", top_k=3) == hits
+    assert r.captions_for(proj / wav, top_k=3) == captions
+    assert r.search("a tone", top_k=3, split="validation")
+    in_folder = r.search("a tone", top_k=3, folder=proj / "data" / "evaluation")
+    assert [h.fname for h in in_folder] == [h.fname for h in hits]
+    assert list(elsewhere.iterdir()) == []  # no stray outputs/<run>/cache there
+    assert load_config(run / "config.yaml")["paths"]["dataset_dir"] == "data"  # as written
+
+
+def test_float_waveform_at_integer_scale_is_warned(retriever, scored_run):
+    wav = next(iter(scored_run[2].values()))
+    y = load_audio(wav)[0]
+    cast = (y * 32767).astype(np.float32)  # wavfile.read(p)[1].astype(np.float32)
+    with pytest.warns(UserWarning, match=r"waveform 0 peaks at \d{4,5}(\.\d+)?: a float waveform is "
+                                         r"taken as is.*divide by the integer range") as caught:
+        retriever.embed_audio(cast, sr=SR)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # audio at full scale: nothing to say
+        retriever.embed_audio([y, 1.9 * y / np.abs(y).max()], sr=SR)
+        retriever.embed_audio((y * 32767).astype(np.int16), sr=SR)
+
+
+def test_warnings_name_the_callers_line(own_data, tmp_path):
+    """The rate warning names the user's line whichever call gives it, and a bad `sr` is an
+    error, not first a warning about its rate."""
+    run, data, wavs = own_data
+    with h5py.File(data / "development_audio_logmels.hdf5", "r+") as h5:
+        for name in h5:
+            h5[name].attrs["sr"] = SR
+    folder = tmp_path / "other"
+    other = write_wav(folder / "other.wav", seconds=1.5, sr=2 * SR, seed=3)
+    r = Retriever.from_run(run)
+    for call in (lambda: r.search("a tone", folder=folder), lambda: r.captions_for(other),
+                 lambda: r.embed_audio(other)):
+        with pytest.warns(UserWarning, match=f"not at {SR} Hz") as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sr in (0, -1, 8000.5, True, "16000"):
+            with pytest.raises(UserError, match=f"sr must be the waveforms' sample rate in Hz, "
+                                                f"a whole number above 0; got {sr!r}"):
+                r.embed_audio(np.zeros(SR, np.float32), sr=sr)
+
+
+def test_from_run_leaves_the_random_stream_alone(scored_run):
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    Retriever.from_run(scored_run[1])
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_one_override_as_a_string(scored_run):
+    r = Retriever.from_run(scored_run[1], overrides="eval.batch_size=3")
+    assert r.cfg["eval"]["batch_size"] == 3
+
+
+def test_default_split_is_the_runs_last_evaluated_one(fresh_run, monkeypatch, capsys):
+    """A run that evaluates other splits than Clotho's: every call without a split used a split
+    named evaluation."""
+    conf, run, wavs = fresh_run
+    save_config(load_config(run / "config.yaml", ["eval.splits=[development, validation]"]), run)
+    r = Retriever.from_run(run)
+    assert r.default_split == "validation"
+    assert r.clip_index().source == "split validation"
+    assert r.caption_index().split == "validation"
+    assert r.search("a tone", top_k=2) == r.search("a tone", top_k=2, split="validation")
+    p = run_query(monkeypatch, capsys, "--run", run, "--top-k", "2", "a tone")
+    assert p.returncode == 0, p.stderr
+    assert "top 2 of 6 clips of split validation for: a tone" in p.stdout

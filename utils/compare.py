@@ -75,6 +75,18 @@ def paired_difference(a: PerQuery, b: PerQuery, where: str = "") -> dict[str, di
                 "difference": float(diffs[m].mean()), "ci95": ci[m]} for m in METRIC_NAMES}
 
 
+def default_split(run_dirs: list[Path]) -> str:
+    """The split compared when none is named: the last of the first run's eval.splits that
+    every run evaluates (Clotho's evaluation split)."""
+    splits = [load_run_config(run)["eval"]["splits"] for run in run_dirs]
+    common = [s for s in splits[0] if all(s in other for other in splits[1:])]
+    if not common:
+        listed = "; ".join(f"{run.name}: {', '.join(s)}" for run, s in zip(run_dirs, splits))
+        raise UserError(f"the runs evaluate no split in common (eval.splits of {listed}); "
+                        "name one with --split")
+    return common[-1]
+
+
 def metrics_rows(run_dirs: list[Path], split: str) -> list[tuple[str, str, dict, dict]]:
     """(run, direction, metrics, ci95) per run and direction of `split`, from metrics.json."""
     rows = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_open, atomic_path
+from utils.io_utils import atomic_open, atomic_path, stream_digest
 from utils.provenance import git_state
 from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, bootstrap_ci, chance_metrics,
                            chance_recall_any, chance_recall_any_curve, chance_recall_curve,
                            evaluate_ranking, recall_any_per_query)
-from utils.scores_db import ScoredSplit, file_sha1
+from utils.scores_db import ScoredSplit
 
 DIRECTIONS = ("t2a", "a2t")
 CHUNK_ELEMENTS = 1 << 22  # matrix elements handled at once by top_k_indices
@@ -645,9 +646,28 @@ def cache_path(run_dir: str | Path, split: str) -> Path:
     return Path(run_dir) / "cache" / f"{split}_clip_embeds.npz"
 
 
+_CHECKPOINT_SHA1: dict[tuple[int, int, int, int], str] = {}  # (dev, inode, size, mtime_ns) -> sha1
+
+
 def checkpoint_key(checkpoint_file: str | Path) -> str:
-    """Identity of a checkpoint for caches: sha1 of the file."""
-    return file_sha1(checkpoint_file)
+    """Identity of a checkpoint for caches: sha1 of the file, hashed once per version of it
+    (a full CNN14 checkpoint is about 1 GB; a notebook builds Retrievers again and again). The
+    version is read off the open file, the bytes hashed: training replaces a checkpoint by a
+    rename (a new inode), which cannot change what an open file reads."""
+    with open(checkpoint_file, "rb") as f:
+        version = _version(os.fstat(f.fileno()))
+        if version in _CHECKPOINT_SHA1:
+            return _CHECKPOINT_SHA1[version]
+        digest = stream_digest(f, "sha1")
+        if _version(os.fstat(f.fileno())) == version:  # not rewritten in place meanwhile
+            if len(_CHECKPOINT_SHA1) >= 16:
+                _CHECKPOINT_SHA1.pop(next(iter(_CHECKPOINT_SHA1)))
+            _CHECKPOINT_SHA1[version] = digest
+    return digest
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def save_clip_cache(run_dir: str | Path, split: str, fnames: Sequence[str], fids: Sequence[str],

@@ -173,10 +173,15 @@ def load_pickle(path: str | Path):
 
 def file_digest(path: str | Path, algorithm: str = "md5", chunk: int = 1 << 22) -> str:
     """Hex digest of a file, read in chunks (archives and checkpoints are large)."""
-    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+        return stream_digest(f, algorithm, chunk)
+
+
+def stream_digest(f, algorithm: str = "md5", chunk: int = 1 << 22) -> str:
+    """Hex digest of what is left to read from an open binary file."""
+    h = hashlib.new(algorithm)
+    for block in iter(lambda: f.read(chunk), b""):
+        h.update(block)
     return h.hexdigest()
 
 

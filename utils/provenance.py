@@ -272,28 +272,37 @@ def _inferred_root(run_dir: Path, output_dir: str) -> Path | None:
     return None
 
 
-def resolve_paths(cfg: dict, run_dir: str | Path) -> dict[str, str]:
+def resolve_paths(cfg: dict, run_dir: str | Path, every: bool = False) -> dict[str, str]:
     """{key: absolute path} for each relative `paths.<key>` of a run's config that does not exist
     from the current directory but does from the run's training directory (recorded in
-    provenance.json, else inferred from where the run folder sits under paths.output_dir)."""
+    provenance.json, else inferred from where the run folder sits under paths.output_dir).
+    `every`: each other relative path too, taken from the current directory, for a process that
+    outlives a change of directory (a notebook's Retriever after `%cd`)."""
     run_dir = Path(run_dir)
     roots = [r for r in (training_cwd(run_dir), _inferred_root(run_dir, cfg["paths"]["output_dir"]))
              if r is not None]
     found = {}
     for key, value in cfg.get("paths", {}).items():
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
             continue
-        for root in roots:
-            candidate = root / value
-            if candidate.exists():
-                found[key] = str(candidate.resolve())
-                break
+        if not Path(value).exists():
+            for root in roots:
+                candidate = root / value
+                if candidate.exists():
+                    found[key] = str(candidate.resolve())
+                    break
+        if every and key not in found:
+            found[key] = os.path.abspath(value)
     return found
 
 
-def resolved_overrides(run_dir: str | Path, overrides: Sequence[str] = ()) -> list[str]:
+def resolved_overrides(run_dir: str | Path, overrides: Sequence[str] = (), every: bool = False
+                       ) -> list[str]:
     """`overrides` plus `paths.<key>="<absolute>"` for the run's relative paths found elsewhere
-    (see resolve_paths). Pass the result wherever the run's config is loaded with overrides."""
+    (see resolve_paths; `every`: all its relative paths). Pass the result wherever the run's
+    config is loaded with overrides; never save a config with them (the run's own config.yaml
+    keeps its paths as given)."""
     cfg = load_run_config(run_dir, overrides)
-    extra = [f"paths.{key}={json.dumps(path)}" for key, path in resolve_paths(cfg, run_dir).items()]
+    extra = [f"paths.{key}={json.dumps(path)}"
+             for key, path in resolve_paths(cfg, run_dir, every).items()]
     return list(overrides) + extra

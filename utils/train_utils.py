@@ -848,7 +848,9 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     if "text_embed_dim" in state:
         check_text_dim(state, path, table, embeddings_path)
     check_caption_probe(state, path, table, tid2row, embeddings_path, run_dir / CONFIG_NAME)
-    model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
+    # the checkpoint's weights replace the random init: the caller's random stream is left as it was
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
