@@ -5,18 +5,22 @@ layout step 01 recognises); one float32 dataset [frames, 64] per fid, the baseli
 (utils.audio_utils.log_mel). `features.workers` processes compute in parallel; `features.device`
 cuda (or auto) computes the transform on the GPU. Interrupted runs resume: finished clips are
 kept in {split}_audio_logmels.parts/ and the final file appears only when complete; a wav
-replaced since it was computed is computed again (see utils/features.py).
+replaced since it was computed is computed again (see utils/features.py). A split whose clips
+are at several sample rates, or at a rate the training split has none at, gets a note.
 """
+import sys
+
 import utils.cli
 from utils.clotho import features_dir, features_lock
 from utils.config import require_dir, save_config
-from utils.features import compute_logmels
+from utils.features import compute_logmels, sample_rate_notes, set_up_process
 
 
 def main():
     parser = utils.cli.make_parser(__doc__)
     args, cfg = utils.cli.parse(parser)
     require_dir(cfg, "dataset_dir")
+    set_up_process()  # this process is the step's own (compute_logmels leaves a caller's alone)
     with features_lock(features_dir(cfg), "02"):
         results = compute_logmels(cfg)
         config_path = save_config(cfg, features_dir(cfg), "config.02_audio_logmel.yaml")
@@ -30,6 +34,8 @@ def main():
         extra = f", {r.reused} {source}" if r.reused else ""
         print(f"{r.split}: wrote {r.path} ({r.clips - len(r.bad)} clips: {r.computed} computed{extra}{skipped})")
     print(f"wrote {config_path}")
+    for note in sample_rate_notes(results, cfg["data"]["train_split"], features_dir(cfg)):
+        print(f"note: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

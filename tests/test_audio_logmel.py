@@ -23,8 +23,9 @@ from utils.config import load_config
 from utils.errors import UserError
 from utils.features import (Clip, _gpu_chunks, _init_worker, compute_logmels, in_order, logmel_path,
                             make_chunks, parts_dir, worker_params)
-from wav_fixtures import (make_clotho, signal as make_signal, write_header_only, write_text_as_wav,
-                          write_truncated, write_wav, write_zero_length)
+from tests.cli_helpers import run_in_process
+from wav_fixtures import (make_clotho, signal as make_signal, write_captions_csv, write_header_only,
+                          write_text_as_wav, write_truncated, write_wav, write_zero_length)
 
 
 def run_step(repo, dataset_dir, *overrides, popen=False):
@@ -136,8 +137,9 @@ PAGE_FAULTS_PER_CLIP = """
 import resource, sys
 import numpy as np
 from utils.audio_utils import log_mel
-from utils.features import _init_worker
-if sys.argv[1] == "tuned":
+from utils.features import _init_worker, set_up_process
+if sys.argv[1] == "tuned":  # as a pool worker is set up
+    set_up_process()
     _init_worker({"window_s": 0.04, "hop_s": 0.02, "n_mels": 64, "load_only": False})
 y = (np.random.default_rng(3).standard_normal(20 * 44100) * 0.1).astype(np.float32)
 log_mel(y, 44100)
@@ -232,6 +234,47 @@ def test_step_writes_every_clip_and_skips_a_complete_split(repo, tmp_path):
     assert all(r.skipped_existing for r in compute_logmels(cfg, log=lambda *a: None))
 
 
+def test_mixed_sample_rates_get_a_note_per_split(repo, tmp_path, monkeypatch):
+    """Log-mels are taken at each wav's own rate (the baseline's): a mel band then spans other
+    frequencies per rate. A split mixing rates, or at a rate the training split has none at, is
+    a note on stderr (not an error), also when the file was already complete."""
+    make_clotho(tmp_path, {"development": 3, "validation": 2, "evaluation": 1}, seconds=0.3)
+    write_wav(tmp_path / "development" / "development_clip_002.wav", seconds=0.3, sr=48000)
+    for i in range(2):
+        write_wav(tmp_path / "validation" / f"validation_clip_{i:03d}.wav", seconds=0.3, sr=22050)
+    prepare_clotho(tmp_path, ["development", "validation", "evaluation"])
+    for _ in range(2):  # computed, then already complete
+        proc = run_in_process(monkeypatch, "preprocessing/02_audio_logmel.py", "--conf", repo / "conf.yaml",
+                              "--set", f"paths.dataset_dir={tmp_path}", "features.workers=1")
+        assert proc.returncode == 0, proc.stderr
+        notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+        assert notes == [
+            "note: development mixes sample rates: 44100 Hz (2 clips), 48000 Hz (1 clip) — the log-mels "
+            "of a mel band then cover other frequencies per rate; resample the wavs to one rate first",
+            "note: validation is at 22050 Hz (2 clips), the training split development at 44100 Hz "
+            "(2 clips), 48000 Hz (1 clip) — the log-mels of a mel band then cover other frequencies "
+            "per rate; resample the wavs to one rate first"], proc.stderr
+        assert "note:" not in proc.stdout
+
+
+def test_one_sample_rate_gets_no_note(repo, tmp_path, monkeypatch):
+    dataset(tmp_path, {"development": 2, "validation": 1}, sr=22050)
+    proc = run_in_process(monkeypatch, "preprocessing/02_audio_logmel.py", "--conf", repo / "conf.yaml",
+                          "--set", f"paths.dataset_dir={tmp_path}", "data.splits=[development, validation]",
+                          "features.workers=1")
+    assert proc.returncode == 0 and "note:" not in proc.stdout + proc.stderr, proc.stderr
+    # only the evaluation split this time: compared with the training split's file on disk
+    write_wav(tmp_path / "evaluation" / "e.wav", seconds=0.3, sr=44100)
+    write_captions_csv(tmp_path / "clotho_captions_evaluation.csv", {"e.wav": ["a b c"] * 5})
+    prepare_clotho(tmp_path, ["development", "validation", "evaluation"])
+    proc = run_in_process(monkeypatch, "preprocessing/02_audio_logmel.py", "--conf", repo / "conf.yaml",
+                          "--set", f"paths.dataset_dir={tmp_path}", "data.splits=[evaluation]",
+                          "features.workers=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: evaluation is at 44100 Hz (1 clip), the training split development at 22050 Hz (2 clips)" \
+        in proc.stderr
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_callers_threads_are_its_own_again_after_the_step(repo, tmp_path, workers):
     """Computing log-mels limits this process to one BLAS/OpenMP thread (the workers fill the
@@ -243,6 +286,31 @@ def test_the_callers_threads_are_its_own_again_after_the_step(repo, tmp_path, wo
     assert torch.get_num_threads() == 2
     features_mod.compute_split(tmp_path, "development", {}, cfg["features"], log=lambda *a: None)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_callers_exception_hooks_and_malloc_settings_are_left_alone(repo, tmp_path, monkeypatch, workers):
+    """compute_logmels / compute_split in a caller's own process (a notebook) used to replace
+    sys.excepthook and sys.unraisablehook for good (a hook the user set later was dropped) and
+    tune glibc's malloc, which cannot be undone; now the hooks are the caller's again after
+    the block, forwarding to them within it, and malloc is tuned only in the step's own
+    processes (its script, the pool workers)."""
+    dataset(tmp_path, {"development": 2})
+    cfg = config(repo, tmp_path, "data.splits=[development]", f"features.workers={workers}")
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda t, e, tb: seen.append(str(e)))
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    mine = sys.excepthook, sys.unraisablehook
+    tuned = []
+    monkeypatch.setattr(features_mod, "keep_freed_memory", lambda *a: tuned.append(os.getpid()))
+    compute_logmels(cfg, log=lambda *a: None)
+    features_mod.compute_split(tmp_path, "development", {}, cfg["features"], log=lambda *a: None)
+    assert (sys.excepthook, sys.unraisablehook) == mine and tuned == []
+    full_disk = RuntimeError("Can't decrement id ref count (file write failed: errno = 28, ...)")
+    with features_mod._as_worker(worker_params(cfg["features"], "cpu")):
+        sys.excepthook(RuntimeError, full_disk, None)  # the HDF5 noise of a full disk: dropped
+        sys.excepthook(ValueError, ValueError("the caller's"), None)  # passed on to the caller's hook
+    assert seen == ["the caller's"] and (sys.excepthook, sys.unraisablehook) == mine
 
 
 def test_changed_parameters_or_clips_update_the_file(repo, tmp_path):

@@ -261,6 +261,57 @@ def test_missing_captions_file(repo, tmp_path):
     expect_user_error(repo, tmp_path, "clotho_captions_development.csv", "not found")
 
 
+def test_missing_clotho_split_suggests_step_00(tmp_path):
+    make_clotho(tmp_path, {"development": 1}, seconds=0.05)
+    with pytest.raises(UserError, match="clotho_captions_evaluation.csv: captions file not found") as e:
+        prepare_clotho(tmp_path, ["development", "evaluation"])
+    assert "00_download_clotho.py" in str(e.value)
+
+
+def test_a_split_name_of_ones_own_lists_the_csvs_there_and_the_advice_works(tmp_path):
+    """`Train` for `train`: step 00 would download 7 GB of Clotho and still make no `Train`
+    split; the message names the splits whose CSVs are there, and naming them works."""
+    make_clotho(tmp_path, {"train": 2, "val": 1}, seconds=0.05)
+    with pytest.raises(UserError) as e:
+        prepare_clotho(tmp_path, ["Train", "val"])
+    message = str(e.value)
+    assert "clotho_captions_Train.csv: captions file not found for split 'Train'" in message
+    assert "split(s) train, val" in message and "data.splits" in message
+    assert "00_download" not in message
+    assert [s.clips for s in prepare_clotho(tmp_path, ["train", "val"])] == [2, 1]
+
+
+def test_a_split_name_of_ones_own_without_any_csv_names_the_folder(tmp_path):
+    with pytest.raises(UserError, match=r"holds no clotho_captions_\*\.csv — check paths\.dataset_dir") as e:
+        prepare_clotho(tmp_path, ["train"])
+    assert "00_download" not in str(e.value)
+
+
+@pytest.mark.parametrize("captions", [1, 3])
+def test_fewer_than_five_caption_columns_say_five_are_needed(tmp_path, captions):
+    header = ["file_name"] + [f"caption_{i}" for i in range(1, captions + 1)]
+    write_captions_csv(tmp_path / "clotho_captions_development.csv", {"a.wav": CAPS[:captions]}, header=header)
+    (tmp_path / "development").mkdir()
+    with pytest.raises(UserError, match="missing column.*caption_5.*exactly five captions") as e:
+        prepare_clotho(tmp_path, ["development"])
+    assert "no other column" in str(e.value)
+
+
+def test_a_row_with_fewer_captions_says_five_are_needed(tmp_path):
+    path = tmp_path / "clotho_captions_development.csv"
+    path.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\na.wav,one,two,three\n",
+                    encoding="utf-8")
+    with pytest.raises(UserError, match="line 2: 4 fields, expected 6 — every clip needs exactly five"):
+        prepare_clotho(tmp_path, ["development"])
+    write_captions_csv(path, {"a.wav": ["one", "two", "three", "", ""]})
+    with pytest.raises(UserError, match="caption_4 is empty — every clip needs exactly five captions"):
+        prepare_clotho(tmp_path, ["development"])
+    path.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\na.wav,one, two,3,4,5,6\n",
+                    encoding="utf-8")  # more fields: an unquoted comma, not a sixth caption
+    with pytest.raises(UserError, match="line 2: 7 fields, expected 6 — a caption holding a comma must be"):
+        prepare_clotho(tmp_path, ["development"])
+
+
 def test_missing_split_folder(repo, tmp_path):
     write_captions_csv(tmp_path / "clotho_captions_development.csv", {"a.wav": CAPS})
     expect_user_error(repo, tmp_path, "development", "audio folder")

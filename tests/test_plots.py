@@ -1,6 +1,9 @@
 """utils.plots: training curves from metrics.jsonl and recall@k curves, as PNG (>= 150 dpi) plus
 PDF and SVG; integer epoch ticks, chance level, best epoch and run name on the figures."""
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib.image
 import matplotlib.pyplot as plt
@@ -292,3 +295,35 @@ def test_training_legend_gives_the_long_best_checkpoint_entry_its_own_column():
     assert labels == ["train loss", "validation loss", "validation mAP@10", "chance (random ranking)",
                       "best checkpoint: epoch 4 (by val_loss)"]
     plt.close(fig)
+
+
+
+BACKEND_AFTER_IMPORT = """
+import json, sys
+from pathlib import Path
+import matplotlib
+if sys.argv[1] == "chosen":  # a notebook: its backend is chosen and pyplot imported first
+    matplotlib.use("svg")
+    import matplotlib.pyplot
+from utils.plots import plot_training_curves, plt
+out = Path(sys.argv[2])
+records = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e} for e in (1, 2)]
+(out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in records))
+plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
+print(plt.get_fignums(), matplotlib.get_backend().lower())
+"""
+
+
+@pytest.mark.parametrize("before, env, want", [("chosen", {}, "svg"), ("none", {"MPLBACKEND": "svg"}, "svg"),
+                                               ("none", {}, "agg")])
+def test_importing_utils_plots_keeps_a_backend_the_process_chose(repo, tmp_path, before, env, want):
+    """utils.plots selected Agg at import whatever was chosen before, which switched a notebook's
+    inline backend (its figures stopped showing); now Agg only where nothing chose a backend (a
+    script: pyplot not imported, MPLBACKEND unset). The figures are written either way, and
+    none is left open for a notebook to show."""
+    clean = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    proc = subprocess.run([sys.executable, "-c", BACKEND_AFTER_IMPORT, before, str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True, timeout=120, env={**clean, **env})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"[] {want}"
+    _assert_png(tmp_path / "training_curves.png")

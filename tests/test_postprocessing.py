@@ -134,7 +134,8 @@ def test_scores_then_retrieval_end_to_end(run):
 
         with open(run_dir / f"{split}.t2a_retrieval.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
-        assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, 11)]
+        # top 10, but no column past the split's clips (6 here), which would be empty in every row
+        assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, min(10, len(emb.fids)) + 1)]
         assert [r[0] for r in rows[1:]] == emb.captions
         top = np.argsort(-direct, axis=1, kind="stable")
         assert rows[1][1:1 + len(emb.fids)] == [emb.fnames[j] for j in top[0]]
@@ -149,6 +150,20 @@ def test_scores_then_retrieval_end_to_end(run):
     assert (run_dir / "plots" / "recall_at_k.png").is_file()
     assert (run_dir / "plots" / "training_curves.png").is_file()
     conn.close()
+
+
+@pytest.mark.parametrize("top_k, columns", [(1000, 6), (3, 3)])
+def test_retrieval_csv_has_no_column_past_the_splits_clips(run, top_k, columns):
+    """eval.top_k 1000 on a 6-clip split: 6 file-name columns, every cell filled (not 1000 with
+    994 empty ones); a top_k below the split's size is kept as it is."""
+    conf, run_dir, call = run
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    p = call(RETRIEVAL, "--run", run_dir, "--set", f"eval.top_k={top_k}")
+    assert p.returncode == 0, p.stderr
+    with open(run_dir / "evaluation.t2a_retrieval.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["caption"] + [f"file_name_{i}" for i in range(1, columns + 1)]
+    assert all(len(r) == columns + 1 and all(r) for r in rows[1:])
 
 
 def test_rerun_replaces_splits_and_other_run_is_refused(run, tmp_path):

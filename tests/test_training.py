@@ -129,6 +129,44 @@ def test_early_stopping(tiny):
     assert load_checkpoint(tiny / "outputs" / "es" / "checkpoints" / "best.pt")["epoch"] == 1
 
 
+def test_a_last_batch_of_one_caption_is_a_note_at_training_start(tiny, capsys):
+    """A batch of one caption has an InfoNCE loss of exactly 0 and still counts as a batch in the
+    mean of the batch losses: 30 validation captions at batch 29 end on one (val_loss drops
+    to about half); the note says which split, and which batch size avoids it."""
+    conf = tiny_config(tiny, {"training": {"epochs": 1}})
+    train_in_process(conf, "b29", ["training.batch_size=29"])
+    err = capsys.readouterr().err
+    assert ("note: with training.batch_size 29, the validation split validation ends on a batch of "
+            "1 caption, whose InfoNCE loss is exactly 0 but counts as a whole batch in val_loss") in err
+    fix = int(err.split("training.batch_size ")[-1].split()[0])
+    assert fix != 29
+    train_in_process(conf, "fixed", [f"training.batch_size={fix}"])
+    assert "note:" not in capsys.readouterr().err
+    # 60 training captions at batch 59 (drop_last is not used): the training split
+    train_in_process(conf, "b59", ["training.batch_size=59"])
+    assert ("the training split development ends on a batch of 1 caption, whose InfoNCE loss is "
+            "exactly 0 but counts as a whole batch in train_loss (") in capsys.readouterr().err
+
+
+def test_clothos_batch_32_leaves_no_last_batch_of_one(shared_captions):
+    """The baseline's definition (the unweighted mean of the batch losses) is kept: at batch 32
+    Clotho's last batches hold 27 development and 9 validation captions (of 9 clips)."""
+    import csv
+
+    counts = {}
+    for split in ("development", "validation"):
+        with open(shared_captions / f"clotho_captions_{split}.csv", encoding="utf-8", newline="") as f:
+            counts[split] = 5 * (sum(1 for _ in csv.reader(f)) - 1)
+    assert counts == {"development": 19195, "validation": 5225}
+    cfg = load_config(REPO / "conf.yaml")
+    order = torch.randperm(counts["validation"], generator=torch.Generator().manual_seed(cfg["seed"]))
+    val_clips = (np.arange(counts["validation"]) // 5)[order.numpy()]
+    assert tu.last_batch_size(counts["development"], 32) == 27
+    assert tu.zero_loss_batch_note(cfg, counts["development"], val_clips) is None
+    assert tu.last_batch_size(counts["development"], 32, world_size=4) == 28  # padded per process
+    assert tu.zero_loss_batch_note(cfg, 33, val_clips[:65]) is not None  # 33 = 32 + 1
+
+
 def test_improved_direction():
     assert tu.improved("val_loss", 1.0, None) and tu.improved("val_loss", 1.0, 2.0)
     assert not tu.improved("val_loss", 2.0, 1.0)

@@ -60,6 +60,8 @@ from utils.locks import exclusive
 NAMESPACE = uuid.UUID("faed236c-0068-4bd6-b018-18d0c821f08f")  # fixed forever: ids depend on it
 CAPTION_COLUMNS = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
 CAPTIONS_PER_CLIP = len(CAPTION_COLUMNS) - 1  # every row of a captions CSV has all five
+FIVE_CAPTIONS = ("every clip needs exactly five captions, one per column caption_1..caption_5, and no "
+                 "other column (the metrics are defined for five; README: your own dataset)")
 TEXT_COLUMNS = ["tid", "fid", "fname", "raw_text", "text", "tokens"]
 SKIPPED_COLUMNS = ["fname", "reason", "step"]
 # "non-finite": the wav reads, but holds NaN/inf samples (step 02: step 01 reads headers only).
@@ -68,6 +70,8 @@ SKIPPED_COLUMNS = ["fname", "reason", "step"]
 BAD_AUDIO_REASONS = ("missing", "empty", "unreadable", "non-finite", "no log-mel")
 LOCK_NAME = ".features.lock"  # in paths.features_dir, held by steps 01-03 (utils.locks)
 AAC_DATASETS_ROOT = "CLOTHO_v2.1"  # aac-datasets' folder for Clotho v2.1 (its _get_clotho_root)
+CLOTHO_SPLITS = ("development", "validation", "evaluation")  # the splits step 00 downloads
+CAPTIONS_PREFIX = "clotho_captions_"  # a split's captions CSV: clotho_captions_{split}.csv
 
 # Words that are never meant twice in a row: articles, prepositions, conjunctions, pronouns,
 # auxiliaries. Content words repeat on purpose in sound descriptions (onomatopoeia), so stay.
@@ -145,7 +149,7 @@ class Layout:
     audio_root: Path  # holds {split}/*.wav
 
     def captions_csv(self, split: str) -> Path:
-        return self.captions_dir / f"clotho_captions_{split}.csv"
+        return self.captions_dir / f"{CAPTIONS_PREFIX}{split}.csv"
 
     def audio_dir(self, split: str) -> Path:
         return self.audio_root / split
@@ -201,14 +205,39 @@ def file_name_problem(fname: str) -> str:
     return ""
 
 
+def _split_of(captions_csv: Path) -> str | None:
+    """`clotho_captions_train.csv` -> `train`; None for a file not named so."""
+    name = captions_csv.name
+    if not (name.startswith(CAPTIONS_PREFIX) and name.endswith(".csv")) or name == f"{CAPTIONS_PREFIX}.csv":
+        return None
+    return name[len(CAPTIONS_PREFIX):-len(".csv")]
+
+
+def _missing_captions(path: Path) -> UserError:
+    """A split's captions CSV is not there. Step 00 makes Clotho's three splits only: for any
+    other name (one's own dataset, or a typo such as `Train` for `train`) it would download
+    7 GB and still make no such split, so the advice names the CSVs that are there instead."""
+    split = _split_of(path)
+    if split is None or split in CLOTHO_SPLITS:
+        return UserError(f"{path}: captions file not found (neither the Zenodo layout "
+                         f"<dataset_dir>/{CAPTIONS_PREFIX}<split>.csv nor the aac-datasets layout "
+                         f"<dataset_dir>/{AAC_DATASETS_ROOT}/clotho_csv_files/ is there) — check "
+                         "paths.dataset_dir, or run preprocessing/00_download_clotho.py")
+    there = sorted(_split_of(p) for p in path.parent.glob(f"{CAPTIONS_PREFIX}*.csv"))
+    if there:
+        found = (f"the captions CSVs in {path.parent} are for split(s) {', '.join(there)} — name "
+                 "one of those in data.splits (and data.train_split, data.val_split, eval.splits)")
+    else:
+        found = (f"{path.parent} holds no {CAPTIONS_PREFIX}*.csv — check paths.dataset_dir, and "
+                 f"that data.splits names your splits (split <s>: {CAPTIONS_PREFIX}<s>.csv and <s>/*.wav)")
+    return UserError(f"{path}: captions file not found for split '{split}': {found}")
+
+
 def read_captions_csv(path: str | Path) -> list[CaptionRow]:
     """Rows of a Clotho captions CSV, validated; UserError naming file/line/column otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: captions file not found (neither the Zenodo layout "
-                        f"<dataset_dir>/clotho_captions_<split>.csv nor the aac-datasets layout "
-                        f"<dataset_dir>/{AAC_DATASETS_ROOT}/clotho_csv_files/ is there) — check "
-                        "paths.dataset_dir, or run preprocessing/00_download_clotho.py")
+        raise _missing_captions(path)
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a BOM (spreadsheet exports) is not part of the header
@@ -225,7 +254,8 @@ def read_captions_csv(path: str | Path) -> list[CaptionRow]:
     if header != CAPTION_COLUMNS:
         missing = [c for c in CAPTION_COLUMNS if c not in header]
         what = f"missing column(s) {', '.join(missing)}" if missing else "columns in the wrong order or extra columns"
-        raise UserError(f"{path}: header is '{','.join(header)}', expected '{','.join(CAPTION_COLUMNS)}' ({what})")
+        raise UserError(f"{path}: header is '{','.join(header)}', expected '{','.join(CAPTION_COLUMNS)}' "
+                        f"({what}) — {FIVE_CAPTIONS}")
     rows: list[CaptionRow] = []
     seen: dict[str, tuple[str, int]] = {}  # name without leading spaces -> (name, line)
     try:
@@ -234,7 +264,9 @@ def read_captions_csv(path: str | Path) -> list[CaptionRow]:
             if not record or record == [""]:
                 continue  # blank line (e.g. at the end)
             if len(record) != len(CAPTION_COLUMNS):
-                raise UserError(f"{path}: line {line}: {len(record)} fields, expected {len(CAPTION_COLUMNS)}")
+                why = FIVE_CAPTIONS if len(record) < len(CAPTION_COLUMNS) else \
+                    "a caption holding a comma must be in double quotes"
+                raise UserError(f"{path}: line {line}: {len(record)} fields, expected {len(CAPTION_COLUMNS)} — {why}")
             fname, captions = record[0], record[1:]
             if not fname.strip():
                 raise UserError(f"{path}: line {line}: column file_name is empty")
@@ -254,7 +286,7 @@ def read_captions_csv(path: str | Path) -> list[CaptionRow]:
             texts = [clean_caption(c) for c in captions]
             for i, (caption, text) in enumerate(zip(captions, texts), 1):
                 if not caption.strip():
-                    raise UserError(f"{path}: line {line}: column caption_{i} is empty")
+                    raise UserError(f"{path}: line {line}: column caption_{i} is empty — {FIVE_CAPTIONS}")
                 if not text:
                     raise UserError(f"{path}: line {line}: column caption_{i} has no words ({caption!r})")
             rows.append(CaptionRow(fname, captions, texts, line))

@@ -405,10 +405,12 @@ def evaluate_split(s: ScoredSplit, top_k: int = 10, max_k: int = 10) -> SplitRes
 
 def write_split_files(run_dir: str | Path, s: ScoredSplit, r: SplitResult, top_k: int = 10
                       ) -> list[Path]:
-    """`<run>/{split}.t2a_retrieval.csv`, `{split}.t2a_ranks.csv` and `{split}.a2t_per_clip.csv`."""
+    """`<run>/{split}.t2a_retrieval.csv`, `{split}.t2a_ranks.csv` and `{split}.a2t_per_clip.csv`.
+    The retrieval CSV has min(`top_k`, the split's clips) file-name columns: no column that would
+    be empty in every row."""
     run_dir = Path(run_dir)
     return [write_retrieval_csv(run_dir / f"{s.split}.t2a_retrieval.csv", s.captions, s.fnames,
-                                r.top, top_k),
+                                r.top, min(top_k, len(s.fnames))),
             write_ranks_csv(run_dir / f"{s.split}.t2a_ranks.csv", s, r.ranks),
             write_a2t_per_clip_csv(run_dir / f"{s.split}.a2t_per_clip.csv", s, r)]
 

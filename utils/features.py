@@ -49,6 +49,10 @@ after everything else is computed and flushed, listing every such file, unless
 `data.skip_bad_audio`; then the clips are left out of the HDF5 and listed as step 02's rows of the
 split's skip list `{split}_skipped_audio.csv` (utils.clotho.update_skipped; step 01's rows stay).
 
+Sample rates: each clip's log-mels are taken at its wav's own rate (the baseline's), recorded as
+its `sr` attr; `sample_rate_notes` names a split whose clips mix rates, or are at a rate the
+training split has none at, since a mel band then spans other frequencies per rate.
+
 Disk full: a worker or the merge that fails for lack of space is one line, "no space left on
 <features_dir>", with what was kept (a file-size limit, EFBIG, says so instead); a worker that
 died outright is reported so too when the features folder has (almost) no free space, else as
@@ -224,21 +228,33 @@ def _hdf5_close_on_full_disk(exc: BaseException | None) -> bool:
             and any(f"errno = {code}," in text for code in NO_ROOM))
 
 
-def _quiet_unraisable(unraisable, previous=sys.unraisablehook) -> None:
-    if not _hdf5_close_on_full_disk(unraisable.exc_value):
-        previous(unraisable)
+def _quiet_hooks(unraisablehook: Callable, excepthook: Callable) -> tuple[Callable, Callable]:
+    """sys.unraisablehook and sys.excepthook that drop the HDF5 noise of a full disk and pass
+    everything else on to the given ones."""
+    def quiet_unraisable(unraisable) -> None:
+        if not _hdf5_close_on_full_disk(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    def quiet_excepthook(exc_type, exc, tb) -> None:
+        if not _hdf5_close_on_full_disk(exc):
+            excepthook(exc_type, exc, tb)
+    return quiet_unraisable, quiet_excepthook
 
 
-def _quiet_excepthook(exc_type, exc, tb, previous=sys.excepthook) -> None:
-    if not _hdf5_close_on_full_disk(exc):
-        previous(exc_type, exc, tb)
+def set_up_process() -> None:
+    """Process-wide settings, for the whole life of a process that is step 02's own (a pool
+    worker; the step's script, which computes when features.workers is 1): glibc keeps freed
+    buffers (keep_freed_memory), and the HDF5 noise of a full disk, which comes as the failed
+    write's objects are freed, after the one-line error, is hidden. Never in a caller's own
+    process (`_as_worker`): glibc's malloc settings cannot be put back (it has no getter, and
+    setting a threshold turns its dynamic mmap threshold off for good)."""
+    keep_freed_memory()  # reuse the per-clip buffers instead of page-faulting them in anew
+    sys.unraisablehook, sys.excepthook = _quiet_hooks(sys.unraisablehook, sys.excepthook)
 
 
 def _init_worker(params: dict):
     """Set up a process to compute log-mels; returns what undoes the thread limit (or None)."""
     limiter = limit_threads()  # one thread per worker process: the processes already fill the cores
-    keep_freed_memory()  # reuse the per-clip buffers instead of page-faulting them in anew
-    sys.unraisablehook, sys.excepthook = _quiet_unraisable, _quiet_excepthook
     _WORKER_PARAMS.clear()
     _WORKER_PARAMS.update(params)
     return limiter
@@ -246,16 +262,19 @@ def _init_worker(params: dict):
 
 @contextlib.contextmanager
 def _as_worker(params: dict) -> Iterator[None]:
-    """This process set up as a worker (`_init_worker`), its thread limit for the block only:
-    a caller of compute_logmels / compute_split (a notebook, the tests) keeps its threads,
-    torch's included. The exception hooks stay: they hide only the HDF5 noise of a full disk,
-    which comes as the failed write's objects are freed, after the block."""
+    """This process set up as a worker (`_init_worker`) for the block only: a caller of
+    compute_logmels / compute_split (a notebook, the tests) gets its threads (torch's included)
+    and its exception hooks back after it, and glibc's malloc settings are left alone
+    (`set_up_process`)."""
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _quiet_hooks(*hooks)
     limiter = _init_worker(params)
     try:
         yield
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
+        sys.unraisablehook, sys.excepthook = hooks
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -291,6 +310,7 @@ def _init_pool_worker(params: dict, parent_pid: int | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if parent_pid is not None:
         die_with_parent(parent_pid)
+    set_up_process()
     _init_worker(params)
 
 
@@ -526,6 +546,7 @@ class SplitFeatures:
     skipped_existing: bool = False  # the final file was already complete
     bad: list[tuple[str, str]] = field(default_factory=list)  # (fname, reason) left out by step 02
     skipped_csv: Path | None = None
+    rates: dict[int, int] = field(default_factory=dict)  # {sample rate: clips} of the final file
 
 
 def _pool_context():
@@ -608,6 +629,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
         wavs = _locate_wavs(split_paths(dataset_dir, split)[1], fid2fname)
         sigs = {fid: w[1] if w is not None else None for fid, w in wavs.items()}
         if final.exists() and _settle_final(out, fid2fname, params, sigs, skip_bad_audio, folder, log):
+            out.rates = clip_rates(final)
             return out  # complete and current: nothing to do
 
         done = scan_parts(folder, params, log)
@@ -618,6 +640,7 @@ def compute_split(dataset_dir: Path, split: str, fid2fname: dict[str, str], feat
         workers = int(features_cfg["workers"]) if pool is not None else 1
         bad += _compute_shards(out, todo, done, folder, device, pool, workers, int(features_cfg["flush_every"]))
         _finish(out, fid2fname, done, bad, sigs, params, skip_bad_audio, folder)
+        out.rates = clip_rates(final)
         return out
 
 
@@ -713,6 +736,41 @@ def _finish(out: SplitFeatures, fid2fname: dict[str, str], done: dict, bad: list
     out.bad = bad
     out.skipped_csv = skip_csv if listed else None
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def clip_rates(path: Path) -> dict[int, int]:
+    """{sample rate: clips} of a `{split}_audio_logmels.hdf5` (each clip records its wav's rate;
+    Clotho's 3839 development clips read in ~0.3 s); {} where the file is not at hand."""
+    try:
+        with h5py.File(path, "r") as f:
+            rates = collections.Counter(int(ds.attrs["sr"]) for _, ds in _clips(f) if "sr" in ds.attrs)
+    except HDF5_ERRORS:  # missing or damaged: its reader says so
+        return {}
+    return dict(sorted(rates.items()))
+
+
+def _rates_text(rates: dict[int, int]) -> str:
+    return ", ".join(f"{sr} Hz ({n} clip{'s' if n != 1 else ''})" for sr, n in rates.items())
+
+
+def sample_rate_notes(results: list[SplitFeatures], train_split: str, out_dir: Path) -> list[str]:
+    """One line per split whose clips are at several sample rates, or at a rate the training
+    split (data.train_split) has none at. Log-mels are taken at each wav's own rate (the
+    baseline's), so a mel band spans other frequencies at each rate: nothing else would say so."""
+    rates = {r.split: r.rates for r in results}
+    trained = rates[train_split] if train_split in rates else clip_rates(logmel_path(out_dir, train_split))
+    notes = []
+    for split, have in rates.items():
+        other = bool(split != train_split and trained and set(have) - set(trained))
+        if len(have) < 2 and not other:
+            continue
+        what = (f"{split} mixes sample rates: {_rates_text(have)}" if len(have) > 1
+                else f"{split} is at {_rates_text(have)}")
+        if other:
+            what += f", the training split {train_split} at {_rates_text(trained)}"
+        notes.append(f"{what} — the log-mels of a mel band then cover other frequencies per rate; "
+                     "resample the wavs to one rate first")
+    return notes
 
 
 def compute_logmels(cfg: dict, log: Callable = print) -> list[SplitFeatures]:

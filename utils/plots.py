@@ -3,18 +3,23 @@
 Each figure is written three times, atomically, with the same stem: PNG (200 dpi, for screens,
 the README and wandb), PDF and SVG (vector, for papers). Fonts are sized for a figure printed
 at text width; epochs get integer ticks; the chance level is drawn as a dashed line; the run's
-name is the subtitle. Rendered with matplotlib's Agg backend (no display needed).
+name is the subtitle. Rendered with matplotlib's Agg backend (no display needed), unless the
+process chose a backend first (pyplot imported, or MPLBACKEND set): a notebook keeps its inline
+figures.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # before pyplot: headless servers and CI have no display
+if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")  # headless servers and CI; never switch a backend a notebook chose
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 

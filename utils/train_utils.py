@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,52 @@ def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
                         pin_memory=device.type == "cuda", persistent_workers=persistent,
                         drop_last=False, worker_init_fn=leave_signals_to_the_parent)
     return loader, seeding
+
+
+def last_batch_size(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Captions in an epoch's last global batch of `n` (drop_last is not used): with several
+    processes the sampler pads `n` to a multiple of them and each takes batch_size/world_size."""
+    per_rank, local = -(-n // world_size), batch_size // world_size
+    return world_size * (per_rank % local or local)
+
+
+def _zero_loss_last_batches(train_n: int, val_clips: np.ndarray, batch_size: int, world_size: int
+                            ) -> dict[str, str]:
+    """{"training" | "validation": what its epoch's last batch holds} where that batch's InfoNCE
+    loss is exactly 0: one caption (it has no negative), or, in the validation split's fixed
+    order (`val_clips`: the clip of each caption, in loader order), the captions of one clip."""
+    out = {}
+    if last_batch_size(train_n, batch_size, world_size) == 1:
+        out["training"] = "1 caption"
+    if len(val_clips):
+        last = val_clips[-(len(val_clips) % batch_size or batch_size):]
+        if len(np.unique(last)) == 1:
+            out["validation"] = "1 caption" if len(last) == 1 else f"{len(last)} captions of one clip"
+    return out
+
+
+def zero_loss_batch_note(cfg: dict, train_n: int, val_clips: np.ndarray, world_size: int = 1) -> str | None:
+    """A note when the training or validation split ends on a batch whose loss is exactly 0:
+    train_loss and val_loss are the unweighted mean of the batch losses (as the baseline's; on
+    Clotho at batch 32 the last batches hold 27 and 9 captions), so such a batch pulls them
+    down, val_loss most (it picks best.pt by default and steers the learning rate)."""
+    batch_size = cfg["training"]["batch_size"]
+    bad = _zero_loss_last_batches(train_n, val_clips, batch_size, world_size)
+    if not bad:
+        return None
+    names = {"training": f"training split {cfg['data']['train_split']}",
+             "validation": f"validation split {cfg['data']['val_split']}"}
+    losses = " and ".join({"training": "train_loss", "validation": "val_loss"}[k] for k in bad)
+    fix = next((b for step in range(world_size, 64 * world_size, world_size)
+                for b in (batch_size + step, batch_size - step)
+                if b >= max(2, world_size) and not _zero_loss_last_batches(train_n, val_clips, b, world_size)),
+               None)
+    what = " and ".join(f"the {names[k]} ends on a batch of {held}" for k, held in bad.items())
+    one = len(bad) == 1
+    return (f"with training.batch_size {batch_size}, {what}, whose InfoNCE loss{'' if one else 'es'} "
+            f"{'is' if one else 'are'} exactly 0 but count{'s' if one else ''} as a whole batch in "
+            f"{losses} (the mean of the batch losses, as the baseline's), lowering {'it' if one else 'them'}"
+            + (f" — training.batch_size {fix} avoids it" if fix is not None else ""))
 
 
 def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, device) -> DataLoader:
@@ -732,6 +779,10 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     wrap_for_training(tr, cfg, ctx, device)
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
+    val_clips = data.val_set.caption_clip[val_loader.dataset.indices]  # [Q] in the loader's order
+    note = zero_loss_batch_note(cfg, len(data.train_set), val_clips, ctx.world_size)
+    if note is not None and ctx.is_master:
+        print(f"note: {note}", file=sys.stderr)
     # wandb steps count training captions seen, so they keep increasing across resumes
     monitor, patience = t["monitor"], t["early_stopping"]
     last, best = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
