@@ -71,7 +71,7 @@ def _train(args, cfg: dict, ctx, device, held: contextlib.ExitStack):
         train_utils.check_resume_checkpoint(state, ckpt, cfg)
         train_utils.check_text_dim(state, ckpt, data.table, data.embeddings_path)
         train_utils.check_caption_probe(state, ckpt, data.table, data.tid2row, data.embeddings_path,
-                                        Path(args.resume) / "config.yaml")
+                                        train_utils.step_03_for_run(Path(args.resume), cfg))
         if state["epoch"] >= cfg["training"]["epochs"]:
             if ctx.is_master:
                 print(f"nothing to train: {args.resume} has finished {state['epoch']} epochs of "

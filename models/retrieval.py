@@ -105,6 +105,8 @@ class Retriever:
         self._key = key if key is not None else evaluation.checkpoint_key(self.checkpoint)
         self._table_sha1 = table_sha1 if table_sha1 is not None else _embeddings_sha1(cfg)
         self._sbert = None
+        # a local folder of the sentence model, found from here now, not from a later %cd
+        self._sbert_source = _local_model_path(cfg["sbert"]["model"])
         self._captions: dict[str, tuple[str, CaptionIndex]] = {}
         self._clips: dict[str, tuple[str, ClipIndex]] = {}
 
@@ -186,7 +188,7 @@ class Retriever:
         if self._sbert is None and texts:
             from utils.sbert import load_sentence_model
 
-            self._sbert = load_sentence_model(self.cfg["sbert"]["model"], self.cfg["sbert"]["device"])
+            self._sbert = load_sentence_model(self._sbert_source, self.cfg["sbert"]["device"])
         return evaluation.embed_texts(self.cfg, self.model, texts, self.device, sbert=self._sbert)
 
     def embed_audio(self, audio, sr: int | None = None) -> np.ndarray:
@@ -236,6 +238,8 @@ class Retriever:
             if y.ndim != 1 or y.size == 0:
                 raise UserError(f"embed_audio: waveform {i} has shape {list(y.shape)}; expected a "
                                 "non-empty mono signal [samples]")
+            if not np.isfinite(y).all():
+                raise UserError(f"embed_audio: waveform {i}: non-finite (NaN or inf samples)")
             peak = float(np.abs(y).max())
             if np.issubdtype(given.dtype, np.floating) and peak > FLOAT_PEAK_LIMIT:
                 loud.append(f"waveform {i} peaks at {peak:.6g}")
@@ -510,6 +514,13 @@ def _file_identity(path: Path) -> list[int] | None:
     except OSError:  # absent or unreadable: the reader reports it; the key just differs
         return None
     return [int(st.st_ino), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _local_model_path(name: str) -> str:
+    """`sbert.model` as an absolute path where it names a folder found from here (a hub name,
+    or `bundled:…`, as it is)."""
+    path = Path(name).expanduser()
+    return os.path.abspath(path) if not name.startswith("bundled:") and path.is_dir() else name
 
 
 def _embeddings_sha1(cfg: dict) -> str | None:

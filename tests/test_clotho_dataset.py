@@ -279,6 +279,9 @@ def test_a_split_name_of_ones_own_lists_the_csvs_there_and_the_advice_works(tmp_
     assert "split(s) train, val" in message and "data.splits" in message
     assert "00_download" not in message
     assert [s.clips for s in prepare_clotho(tmp_path, ["train", "val"])] == [2, 1]
+    (tmp_path / "clotho_captions_.csv").write_text("")  # a stray file that names no split
+    with pytest.raises(UserError, match=r"for split\(s\) train, val — name one"):
+        prepare_clotho(tmp_path, ["Train"])
 
 
 def test_a_split_name_of_ones_own_without_any_csv_names_the_folder(tmp_path):

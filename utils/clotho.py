@@ -223,7 +223,7 @@ def _missing_captions(path: Path) -> UserError:
                          f"<dataset_dir>/{CAPTIONS_PREFIX}<split>.csv nor the aac-datasets layout "
                          f"<dataset_dir>/{AAC_DATASETS_ROOT}/clotho_csv_files/ is there) — check "
                          "paths.dataset_dir, or run preprocessing/00_download_clotho.py")
-    there = sorted(_split_of(p) for p in path.parent.glob(f"{CAPTIONS_PREFIX}*.csv"))
+    there = sorted(filter(None, map(_split_of, path.parent.glob(f"{CAPTIONS_PREFIX}*.csv"))))
     if there:
         found = (f"the captions CSVs in {path.parent} are for split(s) {', '.join(there)} — name "
                  "one of those in data.splits (and data.train_split, data.val_split, eval.splits)")

@@ -21,7 +21,6 @@ to DataLoader workers nor shared safely across a fork.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ from utils.clotho import (CAPTIONS_PER_CLIP, HDF5_ERRORS, STEP_01, STEP_02, STEP
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
 from utils.devices import amp_mode, autocast
 from utils.errors import UserError
-from utils.io_utils import file_digest, load_pickle
+from utils.io_utils import file_sha1, load_pickle
 
 STEP_03_CONFIG = "config.03_sbert_embeddings.yaml"  # step 03's config, saved beside its output
 REQUIRED_TEXT_COLUMNS = ("tid", "fid", "fname", "raw_text")  # of clotho.TEXT_COLUMNS, what we read
@@ -157,17 +156,9 @@ def embeddings_sha1(path: str | Path) -> str | None:
     """sha1 of the caption embeddings file (None if absent), computed once per version of it:
     every load checks it against step 03's record (~0.2 s for Clotho's 77 MB)."""
     try:
-        st = os.stat(path)
-    except OSError:
+        return file_sha1(path)
+    except FileNotFoundError:
         return None
-    # the inode too: every write of it is an atomic rename, a new inode even within one tick
-    # of a coarse file-system clock
-    return _sha1_of_version(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _sha1_of_version(path: str, inode: int, size: int, mtime_ns: int) -> str:
-    return file_digest(path, "sha1")
 
 
 def read_text_digests(embeddings_path: str | Path) -> dict[str, str] | None:
@@ -189,16 +180,15 @@ def recorded_sentence_model(embeddings_path: Path) -> str | None:
     return recorded if isinstance(recorded, str) else None
 
 
-def check_sentence_model(embeddings_path: Path, model: str, run_config: Path | None = None) -> None:
+def check_sentence_model(embeddings_path: Path, model: str, rerun: str | None = None) -> None:
     """The caption embeddings must come from the sentence model the config names: query.py and
     the API embed typed queries with it, into the space the captions' projection was trained
     on. Refused when step 03's record says another model (absent record: nothing to check).
-    `run_config`: a trained run's config.yaml. Its sentence model is fixed, so the advice is to
-    embed with it again, never to --set sbert.model to whatever step 03 used last."""
+    `rerun`: for a trained run, whose sentence model is fixed, the step-03 command that embeds
+    with it again (the advice then, never a --set sbert.model to whatever step 03 used last)."""
     recorded = recorded_sentence_model(embeddings_path)
     if recorded is not None and recorded != model:
-        advice = (f"rerun {STEP_03} --conf {run_config}, which embeds the captions with the run's "
-                  "model" if run_config is not None
+        advice = (f"rerun {rerun}, which embeds the captions with the run's model" if rerun is not None
                   else f"--set sbert.model={recorded}, or rerun {STEP_03} with this config")
         raise UserError(f"{embeddings_path}: computed with sentence model {recorded!r}, but the "
                         f"config says sbert.model={model!r} — {advice}")

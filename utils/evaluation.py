@@ -7,21 +7,18 @@ clip index first. So the top-10 lists, the rank CSVs and the metrics always agre
 from __future__ import annotations
 
 import csv
-import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_open, atomic_path, stream_digest
+from utils.io_utils import atomic_open, atomic_path, file_sha1
 from utils.provenance import git_state
 from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, bootstrap_ci, chance_metrics,
                            chance_recall_any, chance_recall_any_curve, chance_recall_curve,
@@ -477,19 +474,12 @@ def list_audio_files(folder: str | Path) -> list[Path]:
 
 
 def training_sample_rates(cfg: dict) -> set[int]:
-    """The sample rates of a run's training clips (step 02 records each clip's; the first
-    hundred tell), or an empty set where the training features are not at hand."""
-    from utils.data_utils import HDF5_ERRORS, features_dir, logmel_path
+    """The sample rates of a run's training clips (step 02 records each clip's), or an empty
+    set where the training features are not at hand."""
+    from utils.data_utils import features_dir, logmel_path
+    from utils.features import clip_rates
 
-    rates = set()
-    try:
-        with h5py.File(logmel_path(features_dir(cfg), cfg["data"]["train_split"]), "r") as f:
-            for name in itertools.islice(f, 100):
-                if "sr" in f[name].attrs:
-                    rates.add(int(f[name].attrs["sr"]))
-    except HDF5_ERRORS:  # not at hand, or damaged: nothing to compare with
-        pass
-    return rates
+    return set(clip_rates(logmel_path(features_dir(cfg), cfg["data"]["train_split"])))
 
 
 def file_rate(path: Path) -> int | None:
@@ -648,28 +638,10 @@ def cache_path(run_dir: str | Path, split: str) -> Path:
     return Path(run_dir) / "cache" / f"{split}_clip_embeds.npz"
 
 
-_CHECKPOINT_SHA1: dict[tuple[int, int, int, int], str] = {}  # (dev, inode, size, mtime_ns) -> sha1
-
-
 def checkpoint_key(checkpoint_file: str | Path) -> str:
-    """Identity of a checkpoint for caches: sha1 of the file, hashed once per version of it
-    (a full CNN14 checkpoint is about 1 GB; a notebook builds Retrievers again and again). The
-    version is read off the open file, the bytes hashed: training replaces a checkpoint by a
-    rename (a new inode), which cannot change what an open file reads."""
-    with open(checkpoint_file, "rb") as f:
-        version = _version(os.fstat(f.fileno()))
-        if version in _CHECKPOINT_SHA1:
-            return _CHECKPOINT_SHA1[version]
-        digest = stream_digest(f, "sha1")
-        if _version(os.fstat(f.fileno())) == version:  # not rewritten in place meanwhile
-            if len(_CHECKPOINT_SHA1) >= 16:
-                _CHECKPOINT_SHA1.pop(next(iter(_CHECKPOINT_SHA1)))
-            _CHECKPOINT_SHA1[version] = digest
-    return digest
-
-
-def _version(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    """Identity of a checkpoint for caches: sha1 of the file (once per version of it: a
+    notebook builds Retrievers again and again)."""
+    return file_sha1(checkpoint_file)
 
 
 def save_clip_cache(run_dir: str | Path, split: str, fnames: Sequence[str], fids: Sequence[str],

@@ -177,6 +177,30 @@ def file_digest(path: str | Path, algorithm: str = "md5", chunk: int = 1 << 22) 
         return stream_digest(f, algorithm, chunk)
 
 
+_SHA1_OF_VERSION: dict[tuple[int, int, int, int], str] = {}  # (dev, inode, size, mtime_ns) -> sha1
+
+
+def file_sha1(path: str | Path) -> str:
+    """sha1 of a file, computed once per version of it in this process (checkpoints are ~1 GB,
+    the Clotho caption embeddings 77 MB, and both are checked on every load). Every write here
+    is an atomic rename, a new inode; the version is read off the open file, so a file replaced
+    meanwhile is never cached under another version's digest."""
+    with open(path, "rb") as f:
+        version = _version(os.fstat(f.fileno()))
+        if version in _SHA1_OF_VERSION:
+            return _SHA1_OF_VERSION[version]
+        digest = stream_digest(f, "sha1")
+        if _version(os.fstat(f.fileno())) == version:  # not rewritten in place meanwhile
+            if len(_SHA1_OF_VERSION) >= 16:
+                _SHA1_OF_VERSION.pop(next(iter(_SHA1_OF_VERSION)))
+            _SHA1_OF_VERSION[version] = digest
+    return digest
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def stream_digest(f, algorithm: str = "md5", chunk: int = 1 << 22) -> str:
     """Hex digest of what is left to read from an open binary file."""
     h = hashlib.new(algorithm)

@@ -47,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_path, ensure_dir, file_digest, remove_stale_temps
+from utils.io_utils import atomic_path, ensure_dir, file_sha1, remove_stale_temps
 
 SCHEMA_VERSION = "2"
 # the meta entries an existing db must share with this run to be reused: what decides a score
@@ -130,10 +130,6 @@ def config_sha1(cfg: dict) -> str:
     relevant["paths"] = {k: v for k, v in cfg.get("paths", {}).items() if k != "output_dir"}
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()
-
-
-def file_sha1(path: str | Path) -> str:
-    return file_digest(path, "sha1")
 
 
 def split_identity(cfg: dict, split: str) -> str:

@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from utils.criterion_utils import CRITERIA, LogSoftmaxLoss
 from utils.data_utils import (CaptionDataset, check_features_found, check_sentence_model,
                               check_split_prepared, collate_pad, encode_split, features_dir,
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
-                              logmel_path, recorded_sentence_model, relevance)
+                              logmel_path, read_text_digests, recorded_sentence_model, relevance)
 from utils.devices import amp_mode, autocast
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
                               weights_checksum, wrap_ddp)
@@ -146,13 +147,18 @@ def load_training_data(cfg: dict, run_dir: str | Path | None = None) -> Training
         check_split_prepared(feat_dir, cfg["data"][key], cfg, f"data.{key}")
         check_definition(feat_dir, cfg["data"][key], cfg["features"], run_config=run_config)
     table, tid2row = load_text_table(feat_dir, cfg["text_encoder"]["embeddings"])
-    check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"], run_config)
+    check_sentence_model(feat_dir / cfg["text_encoder"]["embeddings"], cfg["sbert"]["model"],
+                         step_03_for_run(run_dir, cfg) if run_dir is not None else None)
     train_set = CaptionDataset(feat_dir, cfg["data"]["train_split"], tid2row,
                                max_frames=cfg["training"]["max_frames"], train=True)
     val_set = CaptionDataset(feat_dir, cfg["data"]["val_split"], tid2row)  # whole clips
-    for dataset in (train_set, val_set):  # data.skip_bad_audio: say what is left out
-        if dataset.skipped.clips:
+    for key, dataset in (("train_split", train_set), ("val_split", val_set)):
+        if dataset.skipped.clips:  # data.skip_bad_audio: say what is left out
             print(dataset.skipped.describe(dataset.split))
+        if len(dataset.fids) < 2:  # a batch of one clip's captions has no negative
+            raise UserError(f"data.{key}: split '{dataset.split}' has {len(dataset.fids)} clip(s); "
+                            "InfoNCE contrasts each caption with other clips, so its loss is 0 "
+                            "with fewer than two — give the split more clips")
     return TrainingData(table, tid2row, train_set, val_set,
                         feat_dir / cfg["text_encoder"]["embeddings"])
 
@@ -399,24 +405,32 @@ PROBE_CAPTIONS = 8
 PROBE_MIN_COSINE = 0.995  # the same sentence model elsewhere (a local copy, fp16, another GPU): > 0.9999
 
 
-def caption_probe(table: torch.Tensor, tid2row: dict[str, int]) -> dict:
+def caption_probe(table: torch.Tensor, tid2row: dict[str, int], texts: dict[str, str] | None) -> dict:
     """A few caption vectors the model is trained on, spread over the table (so that some are
-    in any split still there when the run is scored): {"tids": [K], "vectors": [K, D]}."""
+    in any split still there when the run is scored), with the digest of the text each
+    embeds (step 03's record; "" where there is none): {"tids": [K], "vectors": [K, D],
+    "texts": [K]}."""
     tids = list(tid2row)
     picks = sorted({round(i * (len(tids) - 1) / max(PROBE_CAPTIONS - 1, 1)) for i in range(PROBE_CAPTIONS)})
     chosen = [tids[i] for i in picks]
-    return {"tids": chosen, "vectors": table[[tid2row[t] for t in chosen]].detach().float().cpu().clone()}
+    return {"tids": chosen, "vectors": table[[tid2row[t] for t in chosen]].detach().float().cpu().clone(),
+            "texts": [(texts or {}).get(t, "") for t in chosen]}
 
 
 def check_caption_probe(state: dict, ckpt: Path, table: torch.Tensor, tid2row: dict[str, int],
-                        embeddings_path: Path, run_config: Path) -> None:
+                        embeddings_path: Path, rerun: str) -> None:
     """The caption embeddings must be the vectors the checkpoint was trained on, whatever the
     sentence model is called now: step 03 rerun with another model of the same size (and
     `--set sbert.model=` to match it) would otherwise score the run without a word, near chance.
-    Checkpoints without a probe (older versions) and captions no longer in the file pass."""
+    A caption whose text was edited since (its tid kept) is not compared; checkpoints without a
+    probe (older versions) and captions no longer in the file pass. `rerun`: the step-03
+    command for the run (step_03_for_run)."""
     probe = state.get("caption_probe") or {}
     tids, vectors = probe.get("tids") or [], probe.get("vectors")
-    shared = [(i, tid) for i, tid in enumerate(tids) if tid in tid2row]
+    texts_then = probe.get("texts") or [""] * len(tids)
+    texts_now = read_text_digests(embeddings_path) or {}
+    shared = [(i, tid) for i, tid in enumerate(tids) if tid in tid2row
+              and not (texts_then[i] and texts_now.get(tid, texts_then[i]) != texts_then[i])]
     if not shared or vectors is None or vectors.shape[1] != table.shape[1]:
         return  # (another size is check_text_dim's to report)
     then = torch.nn.functional.normalize(vectors[[i for i, _ in shared]].float(), dim=1)
@@ -425,10 +439,21 @@ def check_caption_probe(state: dict, ckpt: Path, table: torch.Tensor, tid2row: d
     worst = int(cosine.argmin())
     if float(cosine[worst]) < PROBE_MIN_COSINE:
         model = recorded_sentence_model(embeddings_path)
+        trained = (state.get("config") or {}).get("sbert", {}).get("model")
+        how = (f"another sentence model ({model!r})" if model and model != trained
+               else "a sentence model that gives other vectors (another version of it?)")
         raise UserError(f"{embeddings_path}: caption {shared[worst][1]} is not the vector {ckpt} was "
                         f"trained on (cosine {float(cosine[worst]):.3f}): step 03 was rerun with "
-                        f"another sentence model{f' ({model!r})' if model else ''} — rerun "
-                        f"{STEP_03} --conf {run_config} to embed the captions with the run's model")
+                        f"{how} — rerun {rerun}, which embeds the captions with the run's model")
+
+
+def step_03_for_run(run_dir: Path, cfg: dict) -> str:
+    """The step-03 command that embeds the captions with a trained run's own sentence model,
+    from this directory: the run's config, plus the data paths it was found at elsewhere."""
+    saved = load_run_config(run_dir)["paths"]
+    moved = [f"paths.{k}={shlex.quote(str(cfg['paths'][k]))}" for k in ("dataset_dir", "features_dir")
+             if cfg["paths"][k] != saved[k]]
+    return f"{STEP_03} --conf {Path(run_dir) / CONFIG_NAME}" + (f" --set {' '.join(moved)}" if moved else "")
 
 
 def check_text_dim(state: dict, ckpt: Path, table: torch.Tensor, embeddings_path: Path) -> None:
@@ -771,7 +796,7 @@ def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: 
     seed_everything(cfg["seed"] + ctx.rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark(cfg, device)
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
-    tr.caption_probe = caption_probe(data.table, data.tid2row)
+    tr.caption_probe = caption_probe(data.table, data.tid2row, read_text_digests(data.embeddings_path))
     if resume_state is not None:
         restore(tr, resume_state, checkpoint_path(run_dir, "last"))
         restore_rng_of_rank(resume_state, ctx, cfg, device)
@@ -895,10 +920,11 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     state = load_checkpoint(path)
     table, tid2row = load_text_table(features_dir(cfg), cfg["text_encoder"]["embeddings"])
     embeddings_path = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
-    check_sentence_model(embeddings_path, cfg["sbert"]["model"], run_dir / CONFIG_NAME)
+    rerun = step_03_for_run(run_dir, cfg)
+    check_sentence_model(embeddings_path, cfg["sbert"]["model"], rerun)
     if "text_embed_dim" in state:
         check_text_dim(state, path, table, embeddings_path)
-    check_caption_probe(state, path, table, tid2row, embeddings_path, run_dir / CONFIG_NAME)
+    check_caption_probe(state, path, table, tid2row, embeddings_path, rerun)
     # the checkpoint's weights replace the random init: the caller's random stream is left as it was
     with torch.random.fork_rng(devices=[]):
         model = build_model(_random_init(cfg), text_in_dim=table.shape[1], table=table)
