@@ -177,10 +177,23 @@ def test_a_write_error_without_a_path_still_says_what_happened():
         "no space left on device writing a file —")
 
 
-def test_other_os_errors_are_bugs_and_keep_their_traceback():
+def test_other_os_errors_are_bugs_and_keep_their_traceback(capsys):
     assert os_error_message(OSError(errno.EBADF, "Bad file descriptor")) is None
-    with pytest.raises(OSError, match="Bad file descriptor"):
+    with pytest.raises(SystemExit) as e:
         cli.run(lambda: os.close(10**6))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback (most recent call last)" in err
+    assert "OSError: [Errno 9] Bad file descriptor" in err and "error:" not in err
+    # with how to resume, where the script said so (main.py, once training has started)
+    def training():
+        cli.set_interrupt_advice("resume with: python main.py --resume outputs/r")
+        raise ValueError("a bug")
+    with pytest.raises(SystemExit):
+        cli.run(training)
+    err = capsys.readouterr().err
+    assert "ValueError: a bug" in err
+    assert err.strip().splitlines()[-1] == ("error: stopped by the unexpected error above; "
+                                           "resume with: python main.py --resume outputs/r")
 
 
 def _one_line_from_run(capsys, main) -> str:

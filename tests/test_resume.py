@@ -214,3 +214,43 @@ def test_a_last_pt_from_another_run_is_refused_before_training(conf, tmp_path, m
     proc = main_in_process(monkeypatch, capsys, "--resume", ours, "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr
     assert _epoch_of(ours / "checkpoints" / "last.pt") == 2
+
+
+_FAILING_WORKER = """
+import os, runpy, signal, sys
+from utils import data_utils
+read, failure = data_utils.CaptionDataset.__getitem__, sys.argv[1]
+def failing(self, i):
+    if self.train and i % 7 == 3:  # in a loader worker, a few batches in
+        if failure == "bug":
+            raise ValueError("a bug in a loader worker")
+        os.kill(os.getpid(), signal.SIGKILL)  # the out-of-memory killer
+    return read(self, i)
+data_utils.CaptionDataset.__getitem__ = failing
+sys.argv = ["main.py"] + sys.argv[2:]
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("failure", ["bug", "worker killed"])
+def test_an_unexpected_failure_with_loader_workers_exits_at_once(conf, tmp_path, failure):
+    """The failed frames held the DataLoaders, and at exit multiprocessing waited for workers
+    that leave SIGTERM to the parent: the process never ended (under torchrun the other ranks
+    waited in a collective for an hour). Now it ends in seconds: a bug with its traceback, a
+    killed worker in one line, both with how to resume."""
+    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_FAILING_WORKER)
+    args = [sys.executable, str(driver), failure.split()[0], "--conf", str(conf), "--name", "w",
+            "--set", "training.num_workers=2"]
+    try:
+        proc = subprocess.run(args, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end after the failure (it waits for its loader workers)")
+    if failure == "bug":
+        assert proc.returncode == 1 and "a bug in a loader worker" in proc.stderr, proc.stderr
+        assert "error: stopped by the unexpected error above; no epoch had finished" in proc.stderr
+    else:
+        line = error_line(proc)
+        assert "DataLoader worker (pid" in line and "is killed by signal: Killed (out of memory?)" in line
+        assert "lower training.num_workers" in line and "Traceback" not in proc.stderr

@@ -17,6 +17,7 @@ import re
 import shlex
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -185,10 +186,65 @@ def run(main: Callable[[], object]) -> None:
     set_interrupt_advice(DEFAULT_INTERRUPT_ADVICE)  # until main() knows better (advise_resume)
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
-        _run(main)
+        code = _run_or_report(main)
     finally:
         if before is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, before)
+    if code:
+        sys.exit(code)
+
+
+def _run_or_report(main: Callable[[], object]) -> int:
+    """_run(main); for an error it did not turn into a message, the exit status after saying
+    what happened: one line for a data-loader worker that died or CUDA out of memory, else the
+    traceback (a bug), each with how to resume where main() said so. Worker processes still
+    running are then killed: at exit, multiprocessing would SIGTERM and wait for them, and
+    DataLoader workers leave SIGTERM to the parent (data_utils.leave_signals_to_the_parent) —
+    a hang, and under torchrun every other rank waiting in a collective until its timeout."""
+    try:
+        _run(main)
+    except Exception as e:
+        _close_progress_bars()
+        sys.stdout.flush()
+        known = _resource_failure(e)
+        if known is None:
+            traceback.print_exc()
+        advice = f"; {_interrupt_advice}" if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE else ""
+        if known is not None or (advice and os.environ.get("RANK", "0") == "0"):
+            print(f"error: {known or 'stopped by the unexpected error above'}{advice}", file=sys.stderr)
+        _kill_worker_processes()
+        return 2 if known is not None else 1
+    return 0
+
+
+def _resource_failure(e: Exception) -> str | None:
+    """One line for failures that are the machine's, not the code's, else None."""
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError (no torch import here)
+        return (f"out of GPU memory ({_first_line(e)[:160]}) — lower training.batch_size (or set "
+                "training.max_frames), or free the GPU of other processes")
+    # torch: "DataLoader worker (pid(s) N) exited unexpectedly", from "... is killed by signal: Killed."
+    died = [_first_line(x) for x in (e.__cause__, e) if isinstance(x, RuntimeError)
+            and _first_line(x).startswith("DataLoader worker")]
+    if died:
+        return (f"{died[0].rstrip('. ')} (out of memory?) — lower training.num_workers or "
+                "training.batch_size, or free memory")
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _kill_worker_processes() -> None:
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or not mp.active_children():
+        return
+    # torch's SIGCHLD handler would raise "DataLoader worker … is killed" right here
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in mp.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 def _run(main: Callable[[], object]) -> None:
