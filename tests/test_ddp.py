@@ -53,6 +53,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert proc.stdout.count("epoch 2/2") == 1
     # every rank's final state dict was compared (bit for bit) before exiting 0
     assert "DDP: weights identical on 2 ranks" in proc.stdout
+    # resumed by one process: it trains on, and says that the run is no longer repeated exactly
+    resumed = subprocess.run([sys.executable, "main.py", "--resume", str(run), "--set", "training.epochs=3"],
+                             cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert ("note: epoch 2 was checkpointed by 2 process(es), this resume runs 1: the batches of "
+            "the epochs to come differ") in resumed.stderr
 
 
 def test_torchrun_with_compiled_whole_clips(tmp_path):

@@ -100,8 +100,9 @@ def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
     The backward pass sums every rank's gradient for this rank's slice. Every rank computes the
     same global-batch loss, so the summed gradient is world_size x the true one, which DDP's
-    gradient averaging then divides back out: the update equals a single-process step on the
-    global batch (tests/test_ddp.py checks this). Every rank must pass the same B.
+    gradient averaging then divides back out: for layers without batch statistics the update
+    equals a single-process step on the global batch (tests/test_ddp.py checks this); BatchNorm
+    still normalises each rank's own B. Every rank must pass the same B.
     """
     if not ctx.enabled:
         return x
