@@ -86,6 +86,21 @@ def test_the_comparison_says_what_differs_between_the_runs(two_runs, monkeypatch
         (b / "metrics.json").write_bytes(saved)
     assert warnings == ["the runs were scored on different logmels files of split 'evaluation': "
                         "their differences are not the models' alone"]
+    # trained by torchrun with 2 processes against 1 (provenance.json's world_size)
+    saved = {run: (run / "provenance.json").read_bytes() if (run / "provenance.json").exists() else None
+             for run in (a, b)}
+    for run, world in ((a, 1), (b, 2)):
+        (run / "provenance.json").write_text(json.dumps({"invocations": [{"action": "new", "world_size": world}]}))
+    try:
+        warnings = compare.input_warnings([a, b], "evaluation")
+    finally:
+        for run, data in saved.items():
+            if data is None:
+                (run / "provenance.json").unlink()
+            else:
+                (run / "provenance.json").write_bytes(data)
+    assert warnings == ["the runs were trained with different numbers of processes (run-a: 1; run-b: 2): "
+                        "BatchNorm normalised other shares of the batch, and the batches differ"]
 
 
 def test_bad_comparisons_are_one_line(two_runs, monkeypatch, tmp_path):

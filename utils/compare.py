@@ -140,7 +140,20 @@ def input_warnings(run_dirs: list[Path], split: str) -> list[str]:
     if None not in sha1s and len(set(sha1s)) > 1:
         warnings.append("the runs were scored with different caption embeddings "
                         "(text_encoder.embeddings, or another sbert.model)")
+    counts = [_process_counts(run) for run in run_dirs]
+    if all(counts) and len({tuple(c) for c in counts}) > 1:
+        listed = "; ".join(f"{run.name}: {', '.join(map(str, c))}" for run, c in zip(run_dirs, counts))
+        warnings.append(f"the runs were trained with different numbers of processes ({listed}): "
+                        "BatchNorm normalised other shares of the batch, and the batches differ")
     return warnings
+
+
+def _process_counts(run: Path) -> list[int]:
+    """The process counts (torchrun's world size) of a run's training segments, in order
+    (provenance.json; [] where it recorded none, e.g. an imported run)."""
+    from utils.provenance import read_provenance
+
+    return [int(e.get("world_size", 1)) for e in read_provenance(run) if e.get("action") in ("new", "resume")]
 
 
 DIRECTION_WORDS = {"t2a": "text -> audio", "a2t": "audio -> text"}
