@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -59,6 +60,28 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert ("note: epoch 2 was checkpointed by 2 process(es), this resume runs 1: the batches of "
             "the epochs to come differ") in resumed.stderr
+
+
+def test_a_nan_clip_is_named_by_every_rank(tmp_path):
+    """The loss is the global batch's, so every rank stops at the same step, but each saw only
+    its share: the clip ids are gathered, and no rank blames the learning rate while another
+    names the damaged file."""
+    import h5py
+
+    make_tiny_features(tmp_path / "data")
+    with h5py.File(tmp_path / "data" / "development_audio_logmels.hdf5", "r+") as f:
+        f[next(iter(f))][0, 0] = np.nan  # one clip
+    # one caption per rank and step: the step with the clip has it on one rank only
+    conf = tiny_config(tmp_path, {"training": {"batch_size": 2, "epochs": 1}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", "main.py", "--conf", str(conf)],
+        cwd=REPO, env=dict(script_env(), GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True,
+        timeout=400)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("contain NaN/inf" in line for line in errors), proc.stderr[-3000:]
+    assert not any("try a lower training.lr" in line for line in errors)
 
 
 def test_torchrun_with_compiled_whole_clips(tmp_path):

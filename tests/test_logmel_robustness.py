@@ -28,7 +28,7 @@ from utils.config import load_config
 from utils.errors import UserError
 from utils.features import compute_logmels, logmel_path, parts_dir
 from utils.io_utils import save_pickle
-from utils.train_utils import nonfinite_loss_error
+from utils.train_utils import nonfinite_clips, nonfinite_loss_error
 from wav_fixtures import make_clotho, write_wav
 
 SKIP_CSV = "development_skipped_audio.csv"
@@ -500,7 +500,7 @@ def test_nan_log_mels_advice_works(tmp_path):
     _, tid2row = du.load_text_table(tmp_path)
     ds = du.CaptionDataset(tmp_path, "development", tid2row)
     audio, _, clips = du.collate_pad([ds[i] for i in range(10)])
-    message = str(nonfinite_loss_error(1, 3, float("nan"), audio, clips, ds))
+    message = str(nonfinite_loss_error(1, 3, float("nan"), nonfinite_clips(audio, clips, ds), ds))
     ds.close()
     assert f"delete {path} and rerun preprocessing/02_audio_logmel.py" in message
     assert compute_logmels(cfg, **quiet)[0].skipped_existing  # why the delete is needed

@@ -527,12 +527,17 @@ def improved(monitor: str, value: float, best: float | None) -> bool:
 
 # --------------------------------------------------------------------------- one epoch
 
-def nonfinite_loss_error(epoch: int, step: int, value: float, audio: torch.Tensor,
-                         clip_ids: torch.Tensor, dataset: CaptionDataset) -> UserError:
-    """A one-line error that says where the loss broke and the likeliest cause."""
+def nonfinite_clips(audio: torch.Tensor, clip_ids: torch.Tensor, dataset: CaptionDataset) -> list[str]:
+    """The fids of the clips in a batch whose log-mels hold NaN/inf (audio `[B, T, F]`)."""
     bad = (~torch.isfinite(audio.float()).flatten(1).all(dim=1)).cpu()  # [B]
-    if bad.any():
-        fids = sorted({dataset.fids[int(c)] for c in clip_ids.cpu()[bad].tolist()})
+    return sorted({dataset.fids[int(c)] for c in clip_ids.cpu()[bad].tolist()})
+
+
+def nonfinite_loss_error(epoch: int, step: int, value: float, fids: list[str],
+                         dataset: CaptionDataset) -> UserError:
+    """A one-line error that says where the loss broke and the likeliest cause (`fids`: the
+    batch's clips with NaN/inf log-mels, on every rank)."""
+    if fids:
         # step 02 never writes NaN/inf (it rejects such clips), so the file is damaged; it
         # would call the file complete, as it does not read every value: delete it first
         path = logmel_path(dataset.dataset_dir, dataset.split)
@@ -648,7 +653,10 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
         nonlocal total, n, window, captions
         value = loss.item()  # waits for this step only: the next one is already queued
         if not math.isfinite(value):
-            raise nonfinite_loss_error(epoch, step, value, audio, clips, loader.dataset)
+            # the loss is the global batch's: every rank is here, and each sees its share only
+            fids = nonfinite_clips(audio, clips, loader.dataset)
+            fids = sorted(set().union(*gather_objects(fids, ctx)))
+            raise nonfinite_loss_error(epoch, step, value, fids, loader.dataset)
         total, n, captions = total + value, n + 1, captions + len(clips)
         window.append(value)
         bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
