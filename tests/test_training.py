@@ -158,6 +158,17 @@ def test_a_split_of_one_clip_is_refused_for_training_or_validation(tmp_path, mon
     assert run_dirs(tmp_path) == []
 
 
+def test_a_global_batch_torchrun_cannot_share_is_refused_before_anything(tiny, monkeypatch, capsys):
+    """Under torchrun with 3 processes, batch 8: one line, before the run folder is made
+    (it was said by every rank after "starting: <run>", the folder made and removed again)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tiny), "--set", "training.batch_size=8")
+    assert ("config key 'training.batch_size' (8) must be divisible by the number of processes (3): "
+            "it is the global batch") in error_line(proc)
+    assert "starting" not in proc.stdout and run_dirs(tiny) == []
+
+
 def test_clothos_batch_32_leaves_no_last_batch_of_one(shared_captions):
     """The baseline's definition (the unweighted mean of the batch losses) is kept: at batch 32
     Clotho's last batches hold 27 development and 9 validation captions (of 9 clips)."""

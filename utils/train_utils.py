@@ -14,6 +14,7 @@ import copy
 import functools
 import itertools
 import math
+import os
 import random
 import shlex
 import sys
@@ -39,8 +40,8 @@ from utils.data_utils import (CaptionDataset, check_features_found, check_senten
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
                               logmel_path, read_text_digests, recorded_sentence_model, relevance)
 from utils.devices import amp_mode, autocast
-from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, on_master, sync_buffers,
-                              weights_checksum, wrap_ddp)
+from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, launched_with_torchrun,
+                              on_master, sync_buffers, weights_checksum, wrap_ddp)
 from utils.errors import UserError
 from utils.features import check_definition
 from utils.io_utils import remove_stale_temps
@@ -63,8 +64,17 @@ FROZEN_KEYS_ON_RESUME = ("sbert.model",)
 # --------------------------------------------------------------------------- config
 
 def check_training_config(cfg: dict) -> None:
-    """Every key's type and range (utils/config_schema.py); run before any data is read."""
+    """Every key's type and range (utils/config_schema.py), and a global batch that torchrun's
+    processes can share; run before any data is read or a run folder made."""
     validate_config(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_with_torchrun() else 1
+    check_global_batch(cfg["training"]["batch_size"], world_size)
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise ConfigError(f"config key 'training.batch_size' ({batch_size}) must be divisible by "
+                          f"the number of processes ({world_size}): it is the global batch")
 
 
 def resume_config(run_dir: str | Path, overrides=()) -> dict:
@@ -210,9 +220,7 @@ def make_train_loader(dataset, cfg: dict, device: torch.device, ctx: DistContext
                       ) -> tuple[DataLoader, EpochSeeded]:
     """Shuffled batches of `training.batch_size` captions in total (split evenly over ranks)."""
     batch_size = cfg["training"]["batch_size"]
-    if batch_size % ctx.world_size:
-        raise ConfigError(f"config key 'training.batch_size' ({batch_size}) must be divisible by "
-                          f"the number of processes ({ctx.world_size}): it is the global batch")
+    check_global_batch(batch_size, ctx.world_size)
     workers = cfg["training"]["num_workers"]
     seeding = EpochSeeded(dataset, cfg["seed"], ctx)
     # Random crops (training.max_frames) are drawn in the workers, which are then started
