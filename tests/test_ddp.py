@@ -199,3 +199,34 @@ def test_one_process_on_cuda_n_makes_that_gpu_current(monkeypatch):
     with dist_utils.distributed("cpu") as (ctx, device):
         assert device == torch.device("cpu")
     assert current == ["cuda:1"]
+
+
+def _disk_full_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 0's write fails for lack of space inside on_master; each rank writes what it raised."""
+    import errno
+    from pathlib import Path
+
+    from utils.dist_utils import on_master
+    from utils.errors import UserError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def write():
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/r/checkpoints/last.pt")
+    try:
+        on_master(DistContext(rank, world, rank), write)
+    except (OSError, UserError) as e:
+        Path(out_dir, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_write_failing_on_rank_0_is_said_alike_by_every_rank(tmp_path):
+    """Rank 1 printed "rank 0 failed: OSError: [Errno 28] ..."; it now says what rank 0 says."""
+    mp.start_processes(_disk_full_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    assert (tmp_path / "rank0.txt").read_text().startswith("OSError: [Errno 28]")  # cli.run says it
+    rank1 = (tmp_path / "rank1.txt").read_text()
+    assert rank1.startswith("UserError: no space left on device") and "/runs/r/checkpoints/last.pt" in rank1
+    assert "rank 0 failed" not in rank1

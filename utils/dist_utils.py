@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from utils.devices import resolve_device
-from utils.errors import UserError
+from utils.errors import UserError, os_error_message
 
 T = TypeVar("T")
 
@@ -141,7 +141,9 @@ def on_master(ctx: DistContext, fn: Callable[[], T]) -> T:
         except UserError as e:
             payload[0] = ("error", str(e))
         except BaseException as e:
-            payload[0] = ("crash", f"rank 0 failed: {type(e).__name__}: {e}")
+            # a full disk, a file-size limit...: the other ranks say it as rank 0 does
+            known = os_error_message(e) if isinstance(e, OSError) else None
+            payload[0] = ("crash", known or f"rank 0 failed: {type(e).__name__}: {e}")
             dist.broadcast_object_list(payload, src=0)
             raise
     dist.broadcast_object_list(payload, src=0)
