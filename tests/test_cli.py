@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,18 @@ def test_other_os_errors_are_bugs_and_keep_their_traceback(capsys):
         cli.run(training)
     err = capsys.readouterr().err
     assert "ValueError: a bug" in err
+    # in-process (a notebook, the tests): the host's own worker processes are left alone
+    import multiprocessing
+    host = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    host.start()
+    try:
+        with pytest.raises(SystemExit):
+            cli.run(lambda: 1 / 0)
+        assert host.is_alive()
+    finally:
+        host.kill()
+        host.join()
+    capsys.readouterr()
     assert err.strip().splitlines()[-1] == ("error: stopped by the unexpected error above; "
                                            "resume with: python main.py --resume outputs/r")
 

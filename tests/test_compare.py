@@ -89,9 +89,14 @@ def test_the_comparison_says_what_differs_between_the_runs(two_runs, monkeypatch
     # trained by torchrun with 2 processes against 1 (provenance.json's world_size)
     saved = {run: (run / "provenance.json").read_bytes() if (run / "provenance.json").exists() else None
              for run in (a, b)}
-    for run, world in ((a, 1), (b, 2)):
-        (run / "provenance.json").write_text(json.dumps({"invocations": [{"action": "new", "world_size": world}]}))
+    def trained(run, *worlds):
+        entries = [{"action": "new" if i == 0 else "resume", "world_size": w} for i, w in enumerate(worlds)]
+        (run / "provenance.json").write_text(json.dumps({"invocations": entries}))
     try:
+        trained(a, 1)
+        trained(b, 1, 1)  # resumed once, by as many processes: nothing to say
+        assert compare.input_warnings([a, b], "evaluation") == []
+        trained(b, 2)
         warnings = compare.input_warnings([a, b], "evaluation")
     finally:
         for run, data in saved.items():

@@ -1,6 +1,7 @@
 """--resume: a run killed with SIGKILL mid-epoch ends exactly as an uninterrupted one."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -253,4 +254,23 @@ def test_an_unexpected_failure_with_loader_workers_exits_at_once(conf, tmp_path,
     else:
         line = error_line(proc)
         assert "DataLoader worker (pid" in line and "is killed by signal: Killed (out of memory?)" in line
-        assert "lower training.num_workers" in line and "Traceback" not in proc.stderr
+        assert "(training.num_workers when training)" in line and "Traceback" not in proc.stderr
+
+
+def test_a_failure_that_cannot_even_be_reported_still_ends_the_workers(conf, tmp_path):
+    """stderr whose reader is gone (a closed pipe, a log on a full disk): printing the
+    traceback fails too, and the workers must be stopped all the same, or exit waits for them."""
+    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_FAILING_WORKER)
+    read, write = os.pipe()
+    os.close(read)  # nobody reads stderr
+    proc = subprocess.Popen([sys.executable, str(driver), "bug", "--conf", str(conf), "--name", "w",
+                             "--set", "training.num_workers=2"],
+                            cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=write)
+    os.close(write)
+    try:
+        assert proc.wait(timeout=90) != 0
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the process did not end after the failure (it waits for its loader workers)")

@@ -186,7 +186,7 @@ def run(main: Callable[[], object]) -> None:
     set_interrupt_advice(DEFAULT_INTERRUPT_ADVICE)  # until main() knows better (advise_resume)
     before = signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = _run_or_report(main)
+        code = _run_or_report(main, _children())
     finally:
         if before is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, before)
@@ -194,40 +194,50 @@ def run(main: Callable[[], object]) -> None:
         sys.exit(code)
 
 
-def _run_or_report(main: Callable[[], object]) -> int:
+def _run_or_report(main: Callable[[], object], earlier: frozenset = frozenset()) -> int:
     """_run(main); for an error it did not turn into a message, the exit status after saying
-    what happened: one line for a data-loader worker that died or CUDA out of memory, else the
-    traceback (a bug), each with how to resume where main() said so. Worker processes still
-    running are then killed: at exit, multiprocessing would SIGTERM and wait for them, and
-    DataLoader workers leave SIGTERM to the parent (data_utils.leave_signals_to_the_parent) —
-    a hang, and under torchrun every other rank waiting in a collective until its timeout."""
+    what happened: one line for a data-loader worker that died or out of GPU memory, else the
+    traceback (a bug), each with how to resume where main() said so. The worker processes
+    main() started are then killed (`earlier`: the host's own, from before main(), are left
+    alone): at exit, multiprocessing would SIGTERM and wait for them, and DataLoader workers
+    leave SIGTERM to the parent (data_utils.leave_signals_to_the_parent) — a hang, and under
+    torchrun every other rank waiting in a collective until its timeout."""
     try:
         _run(main)
     except Exception as e:
-        _close_progress_bars()
-        sys.stdout.flush()
-        known = _resource_failure(e)
-        if known is None:
-            traceback.print_exc()
-        advice = f"; {_interrupt_advice}" if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE else ""
-        if known is not None or (advice and os.environ.get("RANK", "0") == "0"):
-            print(f"error: {known or 'stopped by the unexpected error above'}{advice}", file=sys.stderr)
-        _kill_worker_processes()
+        known = None
+        try:  # the workers go even where saying it fails (stderr on a full disk, a closed pipe)
+            known = _resource_failure(e)
+            _close_progress_bars()
+            sys.stdout.flush()
+            if known is None:
+                traceback.print_exc()
+            advice = f"; {_interrupt_advice}" if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE else ""
+            if known is not None or (advice and os.environ.get("RANK", "0") == "0"):
+                print(f"error: {known or 'stopped by the unexpected error above'}{advice}", file=sys.stderr)
+        finally:
+            _kill_worker_processes(earlier)
         return 2 if known is not None else 1
     return 0
+
+
+def _children() -> frozenset:
+    mp = sys.modules.get("multiprocessing")
+    return frozenset(mp.active_children()) if mp is not None else frozenset()
 
 
 def _resource_failure(e: Exception) -> str | None:
     """One line for failures that are the machine's, not the code's, else None."""
     if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError (no torch import here)
-        return (f"out of GPU memory ({_first_line(e)[:160]}) — lower training.batch_size (or set "
-                "training.max_frames), or free the GPU of other processes")
+        return (f"out of GPU memory ({_first_line(e)[:160]}) — lower the step's batch size "
+                "(training.batch_size or training.max_frames when training, eval.batch_size when "
+                "scoring, sbert.batch_size in step 03), or free the GPU of other processes")
     # torch: "DataLoader worker (pid(s) N) exited unexpectedly", from "... is killed by signal: Killed."
     died = [_first_line(x) for x in (e.__cause__, e) if isinstance(x, RuntimeError)
             and _first_line(x).startswith("DataLoader worker")]
     if died:
-        return (f"{died[0].rstrip('. ')} (out of memory?) — lower training.num_workers or "
-                "training.batch_size, or free memory")
+        return (f"{died[0].rstrip('. ')} (out of memory?) — lower the step's loader workers "
+                "(training.num_workers when training) or batch size, or free memory")
     return None
 
 
@@ -236,15 +246,20 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _kill_worker_processes() -> None:
-    mp = sys.modules.get("multiprocessing")
-    if mp is None or not mp.active_children():
+def _kill_worker_processes(earlier: frozenset = frozenset()) -> None:
+    mine = [c for c in _children() if c not in earlier]
+    if not mine:
         return
-    # torch's SIGCHLD handler would raise "DataLoader worker … is killed" right here
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in mp.active_children():
-        child.kill()
-        child.join(timeout=5)
+    # torch's SIGCHLD handler would raise "DataLoader worker … is killed" right here; put back
+    # after the children are reaped (its check skips pids it cannot wait for)
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in mine:
+            child.kill()
+            child.join(timeout=5)
+    finally:
+        if previous is not None and all(c.exitcode is not None for c in mine):
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def _run(main: Callable[[], object]) -> None:

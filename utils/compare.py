@@ -140,7 +140,7 @@ def input_warnings(run_dirs: list[Path], split: str) -> list[str]:
     if None not in sha1s and len(set(sha1s)) > 1:
         warnings.append("the runs were scored with different caption embeddings "
                         "(text_encoder.embeddings, or another sbert.model)")
-    counts = [_process_counts(run) for run in run_dirs]
+    counts = [sorted(set(_process_counts(run))) for run in run_dirs]  # a resume adds a segment
     if all(counts) and len({tuple(c) for c in counts}) > 1:
         listed = "; ".join(f"{run.name}: {', '.join(map(str, c))}" for run, c in zip(run_dirs, counts))
         warnings.append(f"the runs were trained with different numbers of processes ({listed}): "
