@@ -498,6 +498,21 @@ class _FakeSentenceModel:
                          for t in texts]).astype(np.float32)
 
 
+SPLITS = ["development", "validation", "evaluation"]
+
+
+def _run_on_model_a(tiny: Path, monkeypatch) -> tuple[Path, list[str], Path]:
+    """(data folder, splits, run) of a run trained on captions embedded by _FakeSentenceModel(0),
+    which step 03 recorded as "model-a"."""
+    import utils.sbert
+
+    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(0))
+    utils.sbert.compute_sbert_embeddings(tiny / "data", SPLITS, "model-a", device="cpu")
+    run = train_in_process(tiny_config(tiny, {"sbert": {"model": "model-a"}, "training": {"epochs": 1}}),
+                           "a").run_dir
+    return tiny / "data", SPLITS, run
+
+
 def test_scoring_with_captions_of_another_sentence_model_is_refused(tiny, monkeypatch, capsys):
     """Step 03 rerun with another model of the same size after training: the run's scores would
     be near chance. Neither the advice of the model-name check (`--set sbert.model=` to the new
@@ -506,12 +521,7 @@ def test_scoring_with_captions_of_another_sentence_model_is_refused(tiny, monkey
     import utils.sbert
     from utils.data_utils import texts_path
 
-    data = tiny / "data"
-    splits = ["development", "validation", "evaluation"]
-    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(0))
-    utils.sbert.compute_sbert_embeddings(data, splits, "model-a", device="cpu")
-    run = train_in_process(tiny_config(tiny, {"sbert": {"model": "model-a"}, "training": {"epochs": 1}}),
-                           "a").run_dir
+    data, splits, run = _run_on_model_a(tiny, monkeypatch)
     tu.load_trained_model(run)  # as trained: fine
     same = data / "same.pkl"  # the same model elsewhere (a local copy, say), other file
     utils.sbert.compute_sbert_embeddings(data, splits, "/local/copy/of/model-a", device="cpu", filename="same.pkl")
@@ -551,12 +561,7 @@ def test_a_caption_edited_since_training_is_not_taken_for_another_model(tiny, mo
     import utils.sbert
     from tests.cli_helpers import run_in_process
 
-    data = tiny / "data"
-    splits = ["development", "validation", "evaluation"]
-    monkeypatch.setattr(utils.sbert, "load_sentence_model", lambda name, device: _FakeSentenceModel(0))
-    utils.sbert.compute_sbert_embeddings(data, splits, "model-a", device="cpu")
-    run = train_in_process(tiny_config(tiny, {"sbert": {"model": "model-a"}, "training": {"epochs": 1}}),
-                           "a").run_dir
+    data, splits, run = _run_on_model_a(tiny, monkeypatch)
     probe = load_checkpoint(run / "checkpoints" / "best.pt")["caption_probe"]
     assert len(probe["tids"]) == len(probe["texts"]) == 8 and all(probe["texts"])
     for split in splits:  # every probed caption edited
