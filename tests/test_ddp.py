@@ -58,8 +58,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     resumed = subprocess.run([sys.executable, "main.py", "--resume", str(run), "--set", "training.epochs=3"],
                              cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert ("note: epoch 2 was checkpointed by 2 process(es), this resume runs 1: the batches of "
-            "the epochs to come differ") in resumed.stderr
+    assert ("note: the checkpoint of epoch 2 holds the random streams of 2 process(es), this resume "
+            "runs 1: the batches of the epochs to come differ") in resumed.stderr
 
 
 def test_a_nan_clip_is_named_by_every_rank(tmp_path):

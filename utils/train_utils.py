@@ -517,9 +517,10 @@ def restore_rng_of_rank(state: dict, ctx: DistContext, cfg: dict, device: torch.
     distinct stream: the run goes on correctly but no longer repeats an uninterrupted one."""
     states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(states) != ctx.world_size and ctx.is_master:
-        print(f"note: epoch {int(state['epoch'])} was checkpointed by {len(states)} process(es), "
-              f"this resume runs {ctx.world_size}: the batches of the epochs to come differ from "
-              "those of an uninterrupted run (its numbers are not repeated exactly)", file=sys.stderr)
+        print(f"note: the checkpoint of epoch {int(state['epoch'])} holds the random streams of "
+              f"{len(states)} process(es), this resume runs {ctx.world_size}: the batches of the "
+              "epochs to come differ from those of an uninterrupted run (its numbers are not "
+              "repeated exactly)", file=sys.stderr)
     if len(states) == ctx.world_size or ctx.is_master:
         set_rng_state(states[ctx.rank], device)
     else:
