@@ -108,11 +108,11 @@ def _features_fixed(key: str, run_dir: Path, trained: object) -> UserError:
                      "run's features cannot change (train a new run instead)")
 
 
-def refuse_feature_overrides(run_dir: Path, cfg: dict) -> None:
+def refuse_feature_overrides(run_dir: Path, cfg: dict, saved: dict) -> None:
     """Scoring, queries and the submission compute or read log-mels with the definition the run
-    was trained on: `--set features.hop_s=...` would have changed new audio only, without a word."""
-    trained = flat_config(load_run_config(run_dir))
-    now = flat_config(cfg)
+    was trained on (`saved`: its config.yaml): `--set features.hop_s=...` would have changed
+    new audio only, without a word."""
+    trained, now = flat_config(saved), flat_config(cfg)
     for key in FEATURES_ON_RESUME:
         if now[key] != trained[key]:
             raise _features_fixed(key, run_dir, trained[key])
@@ -455,12 +455,13 @@ def check_caption_probe(state: dict, ckpt: Path, table: torch.Tensor, tid2row: d
                         f"{how} — rerun {rerun}, which embeds the captions with the run's model")
 
 
-def step_03_for_run(run_dir: Path, cfg: dict) -> str:
+def step_03_for_run(run_dir: Path, cfg: dict, saved: dict | None = None) -> str:
     """The step-03 command that embeds the captions with a trained run's own sentence model,
-    from this directory: the run's config, plus the data paths it was found at elsewhere."""
-    saved = load_run_config(run_dir)["paths"]
+    from this directory: the run's config (`saved`, default read from the run), plus the data
+    paths it was found at elsewhere."""
+    paths = (saved if saved is not None else load_run_config(run_dir))["paths"]
     moved = [f"paths.{k}={shlex.quote(str(cfg['paths'][k]))}" for k in ("dataset_dir", "features_dir")
-             if cfg["paths"][k] != saved[k]]
+             if cfg["paths"][k] != paths[k]]
     return f"{STEP_03} --conf {Path(run_dir) / CONFIG_NAME}" + (f" --set {' '.join(moved)}" if moved else "")
 
 
@@ -932,8 +933,8 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     paths.features_dir); the caption table is rebuilt from its `text_encoder.embeddings` file.
     """
     run_dir = require_run_dir(run_dir)
-    cfg = load_run_config(run_dir, overrides)
-    refuse_feature_overrides(run_dir, cfg)
+    cfg, saved = load_run_config(run_dir, overrides), load_run_config(run_dir)
+    refuse_feature_overrides(run_dir, cfg, saved)
     check_features_found(cfg, run_dir)
     path = checkpoint_path(run_dir, which)
     if not path.is_file():
@@ -941,7 +942,7 @@ def load_trained_model(run_dir: str | Path, which: str = "best", device="cpu", o
     state = load_checkpoint(path)
     table, tid2row = load_text_table(features_dir(cfg), cfg["text_encoder"]["embeddings"])
     embeddings_path = features_dir(cfg) / cfg["text_encoder"]["embeddings"]
-    rerun = step_03_for_run(run_dir, cfg)
+    rerun = step_03_for_run(run_dir, cfg, saved)
     check_sentence_model(embeddings_path, cfg["sbert"]["model"], rerun)
     if "text_embed_dim" in state:
         check_text_dim(state, path, table, embeddings_path)
