@@ -230,3 +230,49 @@ def test_a_write_failing_on_rank_0_is_said_alike_by_every_rank(tmp_path):
     rank1 = (tmp_path / "rank1.txt").read_text()
     assert rank1.startswith("UserError: no space left on device") and "/runs/r/checkpoints/last.pt" in rank1
     assert "rank 0 failed" not in rank1
+
+
+def test_sync_batchnorm_converts_in_place_under_ddp_only(tmp_path, monkeypatch):
+    """training.sync_batchnorm swaps every BatchNorm for SyncBatchNorm holding the very same
+    parameters and buffers: Adam's state, the checkpoint keys and the weights do not change."""
+    from utils import train_utils as tu
+    from utils.config import load_config
+
+    make_tiny_features(tmp_path / "data")
+    cfg = load_config(tiny_config(tmp_path), ["training.sync_batchnorm=true"])
+    data = tu.load_training_data(cfg)
+    monkeypatch.setattr(tu, "wrap_ddp", lambda model, device: model)  # no process group here
+
+    def batchnorms(tr):
+        return [type(m) for m in tr.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    alone = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    tu.wrap_for_training(alone, cfg, DistContext(), torch.device("cpu"))
+    assert batchnorms(alone) and set(batchnorms(alone)) == {torch.nn.BatchNorm2d}  # one process: as before
+
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    before = tr.model.state_dict()
+    params = {id(p) for p in tr.model.parameters()}
+    tu.wrap_for_training(tr, cfg, DistContext(rank=0, world_size=2), torch.device("cpu"))
+    assert set(batchnorms(tr)) == {torch.nn.SyncBatchNorm} and len(batchnorms(tr)) == len(batchnorms(alone))
+    assert tr.train_model is tr.model
+    assert {id(p) for p in tr.model.parameters()} == params  # the optimizer steps these
+    after = tr.model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sync_batchnorm_on_the_cpu_under_torchrun_is_refused_before_the_run_folder(monkeypatch):
+    """torch's SyncBatchNorm has no CPU kernels: one line at the start, not a ValueError at the
+    first step of every rank."""
+    from utils import train_utils as tu
+    from utils.config import load_config
+    from utils.errors import UserError
+
+    cfg = load_config(REPO / "conf.yaml", ["training.sync_batchnorm=true", "training.device=cpu"])
+    tu.check_training_config(cfg)  # one process: nothing to synchronise, nothing refused
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserError, match=r"^config key 'training.sync_batchnorm' is true, but .*CUDA .*set it to false$"):
+        tu.check_training_config(cfg)
+    tu.check_training_config(load_config(REPO / "conf.yaml", ["training.device=cpu"]))

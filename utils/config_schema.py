@@ -171,6 +171,7 @@ SCHEMA: dict[str, Key] = {
     "training.log_every": Int(gt=0),
     "training.compile": Choice("auto", "on", "off"),
     "training.pad_to_multiple": Int(ge=0),
+    "training.sync_batchnorm": Bool(),
 
     "eval.splits": SPLITS,
     "eval.checkpoint": Choice("best", "last"),

@@ -39,7 +39,7 @@ from utils.data_utils import (CaptionDataset, check_features_found, check_senten
                               check_split_prepared, collate_pad, encode_split, features_dir,
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
                               logmel_path, read_text_digests, recorded_sentence_model, relevance)
-from utils.devices import amp_mode, autocast
+from utils.devices import amp_mode, autocast, resolve_device
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, launched_with_torchrun,
                               on_master, sync_buffers, weights_checksum, wrap_ddp)
 from utils.errors import UserError
@@ -69,6 +69,10 @@ def check_training_config(cfg: dict) -> None:
     validate_config(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched_with_torchrun() else 1
     check_global_batch(cfg["training"]["batch_size"], world_size)
+    if cfg["training"]["sync_batchnorm"] and world_size > 1 \
+            and resolve_device(cfg["training"]["device"], "training.device") == "cpu":
+        raise ConfigError("config key 'training.sync_batchnorm' is true, but torch's SyncBatchNorm "
+                          "runs on CUDA devices only and this run is on the CPU; set it to false")
 
 
 def check_global_batch(batch_size: int, world_size: int) -> None:
@@ -783,9 +787,12 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
     Only the training forward is compiled (see use_compile); validation and scoring use the
     plain module (the same weights).
     """
+    if ctx.enabled and cfg["training"]["sync_batchnorm"]:
+        # in place: the same parameters and buffers, so the optimizer and checkpoints are unchanged
+        tr.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tr.model)
     model = tr.model
     if ctx.enabled:
-        model = wrap_ddp(model, device)  # BatchNorm stats: synced per epoch (sync_buffers)
+        model = wrap_ddp(model, device)  # BatchNorm running stats: synced per epoch (sync_buffers)
     tr.plain_train_model = model
     tr.compiled = use_compile(cfg, device)
     tr.train_model = model
