@@ -586,10 +586,10 @@ def _read_folder_cache(path: Path, key: str, dim: int) -> dict[tuple, np.ndarray
 
 
 def _write_folder_cache(path: Path, folder: Path, key: str, rows: list) -> Path:
-    from utils.io_utils import atomic_path
+    from utils.io_utils import atomic_cache_path
 
     idents = [i for i, _, _ in rows]
-    with atomic_path(path) as tmp:
+    with atomic_cache_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, names=np.array([i[0] for i in idents], dtype=str),
                      sizes=np.array([i[1] for i in idents], dtype=np.int64),

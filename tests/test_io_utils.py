@@ -6,6 +6,7 @@ import errno
 import os
 import pickle
 import stat
+import time
 import zipfile
 
 import h5py
@@ -297,3 +298,20 @@ def test_valid_cache_round_trips(tmp_path):
 def test_load_pickle_is_unchanged_by_the_new_writer(tmp_path):
     save_pickle({"x": np.ones(2, np.float32)}, tmp_path / "p.pkl")
     np.testing.assert_array_equal(load_pickle(tmp_path / "p.pkl")["x"], np.ones(2))
+
+
+def test_cache_writes_remove_what_killed_writers_left_long_ago_only(tmp_path):
+    """query.py and the API write caches without a lock: a temporary abandoned by a kill over
+    an hour ago goes with the next write; a recent one may be another writer's, under way."""
+    cache = evaluation.cache_path(tmp_path, "validation")
+    cache.parent.mkdir()
+    old, recent = cache.parent / f".{cache.name}.0badf00d.tmp", cache.parent / f".{cache.name}.1234abcd.tmp"
+    other = cache.parent / ".evaluation_clip_embeds.npz.0badf00d.tmp"  # another file's
+    for path in (old, recent, other):
+        path.write_bytes(b"half a cache")
+    an_hour_ago = time.time() - 3700
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(other, (an_hour_ago, an_hour_ago))
+    evaluation.save_clip_cache(tmp_path, "validation", ["a.wav"], ["a"], np.ones((1, 4)), "key")
+    assert not old.exists() and recent.exists() and other.exists()
+    assert evaluation.load_clip_cache(tmp_path, "validation", "key")[0] == ["a.wav"]

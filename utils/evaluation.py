@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.io_utils import atomic_open, atomic_path, file_sha1
+from utils.io_utils import atomic_cache_path, atomic_open, file_sha1
 from utils.provenance import git_state
 from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, bootstrap_ci, chance_metrics,
                            chance_recall_any, chance_recall_any_curve, chance_recall_curve,
@@ -647,7 +647,7 @@ def checkpoint_key(checkpoint_file: str | Path) -> str:
 def save_clip_cache(run_dir: str | Path, split: str, fnames: Sequence[str], fids: Sequence[str],
                     embeds: np.ndarray, key: str) -> Path:
     path = cache_path(run_dir, split)
-    with atomic_path(path) as tmp:
+    with atomic_cache_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, fnames=np.array(fnames, dtype=str), fids=np.array(fids, dtype=str),
                      embeds=np.asarray(embeds, dtype=np.float32), checkpoint_sha1=np.array(key))

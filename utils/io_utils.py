@@ -9,6 +9,7 @@ import os
 import pickle
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -113,14 +114,38 @@ def atomic_link(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def remove_stale_temps(directory: str | Path, name: str = "") -> list[Path]:
+def remove_stale_temps(directory: str | Path, name: str = "", min_age_s: float = 0) -> list[Path]:
     """Delete the temporary files `atomic_path` left in `directory` (for target `name`, or all)
-    when a process was killed mid-write. Call only when nothing else writes there."""
+    when a process was killed mid-write. Call only when nothing else writes there, or give
+    `min_age_s`: only temporaries untouched for that long go (a write under way keeps its file's
+    modification time recent), for folders written without a lock, such as a run's caches."""
     directory = Path(directory)
     stale = sorted(directory.glob(f".{name}*.tmp")) if directory.is_dir() else []
+    now = time.time()
+    removed = []
     for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+        try:
+            if min_age_s and now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        removed.append(path)
+    return removed
+
+
+ABANDONED_TEMP_S = 3600  # a cache write takes seconds; a temporary this old lost its writer
+
+
+@contextlib.contextmanager
+def atomic_cache_path(path: str | Path) -> Iterator[Path]:
+    """atomic_path for a cache written without a lock (query.py, a notebook's Retriever): the
+    temporaries that killed writers left for this file long ago are removed first, so they do
+    not pile up beside it."""
+    path = Path(path)
+    remove_stale_temps(path.parent, path.name, min_age_s=ABANDONED_TEMP_S)
+    with atomic_path(path) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
