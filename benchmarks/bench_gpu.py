@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py [--out bench_gpu.json] [--work /tmp/bench_gpu]
                                    [--dataset DIR] [--sections steps,lengths,loader,epoch,logmel]
                                    [--only NAME,...] [--epoch-workers N] [--goal] [--smoke]
+                                   [--budget-s SECONDS]
 
 1. steps:   the training step at batch 32 x 1501 frames (30-s clips), full-width CNN14, 768-d
             sentence embeddings: a faithful re-implementation of the original code's step
@@ -27,11 +28,17 @@
 
 Without --dataset, a Clotho-shaped feature set is generated in --work (1.4 GB). Refuses to run
 without CUDA (`--smoke` runs every section at toy sizes on any device, to check the script).
+
+--budget-s (default 540 with --goal, else none): the whole run's wall-clock limit, for a GPU
+machine lent for a fixed time that kills the command at its limit. A main.py or step-02 run is
+killed in time to leave the JSON and the table written (the epochs it finished are kept), and
+a variant not started by then is listed as skipped. The JSON is rewritten after every variant.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import gc
 import json
@@ -56,10 +63,13 @@ from models.text_encoders import SentBERTBaseEncoder
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import LogSoftmaxLoss
 from utils.dist_utils import DistContext
+from utils.io_utils import atomic_write_text
 from utils.train_utils import Trainer, compiled_graphs, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("steps", "lengths", "loader", "epoch", "logmel")
+STARTED = time.monotonic()  # the process's start, as a lender's time limit counts it
+GOAL_BUDGET_S = 540         # --goal's default: a GPU lent for 15 minutes, 10 a command, start-up included
 
 
 class Bench:
@@ -169,6 +179,12 @@ def time_steps(b: Bench, tr: Trainer, lengths: list[int], warmup: int, step=trai
     return out
 
 
+# a variant whose torch.compile failed on its first step trained on eagerly (train_step's
+# fallback, with a warning): its figures are the eager step's, not to be read as compiled ones
+COMPILE_FELL_BACK = {"error": "torch.compile failed on the first step (its warning is in the output "
+                              "above); the figures are the eager step's", "compiled": False}
+
+
 def release_gpu_memory() -> None:
     """After the caller has dropped its trainer: hand its cached blocks back to the driver, so
     that the main.py and step-02 processes started later find the GPU's memory free."""
@@ -179,32 +195,35 @@ def release_gpu_memory() -> None:
 
 def bench_steps(b: Bench, report) -> None:
     fixed = [b.frames] * b.timed
-    torch.backends.cudnn.benchmark = False  # as main.py runs whole clips
+    # cudnn.benchmark: off as main.py runs whole clips, on as it runs padded or cropped ones
     variants = [
-        ("original: fp32, NCHW, per-sample loss, Adam", dict(), original_step),
-        ("repo: fp32", dict(), train_step),
-        ("repo: bf16 autocast", dict(amp="bf16"), train_step),
-        ("repo: bf16 + channels_last", dict(amp="bf16", channels_last=True), train_step),
+        ("original: fp32, NCHW, per-sample loss, Adam", dict(), original_step, False),
+        ("repo: fp32", dict(), train_step, False),
+        ("repo: bf16 autocast", dict(amp="bf16"), train_step, False),
+        ("repo: bf16 + channels_last", dict(amp="bf16", channels_last=True), train_step, False),
         ("repo: bf16 + channels_last + fused Adam (main.py on CUDA, whole clips)",
-         dict(amp="bf16", channels_last=True, fused=True), train_step),
+         dict(amp="bf16", channels_last=True, fused=True), train_step, False),
         ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA, padded or cropped clips)",
-         dict(amp="bf16", channels_last=True, fused=True, compile_=True), train_step),
+         dict(amp="bf16", channels_last=True, fused=True, compile_=True), train_step, True),
         ("repo: ... + compile with a symbolic time axis (main.py, whole clips, training.compile=on)",
-         dict(amp="bf16", channels_last=True, fused=True, compile_=True, symbolic=True), train_step),
+         dict(amp="bf16", channels_last=True, fused=True, compile_=True, symbolic=True), train_step, False),
     ]
     if b.device.type != "cuda":
-        variants = [(n, {**kw, "amp": "off", "fused": False}, s) for n, kw, s in variants]
+        variants = [(n, {**kw, "amp": "off", "fused": False}, s, bm) for n, kw, s, bm in variants]
     base = None
-    for name, kwargs, step in variants:
+    for name, kwargs, step, benchmark in variants:
         def run():
+            torch.backends.cudnn.benchmark = benchmark
             tr = make_trainer(b, **kwargs)
             try:
-                return time_steps(b, tr, fixed, b.warmup, step)
+                result = time_steps(b, tr, fixed, b.warmup, step)
+                return result if tr.compiled or not kwargs.get("compile_") else {**result, **COMPILE_FELL_BACK}
             finally:
+                torch.backends.cudnn.benchmark = False
                 del tr
                 release_gpu_memory()
         result = report.section("steps", name, run)
-        if result and step is original_step:
+        if result and step is original_step and "error" not in result:
             base = result["ms_per_step"]
         if result and base:  # no ratio when the original's step was not measured
             result["speedup_vs_original"] = base / result["ms_per_step"]
@@ -294,7 +313,12 @@ class GpuUtilisation:
     """Samples `nvidia-smi` every 100 ms in the background: (time, utilisation %, memory MiB) of
     the benchmark's GPU. nvidia-smi lists every GPU of the machine, whatever
     CUDA_VISIBLE_DEVICES says, so lines are matched to ours by UUID (all of them are kept when
-    its UUID matches none). MIG instances report no utilisation: `why_none` then says so."""
+    its UUID matches none). MIG instances report no utilisation: `why_none` then says so.
+
+    Each sample is placed at the time nvidia-smi took it (its `timestamp` field), not when its
+    line arrived: writing to a pipe, a C program's output may sit in a 4-KB buffer (~50 lines,
+    seconds of samples) before it is sent, which would move samples out of the epoch they
+    belong to."""
 
     def __init__(self, device: torch.device):
         self.uuid = gpu_uuid(device)
@@ -302,23 +326,26 @@ class GpuUtilisation:
         self.unreadable = 0  # lines without a number ("[N/A]" under MIG)
         try:
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=uuid,utilization.gpu,memory.used",
+                ["nvidia-smi", "--query-gpu=timestamp,uuid,utilization.gpu,memory.used",
                  "--format=csv,noheader,nounits", "-lms", "100"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
             self.proc = None
             return
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             fields = [v.strip() for v in line.split(",")]
+            taken = smi_time(fields[0]) if len(fields) == 4 else None
+            fields = fields[-3:]
             try:
                 uuid, util, mem = fields[0].lower().removeprefix("gpu-"), float(fields[1]), float(fields[2])
             except (ValueError, IndexError):
                 self.unreadable += 1
                 continue
-            self.samples.append((time.time(), uuid, util, mem))
+            self.samples.append((taken or time.time(), uuid, util, mem))
 
     def mean(self, t0: float, t1: float) -> float | None:
         ours = [s for s in self.samples if s[1] == self.uuid] or self.samples
@@ -334,9 +361,20 @@ class GpuUtilisation:
         return None
 
     def stop(self) -> None:
+        """Stop sampling; every line nvidia-smi wrote is in `samples` when this returns."""
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait()
+            self.reader.join(timeout=10)
+
+
+def smi_time(stamp: str) -> float | None:
+    """nvidia-smi's `timestamp` ("2025/01/31 12:34:56.789", local time) as time.time() gives
+    it, or None if it is not one."""
+    for fmt in ("%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S"):
+        with contextlib.suppress(ValueError):
+            return datetime.datetime.strptime(stamp, fmt).timestamp()
+    return None
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -379,6 +417,7 @@ def run_logged(cmd: list[str], log: Path, env: dict, timeout_s: float) -> tuple[
 # a compiled one a few more): killed, and the rest of the benchmark goes on
 EPOCH_TIMEOUT_S = 900
 LOGMEL_TIMEOUT_S = 600
+BUDGET_MARGIN_S = 15  # --budget-s: left for killing the run under way and writing JSON and table
 
 EPOCH_VARIANTS = (
     ("main.py, 2 epochs, Clotho-sized", []),
@@ -404,14 +443,15 @@ def bench_epoch(b: Bench, report, dataset_dir: Path, work: Path, workers: int) -
         env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
         t0 = time.time()
         code, lines = run_logged([sys.executable, "main.py", "--name", name, "--set", *overrides],
-                                 work / "main_py.log", env, timeout_s=EPOCH_TIMEOUT_S)
+                                 work / "main_py.log", env, timeout_s=report.timeout(EPOCH_TIMEOUT_S))
         if gpu is not None:
             gpu.stop()
-        if code != 0:
-            raise RuntimeError(f"main.py exited {code}: " + " | ".join(l for _, l in lines[-5:]))
+        # read whatever the run got to write: a run killed in its second epoch keeps its first
         records = read_jsonl(out_dir / name / "metrics.jsonl")
         ends = [t for t, l in lines if re.match(r"epoch \d+/\d+ ", l)]  # printed after each epoch
         result = {"records": records, "process_s": time.time() - t0, "num_workers": workers}
+        if code != 0:
+            result["error"] = f"main.py exited {code}: " + " | ".join(l for _, l in lines[-5:])
         if len(records) >= 2:
             r = records[1]
             result["epoch2_s"] = r["seconds"]
@@ -455,7 +495,7 @@ def bench_logmel(b: Bench, report, work: Path) -> None:
     def step(script: str, *extra: str) -> float:
         start = time.time()
         code, lines = run_logged([sys.executable, script, *common, *extra], work / "logmel.log", env,
-                                 timeout_s=LOGMEL_TIMEOUT_S)
+                                 timeout_s=report.timeout(LOGMEL_TIMEOUT_S))
         if code != 0:
             raise RuntimeError(f"{script} exited {code}: " + " | ".join(l for _, l in lines[-3:]))
         return time.time() - start
@@ -483,17 +523,33 @@ def bench_logmel(b: Bench, report, work: Path) -> None:
 # --------------------------------------------------------------------------- report
 
 class Report:
-    def __init__(self, path: Path, device: torch.device, only: list[str] = ()):
+    """`budget_s`: the whole process's wall-clock limit (None: none), counted from its start."""
+
+    def __init__(self, path: Path, device: torch.device, only: list[str] = (), budget_s: float | None = None):
         self.path = path
         self.only = list(only)  # measure only the variants whose name contains one of these
+        self.deadline = STARTED + budget_s - BUDGET_MARGIN_S if budget_s else None
         self.data: dict = {"device": device_name(device), "torch": torch.__version__,
                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                           "cpu_cores": os.cpu_count()}
+                           "cpu_cores": os.cpu_count(), "budget_s": budget_s}
         for name in SECTIONS:
             self.data[name] = {}
 
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic() if self.deadline is not None else float("inf")
+
+    def timeout(self, limit_s: float) -> float:
+        """A subprocess's time limit: `limit_s`, or less where the budget ends sooner."""
+        return max(1.0, min(limit_s, self.left_s()))
+
     def section(self, section: str, name: str, fn):
         if self.only and not any(o in name for o in self.only):
+            return None
+        if self.left_s() < 1:
+            self.data[section][name] = {"error": f"skipped: the budget of {self.data['budget_s']} s "
+                                                 "was spent (--budget-s)"}
+            print(f"[{section}] {name}: skipped, the budget is spent", flush=True)
+            self.save()
             return None
         print(f"[{section}] {name} ...", flush=True)
         start = time.time()
@@ -505,13 +561,17 @@ class Report:
             traceback.print_exc()
         else:
             self.data[section][name] = result
-        print(f"[{section}] {name}: {json.dumps(self.data[section][name])[:400]} "
+        if isinstance(self.data[section][name], dict):
+            self.data[section][name]["wall_s"] = time.time() - start
+        print(f"[{section}] {name}: {json.dumps(self.data[section][name], default=str)[:400]} "
               f"({time.time() - start:.0f} s)", flush=True)
         self.save()
         return result
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+        """Atomically: a kill at the lender's time limit leaves the last complete JSON."""
+        self.data["elapsed_s"] = time.monotonic() - STARTED
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str))
 
     def table(self) -> str:
         lines = [f"{self.data['device']} | torch {self.data['torch']} | CUDA {self.data['cuda']} | "
@@ -552,9 +612,15 @@ def main() -> None:
                         "in one run: the original's step and main.py's two steps, the two main.py "
                         "epochs, step 02 cuda vs cpu")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"wall-clock limit of the whole run in seconds (default {GOAL_BUDGET_S} with "
+                        "--goal, else none; 0: none): main.py and step-02 runs are killed in time to "
+                        "write the JSON and the table, later variants are skipped")
     args = parser.parse_args()
     if args.goal:  # the padded, compiled epoch (opt-in keys, minutes of compiling) comes last
         args.sections, args.only = "steps,logmel,epoch", "original,main.py,preprocessing/02"
+        if args.budget_s is None:
+            args.budget_s = GOAL_BUDGET_S
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -567,12 +633,12 @@ def main() -> None:
     b = Bench(args.smoke, device)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report = Report(Path(args.out), device, [o for o in args.only.split(",") if o])
+    report = Report(Path(args.out), device, [o for o in args.only.split(",") if o], args.budget_s or None)
     dataset = Path(args.dataset) if args.dataset else None
     for section in sections:  # in the order given: the first ones get measured first
         if section in ("loader", "epoch") and dataset is None:
             dataset = work / "clotho_shaped"
-            if not (dataset / "sbert_embeds.pkl").exists():
+            if not (dataset / "sbert_embeds.pkl").exists() and report.left_s() > 0:  # ~20 s
                 start = time.time()
                 make_clotho_features(dataset, b.clips, b.text_dim)
                 report.data["generated_features_s"] = time.time() - start

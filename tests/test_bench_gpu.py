@@ -2,6 +2,8 @@
 at toy sizes, the GPU-utilisation sampler against a fake nvidia-smi, the hung-run watchdog."""
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import time
 
@@ -87,3 +89,94 @@ def test_a_hung_run_is_killed_and_logged(bench, tmp_path):
     assert code == 0 and [l for _, l in lines] == ["done"]
     assert log.read_text().splitlines() == ["$ sh -c echo started; sleep 30", "started",
                                             "$ sh -c echo done", "done"]
+
+
+def test_steps_run_cudnn_as_main_py_and_a_failed_compile_is_not_reported_as_compiled(bench, tmp_path,
+                                                                                     monkeypatch):
+    """The compiled step is main.py's for padded or cropped clips, so cuDNN's autotuner is on
+    (off for the others, as for whole clips); a compile that fails on its first step trains on
+    eagerly (train_step's fallback), and its row says so instead of passing for compiled."""
+    b = bench.Bench(smoke=True, device=torch.device("cpu"))
+    seen = []
+    timed = bench.time_steps
+
+    def spy(b, tr, *args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return timed(b, tr, *args, **kwargs)
+
+    class Broken(torch.nn.Module):  # what a compiler failing at its first call looks like
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            raise RuntimeError("backend compiler failed")
+
+    monkeypatch.setattr(bench, "time_steps", spy)
+    monkeypatch.setattr(torch, "compile", lambda model, options=None: Broken(model))
+    report = bench.Report(tmp_path / "out.json", b.device, ["original", "padded or cropped"])
+    bench.bench_steps(b, report)
+    assert seen == [False, True] and not torch.backends.cudnn.benchmark
+    original, compiled = report.data["steps"].values()
+    assert "error" not in original
+    assert compiled["compiled"] is False and "eager" in compiled["error"] and compiled["ms_per_step"] > 0
+    assert "ERROR" in report.table().splitlines()[-1]
+
+
+def test_a_killed_epoch_run_keeps_the_epochs_it_finished(bench, tmp_path, monkeypatch):
+    """main.py killed in its second epoch (a hang, or the budget spent): its first epoch's
+    record and the error are both in the JSON."""
+    b = bench.Bench(smoke=True, device=torch.device("cpu"))
+    record = {"epoch": 1, "seconds": 30.0, "train_seconds": 25.0, "data_wait_seconds": 0.1,
+              "compiled_graphs": 4}
+
+    def killed_in_epoch_2(cmd, log, env, timeout_s):
+        name = cmd[cmd.index("--name") + 1]
+        run = tmp_path / "work" / "runs" / name
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        return -9, [(time.time(), "epoch 1/2  train_loss 3.0 ..."),
+                    (time.time(), f"killed: still running after {timeout_s:.0f} s")]
+
+    monkeypatch.setattr(bench, "run_logged", killed_in_epoch_2)
+    monkeypatch.setattr(bench, "EPOCH_VARIANTS", bench.EPOCH_VARIANTS[:1])
+    report = bench.Report(tmp_path / "out.json", b.device)
+    bench.bench_epoch(b, report, tmp_path / "data", tmp_path / "work", 1)
+    saved = json.loads((tmp_path / "out.json").read_text())["epoch"]
+    (row,) = saved.values()
+    assert row["records"] == [record] and "killed: still running" in row["error"]
+
+
+def test_a_budget_caps_the_runs_and_skips_what_it_cannot_start(bench, tmp_path, monkeypatch):
+    """--budget-s: a lender's time limit kills the whole command (the run under way and the
+    table lost), so the runs are killed in time and a variant past the budget is skipped."""
+    monkeypatch.setattr(bench, "STARTED", time.monotonic() - 100)  # 100 s ago
+    report = bench.Report(tmp_path / "out.json", torch.device("cpu"), budget_s=100 + bench.BUDGET_MARGIN_S + 30)
+    assert 25 < report.timeout(bench.EPOCH_TIMEOUT_S) <= 30
+    assert bench.Report(tmp_path / "x.json", torch.device("cpu")).timeout(900) == 900  # no budget
+    spent = bench.Report(tmp_path / "out.json", torch.device("cpu"), budget_s=50)
+    assert spent.section("epoch", "main.py, 2 epochs", lambda: pytest.fail("started")) is None
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert "skipped" in saved["epoch"]["main.py, 2 epochs"]["error"] and saved["budget_s"] == 50
+
+
+def test_gpu_samples_are_placed_at_nvidia_smis_own_times(bench, tmp_path, monkeypatch):
+    """Written to a pipe, nvidia-smi's lines may come in bursts (a C program's 4-KB output
+    buffer): each sample is placed at its `timestamp` field, not at its line's arrival."""
+    script = tmp_path / "bin" / "nvidia-smi"
+    script.parent.mkdir()
+    # six samples 0.1 s apart, all sent at once at the end, as a full buffer would send them
+    script.write_text("#!/bin/sh\nout=''\nfor i in 1 2 3 4 5 6; do\n"
+                      "out=\"$out$(date '+%Y/%m/%d %H:%M:%S.%3N'), GPU-AAAA-11, 70, 1000\n\"\n"
+                      "sleep 0.1\ndone\nprintf \"$out\"\nsleep 30\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(bench, "gpu_uuid", lambda device: "aaaa-11")
+    gpu, start = sample(bench, 1.2)
+    times = [t for t, _, _, _ in gpu.samples]
+    assert len(times) == 6 and max(times) - min(times) > 0.35  # not one arrival time for all
+    assert start - 0.2 < min(times) and max(times) < start + 0.9
+    assert gpu.mean(start - 0.2, start + 0.9) == 70.0
+    assert bench.smi_time("2025/01/31 12:34:56.789") == pytest.approx(
+        datetime.datetime(2025, 1, 31, 12, 34, 56, 789000).timestamp())
+    assert bench.smi_time("GPU-AAAA-11") is None

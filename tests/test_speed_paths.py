@@ -408,6 +408,31 @@ def test_validation_loss_follows_eval_amp_not_training_amp(tmp_path):
     assert abs(bf16 - fp32) > 1e-6  # the test could tell them apart
 
 
+def test_cudnn_autotuner_tunes_the_training_pass_only(tmp_path, monkeypatch):
+    """fit() turns cudnn.benchmark on for padded or cropped training (on CUDA); validation
+    encodes whole clips, a batch per distinct length (~550 for Clotho), and must not time
+    kernels for each of them. Checked by what each phase sees, the CUDA decision forced."""
+    cfg, data = _tiny_training(tmp_path)
+    cfg["training"]["epochs"] = 1
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # put back after the test
+    monkeypatch.setattr(tu, "cudnn_benchmark", lambda cfg, device: True)
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, set()).add(torch.backends.cudnn.benchmark)
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(tu, name, wrapped)
+
+    for name in ("train_one_epoch", "validation_loss", "encode_split"):
+        spy(name, getattr(tu, name))
+    run_dir = tmp_path / "outputs" / "run"
+    run_dir.mkdir(parents=True)
+    tu.fit(cfg, run_dir, data, DistContext(), torch.device("cpu"))
+    assert seen == {"train_one_epoch": {True}, "validation_loss": {False}, "encode_split": {False}}
+    assert not torch.backends.cudnn.benchmark  # as the process had it (a notebook scores next)
+
+
 def test_validation_workers_live_for_the_run_and_each_epoch_draws_the_global_rng_as_before(tmp_path):
     """The validation loader's workers are forked once (each fork of a GPU process idles the
     GPU); the loss is unchanged, and every validation still takes the one global RNG draw a

@@ -732,6 +732,28 @@ def validation_loss(tr: Trainer, loader: DataLoader, amp: str = "off") -> float:
 
 def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
     """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split."""
+    # Validation encodes whole clips, one batch per distinct length (~560 shapes for Clotho's
+    # validation split, and ~45 more for the loss's batches, each padded to its longest clip):
+    # with the autotuner that fit() turns on for padded or cropped training, every one would be
+    # timed anew (on an H200 a training step paid ~4 s for each new length: the README's
+    # lengths table, padded to x16)
+    with cudnn_autotuner(False):
+        return _validate(tr, cfg, tid2row, val_loader)
+
+
+@contextlib.contextmanager
+def cudnn_autotuner(on: bool):
+    """cudnn.benchmark set to `on` for the block, then as it was (a notebook that trains and
+    then scores keeps its own setting)."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
+def _validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader) -> dict:
     val_loss = validation_loss(tr, val_loader, cfg["eval"]["amp"])
     # The clips are read in this process (num_workers=0), while the GPU works on the batches
     # already launched: Clotho's 1045 validation clips take ~0.3 s to read (2-core CPU), about
@@ -777,7 +799,8 @@ def few_lengths(cfg: dict) -> bool:
 def cudnn_benchmark(cfg: dict, device: torch.device) -> bool:
     """cuDNN's autotuner times every kernel for each new input shape: worth it only when a run
     has few shapes (cropped clips, or lengths padded to a multiple), not for whole clips of
-    hundreds of different lengths, where each new length would be tuned anew."""
+    hundreds of different lengths, where each new length would be tuned anew. For the training
+    pass only: validation runs whole clips (validate)."""
     return device.type == "cuda" and few_lengths(cfg)
 
 
@@ -821,9 +844,14 @@ def compiled_graphs() -> int:
 def fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: torch.device,
         resume_state: dict | None = None) -> FitResult:
     """Train epochs `resume_state['epoch'] + 1 .. training.epochs` (all of them for a new run)."""
+    with cudnn_autotuner(cudnn_benchmark(cfg, device)):
+        return _fit(cfg, run_dir, data, ctx, device, resume_state)
+
+
+def _fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device: torch.device,
+         resume_state: dict | None) -> FitResult:
     t = cfg["training"]
     seed_everything(cfg["seed"] + ctx.rank)
-    torch.backends.cudnn.benchmark = cudnn_benchmark(cfg, device)
     tr = build_trainer(cfg, data.table, device, fresh=resume_state is None)
     tr.caption_probe = caption_probe(data.table, data.tid2row, read_text_digests(data.embeddings_path))
     if resume_state is not None:
