@@ -379,3 +379,22 @@ def test_ctrl_c_during_training_prints_a_resume_command_that_works(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stdout and "trained 3/3 epochs" in resumed.stdout
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_an_eval_key_of_conf_that_the_run_does_not_use_is_noted(workdir, capsys):
+    """Postprocessing uses the run's config.yaml; an edited eval.splits in --conf (as conf.yaml's
+    comment invites) would otherwise be ignored unseen."""
+    tmp_path, conf = workdir
+    run = tmp_path / "outputs" / "r1"
+    run.mkdir(parents=True)
+    save_config(load_config(conf, ["eval.top_k=3"]), run)
+    parser = cli.make_parser("x")
+    cli.add_run_argument(parser)
+    _, _, _, conf_cfg = cli.parse_run(parser, ["--conf", str(conf), "--run", "r1"])
+    assert conf_cfg["eval"]["top_k"] == 10
+    err = capsys.readouterr().err
+    assert f"note: eval.top_k is 10 in {conf} but 3 in the run's config.yaml, which is used; " \
+           "--set eval.top_k=10 uses yours" in err
+    assert err.count("note:") == 1
+    cli.parse_run(parser, ["--conf", str(conf), "--run", "r1", "--set", "eval.top_k=3"])
+    assert "note:" not in capsys.readouterr().err

@@ -451,3 +451,44 @@ def test_build_model_and_trainer_use_the_registries(monkeypatch, repo):
     cfg["audio_encoder"]["name"] = "ResNet38"  # a dict made in code, past validation
     with pytest.raises(core.UserError, match="'audio_encoder.name': 'ResNet38' is not one of CNN14Encoder"):
         core.build_model(cfg, 5)
+
+
+def test_a_yaml_error_names_its_line_and_a_tab(tmp_path):
+    """The first line of PyYAML's error ("while scanning for the next token") says neither what
+    is wrong nor where."""
+    (tmp_path / "tab.yaml").write_text("training:\n\tlr: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"tab.yaml: not valid YAML \(.*line 2 column 1: a tab, "
+                                          r"and YAML indents with spaces only\)") as e:
+        load_config(tmp_path / "tab.yaml")
+    assert "\n" not in str(e.value)
+    (tmp_path / "bad.yaml").write_text("seed: 1\ntraining:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError, match=r"did not find expected ',' or '\]', line 4 column 1\)"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("training:\n  factor: 0.5\n", "'training.factor' — did you mean 'training.scheduler.factor'"),
+    ("training:\n  scheduler:\n  factor: 0.5\n", "did you mean 'training.scheduler.factor'"),
+    ("lr: 1e-4\n", "'lr' — did you mean 'training.lr'"),
+    ("splits: [evaluation]\n", "did you mean 'data.splits' or 'eval.splits'"),
+])
+def test_a_key_at_the_wrong_depth_suggests_where_it_lives(tmp_path, text, needle):
+    (tmp_path / "o.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path / "o.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'training.epochs'"):
+        load_config(config_module.DEFAULTS_PATH, ["epochs=1"])
+
+
+def test_paths_expand_home_and_refuse_variables(tmp_path, monkeypatch):
+    """No shell reads the config: `~/runs` and `$HOME/runs` would be folders named `~` and
+    `$HOME` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(config_module.DEFAULTS_PATH, ["paths.output_dir=~/runs"])
+    assert cfg["paths"]["output_dir"] == str(tmp_path / "runs")
+    (tmp_path / "o.yaml").write_text("paths:\n  dataset_dir: ~/data/Clotho\n")
+    assert load_config(tmp_path / "o.yaml")["paths"]["dataset_dir"] == str(tmp_path / "data/Clotho")
+    for text in ("$HOME/runs", "${SCRATCH}/runs"):
+        with pytest.raises(ConfigError, match=r"'paths.output_dir': .*\$VARIABLE written out"):
+            load_config(config_module.DEFAULTS_PATH, [f"paths.output_dir={text}"])
+    assert load_config(config_module.DEFAULTS_PATH, ["paths.output_dir=/tmp/a$1"])["paths"]["output_dir"] == "/tmp/a$1"

@@ -21,6 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+import yaml
+
 from utils.config import dump_config, load_config
 from utils.errors import Terminated, UserError, os_error_message
 
@@ -112,8 +114,31 @@ def parse_run(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     run_dir, conf_cfg = find_run(args.run, args.conf, args.overrides,
                                  conf_given=args.conf != parser.get_default("conf"))
     overrides = resolved_overrides(run_dir, args.overrides)
-    print_config_if_asked(args, load_run_config(run_dir, overrides))
+    run_cfg = load_run_config(run_dir, overrides)
+    print_config_if_asked(args, run_cfg)
+    if conf_cfg is not None:
+        note_unused_eval_keys(args.conf, conf_cfg, run_cfg)
     return args, run_dir, overrides, conf_cfg
+
+
+def note_unused_eval_keys(conf: str, conf_cfg: dict, run_cfg: dict) -> None:
+    """A note on stderr for each eval.* key that --conf sets otherwise than the run's config.yaml,
+    which is the one used: conf.yaml invites adding development to eval.splits, and that edit
+    would be ignored unseen. (03 reads eval.submission.* from --conf: not noted.)"""
+    from utils.config import flat_config
+
+    ours, theirs = flat_config(conf_cfg), flat_config(run_cfg)
+    for key, value in ours.items():
+        if key.startswith("eval.") and not key.startswith("eval.submission.") \
+                and value != theirs.get(key):
+            print(f"note: {key} is {_flow(value)} in {conf} but {_flow(theirs.get(key))} in the "
+                  f"run's config.yaml, which is used; --set {key}={_flow(value)} uses yours",
+                  file=sys.stderr)
+
+
+def _flow(value) -> str:
+    """`value` as --set takes it: `[a, b]`, `5`, `off`."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def find_run(run: str | None, conf: str, overrides: Sequence[str] = (), conf_given: bool = False

@@ -15,6 +15,7 @@ import collections.abc
 import copy
 import difflib
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -86,14 +87,33 @@ def _read_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = read_raw(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+        data = read_raw(text)
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e, text)})") from None
     if data is None:
         return {}  # an empty file (or only comments): the defaults
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """What is wrong and on which line: the first line of the error alone ("while scanning for
+    the next token") says neither."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        return str(e).splitlines()[0]
+    if mark is None or " line" in problem:  # a duplicate key names its lines itself
+        return problem
+    where = f"{problem}, line {mark.line + 1} column {mark.column + 1}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if "\t" in line[:mark.column + 1]:
+        where += ": a tab, and YAML indents with spaces only"
+    return where
 
 
 # --------------------------------------------------------------------------- typed values
@@ -165,6 +185,8 @@ def _leaf(dotted: str, raw: Any) -> Any:
     if key is None:
         return _untyped(raw)
     value = parse_value(dotted, key, raw)
+    if key.path and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)  # else a folder named `~` in the working directory
     problem = check_value(dotted, key, value)
     if problem:
         raise ConfigError(problem)
@@ -202,8 +224,25 @@ def merge(base: dict, overlay: dict, prefix: str = "", source: str | None = None
 
 
 def _suggest(dotted: str) -> str:
+    # a key at the wrong depth (`lr`, `training.factor`) is found by its own name first: the
+    # closest spelling of the whole path would be another key of the same section
+    name = dotted.rsplit(".", 1)[-1]
+    same_name = [key for key, last in _leaves(defaults()) if last == name]
+    if same_name:
+        return f" — did you mean {' or '.join(repr(k) for k in same_name)}?"
     close = difflib.get_close_matches(dotted, _flat(defaults()), n=1, cutoff=0.75)
     return f" — did you mean '{close[0]}'?" if close else " — conf.yaml lists every key"
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """[(dotted key, its own name)] of every leaf (a name may hold dots: `Cnn14_mAP=0.431.pth`)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", str(key)))
+    return out
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -43,6 +43,7 @@ class Key:
     length: int | None = None                   # list: exactly this many items
     min_items: int = 0
     unique: bool = False
+    path: bool = False                          # str: a file path (a leading ~ is expanded)
 
     @property
     def type_name(self) -> str:
@@ -87,7 +88,11 @@ def List(item: Key, **kw) -> Key:
 
 
 NAME = dict(pattern=r"[^/\\\x00]+", pattern_doc="a non-empty name without '/'")
-PATH = dict(pattern=r"(?s).*\S.*", pattern_doc="a non-empty path")
+# No shell reads the config: a `$VAR` would stay literal text and name a folder `$VAR` in the
+# working directory. `~` is expanded (utils.config._leaf), as Path.expanduser would.
+PATH = dict(pattern=r"(?s)(?!.*\$(?:\{|[A-Za-z_])).*\S.*", path=True,
+            pattern_doc="a non-empty path with any $VARIABLE written out (a config file does not "
+                        "expand them; the shell does, in an unquoted --set)")
 PATH_KEY = Str(**PATH)
 DEVICE = Str(pattern=r"auto|cpu|cuda(:\d+)?", pattern_doc="auto, cpu, cuda or cuda:N")
 MD5 = Str(nullable=True, pattern=r"[0-9a-fA-F]{32}", pattern_doc="32 hex digits (an md5), or null")
