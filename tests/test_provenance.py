@@ -245,3 +245,31 @@ def test_path_with_quotes_and_spaces_survives_the_override(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = load_config(run_dir / "config.yaml", provenance.resolved_overrides(run_dir))
     assert cfg["paths"]["dataset_dir"] == str((odd / "proj" / "data" / "tiny").resolve())
+
+
+def test_a_dirty_tree_keeps_its_diff_in_the_run(tmp_path, monkeypatch):
+    """The names of the changed files do not rebuild the code that ran; the diff does, once per
+    distinct diff however many steps ran it."""
+    code = tmp_path / "code"
+    code.mkdir()
+    git(code, "init", "-q")
+    (code / "a.py").write_text("x = 1\n")
+    git(code, "add", "a.py")
+    git(code, "commit", "-q", "-m", "one")
+    head = git(code, "rev-parse", "HEAD").strip()
+    monkeypatch.setattr(provenance, "CODE_DIR", code)
+    run = tmp_path / "run"
+    run.mkdir()
+    provenance.record_invocation(run)
+    assert "diff" not in provenance.read_provenance(run)[0]["git"] and not (run / "code_diffs").exists()
+    (code / "a.py").write_text("x = 2\n")
+    provenance.record_invocation(run, action="resume")
+    provenance.record_invocation(run, action="scores")
+    first, second = (e["git"] for e in provenance.read_provenance(run)[1:])
+    assert first["diff"] == second["diff"] and len(list((run / "code_diffs").iterdir())) == 1
+    # the code that ran, rebuilt from the commit and the kept diff
+    rebuilt = tmp_path / "rebuilt"
+    subprocess.run(["git", "clone", "-q", str(code), str(rebuilt)], check=True)
+    git(rebuilt, "checkout", "-q", head)
+    git(rebuilt, "apply", str(run / first["diff"]))
+    assert (rebuilt / "a.py").read_text() == "x = 2\n"

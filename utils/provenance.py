@@ -4,7 +4,7 @@
 into the run, its `action` one of ACTIONS: main.py's new run, import or each --resume, then each
 scoring (postprocessing 01), metrics (02) and submission (03) run. Each has the exact command
 line and overrides, the working directory, the host, the code's git commit and whether the tree
-was dirty, the versions of the packages that decide the numbers, and the hardware. Reading it
+was dirty (then its diff is kept beside, in `code_diffs/`), the versions of the packages that decide the numbers, and the hardware. Reading it
 never fails a step: a run made before it existed simply has none.
 
 A run's config keeps paths as they were given (`data/Clotho`: relative to the directory main.py
@@ -15,6 +15,7 @@ queried or scored from anywhere.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from utils.config import load_run_config
-from utils.io_utils import atomic_write_text
+from utils.io_utils import atomic_open, atomic_write_text
 
 PROVENANCE_JSON = "provenance.json"
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout (or installed copy) of this project
@@ -38,16 +39,20 @@ ACTIONS = ("new", "import", "resume", "scores", "metrics", "submission")
 TRAINING_ACTIONS = ACTIONS[:3]
 GIT_TIMEOUT_S = 10
 MAX_CHANGED = 20  # changed paths listed for a dirty tree (the count is always complete)
+MAX_DIFF_BYTES = 10 * 2**20  # a dirty tree's diff kept in the run up to this size
+CODE_DIFFS = "code_diffs"
 
 
 # --------------------------------------------------------------------------- collecting
 
-def git_state(code_dir: str | Path = CODE_DIR) -> dict:
-    """{"commit", "dirty", "changed", "error"} of the checkout at `code_dir`.
+def git_state(code_dir: str | Path | None = None) -> dict:
+    """{"commit", "dirty", "changed", "error"} of the checkout at `code_dir` (default: this code's).
 
     `dirty` counts changes to tracked files only (untracked outputs do not change the code that
     ran). Without git, or outside a checkout, commit and dirty are None and `error` says why.
     """
+    code_dir = code_dir or CODE_DIR
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(code_dir), *args], capture_output=True, text=True,
                               timeout=GIT_TIMEOUT_S)
@@ -75,6 +80,30 @@ def git_state(code_dir: str | Path = CODE_DIR) -> dict:
     changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
     return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed": changed[:MAX_CHANGED],
             "n_changed": len(changed), "error": None}
+
+
+def save_code_diff(run_dir: str | Path, code_dir: str | Path | None = None) -> dict:
+    """A dirty tree's changes to tracked files (`git diff HEAD`, binary-safe), kept in the run as
+    `code_diffs/<sha1[:12]>.diff` (one file per distinct diff, however many invocations ran it),
+    so that the code that ran is `git checkout <commit> && git apply <run>/<diff>`.
+    Returns {"diff": path in the run, "diff_sha1": ...}, or {"diff_error": why none was kept}."""
+    try:
+        out = subprocess.run(["git", "-C", str(code_dir or CODE_DIR), "diff", "HEAD", "--binary", "--no-color",
+                              "--no-ext-diff"], capture_output=True, timeout=GIT_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"diff_error": f"git diff failed: {e}"}
+    if out.returncode != 0:
+        why = out.stderr.decode(errors="replace").strip().splitlines() or ["git diff failed"]
+        return {"diff_error": why[0]}
+    if len(out.stdout) > MAX_DIFF_BYTES:
+        return {"diff_error": f"the diff is {len(out.stdout)} bytes, over the {MAX_DIFF_BYTES} kept"}
+    sha1 = hashlib.sha1(out.stdout).hexdigest()
+    name = f"{CODE_DIFFS}/{sha1[:12]}.diff"
+    path = Path(run_dir) / name
+    if not path.is_file():
+        with atomic_open(path, "wb") as f:
+            f.write(out.stdout)
+    return {"diff": name, "diff_sha1": sha1}
 
 
 def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:
@@ -191,6 +220,8 @@ def record_invocation(run_dir: str | Path, device=None, overrides: Sequence[str]
             print(f"warning: {path} was not a provenance file (damaged or edited); kept as "
                   f"{aside.name}, a new one started", file=sys.stderr)
     entry = invocation(device, overrides, action, conf, world_size)
+    if entry["git"]["dirty"]:
+        entry["git"].update(save_code_diff(run_dir))
     if data is not None:
         entry["data"] = data
     doc["invocations"] = doc.get("invocations", []) + [entry]
