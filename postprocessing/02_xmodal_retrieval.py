@@ -13,7 +13,7 @@ from pathlib import Path
 
 import utils.cli
 from utils import evaluation, provenance, report, scores_db
-from utils.data_utils import check_features_found, features_dir, skipped_counts
+from utils.data_utils import check_features_found, check_split_prepared, features_dir, skipped_counts
 from utils.errors import UserError
 from utils.plots import plot_run_figures
 from utils.runs import METRICS_JSON, SCORES_DB, checkpoint_path, load_run_config, lock_run
@@ -38,6 +38,8 @@ def evaluate(run_dir: Path, cfg: dict) -> None:
         raise UserError(f"{run_dir}: no checkpoint — train with main.py (looked for {ckpt})")
     epoch = evaluation.checkpoint_epoch(ckpt)
     check_features_found(cfg, run_dir)  # else the db would look like another data's scores
+    for split in cfg["eval"]["splits"]:  # a typo: named as such, not "run step 01" with it
+        check_split_prepared(features_dir(cfg), split, cfg, "eval.splits")
     meta = scores_db.expected_meta(run_dir, cfg, which, ckpt, epoch)
     db_path = Path(run_dir) / SCORES_DB
     conn = scores_db.open_for_read(db_path, meta)

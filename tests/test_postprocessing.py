@@ -208,6 +208,10 @@ def test_a_misspelt_eval_split_is_named_before_anything_is_scored(run):
     line = error_line(call(SCORES, "--run", run_dir, "--set", "eval.splits=[validation, evalution]"))
     assert "config key 'eval.splits': split 'evalution' is not one of data.splits" in line
     assert not (run_dir / "scores.db").exists()
+    # step 02 names the typo too, rather than advise step 01 with it (which refuses it)
+    assert call(SCORES, "--run", run_dir).returncode == 0
+    line = error_line(call(RETRIEVAL, "--run", run_dir, "--set", "eval.splits=[validation, evalution]"))
+    assert "config key 'eval.splits': split 'evalution' is not one of data.splits" in line
 
 
 def test_no_checkpoint(run):
