@@ -148,3 +148,23 @@ def test_default_split_is_the_runs_last_evaluated_one(two_runs, monkeypatch, tmp
     line = error_line(run_script(COMPARE, "--conf", conf, *runs, monkeypatch=monkeypatch))
     assert ("the runs evaluate no split in common (eval.splits of run-a: validation; run-b: "
             "evaluation); name one with --split") in line
+
+
+def test_a_run_whose_checkpoint_was_replaced_since_scoring_is_warned_of(two_runs, monkeypatch):
+    """A resume after scoring replaces best.pt: metrics.json's numbers are the old checkpoint's
+    while config.yaml already reads like the new run (the compare line mixes both)."""
+    conf, a, b = two_runs
+    best = b / "checkpoints" / "best.pt"
+    saved = best.read_bytes()
+    try:
+        best.write_bytes(saved + b"\0")  # another file, as a resumed run's new best.pt
+        doc = json.loads(run_script(COMPARE, "--conf", conf, a, b, "--json", monkeypatch=monkeypatch).stdout)
+        best.unlink()
+        gone = compare.input_warnings([a, b], "evaluation")
+    finally:
+        best.write_bytes(saved)
+    [warning] = doc["warnings"]
+    assert warning.startswith("run-b: metrics.json scored best.pt of epoch ") and "which has since been replaced" in warning
+    assert f"postprocessing/01_xmodal_scores.py --run {b} --overwrite, then 02_xmodal_retrieval.py" in warning
+    assert gone and "which is gone" in gone[0]
+    assert compare.input_warnings([a, b], "evaluation") == []

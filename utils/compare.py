@@ -17,8 +17,9 @@ import numpy as np
 
 from utils.config import flat_config, load_run_config
 from utils.errors import UserError
-from utils.evaluation import CI_RESAMPLES, CI_SEED, metrics_splits, read_metrics_json
+from utils.evaluation import CI_RESAMPLES, CI_SEED, checkpoint_key, metrics_splits, read_metrics_json
 from utils.metrics import METRIC_NAMES, bootstrap_ci
+from utils.runs import checkpoint_path
 
 
 @dataclass
@@ -140,12 +141,29 @@ def input_warnings(run_dirs: list[Path], split: str) -> list[str]:
     if None not in sha1s and len(set(sha1s)) > 1:
         warnings.append("the runs were scored with different caption embeddings "
                         "(text_encoder.embeddings, or another sbert.model)")
+    warnings += [w for run, p in zip(run_dirs, provs) if (w := _replaced_checkpoint(run, p))]
     counts = [sorted(set(_process_counts(run))) for run in run_dirs]  # a resume adds a segment
     if all(counts) and len({tuple(c) for c in counts}) > 1:
         listed = "; ".join(f"{run.name}: {', '.join(map(str, c))}" for run, c in zip(run_dirs, counts))
         warnings.append(f"the runs were trained with different numbers of processes ({listed}): "
                         "BatchNorm normalised other shares of the batch, and the batches differ")
     return warnings
+
+
+def _replaced_checkpoint(run: Path, prov: dict) -> str | None:
+    """A warning when the checkpoint that metrics.json scored is no longer the run's (a resume
+    replaced best.pt since): its numbers would pass for the run's as its config.yaml now reads."""
+    which, scored = prov.get("checkpoint"), prov.get("checkpoint_sha1")
+    if which not in ("best", "last") or not scored:
+        return None
+    ckpt = checkpoint_path(run, which)
+    now = checkpoint_key(ckpt) if ckpt.is_file() else None
+    if now == scored:
+        return None
+    what = "has since been replaced" if now else "is gone"
+    return (f"{run.name}: metrics.json scored {which}.pt of epoch {prov.get('checkpoint_epoch')}, "
+            f"which {what}: its numbers are not the run's now — rerun "
+            f"postprocessing/01_xmodal_scores.py --run {run} --overwrite, then 02_xmodal_retrieval.py")
 
 
 def _process_counts(run: Path) -> list[int]:
