@@ -7,8 +7,8 @@ two runs scored on the same queries, each direction's difference with a paired i
 Reads each run's metrics.json, {split}.t2a_ranks.csv and {split}.a2t_per_clip.csv
 (postprocessing/02_xmodal_retrieval.py), and its config.yaml: first come each run's checkpoint
 and epoch, the config keys in which the runs differ, and a warning where they were scored on
-different data or its checkpoint was replaced since scoring. The paired interval resamples the split's clips, each
-query with itself in both runs: a difference whose interval excludes 0 is not what another
+different data or a checkpoint was replaced since scoring. The paired interval resamples the
+split's clips, each query with itself in both runs: a difference whose interval excludes 0 is not what another
 sample of clips would undo.
 """
 import json
