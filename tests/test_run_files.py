@@ -14,7 +14,7 @@ import pytest
 from tests.cli_helpers import error_line
 from tests.test_postprocessing import RETRIEVAL, SCORES, make_run, run_script
 from tests.test_training import main_in_process, train_in_process
-from tests.tiny_data import make_tiny_features, tiny_config
+from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import evaluation, scores_db, train_utils
 from utils.errors import UserError
 from utils.runs import checkpoint_path, latest_run_dir, lock_run, resolve_run_dir
@@ -250,6 +250,31 @@ def test_no_trained_run_at_all(tmp_path):
     (tmp_path / "outputs" / "x" / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(UserError, match="no trained run in .*--run DIR"):
         resolve_run_dir(None, {"paths": {"output_dir": str(tmp_path / "outputs")}})
+
+
+def test_runs_one_folder_deeper_are_pointed_to_with_the_conf_that_names_them(tmp_path, monkeypatch):
+    """After `make demo` the runs are in outputs/demo; a README command pasted without
+    `--conf conf_demo.yaml` looks in conf.yaml's outputs and must say where they are."""
+    run = tmp_path / "outputs" / "demo" / "demo-1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "checkpoints" / "best.pt").write_bytes(b"x")
+    (tmp_path / "my_demo.yaml").write_text("base: conf.yaml\npaths:\n  output_dir: outputs/demo\n")
+    shutil.copy(REPO / "conf.yaml", tmp_path / "conf.yaml")
+    (tmp_path / "sweep.yaml").write_text("method: grid\n")  # not a config of ours: passed over
+    monkeypatch.chdir(tmp_path)
+    cfg = {"paths": {"output_dir": "outputs"}}
+    with pytest.raises(UserError) as e:
+        resolve_run_dir(None, cfg)
+    assert str(e.value) == ("no trained run in 'outputs' (paths.output_dir): runs are in outputs/demo: "
+                            "pass --conf my_demo.yaml (its paths.output_dir), or --run outputs/demo/<run>")
+    with pytest.raises(UserError) as e:
+        resolve_run_dir("demo-1", cfg)
+    assert str(e.value) == ("demo-1: no such run in outputs (paths.output_dir of --conf); runs are in "
+                            "outputs/demo: pass --conf my_demo.yaml (its paths.output_dir), or "
+                            "--run outputs/demo/demo-1")
+    with pytest.raises(UserError, match="nor is outputs/demo-2 .*pass a directory made by main.py"):
+        resolve_run_dir("demo-2", cfg)
 
 
 # --------------------------------------------------------------------------- scores.db reuse

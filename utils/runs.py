@@ -116,9 +116,33 @@ def latest_run_dir(output_dir: str | Path) -> Path:
     runs = [p for p in output_dir.glob("*") if p.is_dir() and is_run_dir(p) and has_checkpoint(p)] \
         if output_dir.is_dir() else []
     if not runs:
-        raise UserError(f"no trained run in '{output_dir}' (paths.output_dir): train one with "
-                        "`python main.py` or pass --run DIR")
+        raise UserError(f"no trained run in '{output_dir}' (paths.output_dir): "
+                        + (_found_below(output_dir) or "train one with `python main.py` or pass --run DIR"))
     return max(runs, key=checkpoint_mtime)
+
+
+def _found_below(output_dir: Path, name: str | None = None) -> str | None:
+    """Advice when trained runs (or the run `name`) lie one folder deeper, in another config's
+    paths.output_dir (`make demo`'s outputs/demo inside conf.yaml's outputs): the --conf that
+    names that folder, from the working directory's YAML files, or --run."""
+    pattern = f"*/{name}" if name else "*/*"
+    found = sorted({p.parent for p in output_dir.glob(pattern)
+                    if p.is_dir() and is_run_dir(p) and has_checkpoint(p)}) if output_dir.is_dir() else []
+    if not found:
+        return None
+    folder = found[0]
+    confs = [p.name for p in sorted(Path.cwd().glob("*.y*ml")) if _output_dir_of(p) == folder.resolve()]
+    conf = f"--conf {confs[0]} (its paths.output_dir)" if confs else f"a --conf whose paths.output_dir is {folder}"
+    return f"runs are in {folder}: pass {conf}, or --run {folder / (name or '<run>')}"
+
+
+def _output_dir_of(conf: Path) -> Path | None:
+    from utils.config import load_config
+
+    try:
+        return Path(load_config(conf)["paths"]["output_dir"]).resolve()
+    except (UserError, KeyError, TypeError, OSError):  # not one of our configs (sweep.yaml, ...)
+        return None
 
 
 def resolve_run_dir(run: str | Path | None, cfg: dict | None) -> Path:
@@ -132,7 +156,11 @@ def resolve_run_dir(run: str | Path | None, cfg: dict | None) -> Path:
     named = Path(cfg["paths"]["output_dir"]) / run
     if len(run.parts) == 1 and is_run_dir(named):
         return named
-    raise not_a_run_error(run, f" nor is {named} (paths.output_dir of --conf)"
-                          if len(run.parts) == 1 else "")
+    if len(run.parts) != 1:
+        raise not_a_run_error(run)
+    below = _found_below(Path(cfg["paths"]["output_dir"]), str(run))
+    if below:
+        raise UserError(f"{run}: no such run in {named.parent} (paths.output_dir of --conf); {below}")
+    raise not_a_run_error(run, f" nor is {named} (paths.output_dir of --conf)")
 
 
