@@ -129,10 +129,11 @@ def _note_conf_not_read(conf: str, overrides: list[str], run_dir: str, cfg: dict
     ours = flat_config(cfg)
     # keys training does not read (the demo generator, downloads, where runs go) are no news
     unread = ("demo.", "download.", "paths.output_dir", "paths.pretrained_dir")
-    differ = [f"{k} ({theirs[k]!r} in {Path(conf).name}, {ours[k]!r} in the run)" for k in ours
+    # "from": the value may come from a base file of --conf, not the file itself
+    differ = [f"{k} ({theirs[k]!r} from {Path(conf).name}, {ours[k]!r} in the run)" for k in ours
               if theirs.get(k) != ours[k] and not k.startswith(unread)]
     if differ:
-        print(f"note: --resume reads {Path(run_dir) / 'config.yaml'}, not {conf}, which sets "
+        print(f"note: --resume reads {Path(run_dir) / 'config.yaml'}, not {conf}, which gives "
               f"{', '.join(differ[:4])}{' and more' if len(differ) > 4 else ''}; change keys with --set",
               file=sys.stderr)
 

@@ -393,7 +393,7 @@ def test_an_eval_key_of_conf_that_the_run_does_not_use_is_noted(workdir, capsys)
     _, _, _, conf_cfg = cli.parse_run(parser, ["--conf", str(conf), "--run", "r1"])
     assert conf_cfg["eval"]["top_k"] == 10
     err = capsys.readouterr().err
-    assert f"note: eval.top_k is 10 in {conf} but 3 in the run's config.yaml, which is used; " \
+    assert f"note: eval.top_k is 10 from {conf} but 3 in the run's config.yaml, which is used; " \
            "--set eval.top_k=10 uses yours" in err
     assert err.count("note:") == 1
     cli.parse_run(parser, ["--conf", str(conf), "--run", "r1", "--set", "eval.top_k=3"])

@@ -143,8 +143,8 @@ def test_resume_of_a_finished_run_trains_nothing_more(conf, tmp_path, monkeypatc
     other.write_text(f"base: {conf}\ntraining:\n  epochs: 3\ndemo:\n  sizes:\n    development: 5\n")
     proc = main_in_process(monkeypatch, capsys, "--conf", other, "--resume", run)
     assert proc.returncode == 0 and "nothing to train" in proc.stdout
-    assert (f"note: --resume reads {run / 'config.yaml'}, not {other}, which sets training.epochs "
-            "(3 in more.yaml, 1 in the run); change keys with --set") in proc.stderr
+    assert (f"note: --resume reads {run / 'config.yaml'}, not {other}, which gives training.epochs "
+            "(3 from more.yaml, 1 in the run); change keys with --set") in proc.stderr
     assert "demo." not in proc.stderr  # training does not read it: no news
     proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--resume", run, "--set", "training.epochs=1")
     assert "note:" not in proc.stderr  # the same keys: nothing to say

@@ -131,7 +131,7 @@ def note_unused_eval_keys(conf: str, conf_cfg: dict, run_cfg: dict) -> None:
     for key, value in ours.items():
         if key.startswith("eval.") and not key.startswith("eval.submission.") \
                 and value != theirs.get(key):
-            print(f"note: {key} is {_flow(value)} in {conf} but {_flow(theirs.get(key))} in the "
+            print(f"note: {key} is {_flow(value)} from {conf} but {_flow(theirs.get(key))} in the "
                   f"run's config.yaml, which is used; --set {key}={_flow(value)} uses yours",
                   file=sys.stderr)
 
