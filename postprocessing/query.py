@@ -100,6 +100,7 @@ def main():
     about = retriever.describe()
     print(f"run {about['run']} · checkpoint {about['checkpoint']} (epoch {about['epoch']}, "
           f"sha1 {about['checkpoint_sha1'][:10]}) · {about['device']}", file=out)
+    skipped = []
     if args.audio:
         index = retriever.caption_index(args.split)
         results = retriever.captions_for(queries, top_k, split=args.split)
@@ -108,10 +109,11 @@ def main():
         index = retriever.clip_index(args.split, args.folder)
         results = retriever.search(queries, top_k, split=args.split, folder=args.folder)
         what = f"{len(index.fnames)} clips of {index.source}"
-        for name, why in index.skipped:
+        skipped = index.skipped
+        for name, why in skipped:
             print(f"skipped {name}: {why}", file=out)
     if args.json:
-        print(results_json(retriever, what, queries, results))
+        print(results_json(retriever, what, queries, results, skipped))
     else:
         print_table(what, queries, results)
     if args.html:

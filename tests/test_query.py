@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models.core import build_model
-from models.retrieval import Retriever, folder_cache_key, split_cache_key
+from models.retrieval import Retriever, folder_cache_key, results_json, split_cache_key
 from tests.cli_helpers import error_line, run_in_process
 from tests.test_postprocessing import make_run
 from tests.tiny_data import REPO
@@ -324,6 +324,10 @@ def test_bad_file_in_folder_is_listed_or_skipped(fresh_run, tmp_path, monkeypatc
                   "data.skip_bad_audio=true", "a tone")
     assert p.returncode == 0, p.stderr
     assert "skipped broken.wav" in p.stdout and len(table(p.stdout)[0]) == 6
+    p = run_query(monkeypatch, capsys, "--run", run, "--folder", folder, "--set",
+                  "data.skip_bad_audio=true", "--json", "a tone")
+    [skipped] = json.loads(p.stdout)["skipped"]  # a saved document says it too
+    assert skipped["file"] == "broken.wav" and skipped["why"]
 
 
 def test_run_folder_that_takes_no_cache_still_answers(fresh_run, monkeypatch):
@@ -451,6 +455,7 @@ def test_query_json_batch_from_a_file(q, retriever, tmp_path):
         assert [h["fname"] for h in got["hits"]] == [h.fname for h in hits]
         assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in hits], abs=1e-6)
     assert "run " in p.stderr  # which run answered: on stderr with --json
+    assert doc["notes"] == [] and doc["skipped"] == []
 
 
 def test_query_audio_gives_captions(q, retriever, scored_run):
@@ -561,10 +566,13 @@ def test_audio_at_another_rate_than_the_training_clips_is_noted(own_data, tmp_pa
         warnings.simplefilter("error")
         r.embed_audio([same])  # the training rate: nothing to say
     lines = []
-    Retriever.from_run(run, device="cpu", log=lines.append).embed_audio(np.zeros(SR), sr=8000)
+    logged = Retriever.from_run(run, device="cpu", log=lines.append)
+    logged.embed_audio(np.zeros(SR), sr=8000)
     assert lines == [f"note: 1 of 1 audio inputs are not at {SR} Hz, the rate of the training clips "
                      f"(waveform 0: 8000 Hz); their log-mels cover other frequencies than the model "
                      f"was trained on: resample them to {SR} Hz for comparable scores"]
+    # query.py --json > results.json keeps it, not only stderr
+    assert json.loads(results_json(logged, "x", [], []))["notes"] == [lines[0].removeprefix("note: ")]
 
 
 # --------------------------------------------------------------------------- a long-lived process
