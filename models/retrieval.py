@@ -368,6 +368,19 @@ class Retriever:
                                                        [paths[f] for f in fnames], embeds))
         return self._captions[split][1]
 
+    def first_captions(self, split: str | None = None) -> dict[str, str]:
+        """{file name: its first caption} of a split's clips: what a retrieved clip is, in
+        words (the report and query.py --html show it beside each clip)."""
+        from utils.data_utils import read_split_captions
+
+        split = split or self.default_split
+        self._check_split(split)
+        df, _ = read_split_captions(self._features_dir(), split)
+        first: dict[str, str] = {}
+        for fname, caption in zip(df["fname"], df["raw_text"]):
+            first.setdefault(fname, caption)
+        return first
+
     def _check_table(self) -> None:
         """The caption embeddings file must still be the one the model's caption table (and
         tid2row) was built from at from_run: captions are embedded through that table."""

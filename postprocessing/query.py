@@ -117,8 +117,10 @@ def main():
     else:
         print_table(what, queries, results)
     if args.html:
+        # a split's clips are shown with their first caption, as in the report
+        known = retriever.first_captions(args.split) if not args.audio and not args.folder else None
         page = report.write_query_results(
-            args.html, queries, results, audio_queries=bool(args.audio),
+            args.html, queries, results, audio_queries=bool(args.audio), clip_captions=known,
             audio=retriever.cfg["eval"]["report"]["audio"],
             subtitle=f"run {Path(about['run']).name} · checkpoint {about['checkpoint']} (epoch {about['epoch']}) "
                      f"· {what}")

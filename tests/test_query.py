@@ -3,6 +3,7 @@ scoring pipeline (postprocessing/01), folder search and its cache, and every bad
 from __future__ import annotations
 
 import copy
+import html
 import json
 import os
 import re
@@ -456,6 +457,16 @@ def test_query_json_batch_from_a_file(q, retriever, tmp_path):
         assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in hits], abs=1e-6)
     assert "run " in p.stderr  # which run answered: on stderr with --json
     assert doc["notes"] == [] and doc["skipped"] == []
+
+
+def test_query_page_shows_each_split_clips_first_caption(q, retriever, tmp_path):
+    """As the report: what a retrieved clip is, in words, without listening to it."""
+    p = q("--html", tmp_path / "q.html", "--top-k", "2", "a high tone")
+    assert p.returncode == 0, p.stderr
+    page = (tmp_path / "q.html").read_text()
+    first = retriever.first_captions()
+    hits = retriever.search("a high tone", top_k=2)
+    assert all(html.escape(first[h.fname]) in page for h in hits)
 
 
 def test_query_audio_gives_captions(q, retriever, scored_run):

@@ -476,6 +476,10 @@ def test_query_results_page_from_retriever_hits(tmp_path):
     text = texts.read_text()
     assert text.count('class="panel"') == 2 and "a &lt;dog&gt;" in text
     assert "audio file not found (x.wav)" in text and len(audio_srcs(texts)) == 2
+    assert 'class="note"' not in text  # a folder's clips: no captions known
+    named = report.write_query_results(tmp_path / "n.html", ["rain"], [[Hit(1, 0.5, "c.wav", None, str(clip))]],
+                                       clip_captions={"c.wav": "Rain <falls> on a roof."})
+    assert "Rain &lt;falls&gt; on a roof." in named.read_text()  # as the report shows a clip
     clips = report.write_query_results(tmp_path / "a.html", [str(clip)],
                                        [[Hit(1, 0.7, "c.wav", "rain <falls>", str(clip))]],
                                        audio_queries=True, audio="link")

@@ -846,12 +846,14 @@ def write_query_page(out_html: str | Path, panels: Sequence[Panel], audio: str =
 
 
 def text_query_panel(query: str, hits: Sequence[tuple[str, float, str | Path | None]],
-                     group: str = "query") -> Panel:
-    """A t2a panel for a typed query: hits are (file name, score, audio path or None)."""
+                     group: str = "query", captions: dict[str, str] | None = None) -> Panel:
+    """A t2a panel for a typed query: hits are (file name, score, audio path or None);
+    `captions`: {file name: its first caption}, shown beside each clip as in the report (a
+    split's clips have them, a folder's do not)."""
     refs = [ClipRef(group, name, Path(src), "") if src is not None and Path(src).is_file()
             else ClipRef(group, name, None, f"audio file not found ({name})")
             for name, _, src in hits]
-    return Panel("t2a", "query", query, 0, [Hit(name, float(score), False, ref)
+    return Panel("t2a", "query", query, 0, [Hit(name, float(score), False, ref, (captions or {}).get(name, ""))
                                             for (name, score, _), ref in zip(hits, refs)])
 
 
@@ -905,18 +907,21 @@ def check_query_page_target(out_html: str | Path, inputs: Sequence[str | Path] =
 
 
 def write_query_results(out_html: str | Path, queries: Sequence[str], results: Sequence[Sequence],
-                        audio_queries: bool = False, audio: str = "copy", subtitle: str = "") -> Path:
+                        audio_queries: bool = False, audio: str = "copy", subtitle: str = "",
+                        clip_captions: dict[str, str] | None = None) -> Path:
     """`query.py --html OUT.html`: one panel per query. `results[i]` holds the hits of
     `queries[i]` (models.retrieval.Hit or anything with `fname`, `score`, `caption`, `path`):
-    clips for a text query, captions for an audio query (`audio_queries`: the queries are
-    audio file paths, played at the top of their panels)."""
+    clips for a text query (with `clip_captions[fname]`, its first caption, where known),
+    captions for an audio query (`audio_queries`: the queries are audio file paths, played at
+    the top of their panels)."""
     panels = []
     for query, hits in zip(queries, results):
         if audio_queries:
             panels.append(audio_query_panel(query, [(h.caption, h.score, h.fname, h.path)
                                                     for h in hits]))
         else:
-            panels.append(text_query_panel(query, [(h.fname, h.score, h.path) for h in hits]))
+            panels.append(text_query_panel(query, [(h.fname, h.score, h.path) for h in hits],
+                                           captions=clip_captions))
     return write_query_page(out_html, panels, audio, subtitle)
 
 
