@@ -272,8 +272,9 @@ def format_table(metrics: dict, chance: dict | None = None) -> str:
     (then `chance` is {split: split_chance(...)}, optional)."""
     splits = metrics_splits(metrics)
     names = METRIC_NAMES + ANY_NAMES
+    with_ranks = any(entry.get("ranks") for entry in splits.values())  # metrics.json has them
     header = (f"{'split':<12} {'dir':<4} " + " ".join(f"{m:>8}" for m in names)
-              + f" {'mean rk':>7} {'med rk':>6} {'queries':>7} {'cands':>6}")
+              + (f" {'mean rk':>7} {'med rk':>6} {'queries':>7} {'cands':>6}" if with_ranks else ""))
     prov = metrics.get(PROVENANCE_KEY) or {}
     lines = [f"run {prov['run']}, checkpoint {prov.get('checkpoint')} (epoch "
              f"{prov.get('checkpoint_epoch')})"] if prov.get("run") else []
@@ -282,9 +283,10 @@ def format_table(metrics: dict, chance: dict | None = None) -> str:
         for d in DIRECTIONS:
             ranks = (entry.get("ranks") or {}).get(d, {})
             cells = " ".join(_fmt(entry[d].get(m), 8) for m in names)
-            lines.append(f"{split:<12} {d:<4} {cells} {_fmt(ranks.get('mean'), 7, 1)} "
-                         f"{_fmt(ranks.get('median'), 6, 1)} {ranks.get('queries', ''):>7} "
-                         f"{ranks.get('candidates', ''):>6}")
+            if with_ranks:
+                cells += (f" {_fmt(ranks.get('mean'), 7, 1)} {_fmt(ranks.get('median'), 6, 1)} "
+                          f"{ranks.get('queries', ''):>7} {ranks.get('candidates', ''):>6}")
+            lines.append(f"{split:<12} {d:<4} {cells}")
             by_dir = (entry.get("chance") or (chance or {}).get(split) or {}).get(d)
             if by_dir:
                 lines.append(f"{'  (chance)':<12} {d:<4} "
@@ -292,9 +294,10 @@ def format_table(metrics: dict, chance: dict | None = None) -> str:
     lines += ["R@k: relevant items in the top k / relevant items (the DCASE baseline's; for a2t "
               "the share of the clip's captions).",
               "R@k_any: share of queries with any relevant item in the top k (CLAP-style). "
-              "mAP@10: the baseline's.",
-              "mean/med rk: 1-based rank of the best-ranked relevant item (a2t: the clip's "
-              "best-ranked caption)."]
+              "mAP@10: the baseline's."]
+    if with_ranks:
+        lines.append("mean/med rk: 1-based rank of the best-ranked relevant item (a2t: the clip's "
+                     "best-ranked caption).")
     return "\n".join(lines)
 
 
