@@ -276,9 +276,12 @@ class Retriever:
         nothing else would say."""
         message = evaluation.other_rates_message(rates, self.training_rates())
         if message:
-            self.notes.append(message)
+            said = message in self.notes  # query.py indexes a folder, then searches it
+            if not said:
+                self.notes.append(message)
             if self._log_given:  # query.py: a line with its other messages
-                self.log(f"note: {message}")
+                if not said:
+                    self.log(f"note: {message}")
             else:  # the Python API: shown once per line of the notebook
                 _warn_caller(message)
 
@@ -411,7 +414,6 @@ class Retriever:
                     (" ..." if len(bad) > 20 else "")
                 raise UserError(f"{folder}: {len(bad)} unusable audio file(s): {listed} "
                                 "(--set data.skip_bad_audio=true skips them)")
-            self._note_other_rates({p.name: evaluation.file_rate(p) for p in good})
             embeds = evaluation.encode_logmels(self.model, feats, self.cfg["eval"]["batch_size"],
                                                self.device, self.cfg["eval"]["amp"])
             by_name = {f.name: i for f, i in zip(files, ident)}
@@ -420,6 +422,9 @@ class Retriever:
         rows = [(i, f, e) for i, f, e in rows if e is not None]  # unusable files are left out
         if not rows:
             raise UserError(f"{folder}: none of the {len(files)} audio files is usable")
+        # every clip searched, cached or not: a second query of the folder (or query.py's
+        # --json document) must say it as the first did (a header read each)
+        self._note_other_rates({f.name: evaluation.file_rate(f) for _, f, _ in rows})
         if fresh or len(known) != len(rows):
             self._try_cache(lambda: _write_folder_cache(cache, folder, key, rows),
                             f"{len(rows)} clip embeddings of {folder} ({len(fresh)} new)")

@@ -398,3 +398,22 @@ def test_an_eval_key_of_conf_that_the_run_does_not_use_is_noted(workdir, capsys)
     assert err.count("note:") == 1
     cli.parse_run(parser, ["--conf", str(conf), "--run", "r1", "--set", "eval.top_k=3"])
     assert "note:" not in capsys.readouterr().err
+
+
+def test_the_set_that_an_eval_note_advises_works_pasted_into_a_shell(workdir, capsys):
+    """A list's value holds a space (`[validation, evaluation]`): unquoted, the shell would
+    split the advised --set in two (02: "unrecognized arguments"; query.py: "not valid YAML")."""
+    tmp_path, conf = workdir
+    run = tmp_path / "outputs" / "r1"
+    run.mkdir(parents=True)
+    save_config(load_config(conf, ["eval.splits=[validation]", "eval.amp=bf16"]), run)
+    parser = cli.make_parser("x")
+    cli.add_run_argument(parser)
+    cli.parse_run(parser, ["--conf", str(conf), "--run", "r1"])
+    err = capsys.readouterr().err
+    advised = re.findall(r"; (--set .*) uses yours$", err, re.M)
+    assert len(advised) == 2 and "--set eval.amp=off" in advised  # a string as --set takes it
+    words = [w for a in advised for w in shlex.split(a)]  # what the shell passes on
+    _, _, _, conf_cfg = cli.parse_run(parser, ["--conf", str(conf), "--run", "r1", *words])
+    assert load_config(run / "config.yaml", words[1::2])["eval"] == conf_cfg["eval"]
+    assert "note:" not in capsys.readouterr().err

@@ -165,6 +165,7 @@ def test_a_run_whose_checkpoint_was_replaced_since_scoring_is_warned_of(two_runs
         best.write_bytes(saved)
     [warning] = doc["warnings"]
     assert warning.startswith("run-b: metrics.json scored best.pt of epoch ") and "which has since been replaced" in warning
-    assert f"postprocessing/01_xmodal_scores.py --run {b} --overwrite, then 02_xmodal_retrieval.py" in warning
+    assert warning.endswith(f"postprocessing/01_xmodal_scores.py --run {b} --overwrite, then "
+                            f"postprocessing/02_xmodal_retrieval.py --run {b}")  # that run, not the newest
     assert gone and "which is gone" in gone[0]
     assert compare.input_warnings([a, b], "evaluation") == []

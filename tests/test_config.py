@@ -464,6 +464,10 @@ def test_a_yaml_error_names_its_line_and_a_tab(tmp_path):
     (tmp_path / "bad.yaml").write_text("seed: 1\ntraining:\n  lr: [1e-4\n")
     with pytest.raises(ConfigError, match=r"did not find expected ',' or '\]', line 4 column 1\)"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text("training:\n  lr: 1\ntraining:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "twice.yaml")
+    assert str(e.value).endswith("(lines 1 and 3); YAML keeps only the last one)")  # named once
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -585,6 +585,23 @@ def test_audio_at_another_rate_than_the_training_clips_is_noted(own_data, tmp_pa
     # query.py --json > results.json keeps it, not only stderr
     assert json.loads(results_json(logged, "x", [], []))["notes"] == [lines[0].removeprefix("note: ")]
 
+    # a folder searched again, its embeddings from the cache, is noted as the first time
+    # (once, though query.py indexes the folder and then searches it)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(other, folder / "other.wav")
+    for _ in range(2):
+        lines = []
+        fresh = Retriever.from_run(run, device="cpu", log=lines.append)
+        fresh.clip_index(folder=folder)  # as query.py: the index, then the search
+        fresh.search("a tone", 1, folder=folder)
+        assert [line for line in lines if line.startswith("note:")] == \
+            [f"note: 1 of 1 audio inputs are not at {SR} Hz, the rate of the training clips (other.wav: "
+             f"{2 * SR} Hz); their log-mels cover other frequencies than the model was trained on: "
+             f"resample them to {SR} Hz for comparable scores"]
+        assert len(fresh.notes) == 1
+    assert not any(line.startswith("cached ") for line in lines)  # the second: from the cache
+
 
 # --------------------------------------------------------------------------- a long-lived process
 

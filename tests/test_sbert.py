@@ -288,3 +288,23 @@ def test_a_caption_edited_after_step_03_is_refused_until_step_03_reruns(tmp_path
     df.loc[3, "raw_text"] = "something else"
     df.to_csv(csv, index=False)
     train_utils.load_training_data(cfg)
+
+
+def test_embeddings_recorded_with_a_home_path_match_the_config_that_expands_it(tmp_path, monkeypatch):
+    """Step 03 run before `~` was expanded in the config recorded `~/models/m` as written (the
+    model loaded, utils.sbert expands it); the config now reads /home/you/models/m. The same
+    folder: not refused, with an advice (`--set sbert.model=~/models/m`) that could not help."""
+    import json
+
+    from utils.config import DEFAULTS_PATH, load_config
+    from utils.data_utils import check_sentence_model, texts_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    embeddings = tmp_path / "sbert_embeds.pkl"
+    save_pickle({"t1": np.ones(3, np.float32)}, embeddings)
+    texts_path(embeddings).write_text(json.dumps({"model": "~/models/m"}))
+    cfg = load_config(DEFAULTS_PATH, ["sbert.model=~/models/m"])
+    assert cfg["sbert"]["model"] == str(tmp_path / "home" / "models" / "m")
+    check_sentence_model(embeddings, cfg["sbert"]["model"])
+    with pytest.raises(UserError, match="computed with sentence model '~/models/m'"):
+        check_sentence_model(embeddings, str(tmp_path / "home" / "models" / "other"))

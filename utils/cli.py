@@ -131,13 +131,19 @@ def note_unused_eval_keys(conf: str, conf_cfg: dict, run_cfg: dict) -> None:
     for key, value in ours.items():
         if key.startswith("eval.") and not key.startswith("eval.submission.") \
                 and value != theirs.get(key):
+            # one shell word: a list's `[a, b]` would be two, and zsh would glob it
             print(f"note: {key} is {_flow(value)} from {conf} but {_flow(theirs.get(key))} in the "
-                  f"run's config.yaml, which is used; --set {key}={_flow(value)} uses yours",
-                  file=sys.stderr)
+                  f"run's config.yaml, which is used; --set {shlex.quote(f'{key}={_flow(value)}')} "
+                  "uses yours", file=sys.stderr)
 
 
 def _flow(value) -> str:
-    """`value` as --set takes it: `[a, b]`, `5`, `off`."""
+    """`value` as --set takes it: `[a, b]`, `5`, `off` (a string key's text is taken as it is,
+    unless it is a null word)."""
+    from utils.config import NULL_WORDS
+
+    if isinstance(value, str) and value.strip() not in NULL_WORDS:
+        return value
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 

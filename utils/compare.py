@@ -10,6 +10,7 @@ means are the metrics of metrics.json, exactly.
 from __future__ import annotations
 
 import csv
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +164,13 @@ def _replaced_checkpoint(run: Path, prov: dict) -> str | None:
     what = "has since been replaced" if now else "is gone"
     return (f"{run.name}: metrics.json scored {which}.pt of epoch {prov.get('checkpoint_epoch')}, "
             f"which {what}: its numbers are not the run's now — rerun "
-            f"postprocessing/01_xmodal_scores.py --run {run} --overwrite, then 02_xmodal_retrieval.py")
+            f"postprocessing/01_xmodal_scores.py --run {_arg(run)} --overwrite, then "
+            # with --run: without it, 02 evaluates the newest run of conf.yaml's output_dir
+            f"postprocessing/02_xmodal_retrieval.py --run {_arg(run)}")
+
+
+def _arg(path: Path) -> str:
+    return shlex.quote(str(path))
 
 
 def _process_counts(run: Path) -> list[int]:

@@ -106,7 +106,7 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
     problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
     if not problem:
         return str(e).splitlines()[0]
-    if mark is None or " line" in problem:  # a duplicate key names its lines itself
+    if mark is None or re.search(r"\blines? \d", problem):  # a duplicate key names its lines itself
         return problem
     where = f"{problem}, line {mark.line + 1} column {mark.column + 1}"
     lines = text.splitlines()

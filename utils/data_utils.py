@@ -187,7 +187,9 @@ def check_sentence_model(embeddings_path: Path, model: str, rerun: str | None = 
     `rerun`: for a trained run, whose sentence model is fixed, the step-03 command that embeds
     with it again (the advice then, never a --set sbert.model to whatever step 03 used last)."""
     recorded = recorded_sentence_model(embeddings_path)
-    if recorded is not None and recorded != model:
+    # step 03 before `~` was expanded in the config recorded `~/models/x` as written; the
+    # config now says /home/you/models/x, the same folder (utils.config._leaf)
+    if recorded is not None and os.path.expanduser(recorded) != os.path.expanduser(model):
         advice = (f"rerun {rerun}, which embeds the captions with the run's model" if rerun is not None
                   else f"--set sbert.model={recorded}, or rerun {STEP_03} with this config")
         raise UserError(f"{embeddings_path}: computed with sentence model {recorded!r}, but the "

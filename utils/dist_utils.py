@@ -102,7 +102,8 @@ def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     same global-batch loss, so the summed gradient is world_size x the true one, which DDP's
     gradient averaging then divides back out: for layers without batch statistics the update
     equals a single-process step on the global batch (tests/test_ddp.py checks this); BatchNorm
-    still normalises each rank's own B. Every rank must pass the same B.
+    normalises each rank's own B (the global batch with training.sync_batchnorm). Every rank
+    must pass the same B.
     """
     if not ctx.enabled:
         return x
