@@ -118,6 +118,9 @@ def test_compile_auto_is_on_only_where_lengths_are_few_and_on_takes_whole_clips(
     assert tu.use_compile(load_config(conf, ["training.max_frames=500"]), cuda)
     assert not tu.use_compile(load_config(conf, ["training.compile=off", "training.max_frames=500"]), cuda)
     assert tu.use_compile(load_config(conf, ["training.compile=on"]), cpu)  # symbolic time
+    synced = load_config(conf, ["training.pad_to_multiple=64", "training.sync_batchnorm=true"])
+    assert tu.use_compile(synced, cuda) and not tu.use_compile(synced, cuda, world_size=2)
+    assert tu.use_compile(load_config(conf, ["training.compile=on", "training.sync_batchnorm=true"]), cuda, 2)
 
 
 def test_compiled_whole_clips_build_one_graph_for_every_length(tmp_path, capsys):

@@ -781,13 +781,16 @@ class FitResult:
     checksum: str
 
 
-def use_compile(cfg: dict, device: torch.device) -> bool:
+def use_compile(cfg: dict, device: torch.device, world_size: int = 1) -> bool:
     """training.compile: auto = on for CUDA with few input lengths (training.pad_to_multiple
     or training.max_frames: a graph for each, ~30 s to build on an H200), else off; on = also
-    whole clips, with a symbolic time axis (one graph for every length, utils.compiling)."""
+    whole clips, with a symbolic time axis (one graph for every length, utils.compiling).
+    `auto` leaves SyncBatchNorm under DDP eager: the compiler breaks its graph at each of CNN14's
+    13 BatchNorm layers (pytorch#161302), a speed nobody has measured."""
     t = cfg["training"]
+    synced = t["sync_batchnorm"] and world_size > 1
     return t["compile"] == "on" or (t["compile"] == "auto" and device.type == "cuda"
-                                    and few_lengths(cfg))
+                                    and few_lengths(cfg) and not synced)
 
 
 def few_lengths(cfg: dict) -> bool:
@@ -817,7 +820,7 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
     if ctx.enabled:
         model = wrap_ddp(model, device)  # BatchNorm running stats: synced per epoch (sync_buffers)
     tr.plain_train_model = model
-    tr.compiled = use_compile(cfg, device)
+    tr.compiled = use_compile(cfg, device, ctx.world_size)
     tr.train_model = model
     if not tr.compiled:
         return
