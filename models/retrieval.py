@@ -102,7 +102,7 @@ class Retriever:
         self.log = log or (lambda message: None)
         self._log_given = log is not None
         self._training_rates: set[int] | None = None
-        self.notes: list[str] = []  # what the inputs' results should be read with (results_json)
+        self.notes: list[str] = []  # notes on the inputs so far, each once (query.py's JSON keeps them)
         self._key = key if key is not None else evaluation.checkpoint_key(self.checkpoint)
         self._table_sha1 = table_sha1 if table_sha1 is not None else _embeddings_sha1(cfg)
         self._sbert = None
@@ -622,11 +622,13 @@ def _write_folder_cache(path: Path, folder: Path, key: str, rows: list) -> Path:
 # --------------------------------------------------------------------------- output
 
 def results_json(retriever: Retriever, index: str, queries: Sequence[str],
-                 results: Sequence[Sequence[Hit]], skipped: Sequence[tuple[str, str]] = ()) -> str:
+                 results: Sequence[Sequence[Hit]], skipped: Sequence[tuple[str, str]] = (),
+                 notes: Sequence[str] = ()) -> str:
     """Results as one JSON document: the run/checkpoint that answered, what was searched, the
-    notes on the inputs (audio at another rate than the training clips': scores not comparable;
-    files left out), and per query its hits. A saved document keeps what stderr said."""
-    return json.dumps({**retriever.describe(), "index": index, "notes": list(retriever.notes),
+    `notes` on these results' inputs (query.py: `retriever.notes`, e.g. audio at another rate
+    than the training clips': scores not comparable), the `skipped` files, and per query its
+    hits. A saved document keeps what stderr said."""
+    return json.dumps({**retriever.describe(), "index": index, "notes": list(notes),
                        "skipped": [{"file": name, "why": why} for name, why in skipped],
                        "results": [{"query": q, "hits": [h.to_dict() for h in hits]}
                                    for q, hits in zip(queries, results)]},

@@ -113,7 +113,7 @@ def main():
         for name, why in skipped:
             print(f"skipped {name}: {why}", file=out)
     if args.json:
-        print(results_json(retriever, what, queries, results, skipped))
+        print(results_json(retriever, what, queries, results, skipped, retriever.notes))
     else:
         print_table(what, queries, results)
     if args.html:

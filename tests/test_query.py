@@ -583,7 +583,8 @@ def test_audio_at_another_rate_than_the_training_clips_is_noted(own_data, tmp_pa
                      f"(waveform 0: 8000 Hz); their log-mels cover other frequencies than the model "
                      f"was trained on: resample them to {SR} Hz for comparable scores"]
     # query.py --json > results.json keeps it, not only stderr
-    assert json.loads(results_json(logged, "x", [], []))["notes"] == [lines[0].removeprefix("note: ")]
+    assert logged.notes == [lines[0].removeprefix("note: ")]
+    assert json.loads(results_json(logged, "x", [], [], notes=logged.notes))["notes"] == logged.notes
 
     # a folder searched again, its embeddings from the cache, is noted as the first time
     # (once, though query.py indexes the folder and then searches it)
