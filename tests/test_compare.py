@@ -3,6 +3,7 @@ difference of two runs in each direction with its bootstrap interval."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -168,4 +169,9 @@ def test_a_run_whose_checkpoint_was_replaced_since_scoring_is_warned_of(two_runs
     assert warning.endswith(f"postprocessing/01_xmodal_scores.py --run {b} --overwrite, then "
                             f"postprocessing/02_xmodal_retrieval.py --run {b}")  # that run, not the newest
     assert gone and "which is gone" in gone[0]
+    assert compare.input_warnings([a, b], "evaluation") == []
+    # a checkpoint older than its scores is the one scored: not hashed (~1 GB) on every comparison
+    scored_at = (b / "metrics.json").stat().st_mtime
+    os.utime(best, (scored_at - 10, scored_at - 10))
+    monkeypatch.setattr(compare, "checkpoint_key", lambda path: pytest.fail("hashed"))
     assert compare.input_warnings([a, b], "evaluation") == []

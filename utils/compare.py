@@ -158,6 +158,8 @@ def _replaced_checkpoint(run: Path, prov: dict) -> str | None:
     if which not in ("best", "last") or not scored:
         return None
     ckpt = checkpoint_path(run, which)
+    if ckpt.is_file() and ckpt.stat().st_mtime <= (run / "metrics.json").stat().st_mtime:
+        return None  # written before its scores: no ~1 GB hash on every comparison
     now = checkpoint_key(ckpt) if ckpt.is_file() else None
     if now == scored:
         return None
