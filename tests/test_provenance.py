@@ -262,14 +262,21 @@ def test_a_dirty_tree_keeps_its_diff_in_the_run(tmp_path, monkeypatch):
     run.mkdir()
     provenance.record_invocation(run)
     assert "diff" not in provenance.read_provenance(run)[0]["git"] and not (run / "code_diffs").exists()
-    (code / "a.py").write_text("x = 2\n")
+    (code / "a.py").write_text("from b import y\nx = y\n")
+    (code / "b.py").write_text("y = 2\n")  # a new module the change imports: not tracked yet
+    (code / "notes.txt").write_text("not code")
+    (code / ".gitignore").write_text("outputs/\n")
+    (code / "outputs").mkdir()
+    (code / "outputs" / "gen.py").write_text("ignored")
     provenance.record_invocation(run, action="resume")
     provenance.record_invocation(run, action="scores")
     first, second = (e["git"] for e in provenance.read_provenance(run)[1:])
     assert first["diff"] == second["diff"] and len(list((run / "code_diffs").iterdir())) == 1
+    assert first["untracked"] == ["b.py"]
     # the code that ran, rebuilt from the commit and the kept diff
     rebuilt = tmp_path / "rebuilt"
     subprocess.run(["git", "clone", "-q", str(code), str(rebuilt)], check=True)
     git(rebuilt, "checkout", "-q", head)
     git(rebuilt, "apply", str(run / first["diff"]))
-    assert (rebuilt / "a.py").read_text() == "x = 2\n"
+    assert (rebuilt / "a.py").read_text() == "from b import y\nx = y\n"
+    assert (rebuilt / "b.py").read_text() == "y = 2\n" and not (rebuilt / "notes.txt").exists()

@@ -41,6 +41,7 @@ GIT_TIMEOUT_S = 10
 MAX_CHANGED = 20  # changed paths listed for a dirty tree (the count is always complete)
 MAX_DIFF_BYTES = 10 * 2**20  # a dirty tree's diff kept in the run up to this size
 CODE_DIFFS = "code_diffs"
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ini")  # new files kept in the diff
 
 
 # --------------------------------------------------------------------------- collecting
@@ -83,27 +84,39 @@ def git_state(code_dir: str | Path | None = None) -> dict:
 
 
 def save_code_diff(run_dir: str | Path, code_dir: str | Path | None = None) -> dict:
-    """A dirty tree's changes to tracked files (`git diff HEAD`, binary-safe), kept in the run as
-    `code_diffs/<sha1[:12]>.diff` (one file per distinct diff, however many invocations ran it),
-    so that the code that ran is `git checkout <commit> && git apply <run>/<diff>`.
-    Returns {"diff": path in the run, "diff_sha1": ...}, or {"diff_error": why none was kept}."""
+    """A dirty tree's changes (`git diff HEAD`, binary-safe), and its new code files that git
+    does not track nor ignore (CODE_SUFFIXES: a new module the changed code imports), kept in
+    the run as `code_diffs/<sha1[:12]>.diff` (one file per distinct diff, however many
+    invocations ran it), so that the code that ran is `git checkout <commit> && git apply
+    <run>/<diff>`. Returns {"diff": path in the run, "diff_sha1": ..., "untracked": [new
+    files in it]}, or {"diff_error": why none was kept}."""
+    code_dir = str(code_dir or CODE_DIR)
+
+    def git(*args: str, ok=(0,)) -> bytes:
+        out = subprocess.run(["git", "-C", code_dir, *args], capture_output=True, timeout=GIT_TIMEOUT_S)
+        if out.returncode not in ok:
+            why = out.stderr.decode(errors="replace").strip().splitlines() or [f"git {args[0]} failed"]
+            raise RuntimeError(why[0])
+        return out.stdout
+
     try:
-        out = subprocess.run(["git", "-C", str(code_dir or CODE_DIR), "diff", "HEAD", "--binary", "--no-color",
-                              "--no-ext-diff"], capture_output=True, timeout=GIT_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"diff_error": f"git diff failed: {e}"}
-    if out.returncode != 0:
-        why = out.stderr.decode(errors="replace").strip().splitlines() or ["git diff failed"]
-        return {"diff_error": why[0]}
-    if len(out.stdout) > MAX_DIFF_BYTES:
-        return {"diff_error": f"the diff is {len(out.stdout)} bytes, over the {MAX_DIFF_BYTES} kept"}
-    sha1 = hashlib.sha1(out.stdout).hexdigest()
+        diff = git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff")
+        new = [name for name in git("ls-files", "--others", "--exclude-standard", "-z").decode().split("\0")
+               if name.endswith(CODE_SUFFIXES)]
+        for name in new:  # exit status 1: the files differ, as a new file from nothing does
+            diff += git("diff", "--no-index", "--binary", "--no-color", "--no-ext-diff", "--",
+                        os.devnull, name, ok=(0, 1))
+    except (OSError, subprocess.TimeoutExpired, RuntimeError) as e:
+        return {"diff_error": f"git failed: {e}"}
+    if len(diff) > MAX_DIFF_BYTES:
+        return {"diff_error": f"the diff is {len(diff)} bytes, over the {MAX_DIFF_BYTES} kept"}
+    sha1 = hashlib.sha1(diff).hexdigest()
     name = f"{CODE_DIFFS}/{sha1[:12]}.diff"
     path = Path(run_dir) / name
     if not path.is_file():
         with atomic_open(path, "wb") as f:
-            f.write(out.stdout)
-    return {"diff": name, "diff_sha1": sha1}
+            f.write(diff)
+    return {"diff": name, "diff_sha1": sha1, "untracked": new[:MAX_CHANGED]}
 
 
 def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:
