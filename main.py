@@ -17,6 +17,7 @@ from pathlib import Path
 from utils import baseline_release, cli, dist_utils, provenance, train_utils
 from utils.config import flat_config, load_config, load_run_config, save_config
 from utils.errors import UserError
+from utils.io_utils import atomic_write_text
 from utils.runs import checkpoint_path, lock_run, new_run_dir, remove_unstarted_run
 
 
@@ -24,6 +25,9 @@ def main() -> None:
     parser = cli.make_parser(__doc__)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from checkpoints/last.pt")
     parser.add_argument("--name", help="run directory name (default: <experiment>-<timestamp>)")
+    parser.add_argument("--run-file", metavar="FILE",
+                        help="write the run's folder to FILE once it exists, for a job script to "
+                             "pass to --run (the newest run may be another job's)")
     parser.add_argument("--import-baseline", metavar="CHECKPOINT",
                         help="make a run of the released DCASE 2023 baseline checkpoint instead of training")
     args = parser.parse_args()
@@ -87,6 +91,8 @@ def _train(args, cfg: dict, ctx, device, held: contextlib.ExitStack):
     else:
         run_dir = dist_utils.on_master(ctx, lambda: _new_run(cfg, args.name, held))
     cli.advise_resume(run_dir)  # Ctrl-C from here on prints the exact --resume command
+    if args.run_file:
+        dist_utils.on_master(ctx, lambda: atomic_write_text(args.run_file, f"{run_dir.resolve()}\n"))
     try:
         # provenance.json: command line, overrides, cwd, git commit, package versions, hardware,
         # and the data by content (sha1 of the embeddings and of the splits' files)

@@ -16,8 +16,8 @@
 #                       (after stage 5, stage 6 replaces the run's scores.db: training may have
 #                       replaced the checkpoint it scored)
 #         --run DIR     stages 6-7 evaluate DIR, or the run NAME in paths.output_dir (default:
-#                       the run trained last); with stage 5 in the range, it is resumed, never
-#                       replaced by a new run
+#                       the run stage 5 just made, else the run trained last); with stage 5 in
+#                       the range, it is resumed, never replaced by a new run
 # Paths in the config are relative to the repository root; --conf, --run and --resume to where
 # you call run.sh from (one that is not there is looked for from the root, as the config's).
 set -euo pipefail
@@ -104,6 +104,14 @@ common=(--conf "$conf")
 train_args=()
 [ -n "$resume" ] && train_args=(--resume "$resume")
 [ -n "$name" ] && train_args=(--name "$name")
+run_file=""
+if $trains && [ -z "$run" ] && [ "$stop_stage" -ge 6 ]; then
+  # a new run of a default name: stages 6-7 evaluate it, not the newest run in output_dir
+  # (another job's, training beside this one)
+  run_file=$(mktemp "${TMPDIR:-/tmp}/run.sh.run.XXXXXX")
+  trap 'rm -f "$run_file"' EXIT
+  train_args+=(--run-file "$run_file")
+fi
 run_args=()
 [ -n "$run" ] && run_args=(--run "$run")
 score_args=()
@@ -125,5 +133,6 @@ step 2 "log-mel features" "$PYTHON" preprocessing/02_audio_logmel.py "${common[@
 step 3 "sentence embeddings" "$PYTHON" preprocessing/03_sbert_embeddings.py "${common[@]}"
 step 4 "PANNs CNN14 -> audio encoder weights" "$PYTHON" preprocessing/04_cnn14_transfer.py "${common[@]}"
 step 5 "train" "$PYTHON" main.py "${common[@]}" ${train_args[@]+"${train_args[@]}"}
+if [ -n "$run_file" ] && [ -s "$run_file" ]; then run_args=(--run "$(cat "$run_file")"); fi
 step 6 "score every (clip, caption) pair" "$PYTHON" postprocessing/01_xmodal_scores.py "${common[@]}" ${run_args[@]+"${run_args[@]}"} ${score_args[@]+"${score_args[@]}"}
 step 7 "retrieval metrics" "$PYTHON" postprocessing/02_xmodal_retrieval.py "${common[@]}" ${run_args[@]+"${run_args[@]}"}

@@ -87,3 +87,29 @@ def test_read_only_dataset_folder_works_with_features_dir(tmp_path):
     ds = data_utils.CaptionDataset(features_dir(cfg), "development", tid2row)
     assert len(ds) == 10 and ds[0][0].shape[1] == 64
     ds.close()
+
+
+LOG_MEL_AND_NUMBA_DIR = ("import os, numpy as np; from utils.audio_utils import log_mel; "
+                         "log_mel(np.zeros(4410, np.float32), 44100); "
+                         "print(os.environ.get('NUMBA_CACHE_DIR'))")
+
+
+def test_log_mel_without_a_writable_home_caches_numba_in_the_temp_folder(tmp_path):
+    """HOME missing or read-only (a cluster node, a container): librosa's numba functions
+    (cache=True) found no cache folder in a venv the user cannot write, and step 02, query.py
+    --audio/--folder and the API's embed_audio failed with numba's 'no locator available'.
+    As root the venv is writable, so this checks where the cache is put instead."""
+    not_a_folder = tmp_path / "home"
+    not_a_folder.write_text("a file, so ~/.cache cannot be created even by root")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(not_a_folder), TMPDIR=str(tmp_path), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", LOG_MEL_AND_NUMBA_DIR], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / f"numba-cache-{os.getuid()}")
+
+    env["HOME"] = str(tmp_path / "writable_home")  # a usable ~/.cache: numba's own choice stays
+    out = subprocess.run([sys.executable, "-c", LOG_MEL_AND_NUMBA_DIR], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"

@@ -447,3 +447,14 @@ def test_a_checkpoint_that_is_not_ours_or_does_not_fit_names_the_cause(scripts):
     assert f"{best}: not a checkpoint of this project (no 'model' state dict)" in line
     best.write_bytes(good)
     assert call(SCORES, "--run", run_dir).returncode == 0
+
+
+def test_run_file_names_the_new_run_for_the_job_script(tiny, monkeypatch, capsys):
+    """run.sh (or any job script) learns which run its stage 5 made: with two jobs training into
+    one output_dir, 'the newest run' that stages 6-7 took was the other job's."""
+    conf = tiny_config(tiny, {"training": {"epochs": 1}})
+    run_file = tiny / "run.txt"
+    proc = main_in_process(monkeypatch, capsys, "--conf", conf, "--run-file", run_file)
+    assert proc.returncode == 0, proc.stderr
+    (made,) = [p for p in (tiny / "outputs").iterdir() if p.is_dir()]
+    assert run_file.read_text() == f"{made.resolve()}\n"

@@ -12,6 +12,7 @@ SCRIPTS = ["preprocessing/00_download_clotho.py", "preprocessing/01_clotho_datas
            "preprocessing/02_audio_logmel.py", "preprocessing/03_sbert_embeddings.py",
            "preprocessing/04_cnn14_transfer.py", "main.py", "postprocessing/01_xmodal_scores.py",
            "postprocessing/02_xmodal_retrieval.py"]
+NEW_RUN = "/runs/demo-20260101-120000"  # what the stub's main.py reports through --run-file
 
 
 @pytest.fixture
@@ -20,13 +21,17 @@ def run_sh(tmp_path):
     separated) to a log; returns (completed process, [argument lists])."""
     log = tmp_path / "calls.log"
     stub = tmp_path / "python"
-    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> "$LOG"\necho >> "$LOG"\n')
+    # main.py's --run-file gets the folder of the run it made: NEW_RUN
+    stub.write_text('#!/bin/sh\nprev=\nfor a in "$@"; do printf "%s\\t" "$a"; '
+                    '[ "$prev" = --run-file ] && echo "$NEW_RUN" > "$a"; prev=$a; done >> "$LOG"\n'
+                    'echo >> "$LOG"\n')
     stub.chmod(0o755)
 
     def call(*args, cwd=REPO):
         log.write_text("")
         proc = subprocess.run(["bash", str(REPO / "run.sh"), *args], capture_output=True, text=True,
-                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log)), timeout=30,
+                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log), NEW_RUN=NEW_RUN),
+                              timeout=30,
                               cwd=cwd)
         calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
         return proc, calls
@@ -45,10 +50,16 @@ def test_all_stages_in_order_with_conf_and_overrides(run_sh):
     proc, calls = run_sh("--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off")
     assert proc.returncode == 0, proc.stderr
     assert [c[0] for c in calls] == SCRIPTS
-    for c in calls:
-        # stage 6 replaces the scores of the checkpoint that training has just replaced
-        extra = ["--overwrite"] if c[0] == SCRIPTS[6] else []
-        assert c[1:] == ["--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off", *extra]
+    common = ["--conf", "conf_demo.yaml", "--set", "training.lr=1e-3", "wandb.mode=off"]
+    for c in calls[:5]:
+        assert c[1:] == common
+    # the new run's folder comes back through --run-file, and stages 6-7 evaluate that run, not
+    # the newest one in output_dir (another job's, training beside this one)
+    assert calls[5][1:-1] == [*common, "--run-file"]
+    # stage 6 replaces the scores of the checkpoint that training has just replaced
+    assert calls[6][1:] == [*common, "--run", NEW_RUN, "--overwrite"]
+    assert calls[7][1:] == [*common, "--run", NEW_RUN]
+    assert not os.path.exists(calls[5][-1])  # the file is removed when run.sh ends
 
 
 def test_stage_5_with_run_resumes_that_run_and_evaluates_it(run_sh):

@@ -1,5 +1,8 @@
 """Tracking without an account: metrics.jsonl always, wandb offline into the run directory."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -346,3 +349,80 @@ def test_a_damaged_wandb_id_file_is_a_one_line_error(tmp_path, offline):
     tracker = Tracker(offline, tmp_path)
     tracker.finish()
     assert (tmp_path / "wandb_id.txt").read_text().strip() == tracker.run_id
+
+
+LOG_A_TABLE = """
+import sys
+from utils.config import load_config
+from utils.tracking import Tracker
+tracker = Tracker(load_config(sys.argv[1]), sys.argv[2], job_type="eval")
+tracker.log_table("retrieval_results", ["caption", "rank"], [["a dog barks", 1]])
+tracker.finish()
+print("logged")
+"""
+
+
+def test_tables_are_logged_without_a_writable_home(tmp_path):
+    """HOME missing or read-only (a cluster node, a container): wandb's staging folder
+    (~/.local/share/wandb) could not be made, so postprocessing 02 ended in a PermissionError
+    traceback at its first table, and wandb's service wrote its log lines into the job's output."""
+    home = tmp_path / "home"
+    home.write_text("a file, so nothing can be created under it, not even by root")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "XDG_"))}
+    env.update(HOME=str(home), WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    out = subprocess.run([sys.executable, "-c", LOG_A_TABLE, str(REPO / "conf.yaml"), str(run_dir)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "logged"
+    assert "failed to get logger path" not in out.stderr
+    assert (run_dir / "wandb" / "wandb_data_dir").is_dir()
+
+
+def test_online_without_an_api_key_is_one_line_advice(tmp_path, monkeypatch):
+    """wandb.mode online with no key (or a server the node cannot reach, after wandb's retries):
+    a one-line error saying how to log offline, not wandb's traceback."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var, value in offline_env(tmp_path).items():
+        if var != "WANDB_MODE":
+            monkeypatch.setenv(var, value)
+    cfg = load_config(REPO / "conf.yaml", ["wandb.mode=online"])
+    with pytest.raises(UserError, match=r"wandb could not start online \(.*API key.*WANDB_MODE=offline"):
+        Tracker(cfg, tmp_path)
+
+
+def test_auto_that_cannot_reach_the_server_logs_offline_with_a_note(tmp_path, monkeypatch, capsys):
+    """`auto` is online where a key is known; a compute node with the login node's key but no
+    route to the server goes on offline (a note says so), instead of failing the job."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # makes auto online
+    for var, value in offline_env(tmp_path).items():
+        if var != "WANDB_MODE":
+            monkeypatch.setenv(var, value)
+    real_init, modes = wandb.init, []
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = load_config(REPO / "conf.yaml", ["wandb.mode=auto"])
+    tracker = Tracker(cfg, tmp_path)
+    try:
+        assert modes == ["online", "offline"] and tracker.mode == "offline"
+        assert (f"note: wandb could not start online (Network error (ConnectionError), entering retry "
+                f"loop.); logging offline into {tmp_path / 'wandb'}") in capsys.readouterr().err
+    finally:
+        tracker.finish()
+    monkeypatch.setenv("WANDB_MODE", "online")  # asked for online: the error stays
+    with pytest.raises(UserError, match="wandb could not start online"):
+        Tracker(cfg, tmp_path / "b")

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -133,9 +135,31 @@ def stft_params(sr: int, window_s: float = WINDOW_S, hop_s: float = HOP_S) -> tu
     return win, hop, n_fft
 
 
+def _librosa():
+    """librosa, imported so that its numba functions can be cached. They are compiled with
+    cache=True, and numba refuses to import them ("cannot cache function …: no locator
+    available") when neither their package folder (a shared, read-only venv) nor the user's
+    cache folder (HOME missing or read-only, as on some cluster nodes and containers) is
+    writable: numba's cache then goes to the temp folder."""
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"
+        try:
+            user_cache.mkdir(parents=True, exist_ok=True)
+            writable = os.access(user_cache, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"numba-cache-{os.getuid()}")
+            if "numba" in sys.modules:  # imported already: its config read the environment then
+                sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+    import librosa  # heavy import (numba): only where needed
+
+    return librosa
+
+
 @functools.lru_cache(maxsize=64)
 def _empty_mel_bands(sr: int, n_fft: int, n_mels: int) -> int:
-    import librosa
+    librosa = _librosa()
 
     with warnings.catch_warnings():  # librosa warns about the very thing counted here
         warnings.simplefilter("ignore")
@@ -160,8 +184,7 @@ def n_frames(n_samples: int, sr: int, hop_s: float = HOP_S) -> int:
 def log_mel(y: np.ndarray, sr: int, window_s: float = WINDOW_S, hop_s: float = HOP_S,
             n_mels: int = N_MELS) -> np.ndarray:
     """Mono waveform [samples] at rate `sr` -> float32 log-mel [frames, n_mels] (librosa)."""
-    import librosa  # heavy import (numba): only where needed
-
+    librosa = _librosa()
     win, hop, n_fft = stft_params(sr, window_s, hop_s)
     check_sample_rate(sr, window_s, hop_s, n_mels)
     y = np.asarray(y, dtype=np.float64)
@@ -181,8 +204,9 @@ _MEL_CACHE: dict = {}
 
 def _torch_mel_basis(sr: int, n_fft: int, n_mels: int, device):
     """librosa's mel filter matrix [n_mels, n_fft//2+1] as a float64 tensor (cached)."""
-    import librosa
     import torch
+
+    librosa = _librosa()
 
     key = (sr, n_fft, n_mels, str(device))
     if key not in _MEL_CACHE:

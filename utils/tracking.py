@@ -85,6 +85,32 @@ def wandb_mode(configured: str) -> str:
     return "online" if host and _netrc_has_key(host) else "offline"
 
 
+def _chosen_by_auto(configured: str) -> bool:
+    """The mode came from `auto` (wandb_mode), not from the config or WANDB_MODE."""
+    return configured == "auto" and os.environ.get("WANDB_MODE") not in ("online", "offline", "disabled", "dryrun")
+
+
+def _writable_wandb_dirs(run_dir: Path) -> None:
+    """wandb stages logged tables and media in WANDB_DATA_DIR and caches them in WANDB_CACHE_DIR,
+    both in HOME by default (~/.local/share/wandb, ~/.cache/wandb). With HOME missing or
+    read-only (a cluster node, a container) every logged table failed with a PermissionError
+    traceback, and wandb's service printed its own log lines into the job's output: such a
+    folder is put in the run's wandb folder instead."""
+    import wandb.env
+
+    for var, default in (("WANDB_DATA_DIR", wandb.env.get_data_dir()),
+                         ("WANDB_CACHE_DIR", wandb.env.get_cache_dir())):
+        if os.environ.get(var):
+            continue  # the user's choice, even an unusable one: wandb names it in its error
+        try:
+            Path(default).mkdir(parents=True, exist_ok=True)
+            if os.access(default, os.W_OK):
+                continue
+        except OSError:
+            pass
+        os.environ[var] = str(run_dir.resolve() / "wandb" / var.lower())
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a jsonl file in file order ([] if it is missing or empty).
 
@@ -284,18 +310,39 @@ class Tracker:
                             "delete it to log this run to a new wandb run")
         if not had_id:  # an evaluation of a run trained without wandb names its training run too
             atomic_write_text(id_file, train_id + "\n")
+        _writable_wandb_dirs(self.run_dir)
         is_train = job_type == "train"
         run_id = train_id if is_train else eval_run_id(train_id)
         earlier = self._read_earlier_segments(run_id)
         _next_segment_second(earlier)
         # offline, wandb cannot ask the server whether the run exists: say so ourselves
         resumed = bool(earlier) or (is_train and had_id)
-        settings = wandb.Settings(resumed=True) if resumed and self.mode == "offline" else None
-        self.run = wandb.init(
-            project=cfg["wandb"]["project"], entity=cfg["wandb"]["entity"], id=run_id,
-            resume="allow", dir=str(self.run_dir), config=cfg, mode=self.mode,
-            name=self.run_dir.name if is_train else f"{self.run_dir.name}-eval",
-            group=train_id, tags=cfg["wandb"]["tags"], job_type=job_type, settings=settings)
+
+        def start(mode: str):
+            settings = wandb.Settings(resumed=True) if resumed and mode == "offline" else None
+            return wandb.init(
+                project=cfg["wandb"]["project"], entity=cfg["wandb"]["entity"], id=run_id,
+                resume="allow", dir=str(self.run_dir), config=cfg, mode=mode,
+                name=self.run_dir.name if is_train else f"{self.run_dir.name}-eval",
+                group=train_id, tags=cfg["wandb"]["tags"], job_type=job_type, settings=settings)
+
+        try:
+            self.run = start(self.mode)
+        except (wandb.errors.CommError, wandb.errors.UsageError) as e:
+            # no API key, or a server that cannot be reached (a cluster's compute nodes often
+            # have no internet while the login node's ~/.netrc makes `auto` online)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            sync = f"`wandb sync {self.run_dir / 'wandb'}`"
+            if self.mode != "online" or not _chosen_by_auto(cfg["wandb"]["mode"]):
+                raise UserError(f"wandb could not start {self.mode} ({reason}); without access to the "
+                                "wandb server set wandb.mode: offline (or WANDB_MODE=offline) and "
+                                f"upload later with {sync}") from None
+            # `auto` promised online only where it can be: the run goes on offline
+            print(f"note: wandb could not start online ({reason}); logging offline into "
+                  f"{self.run_dir / 'wandb'} (upload later with {sync}; wandb.mode: offline "
+                  "skips the attempt)", file=sys.stderr)
+            self.mode = "offline"
+            self.run = start(self.mode)
         self.run_id = self.run.id
         # online, a resumed run continues after the server's last step (rows of a killed
         # segment may be on the server though its local log lost them)
