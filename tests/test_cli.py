@@ -417,3 +417,23 @@ def test_the_set_that_an_eval_note_advises_works_pasted_into_a_shell(workdir, ca
     _, _, _, conf_cfg = cli.parse_run(parser, ["--conf", str(conf), "--run", "r1", *words])
     assert load_config(run / "config.yaml", words[1::2])["eval"] == conf_cfg["eval"]
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv0,tty,expected", [
+    ("main.py", False, 30.0),                              # a job's log file
+    ("postprocessing/query.py", True, 0.1),                # a terminal: tqdm's own default
+    ("/venv/lib/ipykernel_launcher.py", False, 0.1),       # a notebook importing utils
+])
+def test_progress_bars_redraw_rarely_into_a_log_file(argv0, tty, expected):
+    """A redirected job log got every redraw of every bar (megabytes over a Clotho training)."""
+    code = ("import io, sys\n"
+            f"sys.argv = [{str(REPO / argv0)!r}]\n"  # an absolute argv0 stays itself
+            f"if {tty}: sys.stderr.isatty = lambda: True\n"
+            "import utils\n"
+            "from tqdm import tqdm\n"
+            "print(tqdm(range(1), file=io.StringIO()).mininterval)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == expected
