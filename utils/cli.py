@@ -178,10 +178,21 @@ def print_config_if_asked(args: argparse.Namespace, cfg: dict) -> None:
 
 # --------------------------------------------------------------------------- Ctrl-C advice
 
-def set_interrupt_advice(advice: str) -> None:
+def set_interrupt_advice(advice: str | Callable[[], str]) -> None:
     """How to continue, told after Ctrl-C and after a disk error (default: rerun the same command)."""
     global _interrupt_advice
     _interrupt_advice = advice
+
+
+def interrupt_advice() -> str:
+    """The advice as it stands now (a callable one is asked when it is said)."""
+    advice = _interrupt_advice
+    if callable(advice):
+        try:
+            return advice()
+        except Exception:  # never let the advice hide the reason the run stopped
+            return DEFAULT_INTERRUPT_ADVICE
+    return advice
 
 
 def script_command(*args: str | os.PathLike) -> str:
@@ -198,9 +209,22 @@ def script_command(*args: str | os.PathLike) -> str:
 
 
 def advise_resume(run_dir: str | Path) -> None:
-    """From now on, Ctrl-C or a full disk prints the exact command that resumes `run_dir` (main.py)."""
-    set_interrupt_advice(f"finished epochs are kept in {run_dir}; resume with: "
-                         f"{script_command('--resume', run_dir)}")
+    """From now on, Ctrl-C or a full disk prints the exact command that resumes `run_dir`
+    (main.py), and the last epoch kept, as it stands when said: a stop during an epoch's
+    background checkpoint write finishes that write first, after the log's last epoch line,
+    which then reads as if the epoch were lost."""
+    run_dir = Path(run_dir)
+
+    def advice() -> str:
+        from utils.evaluation import checkpoint_epoch
+        from utils.runs import checkpoint_path
+
+        last = checkpoint_path(run_dir, "last")
+        epoch = checkpoint_epoch(last) if last.is_file() else None
+        kept = f"epochs 1-{epoch} are kept" if epoch else "finished epochs are kept"
+        return f"{kept} in {run_dir}; resume with: {script_command('--resume', run_dir)}"
+
+    set_interrupt_advice(advice)
 
 
 # --------------------------------------------------------------------------- running main()
@@ -243,7 +267,7 @@ def _run_or_report(main: Callable[[], object], earlier: frozenset = frozenset())
             sys.stdout.flush()
             if known is None:
                 traceback.print_exc()
-            advice = f"; {_interrupt_advice}" if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE else ""
+            advice = f"; {interrupt_advice()}" if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE else ""
             if known is not None or (advice and os.environ.get("RANK", "0") == "0"):
                 print(f"error: {known or 'stopped by the unexpected error above'}{advice}", file=sys.stderr)
         finally:
@@ -307,13 +331,13 @@ def _run(main: Callable[[], object]) -> None:
         if message is None:
             raise  # not the user's to fix: a bug, keep the traceback
         if _interrupt_advice != DEFAULT_INTERRUPT_ADVICE:  # e.g. main.py: how to resume the run
-            message = f"{message}; {_interrupt_advice}"
+            message = f"{message}; {interrupt_advice()}"
         _fail(message)
     except KeyboardInterrupt as e:
         _close_progress_bars()
         what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
-            print(f"{what}: {_interrupt_advice}", file=sys.stderr)
+            print(f"{what}: {interrupt_advice()}", file=sys.stderr)
         sys.exit(code)
 
 
