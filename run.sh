@@ -108,7 +108,9 @@ run_file=""
 if $trains && [ -z "$run" ] && [ "$stop_stage" -ge 6 ]; then
   # a new run of a default name: stages 6-7 evaluate it, not the newest run in output_dir
   # (another job's, training beside this one)
-  run_file=$(mktemp "${TMPDIR:-/tmp}/run.sh.run.XXXXXX")
+  # TMPDIR may be a folder that is gone or not writable (a container, another job's): then /tmp
+  run_file=$(mktemp "${TMPDIR:-/tmp}/run.sh.run.XXXXXX" 2>/dev/null || mktemp /tmp/run.sh.run.XXXXXX 2>/dev/null) \
+    || die "cannot create a temporary file in ${TMPDIR:-/tmp} or /tmp: set TMPDIR to a writable folder"
   trap 'rm -f "$run_file"' EXIT
   train_args+=(--run-file "$run_file")
 fi

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import utils.cli
+import utils.cli  # before torch, which imports tqdm: utils sets a log file's bar interval first
 from models.retrieval import split_cache_key
 from utils import evaluation, provenance, scores_db
 from utils.data_utils import (ClipDataset, SplitEmbeddings, check_split_prepared, damaged_hdf5_error,
@@ -24,6 +23,8 @@ from utils.runs import CONFIG_NAME, SCORES_DB, checkpoint_path, load_run_config,
 from utils.train_utils import load_trained_model
 from utils.devices import resolve_device
 from utils.features import check_definition
+
+import torch  # after utils: see above
 
 
 def first_nonfinite_clip(dataset_dir: Path, emb: SplitEmbeddings) -> int | None:

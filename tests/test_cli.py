@@ -431,9 +431,49 @@ def test_progress_bars_redraw_rarely_into_a_log_file(argv0, tty, expected):
             f"if {tty}: sys.stderr.isatty = lambda: True\n"
             "import utils\n"
             "from tqdm import tqdm\n"
-            "print(tqdm(range(1), file=io.StringIO()).mininterval)\n")
+            "bar = tqdm(range(1), file=io.StringIO())\n"
+            "print(bar.mininterval, bar.maxinterval)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout) == expected
+    mininterval, maxinterval = map(float, out.stdout.split())
+    assert mininterval == expected
+    # tqdm's monitor redraws a bar idle for maxinterval with its stale count ("598/1400
+    # [00:30<…]", then "598/1400 [00:50<…]": a stall that was not): never between two redraws
+    assert maxinterval > mininterval
+
+
+def test_every_script_imports_utils_before_what_imports_tqdm():
+    """tqdm reads TQDM_MININTERVAL once, at its import, and `import torch` imports it
+    (torch.hub): postprocessing 01 imported torch first, so its bar over every scored pair
+    still redrew at every step into a job's log."""
+    import ast
+
+    allowed = set(sys.stdlib_module_names) | {"__future__", "numpy"}  # neither imports tqdm
+    for script in [REPO / "main.py", *REPO.glob("preprocessing/*.py"), *REPO.glob("postprocessing/*.py")]:
+        before = []
+        for node in ast.parse(script.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                tops = {name.split(".")[0] for name in names}
+                if tops & {"utils", "models"}:
+                    break
+                before += sorted(tops - allowed)
+        assert before == [], f"{script.relative_to(REPO)} imports {before} before utils"
+
+
+def test_resume_advice_stays_when_last_pt_cannot_be_looked_at(tmp_path, monkeypatch):
+    """The advice reads last.pt's epoch when said; a stat that fails (EACCES, EIO: not those
+    Path.is_file hides) fell back to 'rerun the same command', which starts a new run."""
+    monkeypatch.setattr(cli, "_interrupt_advice", cli.DEFAULT_INTERRUPT_ADVICE)  # put back after
+    cli.advise_resume(tmp_path)
+    is_file = Path.is_file
+
+    def failing(path):
+        if path.name == "last.pt":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", failing)
+    assert cli.interrupt_advice().startswith(f"finished epochs are kept in {tmp_path}; resume with: ")

@@ -113,3 +113,31 @@ def test_log_mel_without_a_writable_home_caches_numba_in_the_temp_folder(tmp_pat
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "None"
+
+
+def test_log_mel_without_any_home_caches_numba_in_the_temp_folder(tmp_path):
+    """No HOME and a user id that /etc/passwd lacks (`docker run --user N`): Path.home() raised
+    RuntimeError ("Could not determine home directory") out of log_mel."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "HOME")}
+    env.update(TMPDIR=str(tmp_path), PYTHONPATH=str(REPO))
+    code = ("import pathlib\n"
+            "def no_home(): raise RuntimeError('Could not determine home directory.')\n"
+            "pathlib.Path.home = staticmethod(no_home)\n" + LOG_MEL_AND_NUMBA_DIR)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / f"numba-cache-{os.getuid()}")
+
+
+def test_numbas_temp_cache_is_a_folder_only_this_user_can_write(tmp_path, monkeypatch):
+    """numba loads its cache files as pickles: a folder of the predictable name that others can
+    write to (made first by another user of a shared /tmp) is not used."""
+    from utils import audio_utils
+
+    monkeypatch.setattr(audio_utils.tempfile, "tempdir", str(tmp_path))
+    name = f"numba-cache-{os.getuid()}"
+    assert audio_utils._private_temp_dir(name) == tmp_path / name  # made ours
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) & 0o077 == 0
+    os.chmod(tmp_path / name, 0o777)  # as if planted, writable by all
+    other = audio_utils._private_temp_dir(name)
+    assert other != tmp_path / name and other.parent == tmp_path and other.name.startswith(name)

@@ -280,3 +280,32 @@ def test_a_dirty_tree_keeps_its_diff_in_the_run(tmp_path, monkeypatch):
     git(rebuilt, "apply", str(run / first["diff"]))
     assert (rebuilt / "a.py").read_text() == "from b import y\nx = y\n"
     assert (rebuilt / "b.py").read_text() == "y = 2\n" and not (rebuilt / "notes.txt").exists()
+
+
+def test_a_venv_inside_the_checkout_does_not_cost_the_tracked_diff(tmp_path, monkeypatch):
+    """`python -m venv venv` in the checkout, not in .gitignore: thousands of new .py files, one
+    git process each at every step's start, and a diff over MAX_DIFF_BYTES that lost the
+    changes to tracked files as well. The tracked diff is kept; the new files are named as left out."""
+    code = tmp_path / "code"
+    code.mkdir()
+    git(code, "init", "-q")
+    (code / "a.py").write_text("x = 1\n")
+    git(code, "add", "a.py")
+    git(code, "commit", "-q", "-m", "one")
+    (code / "a.py").write_text("x = 2\n")
+    (code / "venv").mkdir()
+    for k in range(4):
+        (code / "venv" / f"m{k}.py").write_text("y = 1\n")
+    monkeypatch.setattr(provenance, "MAX_UNTRACKED", 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = provenance.save_code_diff(run, code)
+    assert kept["untracked"] == [] and "4 new code files" in kept["untracked_error"]
+    diff = (run / kept["diff"]).read_text()
+    assert "+x = 2" in diff and "venv/" not in diff
+    # more bytes than the tracked diff leaves room for: the same
+    monkeypatch.setattr(provenance, "MAX_DIFF_BYTES", len(diff.encode()) + 10)
+    (code / "venv" / "m3.py").unlink()
+    kept = provenance.save_code_diff(run, code)
+    assert kept["untracked"] == [] and "bytes" in kept["untracked_error"]
+    assert "venv/" not in (run / kept["diff"]).read_text()

@@ -27,10 +27,10 @@ def run_sh(tmp_path):
                     'echo >> "$LOG"\n')
     stub.chmod(0o755)
 
-    def call(*args, cwd=REPO):
+    def call(*args, cwd=REPO, **env):
         log.write_text("")
         proc = subprocess.run(["bash", str(REPO / "run.sh"), *args], capture_output=True, text=True,
-                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log), NEW_RUN=NEW_RUN),
+                              env=dict(os.environ, PYTHON=str(stub), LOG=str(log), NEW_RUN=NEW_RUN, **env),
                               timeout=30,
                               cwd=cwd)
         calls = [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
@@ -60,6 +60,15 @@ def test_all_stages_in_order_with_conf_and_overrides(run_sh):
     assert calls[6][1:] == [*common, "--run", NEW_RUN, "--overwrite"]
     assert calls[7][1:] == [*common, "--run", NEW_RUN]
     assert not os.path.exists(calls[5][-1])  # the file is removed when run.sh ends
+
+
+def test_a_temp_folder_that_is_gone_does_not_stop_run_sh(run_sh, tmp_path):
+    """TMPDIR set to a folder that does not exist (or is not writable): mktemp failed and
+    run.sh stopped before its first stage."""
+    proc, calls = run_sh("--stage", "5", TMPDIR=str(tmp_path / "gone"))
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0][-1].startswith("/tmp/run.sh.run.")  # --run-file's file, in /tmp instead
+    assert calls[1][calls[1].index("--run") + 1] == NEW_RUN  # stages 6-7 evaluate that run
 
 
 def test_stage_5_with_run_resumes_that_run_and_evaluates_it(run_sh):

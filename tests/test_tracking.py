@@ -426,3 +426,46 @@ def test_auto_that_cannot_reach_the_server_logs_offline_with_a_note(tmp_path, mo
     monkeypatch.setenv("WANDB_MODE", "online")  # asked for online: the error stays
     with pytest.raises(UserError, match="wandb could not start online"):
         Tracker(cfg, tmp_path / "b")
+
+
+def test_auto_goes_on_offline_after_a_real_failed_online_start(tmp_path, monkeypatch, capsys):
+    """A server that cannot be reached, for real (not a stubbed wandb.init): wandb's service
+    still held the failed run's id, so the offline start ended in 'run ID … is in use'."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        """A server that turns the key down (401) at once: wandb's retries after a connection
+        error take 90 s, whatever WANDB_INIT_TIMEOUT says."""
+        def do_POST(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "unreachable"}]}')
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    for var, value in offline_env(tmp_path).items():
+        if var != "WANDB_MODE":
+            monkeypatch.setenv(var, value)
+    run = tmp_path / "run"
+    run.mkdir()
+    try:
+        tracker = Tracker(load_config(REPO / "conf.yaml", ["wandb.mode=auto"]), run)
+        try:
+            assert tracker.mode == "offline"
+            tracker.log_epoch({"epoch": 1, "train_loss": 1.0})
+        finally:
+            tracker.finish()
+    finally:
+        server.shutdown()
+    assert "note: wandb could not start online" in capsys.readouterr().err
+    (segment,) = [p for p in wandb_segments(run, tracker.run_id) if p.parent.name.startswith("offline-")]
+    assert [row["epoch"] for _, row in history_rows(read_finished_segment(segment))] == [1]

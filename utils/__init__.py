@@ -23,3 +23,7 @@ def _is_repo_script(argv0: str) -> bool:
 if (sys.argv and sys.argv[0] and _is_repo_script(sys.argv[0]) and "TQDM_MININTERVAL" not in os.environ
         and not (sys.stderr is not None and sys.stderr.isatty())):
     os.environ["TQDM_MININTERVAL"] = str(LOG_BAR_INTERVAL_S)
+    # tqdm's monitor thread redraws a bar not drawn for `maxinterval` (10 s) with the count of
+    # its last draw and the time of now ("598/1400 [00:50<00:40]" after "598/1400 [00:30<…]"),
+    # which reads as a stall: it may do so only after a real pause, then
+    os.environ.setdefault("TQDM_MAXINTERVAL", str(2 * LOG_BAR_INTERVAL_S))

@@ -24,6 +24,7 @@ import ctypes
 import functools
 import os
 import platform
+import stat
 import sys
 import tempfile
 import warnings
@@ -142,19 +143,34 @@ def _librosa():
     cache folder (HOME missing or read-only, as on some cluster nodes and containers) is
     writable: numba's cache then goes to the temp folder."""
     if not os.environ.get("NUMBA_CACHE_DIR"):
-        user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"
         try:
+            user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"
             user_cache.mkdir(parents=True, exist_ok=True)
             writable = os.access(user_cache, os.W_OK)
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: no HOME, and a user id /etc/passwd lacks
             writable = False
         if not writable:
-            os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"numba-cache-{os.getuid()}")
+            os.environ["NUMBA_CACHE_DIR"] = str(_private_temp_dir(f"numba-cache-{os.getuid()}"))
             if "numba" in sys.modules:  # imported already: its config read the environment then
                 sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
     import librosa  # heavy import (numba): only where needed
 
     return librosa
+
+
+def _private_temp_dir(name: str) -> Path:
+    """`name` in the temp folder, reused across runs if this user owns it and nobody else can
+    write to it; else a fresh folder. numba loads its cache files as pickles: a folder of that
+    predictable name made first by another user of a shared /tmp could run their code as ours."""
+    path = Path(tempfile.gettempdir()) / name
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix=f"{name}-"))
 
 
 @functools.lru_cache(maxsize=64)

@@ -220,7 +220,10 @@ def advise_resume(run_dir: str | Path) -> None:
         from utils.runs import checkpoint_path
 
         last = checkpoint_path(run_dir, "last")
-        epoch = checkpoint_epoch(last) if last.is_file() else None
+        try:
+            epoch = checkpoint_epoch(last) if last.is_file() else None
+        except OSError:  # e.g. EACCES, EIO: is_file raises those; the way to resume still holds
+            epoch = None
         kept = f"epochs 1-{epoch} are kept" if epoch else "finished epochs are kept"
         return f"{kept} in {run_dir}; resume with: {script_command('--resume', run_dir)}"
 

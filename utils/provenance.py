@@ -42,6 +42,7 @@ MAX_CHANGED = 20  # changed paths listed for a dirty tree (the count is always c
 MAX_DIFF_BYTES = 10 * 2**20  # a dirty tree's diff kept in the run up to this size
 CODE_DIFFS = "code_diffs"
 CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".ini")  # new files kept in the diff
+MAX_UNTRACKED = 200  # more new code files are a folder git should ignore (a venv), not a change
 
 
 # --------------------------------------------------------------------------- collecting
@@ -89,7 +90,8 @@ def save_code_diff(run_dir: str | Path, code_dir: str | Path | None = None) -> d
     the run as `code_diffs/<sha1[:12]>.diff` (one file per distinct diff, however many
     invocations ran it), so that the code that ran is `git checkout <commit> && git apply
     <run>/<diff>`. Returns {"diff": path in the run, "diff_sha1": ..., "untracked": [new
-    files in it]}, or {"diff_error": why none was kept}."""
+    files in it]} (and "untracked_error": why new files were left out), or {"diff_error": why
+    none was kept}."""
     code_dir = str(code_dir or CODE_DIR)
 
     def git(*args: str, ok=(0,)) -> bytes:
@@ -101,8 +103,11 @@ def save_code_diff(run_dir: str | Path, code_dir: str | Path | None = None) -> d
 
     try:
         diff = git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff")
-        new = [name for name in git("ls-files", "--others", "--exclude-standard", "-z").decode().split("\0")
+        new = [name for name in os.fsdecode(git("ls-files", "--others", "--exclude-standard", "-z")).split("\0")
                if name.endswith(CODE_SUFFIXES)]
+        left_out = _untracked_left_out(code_dir, new, MAX_DIFF_BYTES - len(diff))
+        if left_out:  # the changes to tracked files are still kept, as without new files
+            new = []
         for name in new:  # exit status 1: the files differ, as a new file from nothing does
             diff += git("diff", "--no-index", "--binary", "--no-color", "--no-ext-diff", "--",
                         os.devnull, name, ok=(0, 1))
@@ -116,7 +121,22 @@ def save_code_diff(run_dir: str | Path, code_dir: str | Path | None = None) -> d
     if not path.is_file():
         with atomic_open(path, "wb") as f:
             f.write(diff)
-    return {"diff": name, "diff_sha1": sha1, "untracked": new[:MAX_CHANGED]}
+    return {"diff": name, "diff_sha1": sha1, "untracked": new[:MAX_CHANGED],
+            **({"untracked_error": left_out} if left_out else {})}
+
+
+def _untracked_left_out(code_dir: str, names: list[str], room: int) -> str | None:
+    """Why the new code files `names` are not put in the diff (too many, or more bytes than
+    `room`), else None. A virtualenv made inside the checkout (`python -m venv venv`, not in
+    .gitignore) is thousands of them: one git process each took minutes at every step's start,
+    and their diff, over MAX_DIFF_BYTES, lost the tracked files' diff too."""
+    if len(names) > MAX_UNTRACKED:
+        return (f"{len(names)} new code files that git neither tracks nor ignores (e.g. {names[0]}), "
+                f"over the {MAX_UNTRACKED} kept: add their folder to .gitignore or commit them")
+    size = sum(os.lstat(os.path.join(code_dir, name)).st_size for name in names)
+    if size > room:
+        return f"the new code files are {size} bytes, over the {room} left of the {MAX_DIFF_BYTES} kept"
+    return None
 
 
 def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str | None]:

@@ -342,6 +342,8 @@ class Tracker:
                   f"{self.run_dir / 'wandb'} (upload later with {sync}; wandb.mode: offline "
                   "skips the attempt)", file=sys.stderr)
             self.mode = "offline"
+            # wandb's service still holds the failed run's id ("run ID … is in use"): a new one
+            wandb.teardown()
             self.run = start(self.mode)
         self.run_id = self.run.id
         # online, a resumed run continues after the server's last step (rows of a killed
