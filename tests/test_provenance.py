@@ -247,15 +247,20 @@ def test_path_with_quotes_and_spaces_survives_the_override(tmp_path, monkeypatch
     assert cfg["paths"]["dataset_dir"] == str((odd / "proj" / "data" / "tiny").resolve())
 
 
-def test_a_dirty_tree_keeps_its_diff_in_the_run(tmp_path, monkeypatch):
-    """The names of the changed files do not rebuild the code that ran; the diff does, once per
-    distinct diff however many steps ran it."""
-    code = tmp_path / "code"
+def one_commit_checkout(code: Path) -> Path:
+    """A git checkout at `code` whose one commit holds a.py (`x = 1`)."""
     code.mkdir()
     git(code, "init", "-q")
     (code / "a.py").write_text("x = 1\n")
     git(code, "add", "a.py")
     git(code, "commit", "-q", "-m", "one")
+    return code
+
+
+def test_a_dirty_tree_keeps_its_diff_in_the_run(tmp_path, monkeypatch):
+    """The names of the changed files do not rebuild the code that ran; the diff does, once per
+    distinct diff however many steps ran it."""
+    code = one_commit_checkout(tmp_path / "code")
     head = git(code, "rev-parse", "HEAD").strip()
     monkeypatch.setattr(provenance, "CODE_DIR", code)
     run = tmp_path / "run"
@@ -286,12 +291,7 @@ def test_a_venv_inside_the_checkout_does_not_cost_the_tracked_diff(tmp_path, mon
     """`python -m venv venv` in the checkout, not in .gitignore: thousands of new .py files, one
     git process each at every step's start, and a diff over MAX_DIFF_BYTES that lost the
     changes to tracked files as well. The tracked diff is kept; the new files are named as left out."""
-    code = tmp_path / "code"
-    code.mkdir()
-    git(code, "init", "-q")
-    (code / "a.py").write_text("x = 1\n")
-    git(code, "add", "a.py")
-    git(code, "commit", "-q", "-m", "one")
+    code = one_commit_checkout(tmp_path / "code")
     (code / "a.py").write_text("x = 2\n")
     (code / "venv").mkdir()
     for k in range(4):
