@@ -1,7 +1,7 @@
 """GPU speed figures, all measured in one run on one GPU (prints a table, writes JSON).
 
     python benchmarks/bench_gpu.py [--out bench_gpu.json] [--work /tmp/bench_gpu]
-                                   [--dataset DIR] [--sections steps,lengths,loader,epoch,logmel]
+                                   [--dataset DIR] [--sections steps,lengths,loader,epoch,logmel,busy]
                                    [--only NAME,...] [--epoch-workers N] [--goal] [--smoke]
                                    [--budget-s SECONDS]
 
@@ -20,11 +20,18 @@
 3. loader:  clips/s the training DataLoader delivers from a Clotho-shaped HDF5 file, for 1..16
             worker processes (pinned memory, as on CUDA).
 4. epoch:   real `main.py` runs of 2 epochs on a Clotho-sized set (3839 clips / 19195 captions
-            for training, 1045 / 5225 for validation): whole clips, whole clips compiled
-            (training.compile=on) and padded to a multiple of 64 frames (compiled): seconds per epoch, time spent waiting for data, GPU utilisation
-            (nvidia-smi) over epoch 2 and over its training pass alone, graphs compiled.
+            for training, 1045 / 5225 for validation): whole clips as main.py trains them on
+            CUDA (compiled, a symbolic time axis), whole clips eager (training.compile=off), and
+            padded to a multiple of 64 frames (compiled): seconds per epoch, time spent waiting
+            for data, GPU utilisation (nvidia-smi) over epoch 2 and over its training pass
+            alone, graphs compiled.
 5. logmel:  preprocessing/02 on generated wavs of 15-30 s with features.device=cuda against cpu
             (features.workers = the machine's cores), and how far apart the two results are.
+6. busy:    where the GPU waits: main.py's training loop without its loader (whole clips, eager
+            and compiled) and validation's two parts (the loss over padded batches, the clip
+            embeddings by length), each timed, then profiled (torch.profiler): the GPU's kernel
+            time against the wall time, and the host's time to queue a step. The profiles'
+            heaviest entries go to busy_profiles.txt in --work.
 
 Without --dataset, a Clotho-shaped feature set is generated in --work (1.4 GB). Refuses to run
 without CUDA (`--smoke` runs every section at toy sizes on any device, to check the script).
@@ -67,7 +74,7 @@ from utils.io_utils import atomic_write_text
 from utils.train_utils import Trainer, compiled_graphs, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("steps", "lengths", "loader", "epoch", "logmel")
+SECTIONS = ("steps", "lengths", "loader", "epoch", "logmel", "busy")
 STARTED = time.monotonic()  # the process's start, as a lender's time limit counts it
 GOAL_BUDGET_S = 540         # --goal's default: a GPU lent for 15 minutes, 10 a command, start-up included
 
@@ -201,11 +208,11 @@ def bench_steps(b: Bench, report) -> None:
         ("repo: fp32", dict(), train_step, False),
         ("repo: bf16 autocast", dict(amp="bf16"), train_step, False),
         ("repo: bf16 + channels_last", dict(amp="bf16", channels_last=True), train_step, False),
-        ("repo: bf16 + channels_last + fused Adam (main.py on CUDA, whole clips)",
+        ("repo: bf16 + channels_last + fused Adam (main.py on CUDA, training.compile=off)",
          dict(amp="bf16", channels_last=True, fused=True), train_step, False),
-        ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA, padded or cropped clips)",
+        ("repo: bf16 + channels_last + fused Adam + compile (main.py on CUDA: padded or cropped clips)",
          dict(amp="bf16", channels_last=True, fused=True, compile_=True), train_step, True),
-        ("repo: ... + compile with a symbolic time axis (main.py, whole clips, training.compile=on)",
+        ("repo: ... + compile with a symbolic time axis (main.py on CUDA: whole clips)",
          dict(amp="bf16", channels_last=True, fused=True, compile_=True, symbolic=True), train_step, False),
     ]
     if b.device.type != "cuda":
@@ -253,7 +260,7 @@ def bench_lengths(b: Bench, report) -> None:
         return run
 
     report.section("lengths", "bf16 NCHW, cudnn.benchmark off", eager(False, False))
-    report.section("lengths", "bf16 channels_last, cudnn.benchmark off (main.py, whole clips)", eager(True, False))
+    report.section("lengths", "bf16 channels_last, cudnn.benchmark off (main.py, training.compile=off)", eager(True, False))
     report.section("lengths", "bf16 channels_last, cudnn.benchmark on", eager(True, True))
     for multiple in (16, 64):
         report.section("lengths", f"bf16 channels_last, pad to x{multiple}, cudnn.benchmark on",
@@ -281,7 +288,7 @@ def bench_lengths(b: Bench, report) -> None:
     # padded first: the symbolic time axis changes how this process compiles every later model
     report.section("lengths", "bf16 channels_last + compile, pad to x64 (main.py, training.pad_to_multiple=64)",
                    compiled(64))
-    report.section("lengths", "bf16 channels_last + compile, whole clips, symbolic time axis (main.py, training.compile=on)",
+    report.section("lengths", "bf16 channels_last + compile, whole clips, symbolic time axis (main.py on CUDA)",
                    compiled())
 
 
@@ -420,9 +427,8 @@ LOGMEL_TIMEOUT_S = 600
 BUDGET_MARGIN_S = 15  # --budget-s: left for killing the run under way and writing JSON and table
 
 EPOCH_VARIANTS = (
-    ("main.py, 2 epochs, Clotho-sized", []),
-    ("main.py, 2 epochs, Clotho-sized, training.compile=on (whole clips, symbolic time axis)",
-     ["training.compile=on"]),
+    ("main.py, 2 epochs, Clotho-sized (whole clips, compiled: the default on CUDA)", []),
+    ("main.py, 2 epochs, Clotho-sized, training.compile=off (whole clips, eager)", ["training.compile=off"]),
     ("main.py, 2 epochs, Clotho-sized, training.pad_to_multiple=64 (compiled)", ["training.pad_to_multiple=64"]),
 )
 
@@ -520,6 +526,124 @@ def bench_logmel(b: Bench, report, work: Path) -> None:
     report.section("logmel", "preprocessing/02, cuda vs cpu", run)
 
 
+# --------------------------------------------------------------------------- 6: GPU busy
+
+def kernel_ms(prof) -> float:
+    """Milliseconds the GPU spent running kernels and copies in a torch.profiler profile: the
+    device's own events only (an operator's row repeats the time of the kernels it launched),
+    as the profile table's "Self CUDA time total" counts them."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3
+
+
+def profile_table(prof, title: str, path: Path) -> None:
+    """The profile's heaviest host-side and GPU-side entries, appended to `path`."""
+    with path.open("a") as f:
+        for key in ("self_cpu_time_total", "self_device_time_total"):
+            f.write(f"\n## {title}, by {key}\n{prof.key_averages().table(sort_by=key, row_limit=20)}\n")
+
+
+def profiled(b: Bench, fn):
+    """(fn's result, kernel ms, wall s) with torch.profiler recording."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        out = fn()
+        b.sync()
+        wall = time.perf_counter() - start
+    return out, prof, wall
+
+
+def busy_loop(b: Bench, tr: Trainer, batches: list[tuple]) -> tuple[float, float]:
+    """main.py's loop without its loader: step k's loss is read once step k+1 is queued.
+    -> (wall s, host s spent queueing the steps: the copies and train_step calls)."""
+    ctx, pending, host = DistContext(rank=1), None, 0.0
+    b.sync()
+    start = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        loss = train_step(tr, *on_device(b, batch, train_step), ctx)
+        host += time.perf_counter() - t0
+        if pending is not None:
+            pending.item()
+        pending = loss
+    pending.item()
+    b.sync()
+    return time.perf_counter() - start, host
+
+
+def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
+    """Where the GPU waits: the training step (whole clips, without the loader) eager and
+    compiled, and validation's two parts, each timed, then profiled for its kernel time."""
+    tables = work / "busy_profiles.txt"
+    tables.unlink(missing_ok=True)
+    steps = 6 if b.smoke else 60
+    lengths = batch_max_lengths(np.random.default_rng(2), steps, b.batch)
+    batches = random_batches(b, lengths, torch.Generator().manual_seed(2), pinned=True)
+    amp = "bf16" if b.device.type == "cuda" else "off"
+
+    def step(compile_: bool):
+        def run():
+            tr = make_trainer(b, amp=amp, channels_last=b.device.type == "cuda",
+                              fused=b.device.type == "cuda", compile_=compile_, symbolic=compile_)
+            try:
+                busy_loop(b, tr, batches)  # new lengths (and the compilation) before the clock
+                wall, host = busy_loop(b, tr, batches)
+                _, prof, _ = profiled(b, lambda: busy_loop(b, tr, batches))
+                profile_table(prof, f"training steps, {'compiled' if compile_ else 'eager'}", tables)
+                gpu = kernel_ms(prof) / steps
+                return {"steps": steps, "ms_per_step": 1e3 * wall / steps, "host_ms_per_step": 1e3 * host / steps,
+                        "gpu_ms_per_step": gpu, "gpu_busy_pct": 100 * gpu / (1e3 * wall / steps),
+                        "compiled": tr.compiled, "eager_steps": tr.eager_steps if compile_ else None}
+            finally:
+                tr = None  # held by the profiled closure too
+                release_gpu_memory()
+        return run
+
+    report.section("busy", "training steps, whole clips, eager (bf16, channels_last, fused Adam)", step(False))
+
+    def validation():
+        from utils.config import load_config
+        from utils.data_utils import encode_split
+        from utils.train_utils import build_trainer, load_training_data, make_val_loader, validation_loss
+
+        overrides = [f"paths.dataset_dir={dataset_dir}", "paths.features_dir=null",
+                     "audio_encoder.init=random", f"training.device={b.device.type}"]
+        if b.smoke:
+            overrides += [f"audio_encoder.channels={list(b.channels)}", f"training.batch_size={b.batch}"]
+        cfg = load_config(REPO / "conf.yaml", overrides)
+        data = load_training_data(cfg)
+        tr = build_trainer(cfg, data.table, b.device)
+        loader = make_val_loader(data.val_set, cfg["training"]["batch_size"], cfg["seed"], 8, b.device)
+        parts = {"validation loss": lambda: validation_loss(tr, loader),
+                 "clip embeddings": lambda: encode_split(tr.model, dataset_dir, cfg["data"]["val_split"],
+                                                         data.tid2row, cfg["eval"]["batch_size"], b.device)}
+        result = {}
+        try:
+            for name, fn in parts.items():
+                fn()  # cuDNN meets every length once
+                start = time.perf_counter()
+                fn()
+                b.sync()
+                wall = time.perf_counter() - start
+                _, prof, _ = profiled(b, fn)
+                profile_table(prof, f"validation, {name}", tables)
+                key = name.replace(" ", "_")
+                result[f"{key}_s"] = wall
+                result[f"{key}_gpu_busy_pct"] = 100 * kernel_ms(prof) / 1e3 / wall
+        finally:
+            tr = None  # the parts' closures hold it: dropped, its GPU memory can go back
+            release_gpu_memory()
+        return result
+
+    report.section("busy", "validation (fp32): loss over padded batches, clip embeddings by length", validation)
+    report.section("busy", "training steps, whole clips, compiled (symbolic time axis)", step(True))
+
+
 # --------------------------------------------------------------------------- report
 
 class Report:
@@ -586,6 +710,9 @@ class Report:
                                     "epoch2_data_wait_s", "epoch2_line_to_line_s", "gpu_util_epoch2_pct",
                                     "gpu_util_epoch2_train_pct", "gpu_util_epoch2_rest_pct",
                                     "compiled_graphs", "eager_steps", "gpu_util_missing", "cpu_s", "cuda_s",
+                                    "host_ms_per_step", "gpu_ms_per_step", "gpu_busy_pct",
+                                    "validation_loss_s", "validation_loss_gpu_busy_pct",
+                                    "clip_embeddings_s", "clip_embeddings_gpu_busy_pct",
                                     "cuda_speedup", "max_abs_diff") if r.get(k) is not None]
                 lines.append(f"{section:7} {name:75} " + "  ".join(
                     f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys))
@@ -609,7 +736,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated name fragments: measure only "
                         "the variants whose name contains one (e.g. 'original,2 epochs')")
     parser.add_argument("--goal", action="store_true", help="only what the speed goals are judged by, "
-                        "in one run: the original's step and main.py's two steps, the two main.py "
+                        "in one run: the original's step and main.py's three steps, the three main.py "
                         "epochs, step 02 cuda vs cpu")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, any device: checks the script")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -636,7 +763,7 @@ def main() -> None:
     report = Report(Path(args.out), device, [o for o in args.only.split(",") if o], args.budget_s or None)
     dataset = Path(args.dataset) if args.dataset else None
     for section in sections:  # in the order given: the first ones get measured first
-        if section in ("loader", "epoch") and dataset is None:
+        if section in ("loader", "epoch", "busy") and dataset is None:
             dataset = work / "clotho_shaped"
             if not (dataset / "sbert_embeds.pkl").exists() and report.left_s() > 0:  # ~20 s
                 start = time.time()
@@ -655,6 +782,8 @@ def main() -> None:
             bench_epoch(b, report, dataset, work, workers)
         elif section == "logmel":
             bench_logmel(b, report, work)
+        elif section == "busy":
+            bench_busy(b, report, dataset, work)
     report.save()
     print(report.table())
     print(f"wrote {report.path}")

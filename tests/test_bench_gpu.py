@@ -180,3 +180,36 @@ def test_gpu_samples_are_placed_at_nvidia_smis_own_times(bench, tmp_path, monkey
     assert bench.smi_time("2025/01/31 12:34:56.789") == pytest.approx(
         datetime.datetime(2025, 1, 31, 12, 34, 56, 789000).timestamp())
     assert bench.smi_time("GPU-AAAA-11") is None
+
+
+def test_kernel_time_counts_each_kernel_once(bench):
+    """An operator's profile row repeats the time of the kernels it launched (the first version
+    of the busy section read 197 % so): only the device's own events count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    rows = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=490.0),  # aten::conv
+            SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=490.0),  # its kernel
+            SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=30.0,
+                            is_user_annotation=True)]
+    prof = SimpleNamespace(key_averages=lambda: rows)
+    assert bench.kernel_ms(prof) == pytest.approx(0.49)
+
+
+def test_busy_section_times_the_loop_and_validation_and_keeps_the_profiles(bench, tmp_path):
+    from benchlib import make_clotho_features
+
+    b = bench.Bench(smoke=True, device=torch.device("cpu"))
+    dataset = make_clotho_features(tmp_path / "data", b.clips, b.text_dim)
+    report = bench.Report(tmp_path / "out.json", b.device, ["eager", "validation"])
+    bench.bench_busy(b, report, dataset, tmp_path)
+    step, validation = report.data["busy"].values()
+    assert "error" not in step and "error" not in validation, report.data["busy"]
+    assert step["steps"] == 6 and 0 < step["host_ms_per_step"] <= step["ms_per_step"]
+    assert step["gpu_busy_pct"] == 0  # no CUDA kernels on the CPU
+    assert validation["validation_loss_s"] > 0 and validation["clip_embeddings_s"] > 0
+    profiles = (tmp_path / "busy_profiles.txt").read_text()
+    for title in ("training steps, eager", "validation, validation loss", "validation, clip embeddings"):
+        assert f"## {title}, by self_cpu_time_total" in profiles
+    assert "host_ms_per_step" in report.table()

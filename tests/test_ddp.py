@@ -89,6 +89,7 @@ def test_torchrun_with_compiled_whole_clips(tmp_path):
     not fit run eagerly, and the ranks end with identical weights."""
     proc = torchrun_main(tmp_path, {"epochs": 1, "compile": "on"})
     assert "torch.compile failed" not in proc.stdout + proc.stderr
+    assert proc.stdout.count("compiling the training step with torch.compile") == 1  # rank 0 says it
     [record] = read_jsonl(next((tmp_path / "outputs").iterdir()) / "metrics.jsonl")
     assert record["compiled_graphs"] >= 1 and record["eager_steps"] < 8  # 8 steps in all
     assert "DDP: weights identical on 2 ranks" in proc.stdout

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
+import time
 
 import numpy as np
 import pytest
@@ -108,11 +110,12 @@ def test_compiled_training_step_equals_the_eager_one(tmp_path):
     assert grad_error(compiled, ref64) <= 2 * grad_error(eager, ref64) + 1e-5
 
 
-def test_compile_auto_is_on_only_where_lengths_are_few_and_on_takes_whole_clips(tmp_path):
+def test_compile_auto_is_on_for_cuda_and_on_takes_the_cpu_too(tmp_path):
     conf = tiny_config(tmp_path)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # use_compile only reads .type
     whole = load_config(conf)
-    assert not tu.use_compile(whole, cuda)  # auto, whole clips: eager
+    assert tu.use_compile(whole, cuda) and not tu.use_compile(whole, cpu)  # auto, whole clips
+    assert not tu.use_compile(load_config(conf, ["training.compile=off"]), cuda)
     assert not tu.use_compile(load_config(conf, ["training.pad_to_multiple=64"]), cpu)
     assert tu.use_compile(load_config(conf, ["training.pad_to_multiple=64"]), cuda)
     assert tu.use_compile(load_config(conf, ["training.max_frames=500"]), cuda)
@@ -120,6 +123,8 @@ def test_compile_auto_is_on_only_where_lengths_are_few_and_on_takes_whole_clips(
     assert tu.use_compile(load_config(conf, ["training.compile=on"]), cpu)  # symbolic time
     synced = load_config(conf, ["training.pad_to_multiple=64", "training.sync_batchnorm=true"])
     assert tu.use_compile(synced, cuda) and not tu.use_compile(synced, cuda, world_size=2)
+    assert not tu.use_compile(load_config(conf, ["training.sync_batchnorm=true"]), cuda, world_size=2)
+    assert tu.use_compile(whole, cuda, world_size=2)  # BatchNorm per process: compiled
     assert tu.use_compile(load_config(conf, ["training.compile=on", "training.sync_batchnorm=true"]), cuda, 2)
 
 
@@ -506,3 +511,32 @@ def test_embeddings_copied_off_the_device_in_chunks_land_in_clip_order(tmp_path)
         for c in (0, 7, 11):
             alone = model.audio_branch(ds[c][0][None])[0].numpy()
             assert abs(alone - once[c]).max() < 1e-5
+
+
+def test_the_bar_does_not_count_a_graph_build_as_a_step(tmp_path, monkeypatch, capsys):
+    """A compiled run's first step builds the graph (~45 s on an H200): the progress bar must
+    not take it for a step's time (it promised 7:38:50 for a Clotho epoch), and the run says
+    what it is doing before the wait."""
+    cfg, data = _tiny_training(tmp_path)
+    tr, loader = _trainer_and_loader(cfg, data)
+    tr.compiled, tr.symbolic_time = True, True
+    built = []
+    step = tu.train_step
+
+    def building_step(tr, *args):  # the first step "compiles" for 1.5 s
+        if not tr.compile_checked:
+            time.sleep(1.5)
+            built.append(1)
+            tr.compile_checked = True
+        return step(tr, *args)
+
+    monkeypatch.setattr(tu, "train_step", building_step)
+    monkeypatch.setattr(tu, "compiled_graphs", lambda: len(built))
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    tu.train_one_epoch(tr, loader, 1, DistContext(), 1)
+    out, err = capsys.readouterr()
+    assert out.count("compiling the training step with torch.compile (one graph for every clip length") == 1
+    rates = [float(r) for r in re.findall(r"([\d.]+)s/it", err)]
+    elapsed = re.findall(r"\[(\d\d:\d\d)<", err)
+    assert elapsed and all(e == "00:00" for e in elapsed), err  # the 1.5 s are not on the clock
+    assert all(r < 1.0 for r in rates), err

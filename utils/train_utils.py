@@ -694,7 +694,14 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
         audio = audio.to(tr.device, non_blocking=True)
         rows = rows.to(tr.device, non_blocking=True)
         clips = clips.to(tr.device, non_blocking=True)
+        if tr.compiled and not tr.compile_checked and ctx.is_master:
+            tqdm.write(compile_note(tr))
+        graphs = compiled_graphs() if tr.compiled else 0
         loss = train_step(tr, audio, rows, clips, ctx)
+        if tr.compiled and compiled_graphs() != graphs:
+            # the bar's clock skips a graph's build: counted as a step, it made the bar promise
+            # hours (7:38:50 after the first step of a Clotho epoch on an H200)
+            bar.unpause()
         if pending is not None:
             account(*pending)
         pending = (step, loss, audio, clips)
@@ -782,15 +789,16 @@ class FitResult:
 
 
 def use_compile(cfg: dict, device: torch.device, world_size: int = 1) -> bool:
-    """training.compile: auto = on for CUDA with few input lengths (training.pad_to_multiple
-    or training.max_frames: a graph for each, ~30 s to build on an H200), else off; on = also
-    whole clips, with a symbolic time axis (one graph for every length, utils.compiling).
-    `auto` leaves SyncBatchNorm under DDP eager: the compiler breaks its graph at each of CNN14's
-    13 BatchNorm layers (pytorch#161302), a speed nobody has measured."""
+    """training.compile: auto = on for CUDA, off on the CPU (compiling there takes longer than
+    it saves); on = on anywhere. Whole clips get one graph with a symbolic time axis
+    (utils.compiling), padded or cropped ones a graph for each of their few lengths. On an H200
+    the compiled whole-clip epoch took 17.9 s against 25.5 s eager, for ~40 s of compiling in
+    the first (README, Speed). `auto` leaves SyncBatchNorm under DDP eager: the compiler breaks
+    its graph at each of CNN14's 13 BatchNorm layers (pytorch#161302), a speed nobody has
+    measured."""
     t = cfg["training"]
     synced = t["sync_batchnorm"] and world_size > 1
-    return t["compile"] == "on" or (t["compile"] == "auto" and device.type == "cuda"
-                                    and few_lengths(cfg) and not synced)
+    return t["compile"] == "on" or (t["compile"] == "auto" and device.type == "cuda" and not synced)
 
 
 def few_lengths(cfg: dict) -> bool:
@@ -835,6 +843,14 @@ def wrap_for_training(tr: Trainer, cfg: dict, ctx: DistContext, device: torch.de
             tr.compiled = tr.symbolic_time = False
             return
     tr.train_model = torch.compile(model, options=SYMBOLIC_TIME_OPTIONS if tr.symbolic_time else None)
+
+
+def compile_note(tr: Trainer) -> str:
+    """What the first compiled step is doing, said before it starts."""
+    what = ("one graph for every clip length, built at the first step" if tr.symbolic_time
+            else "a graph for each padded or cropped length, built as each first comes")
+    return (f"compiling the training step with torch.compile ({what}: about a minute each on an "
+            "H200, once per run; training.compile=off trains without)")
 
 
 def compiled_graphs() -> int:
