@@ -213,3 +213,23 @@ def test_busy_section_times_the_loop_and_validation_and_keeps_the_profiles(bench
     for title in ("training steps, eager", "validation, validation loss", "validation, clip embeddings"):
         assert f"## {title}, by self_cpu_time_total" in profiles
     assert "host_ms_per_step" in report.table()
+
+
+def test_goal_measures_what_main_py_runs_on_whole_clips(bench, tmp_path, monkeypatch):
+    """--goal: the original's step, main.py's whole-clip step and epoch compiled (the default on
+    CUDA) and eager, step 02; not the padded epoch (~4 minutes of compiling, an opt-in key)."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("not run here")
+
+    monkeypatch.setattr(bench, "make_trainer", refused)
+    monkeypatch.setattr(bench, "run_logged", refused)
+    b = bench.Bench(smoke=True, device=torch.device("cpu"))
+    report = bench.Report(tmp_path / "out.json", b.device, list(bench.GOAL_VARIANTS))
+    bench.bench_steps(b, report)
+    bench.bench_epoch(b, report, tmp_path, tmp_path, 1)
+    bench.bench_logmel(b, report, tmp_path)
+    steps, epochs = list(report.data["steps"]), list(report.data["epoch"])
+    assert len(steps) == 3 and steps[0].startswith("original")
+    assert "compile=off" in steps[1] and "symbolic time axis (main.py on CUDA: whole clips)" in steps[2]
+    assert len(epochs) == 2 and "the default on CUDA" in epochs[0] and "compile=off" in epochs[1]
+    assert list(report.data["logmel"]) == ["preprocessing/02, cuda vs cpu"]
