@@ -17,7 +17,7 @@ import torch
 from models.audio_encoders import CNN14Encoder
 from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
-from tests.tiny_data import make_tiny_features, tiny_config
+from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import data_utils as du
 from utils import train_utils as tu
 from utils.config import load_config
@@ -125,7 +125,6 @@ def test_compile_auto_is_on_for_cuda_and_on_takes_the_cpu_too(tmp_path):
     assert tu.use_compile(synced, cuda) and not tu.use_compile(synced, cuda, world_size=2)
     assert not tu.use_compile(load_config(conf, ["training.sync_batchnorm=true"]), cuda, world_size=2)
     assert tu.use_compile(whole, cuda, world_size=2)  # BatchNorm per process: compiled
-    from tests.tiny_data import REPO
     assert not tu.use_compile(load_config(REPO / "conf_demo.yaml"), cuda)  # six short epochs
     assert tu.use_compile(load_config(conf, ["training.compile=on", "training.sync_batchnorm=true"]), cuda, 2)
 
