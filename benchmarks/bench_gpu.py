@@ -549,16 +549,14 @@ def profile_table(prof, title: str, path: Path) -> None:
 
 
 def profiled(b: Bench, fn):
-    """(fn's result, kernel ms, wall s) with torch.profiler recording."""
+    """The torch.profiler profile of `fn()` (host and, on CUDA, GPU events), the GPU waited for."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        out = fn()
+        fn()
         b.sync()
-        wall = time.perf_counter() - start
-    return out, prof, wall
+    return prof
 
 
 def busy_loop(b: Bench, tr: Trainer, batches: list[tuple]) -> tuple[float, float]:
@@ -596,7 +594,7 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
             try:
                 busy_loop(b, tr, batches)  # new lengths (and the compilation) before the clock
                 wall, host = busy_loop(b, tr, batches)
-                _, prof, _ = profiled(b, lambda: busy_loop(b, tr, batches))
+                prof = profiled(b, lambda: busy_loop(b, tr, batches))
                 profile_table(prof, f"training steps, {'compiled' if compile_ else 'eager'}", tables)
                 gpu = kernel_ms(prof) / steps
                 return {"steps": steps, "ms_per_step": 1e3 * wall / steps, "host_ms_per_step": 1e3 * host / steps,
@@ -633,7 +631,7 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
                 fn()
                 b.sync()
                 wall = time.perf_counter() - start
-                _, prof, _ = profiled(b, fn)
+                prof = profiled(b, fn)
                 profile_table(prof, f"validation, {name}", tables)
                 key = name.replace(" ", "_")
                 result[f"{key}_s"] = wall
