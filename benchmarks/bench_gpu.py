@@ -610,7 +610,8 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
     def validation():
         from utils.config import load_config
         from utils.data_utils import encode_split
-        from utils.train_utils import build_trainer, load_training_data, make_val_loader, validation_loss
+        from utils.train_utils import (build_trainer, load_training_data, make_val_clip_loader, make_val_loader,
+                                       validation_loss)
 
         overrides = [f"paths.dataset_dir={dataset_dir}", "paths.features_dir=null",
                      "audio_encoder.init=random", f"training.device={b.device.type}"]
@@ -620,9 +621,11 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
         data = load_training_data(cfg)
         tr = build_trainer(cfg, data.table, b.device)
         loader = make_val_loader(data.val_set, cfg["training"]["batch_size"], cfg["seed"], 8, b.device)
+        clips = make_val_clip_loader(cfg, b.device)  # as main.py validates
         parts = {"validation loss": lambda: validation_loss(tr, loader),
                  "clip embeddings": lambda: encode_split(tr.model, dataset_dir, cfg["data"]["val_split"],
-                                                         data.tid2row, cfg["eval"]["batch_size"], b.device)}
+                                                         data.tid2row, cfg["eval"]["batch_size"], b.device,
+                                                         loader=clips)}
         result = {}
         try:
             for name, fn in parts.items():

@@ -541,3 +541,35 @@ def test_the_bar_does_not_count_a_graph_build_as_a_step(tmp_path, monkeypatch, c
     elapsed = re.findall(r"\[(\d\d:\d\d)<", err)
     assert elapsed and all(e == "00:00" for e in elapsed), err  # the 1.5 s are not on the clock
     assert all(r < 1.0 for r in rates), err
+
+
+def test_validation_clips_read_by_one_worker_for_the_run_give_the_same_metrics(tmp_path):
+    """Validation's clip embeddings read by a worker that lives for the run (while the main
+    process launches the GPU's work): the same metrics as clips read in-process, every epoch,
+    from the same worker process."""
+    make_tiny_features(tmp_path / "data")
+    cfg = load_config(tiny_config(tmp_path), ["training.num_workers=2"])
+    data = tu.load_training_data(cfg)
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    val_loader = tu.make_val_loader(data.val_set, 8, 0, 0, "cpu")
+    in_process = tu.validate(tr, cfg, data.tid2row, val_loader)
+    clips = tu.make_val_clip_loader(cfg, torch.device("cpu"))
+    assert clips.num_workers == 1 and clips.persistent_workers
+    first = tu.validate(tr, cfg, data.tid2row, val_loader, clips)
+    workers = [w.pid for w in clips._iterator._workers]
+    second = tu.validate(tr, cfg, data.tid2row, val_loader, clips)
+    assert first == second == in_process
+    assert [w.pid for w in clips._iterator._workers] == workers  # not forked again
+    assert tu.make_val_clip_loader(load_config(tiny_config(tmp_path), ["training.num_workers=0"]),
+                                   torch.device("cpu")).num_workers == 0
+
+
+def test_a_kept_clip_loader_of_other_clips_is_refused(tmp_path):
+    """A split rewritten while a run holds its clip loader: a clear error, not wrong metrics."""
+    make_tiny_features(tmp_path / "data")
+    cfg = load_config(tiny_config(tmp_path))
+    data = tu.load_training_data(cfg)
+    tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
+    kept = du.split_clip_loader(tmp_path / "data", "development", 8, "cpu")  # another split's clips
+    with pytest.raises(UserError, match="split 'validation' .* changed while it was in use"):
+        du.encode_split(tr.model, tmp_path / "data", "validation", data.tid2row, 8, "cpu", loader=kept)

@@ -624,15 +624,29 @@ def leave_signals_to_the_parent(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def clip_loader(dataset: ClipDataset, batch_size: int, device, num_workers: int = 0,
+                persistent: bool = False) -> DataLoader:
+    """What encode_audio reads `dataset` with: `BatchGroups` of unpadded, equal-length batches.
+    `persistent`: its workers live on between passes, for a split encoded again and again
+    (validation, at each epoch's end), where a fork of the training process per pass would
+    cost as much as the reads it saves."""
+    groups = batch_groups(equal_length_batches(dataset.lengths, batch_size), batch_size)
+    return DataLoader(BatchGroups(dataset, groups), batch_size=None, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda",
+                      persistent_workers=persistent and num_workers > 0,
+                      worker_init_fn=leave_signals_to_the_parent)
+
+
 @torch.no_grad()
 def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
-                 num_workers: int = 0, amp: str = "off", copy_every: int = 256) -> np.ndarray:
+                 num_workers: int = 0, amp: str = "off", copy_every: int = 256,
+                 loader: DataLoader | None = None) -> np.ndarray:
     """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`
-    (embeddings are copied off the device every `copy_every` batches)."""
+    (embeddings are copied off the device every `copy_every` batches). `loader`: a
+    `clip_loader` of `dataset` kept from an earlier pass (its batch size and workers apply)."""
     device = torch.device(device)
-    groups = batch_groups(equal_length_batches(dataset.lengths, batch_size), batch_size)
-    loader = DataLoader(BatchGroups(dataset, groups), batch_size=None, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=leave_signals_to_the_parent)
+    if loader is None:
+        loader = clip_loader(dataset, batch_size, device, num_workers)
     out: np.ndarray | None = None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (clip ids [b], embeddings [b, E])
 
@@ -677,23 +691,38 @@ def encode_text_rows(model: torch.nn.Module, rows: np.ndarray, batch_size: int, 
 
 def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
                  tid2row: dict[str, int], batch_size: int, device, num_workers: int = 0,
-                 amp: str = "off") -> SplitEmbeddings:
+                 amp: str = "off", loader: DataLoader | None = None) -> SplitEmbeddings:
     """Embed each clip and each caption of `split` once (eval mode, no grad; fp32 unless `amp`);
-    clips in the split's skip list and their captions are left out (`.skipped`)."""
+    clips in the split's skip list and their captions are left out (`.skipped`). `loader`: the
+    split's `split_clip_loader`, kept from an earlier pass."""
     df, skipped = read_split_captions(dataset_dir, split)
     _check_split(dataset_dir, split, df, tid2row)
     fids, fnames, caption_clip = _split_clips(df)
     tids = list(df["tid"])
     rows = np.array([tid2row[t] for t in tids], dtype=np.int64)
-    clips = ClipDataset(dataset_dir, split, fids)
+    clips = ClipDataset(dataset_dir, split, fids) if loader is None else loader.dataset.dataset
+    if clips.fids != fids:  # the split's files were rewritten since the loader was made
+        raise UserError(f"split '{split}' in {dataset_dir} changed while it was in use: its clips "
+                        "are not those read before; rerun the command")
     try:
-        audio = encode_audio(model, clips, batch_size, device, num_workers, amp)
+        audio = encode_audio(model, clips, batch_size, device, num_workers, amp, loader=loader)
     finally:
-        clips.close()
+        if loader is None:
+            clips.close()
     text = encode_text_rows(model, rows, batch_size, device, amp)
     return SplitEmbeddings(split=split, fids=fids, fnames=fnames, audio=audio, tids=tids,
                            captions=list(df["raw_text"]), caption_clip=caption_clip, text=text,
                            skipped=skipped)
+
+
+def split_clip_loader(dataset_dir: str | Path, split: str, batch_size: int, device,
+                      num_workers: int = 0) -> DataLoader:
+    """A persistent `clip_loader` of `split`'s clips (those encode_split embeds), for
+    encode_split's `loader`."""
+    df, _ = read_split_captions(dataset_dir, split)
+    fids, _, _ = _split_clips(df)
+    return clip_loader(ClipDataset(dataset_dir, split, fids), batch_size, device, num_workers,
+                       persistent=True)
 
 
 @contextlib.contextmanager
