@@ -552,14 +552,22 @@ def test_validation_clips_read_by_one_worker_for_the_run_give_the_same_metrics(t
     data = tu.load_training_data(cfg)
     tr = tu.build_trainer(cfg, data.table, torch.device("cpu"))
     val_loader = tu.make_val_loader(data.val_set, 8, 0, 0, "cpu")
-    in_process = tu.validate(tr, cfg, data.tid2row, val_loader)
+
+    def validate(*clips):  # -> (metrics, the global RNG after): dropout draws from it next
+        torch.manual_seed(5)
+        return tu.validate(tr, cfg, data.tid2row, val_loader, *clips), torch.get_rng_state()
+
+    in_process, rng = validate()
     clips = tu.make_val_clip_loader(cfg, torch.device("cpu"))
     assert clips.num_workers == 1 and clips.persistent_workers
-    first = tu.validate(tr, cfg, data.tid2row, val_loader, clips)
+    first, rng_first = validate(clips)
     workers = [w.pid for w in clips._iterator._workers]
-    second = tu.validate(tr, cfg, data.tid2row, val_loader, clips)
+    second, rng_second = validate(clips)
     assert first == second == in_process
     assert [w.pid for w in clips._iterator._workers] == workers  # not forked again
+    # every epoch's validation draws from the global RNG as much as before: a resumed run
+    # (whose worker starts in a later epoch) goes on as the uninterrupted one
+    assert torch.equal(rng_first, rng) and torch.equal(rng_second, rng)
     assert tu.make_val_clip_loader(load_config(tiny_config(tmp_path), ["training.num_workers=0"]),
                                    torch.device("cpu")).num_workers == 0
 

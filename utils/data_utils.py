@@ -631,9 +631,13 @@ def clip_loader(dataset: ClipDataset, batch_size: int, device, num_workers: int 
     (validation, at each epoch's end), where a fork of the training process per pass would
     cost as much as the reads it saves."""
     groups = batch_groups(equal_length_batches(dataset.lengths, batch_size), batch_size)
+    # A kept loader seeds its workers from a generator of its own: from the global RNG, its
+    # persistent workers would draw only at the first pass, a resumed run's in another epoch
+    # than the uninterrupted run's, and their dropout masks would part from there on.
     return DataLoader(BatchGroups(dataset, groups), batch_size=None, num_workers=num_workers,
                       pin_memory=torch.device(device).type == "cuda",
                       persistent_workers=persistent and num_workers > 0,
+                      generator=torch.Generator().manual_seed(0) if persistent else None,
                       worker_init_fn=leave_signals_to_the_parent)
 
 

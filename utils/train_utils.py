@@ -776,6 +776,10 @@ def cudnn_autotuner(on: bool):
 def _validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader,
               clip_loader: DataLoader | None) -> dict:
     val_loss = validation_loss(tr, val_loader, cfg["eval"]["amp"])
+    if clip_loader is not None:
+        # the global draw that a loader made for this pass takes (none from a kept one): the
+        # random streams, so the numbers, of runs validated either way are the same
+        torch.empty((), dtype=torch.int64).random_()
     emb = encode_split(tr.model, features_dir(cfg), cfg["data"]["val_split"], tid2row,
                        cfg["eval"]["batch_size"], tr.device, 0, cfg["eval"]["amp"], clip_loader)
     if not (np.isfinite(emb.audio).all() and np.isfinite(emb.text).all()):
