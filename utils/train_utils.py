@@ -777,8 +777,9 @@ def _validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader,
               clip_loader: DataLoader | None) -> dict:
     val_loss = validation_loss(tr, val_loader, cfg["eval"]["amp"])
     if clip_loader is not None:
-        # the global draw that a loader made for this pass takes (none from a kept one): the
-        # random streams, so the numbers, of runs validated either way are the same
+        # a loader made for this pass draws once from the global RNG as it starts, a kept one
+        # does not: drawn here, runs validated either way (resumed ones too) keep the same
+        # random streams, so the same numbers
         torch.empty((), dtype=torch.int64).random_()
     emb = encode_split(tr.model, features_dir(cfg), cfg["data"]["val_split"], tid2row,
                        cfg["eval"]["batch_size"], tr.device, 0, cfg["eval"]["amp"], clip_loader)
@@ -896,7 +897,7 @@ def _fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device:
     wrap_for_training(tr, cfg, ctx, device)
     loader, seeding = make_train_loader(data.train_set, cfg, device, ctx)
     val_loader = make_val_loader(data.val_set, t["batch_size"], cfg["seed"], t["num_workers"], device)
-    val_clip_loader = make_val_clip_loader(cfg, device) if ctx.is_master else None  # validates
+    val_clip_loader = make_val_clip_loader(cfg, device) if ctx.is_master else None  # rank 0 validates
     val_clips = data.val_set.caption_clip[val_loader.dataset.indices]  # [Q] in the loader's order
     note = zero_loss_batch_note(cfg, len(data.train_set), val_clips, ctx.world_size)
     if note is not None and ctx.is_master:
