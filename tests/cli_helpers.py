@@ -5,9 +5,11 @@ import contextlib
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +62,16 @@ def signal_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, sig: in
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class _Referent:
+    pass
+
+
+def drop_a_signal(sig: int = signal.SIGINT) -> None:
+    """What a CI run hit: the signal lands while Python runs a weakref callback (a
+    WeakValueDictionary's), where the exception it raises is dropped ("Exception ignored in")."""
+    referent = _Referent()
+    ref = weakref.ref(referent, lambda r: signal.raise_signal(sig))
+    del referent  # the callback runs here
+    assert ref() is None

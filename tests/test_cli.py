@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli_helpers import error_line, run_in_process, signal_after_first_checkpoint
+from tests.cli_helpers import drop_a_signal, error_line, run_in_process, signal_after_first_checkpoint
 from tests.test_training import script_env
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import cli, io_utils
 from utils.config import load_config, save_config
-from utils.errors import USER_ERRNOS, UserError, os_error_message
+from utils.errors import USER_ERRNOS, UserError, os_error_message, raise_if_stopped
 from utils.tracking import read_jsonl
 
 
@@ -329,6 +329,25 @@ def _raise_interrupt():
 def test_default_interrupt_advice(capsys):
     code, err = _interrupted(capsys, _raise_interrupt)
     assert code == 130 and "interrupted: work already finished is kept; rerun the same command" in err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_python_dropped_stops_the_script_at_its_next_step(capsys, sig, code):
+    steps = []
+
+    def main():
+        drop_a_signal(sig)
+        steps.append(1)
+        raise_if_stopped()  # what a loop runs between steps
+        steps.append(2)
+
+    got, err = _interrupted(capsys, main)
+    assert (got, steps) == (code, [1])
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("interrupted:" if code == 130 else "terminated (SIGTERM):")
+    # the next script run in this process starts clean
+    cli.run(raise_if_stopped)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def _training(exception: BaseException):

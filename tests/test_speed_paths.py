@@ -17,7 +17,9 @@ import torch
 from models.audio_encoders import CNN14Encoder
 from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
+from tests.cli_helpers import drop_a_signal
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
+from utils import cli
 from utils import data_utils as du
 from utils import train_utils as tu
 from utils.config import load_config
@@ -369,6 +371,23 @@ def test_losses_read_a_step_late_are_each_steps_own(tmp_path):
     assert stats.loss == sum(each) / len(each) and stats.captions == 60
     for a, b in zip(tr.model.state_dict().values(), tr2.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_ctrl_c_python_dropped_stops_training_at_the_next_step(tmp_path):
+    """A Ctrl-C that lands in a weakref callback raises nowhere; the step after it stops the
+    run (a CI run trained all its epochs after such a Ctrl-C, and exited 0)."""
+    cfg, data = _tiny_training(tmp_path)
+    tr, loader = _trainer_and_loader(cfg, data)
+    checks = []
+
+    def check():  # runs after each step
+        checks.append(1)
+        if len(checks) == 2:
+            drop_a_signal()
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: tu.train_one_epoch(tr, loader, 1, DistContext(), check=check))
+    assert e.value.code == 130 and len(checks) == 2 < len(loader)
 
 
 def test_a_nan_loss_names_its_own_step_though_read_a_step_late(tmp_path):

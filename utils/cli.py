@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import yaml
 
 from utils.config import dump_config, load_config
-from utils.errors import Terminated, UserError, os_error_message
+from utils.errors import Terminated, UserError, forget_stop, os_error_message, stop, stopped
 
 DEFAULT_INTERRUPT_ADVICE = "work already finished is kept; rerun the same command to continue"
 _interrupt_advice = DEFAULT_INTERRUPT_ADVICE
@@ -232,9 +232,24 @@ def advise_resume(run_dir: str | Path) -> None:
 
 # --------------------------------------------------------------------------- running main()
 
+def _interrupt(signum, frame) -> None:
+    stop(KeyboardInterrupt)
+
+
 def _terminate(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Terminated
+    stop(Terminated)
+
+
+def _quiet_about_dropped_stops(hook: Callable) -> Callable:
+    """A sys.unraisablehook around `hook`: a Ctrl-C or SIGTERM that Python dropped (it landed in
+    a weakref callback or a __del__) is raised again by the loop's next step
+    (errors.raise_if_stopped); its traceback, "Exception ignored in ...", would only garble the
+    progress bar."""
+    def quiet(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and stopped()):
+            hook(unraisable)
+    return quiet
 
 
 def run(main: Callable[[], object]) -> None:
@@ -242,12 +257,23 @@ def run(main: Callable[[], object]) -> None:
     read-only, permission, a file where a folder should be), is one line on stderr and exit 2;
     Ctrl-C (exit 130) or SIGTERM (exit 143) says what is kept and how to continue."""
     set_interrupt_advice(DEFAULT_INTERRUPT_ADVICE)  # until main() knows better (advise_resume)
+    forget_stop()
     before = signal.signal(signal.SIGTERM, _terminate)
+    # Python's own Ctrl-C handler, unless SIGINT is ignored (`nohup`, a background job)
+    before_int = signal.getsignal(signal.SIGINT)
+    if before_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+    before_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_about_dropped_stops(before_hook)
     try:
         code = _run_or_report(main, _children())
     finally:
         if before is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, before)
+        if before_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, before_int)
+        sys.unraisablehook = before_hook
+        forget_stop()
     if code:
         sys.exit(code)
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from utils.errors import UserError
+from utils.errors import UserError, raise_if_stopped
 from utils.io_utils import atomic_open, ensure_dir
 
 SAMPLE_RATE = 44100  # Clotho's rate
@@ -686,6 +686,7 @@ def generate_dataset(dataset_dir: str | Path, settings: DemoSettings, workers: i
             name = (" " if split == "development" and i == space_at else "") + clip_name(split, i)
             _write_bytes(dataset_dir / split / name, data)
             rows[split].append([name] + captions)
+            raise_if_stopped()
     except BaseException:
         if pool:
             pool.terminate()  # SIGTERM: a worker dies at once (see _init_worker)

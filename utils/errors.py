@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import re
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -70,3 +71,31 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a cluster's time limit or pre-emption, `kill`), stopped as Ctrl-C stops a
     script (utils.cli.run): a checkpoint under way is finished, and the script says how to
     continue."""
+
+
+# A stop signal's exception, once raised: Python drops an exception raised inside a weakref
+# callback or a __del__ ("Exception ignored in ..."), so a Ctrl-C that lands there would leave
+# a run going to its end (seen: a training run that finished its epochs after Ctrl-C).
+_stop: type[KeyboardInterrupt] | None = None
+
+
+def stop(kind: type[KeyboardInterrupt]) -> NoReturn:
+    """Raise `kind` (KeyboardInterrupt, Terminated) for a signal, and keep it for raise_if_stopped."""
+    global _stop
+    _stop = kind
+    raise kind
+
+
+def raise_if_stopped() -> None:
+    """Raise again a Ctrl-C or SIGTERM received earlier (see `stop`); loops call it between steps."""
+    if _stop is not None:
+        raise _stop
+
+
+def stopped() -> bool:
+    return _stop is not None
+
+
+def forget_stop() -> None:
+    global _stop
+    _stop = None

@@ -90,7 +90,7 @@ from utils.clotho import (HDF5_ERRORS, STEP_01, STEP_02, bad_audio_error, featur
                           format_bad_audio, logmel_path, make_fid, read_skipped, resolve_wav,
                           skipped_path, split_paths, update_skipped)
 from utils.devices import resolve_device
-from utils.errors import Terminated, UserError, os_error_errno
+from utils.errors import Terminated, UserError, os_error_errno, raise_if_stopped
 from utils.io_utils import atomic_open, atomic_path, ensure_dir, load_pickle, remove_stale_temps
 
 FORMAT_VERSION = 1  # bump when the computation changes: older files and shards are then redone
@@ -701,6 +701,7 @@ def _compute_shards(out: SplitFeatures, todo: list[Clip], done: dict, folder: Pa
                 done.update((fid, (chunk.shard, sig)) for fid, sig in chunk.sigs.items())
                 out.computed += len(chunk.sigs)
                 progress.update(chunk.clips)
+                raise_if_stopped()
     except BrokenProcessPool:  # a worker was killed (out of memory, a signal); the pool is unusable
         raise _worker_died(out.split, out_dir, len(done), folder) from None
     except OSError as e:  # from a shard write, perhaps a worker's: say what was kept

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from utils.data_utils import (STEP_01, embeddings_sha1, read_text_csv, text_csv_path, text_digest,
                               texts_path)
 from utils.devices import resolve_device
-from utils.errors import UserError
+from utils.errors import UserError, raise_if_stopped
 from utils.io_utils import atomic_write_text, save_pickle
 
 BUNDLED_PREFIX = "bundled:"
@@ -128,6 +128,7 @@ def encode_captions(model, texts: list[str], batch_size: int = 128, progress: bo
         emb = model.encode([texts[i] for i in idx], batch_size=len(idx), convert_to_numpy=True,
                            normalize_embeddings=False, show_progress_bar=False)
         out[idx] = emb.astype(np.float32, copy=False)
+        raise_if_stopped()
     return out
 
 

@@ -43,7 +43,7 @@ from utils.data_utils import (CaptionDataset, check_features_found, check_senten
 from utils.devices import amp_mode, autocast, resolve_device
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, launched_with_torchrun,
                               on_master, sync_buffers, weights_checksum, wrap_ddp)
-from utils.errors import UserError
+from utils.errors import UserError, raise_if_stopped
 from utils.features import check_definition
 from utils.io_utils import remove_stale_temps
 from utils.metrics import retrieval_metrics
@@ -718,6 +718,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
         pending = (step, loss, audio, clips)
         if check is not None:
             check()
+        raise_if_stopped()
     if pending is not None:
         account(*pending)
     return EpochStats(total / max(n, 1), n, captions, time.perf_counter() - start, wait)
@@ -917,6 +918,7 @@ def _fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device:
         for epoch in range(tr.epoch + 1, t["epochs"] + 1):
             if stopped_early:
                 break
+            raise_if_stopped()  # a Ctrl-C that Python dropped during validation
             start, eager_before = time.time(), tr.eager_steps
             seeding.set_epoch(epoch)
             # a failed write stops a single process at once; under DDP it stops every rank
