@@ -447,6 +447,11 @@ def test_auto_goes_on_offline_after_a_real_failed_online_start(tmp_path, monkeyp
         def log_message(self, *args):
             pass
 
+    import wandb
+
+    # a fresh wandb service, as a script's own process has: with the one an earlier test in
+    # this process started, this start took wandb's 90 s of retries (the suite's slowest test)
+    wandb.teardown()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv("WANDB_MODE", raising=False)
