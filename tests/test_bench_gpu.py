@@ -168,7 +168,7 @@ def test_gpu_samples_are_placed_at_nvidia_smis_own_times(bench, tmp_path, monkey
     # six samples 0.1 s apart, all sent at once at the end, as a full buffer would send them
     script.write_text("#!/bin/sh\nout=''\nfor i in 1 2 3 4 5 6; do\n"
                       "out=\"$out$(date '+%Y/%m/%d %H:%M:%S.%3N'), GPU-AAAA-11, 70, 1000\n\"\n"
-                      "sleep 0.1\ndone\nprintf \"$out\"\nsleep 30\n")
+                      "sleep 0.1\ndone\nprintf \"$out\"\nexec sleep 30\n")  # exec: one process, as nvidia-smi is
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(bench, "gpu_uuid", lambda device: "aaaa-11")
