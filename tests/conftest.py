@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network: wandb is disabled, the hub is offline."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,10 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests press Ctrl-C in scripts they run. Started in the background (`make test &`), the suite
+# would inherit SIGINT ignored, and so would every script it starts: Ctrl-C as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CAPTIONS = REPO.parent / "shared" / "clotho_captions"
