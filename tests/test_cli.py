@@ -18,7 +18,7 @@ import yaml
 from tests.cli_helpers import drop_a_signal, error_line, run_in_process, signal_after_first_checkpoint
 from tests.test_training import script_env
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
-from utils import cli, io_utils
+from utils import cli, errors, io_utils
 from utils.config import load_config, save_config
 from utils.errors import USER_ERRNOS, UserError, os_error_message, raise_if_stopped
 from utils.tracking import read_jsonl
@@ -348,6 +348,30 @@ def test_a_signal_python_dropped_stops_the_script_at_its_next_step(capsys, sig, 
     # the next script run in this process starts clean
     cli.run(raise_if_stopped)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.fixture
+def dropped_ctrl_c():
+    """A Ctrl-C recorded by utils.cli's handler, as if Python had dropped its exception."""
+    with pytest.raises(KeyboardInterrupt):
+        errors.stop(KeyboardInterrupt)
+    yield
+    errors.forget_stop()
+
+
+def test_the_query_loops_stop_at_a_dropped_ctrl_c(dropped_ctrl_c):
+    """query.py and Retriever: reading a folder's wavs, encoding their log-mels."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from utils import evaluation
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.file_logmels([Path("a.wav"), Path("b.wav")], {}, progress=False)
+    model = SimpleNamespace(eval=lambda: None, embed_dim=4, audio_branch=None)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.encode_logmels(model, [np.zeros((10, 64), np.float32)] * 2, 2, "cpu", progress=False)
 
 
 def _training(exception: BaseException):

@@ -40,7 +40,7 @@ from utils.clotho import (CAPTIONS_PER_CLIP, HDF5_ERRORS, STEP_01, STEP_02, STEP
                           make_fid, read_skipped, skipped_path)
 from utils.clotho import features_dir  # noqa: F401  (the agreed home of the features location)
 from utils.devices import amp_mode, autocast
-from utils.errors import UserError
+from utils.errors import UserError, raise_if_stopped
 from utils.io_utils import file_sha1, load_pickle
 
 STEP_03_CONFIG = "config.03_sbert_embeddings.yaml"  # step 03's config, saved beside its output
@@ -667,6 +667,7 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
 
     with _eval_mode(model):
         for audio, clip_ids, shapes in loader:
+            raise_if_stopped()
             audio = audio.to(device, non_blocking=True)  # the group's batches in one copy
             for batch, ids in unpack_group(audio, clip_ids, shapes):
                 with inference_autocast(device, amp):

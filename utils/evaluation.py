@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.errors import UserError
+from utils.errors import UserError, raise_if_stopped
 from utils.io_utils import atomic_cache_path, atomic_open, file_sha1
 from utils.provenance import git_state
 from utils.metrics import (ANY_NAMES, METRIC_NAMES, Ranking, bootstrap_ci, chance_metrics,
@@ -566,6 +566,7 @@ def file_logmels(files: Sequence[Path], features_cfg: dict, progress: bool = Tru
 
     feats, good, bad = [], [], []
     for path in tqdm(files, desc="log-mel", unit="clip", disable=not progress or len(files) < 2):
+        raise_if_stopped()
         path = Path(path)
         try:
             y, sr = load_audio(path)
@@ -595,6 +596,7 @@ def encode_logmels(model, feats: Sequence[np.ndarray], batch_size: int, device,
     batches = equal_length_batches([len(x) for x in feats], batch_size)
     for idx in tqdm(batches, desc="encode audio", unit="batch",
                     disable=not progress or len(batches) < 2):
+        raise_if_stopped()
         x = torch.from_numpy(np.stack([feats[i] for i in idx])).to(device)  # [B, T, F]
         with inference_autocast(device, amp):
             out[idx] = model.audio_branch(x).float().cpu().numpy()

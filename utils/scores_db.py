@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from utils.errors import UserError
+from utils.errors import UserError, raise_if_stopped
 from utils.io_utils import atomic_path, ensure_dir, file_sha1, remove_stale_temps
 
 SCHEMA_VERSION = "2"
@@ -465,6 +465,7 @@ def _insert_scores(conn: sqlite3.Connection, split_id: int, scores: np.ndarray, 
             values = ",".join(f"(?1,?2,{c},?{c - c0 + 3})" for c in range(c0, c1))
             sql = f"INSERT INTO scores (split_id, caption, clip, score) VALUES {values}"
             conn.executemany(sql, _score_rows(split_id, scores, c0, c1, bar))
+            raise_if_stopped()
 
 
 def _write_stats(conn: sqlite3.Connection) -> None:
