@@ -23,7 +23,7 @@ from utils.dist_utils import DistContext
 from utils.runs import new_run_dir
 from utils.errors import UserError
 from utils.tracking import read_jsonl
-from tests.cli_helpers import error_line, run_in_process
+from tests.cli_helpers import drop_a_signal, error_line, run_in_process
 
 RECORD_KEYS = {"epoch", "train_loss", "val_loss", "val_t2a_mAP@10", "val_t2a_R@1", "val_t2a_R@5",
                "val_t2a_R@10", "lr", "seconds", "train_seconds", "data_wait_seconds"}
@@ -585,3 +585,24 @@ def test_a_caption_edited_since_training_is_not_taken_for_another_model(tiny, mo
     proc = run_in_process(monkeypatch, *shlex.split(command))  # following it
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "elsewhere" / "sbert_embeds.pkl").is_file()
+
+
+def test_a_ctrl_c_dropped_in_the_last_validation_still_stops_the_run(tiny, monkeypatch, capsys):
+    """Python drops a Ctrl-C that lands in a weakref callback; in the last epoch's validation
+    no step follows to raise it again: the run stops after the epoch's checkpoint, as it would
+    have had the Ctrl-C not been dropped, and says so."""
+    real, calls = tu.validate, []
+
+    def validate(*args, **kwargs):
+        record = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            drop_a_signal()
+        return record
+
+    monkeypatch.setattr(tu, "validate", validate)
+    proc = main_in_process(monkeypatch, capsys, "--conf", tiny_config(tiny), "--set", "training.epochs=2")
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted: epochs 1-2 are kept" in proc.stderr and "Exception ignored" not in proc.stderr
+    (run,) = run_dirs(tiny)
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]

@@ -93,9 +93,11 @@ def raise_if_stopped() -> None:
 
 
 def stopped() -> bool:
+    """Whether a Ctrl-C or SIGTERM was received (since utils.cli.run started the script)."""
     return _stop is not None
 
 
 def forget_stop() -> None:
+    """utils.cli.run, at a script's start and end: a stop belongs to the script it stopped."""
     global _stop
     _stop = None

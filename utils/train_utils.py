@@ -918,7 +918,6 @@ def _fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device:
         for epoch in range(tr.epoch + 1, t["epochs"] + 1):
             if stopped_early:
                 break
-            raise_if_stopped()  # a Ctrl-C that Python dropped (errors.stop) during validation
             start, eager_before = time.time(), tr.eager_steps
             seeding.set_epoch(epoch)
             # a failed write stops a single process at once; under DDP it stops every rank
@@ -949,7 +948,7 @@ def _fit(cfg: dict, run_dir: Path, data: TrainingData, ctx: DistContext, device:
                 if ctx.is_master:
                     tqdm.write(f"early stopping: {monitor} has not improved for {patience} epochs "
                                f"(best {tr.best_metric:.4f} at epoch {tr.best_epoch})")
-        raise_if_stopped()  # one dropped during the last validation stops the run as it would have
+            raise_if_stopped()  # a Ctrl-C that Python dropped (errors.stop) during validation
         on_master(ctx, writer.wait)  # the last checkpoint is on disk before the run says done
         checksum = weights_checksum(tr.model, ctx)
         if tracker is not None:
