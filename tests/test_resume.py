@@ -227,6 +227,13 @@ def failing(self, i):
     if self.train and i % 7 == 3:  # in a loader worker, a few batches in
         if failure == "bug":
             raise ValueError("a bug in a loader worker")
+        if failure == "sigterm":  # a cluster's SIGTERM to the group, as a worker starts
+            import torch
+            if torch.utils.data.get_worker_info().id == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # its init function not run yet
+                os.kill(os.getppid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return read(self, i)
         os.kill(os.getpid(), signal.SIGKILL)  # the out-of-memory killer
     return read(self, i)
 data_utils.CaptionDataset.__getitem__ = failing
@@ -257,6 +264,23 @@ def test_an_unexpected_failure_with_loader_workers_exits_at_once(conf, tmp_path,
         line = error_line(proc)
         assert "DataLoader worker (pid" in line and "is killed by signal: Killed (out of memory?)" in line
         assert "(training.num_workers when training)" in line and "Traceback" not in proc.stderr
+
+
+def test_a_worker_the_sigterm_ended_first_is_the_stop_not_a_machine_out_of_memory(conf, tmp_path):
+    """SIGTERM to the process group can end a loader worker before it ignores SIGTERM (it
+    starts with torch's handler); the parent heard of the dead worker first or while stopping,
+    and said "worker killed (out of memory?)", exit 2, or printed a traceback at exit (2 of
+    ~40 stops)."""
+    make_tiny_features(tmp_path / "data", n_clips=(32, 6, 6))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_FAILING_WORKER)
+    proc = subprocess.run([sys.executable, str(driver), "sigterm", "--conf", str(conf), "--name", "w",
+                           "--set", "training.num_workers=2"],
+                          cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 143, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("terminated (SIGTERM): "), proc.stderr
+    assert "Traceback" not in proc.stderr and "out of memory" not in proc.stderr
 
 
 def test_a_failure_that_cannot_even_be_reported_still_ends_the_workers(conf, tmp_path):

@@ -19,7 +19,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import yaml
 
@@ -288,6 +288,9 @@ def _run_or_report(main: Callable[[], object], earlier: frozenset = frozenset())
     torchrun every other rank waiting in a collective until its timeout."""
     try:
         _run(main)
+    except SystemExit:  # a stop or an error, its line said: the workers go too (see below)
+        _kill_worker_processes(earlier)
+        raise
     except Exception as e:
         known = None
         try:  # the workers go even where saying it fails (stderr on a full disk, a closed pipe)
@@ -316,13 +319,19 @@ def _resource_failure(e: Exception) -> str | None:
         return (f"out of GPU memory ({_first_line(e)[:160]}) — lower the step's batch size "
                 "(training.batch_size or training.max_frames when training, eval.batch_size when "
                 "scoring, sbert.batch_size in step 03), or free the GPU of other processes")
-    # torch: "DataLoader worker (pid(s) N) exited unexpectedly", from "... is killed by signal: Killed."
-    died = [_first_line(x) for x in (e.__cause__, e) if isinstance(x, RuntimeError)
-            and _first_line(x).startswith("DataLoader worker")]
+    died = _worker_death(e)
     if died:
-        return (f"{died[0].rstrip('. ')} (out of memory?) — lower the step's loader workers "
+        return (f"{died.rstrip('. ')} (out of memory?) — lower the step's loader workers "
                 "(training.num_workers when training) or batch size, or free memory")
     return None
+
+
+def _worker_death(e: BaseException) -> str | None:
+    """torch's "DataLoader worker (pid(s) N) exited unexpectedly" (from "... is killed by
+    signal: Killed.") in `e` or its cause, else None."""
+    died = [_first_line(x) for x in (e.__cause__, e) if isinstance(x, RuntimeError)
+            and _first_line(x).startswith("DataLoader worker")]
+    return died[0] if died else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -363,11 +372,23 @@ def _run(main: Callable[[], object]) -> None:
             message = f"{message}; {interrupt_advice()}"
         _fail(message)
     except KeyboardInterrupt as e:
-        _close_progress_bars()
-        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
-            print(f"{what}: {interrupt_advice()}", file=sys.stderr)
-        sys.exit(code)
+        _say_stopped(type(e))
+    except RuntimeError as e:
+        kind = stopped()
+        if kind is None or _worker_death(e) is None:
+            raise
+        # a worker the signal to the process group ended before it could ignore it (each starts
+        # with torch's handler, see data_utils.leave_signals_to_the_parent): the stop, not a
+        # machine out of memory
+        _say_stopped(kind)
+
+
+def _say_stopped(kind: type[KeyboardInterrupt]) -> NoReturn:
+    _close_progress_bars()
+    what, code = ("terminated (SIGTERM)", 143) if issubclass(kind, Terminated) else ("interrupted", 130)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one message, not one per process
+        print(f"{what}: {interrupt_advice()}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _close_progress_bars() -> None:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -620,8 +621,22 @@ def leave_signals_to_the_parent(worker_id: int) -> None:
     """DataLoader `worker_init_fn`. A SIGTERM to the process group (a cluster's time limit)
     reaches the workers too, and torch's own handler there would end them with it; the parent,
     stopping cleanly (utils.errors.Terminated), would then fail on "worker killed by signal". The
-    parent alone handles it and ends its workers, as for Ctrl-C."""
+    parent alone handles it and ends its workers, as for Ctrl-C.
+
+    A worker hands each batch's shared memory to the parent over a connection that a helper
+    thread serves (multiprocessing.resource_sharer). A parent that stops while taking a batch
+    resets that connection, and the thread's traceback (ConnectionResetError) followed the
+    parent's one-line message; the worker stays quiet about its link to the parent breaking
+    (its main loop never reaches sys.excepthook: torch hands its errors to the parent)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = _quiet_about_a_broken_link(sys.excepthook)
+
+
+def _quiet_about_a_broken_link(hook):
+    def quiet(kind, value, traceback) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            hook(kind, value, traceback)
+    return quiet
 
 
 def clip_loader(dataset: ClipDataset, batch_size: int, device, num_workers: int = 0,

@@ -92,9 +92,10 @@ def raise_if_stopped() -> None:
         raise _stop
 
 
-def stopped() -> bool:
-    """Whether a Ctrl-C or SIGTERM was received (since utils.cli.run started the script)."""
-    return _stop is not None
+def stopped() -> type[KeyboardInterrupt] | None:
+    """The Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated) received since utils.cli.run
+    started the script, if any."""
+    return _stop
 
 
 def forget_stop() -> None:
