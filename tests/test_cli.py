@@ -374,6 +374,24 @@ def test_the_query_loops_stop_at_a_dropped_ctrl_c(dropped_ctrl_c):
         evaluation.encode_logmels(model, [np.zeros((10, 64), np.float32)] * 2, 2, "cpu", progress=False)
 
 
+def test_what_a_stop_left_half_made_goes_quietly_before_the_exit():
+    """A SIGTERM while a DataLoader iterator started its workers left it half-made; kept by the
+    exit's context until interpreter shutdown, its __del__ printed "Exception ignored ...
+    no attribute '_shutdown'" after the stop's line (1 of ~30 stops)."""
+    code = ("from utils import cli, errors\n"
+            "class HalfMade:\n"
+            "    def __del__(self):\n"
+            "        raise AttributeError(\"'HalfMade' object has no attribute '_shutdown'\")\n"
+            "def main():\n"
+            "    half = HalfMade()\n"
+            "    errors.stop(errors.Terminated)\n"
+            "cli.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"terminated (SIGTERM): {cli.DEFAULT_INTERRUPT_ADVICE}"]
+
+
 def _training(exception: BaseException):
     """main.py's shape: the run folder is known, then training is cut short."""
     def main():

@@ -12,6 +12,7 @@ itself, then calls `print_config_if_asked(args, cfg)` with it.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shlex
@@ -241,13 +242,14 @@ def _terminate(signum, frame) -> None:
     stop(Terminated)
 
 
-def _quiet_about_dropped_stops(hook: Callable) -> Callable:
-    """A sys.unraisablehook around `hook`: a Ctrl-C or SIGTERM that Python dropped (it landed in
-    a weakref callback or a __del__) is raised again by the loop's next step
-    (errors.raise_if_stopped); its traceback, "Exception ignored in ...", would only garble the
-    progress bar."""
+def _quiet_once_stopped(hook: Callable) -> Callable:
+    """A sys.unraisablehook around `hook`, silent once a Ctrl-C or SIGTERM was received: one that
+    Python dropped (it landed in a weakref callback or a __del__) is raised again by the loop's
+    next step (errors.raise_if_stopped), and what the signal left half-made fails as it is
+    collected (a DataLoader iterator stopped while starting its workers: "no attribute
+    '_shutdown'"); their "Exception ignored in ..." tracebacks would follow the stop's one line."""
     def quiet(unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and stopped()):
+        if stopped() is None:
             hook(unraisable)
     return quiet
 
@@ -264,7 +266,7 @@ def run(main: Callable[[], object]) -> None:
     if before_int is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt)
     before_hook = sys.unraisablehook
-    sys.unraisablehook = _quiet_about_dropped_stops(before_hook)
+    sys.unraisablehook = _quiet_once_stopped(before_hook)
     try:
         code = _run_or_report(main, _children())
     finally:
@@ -288,8 +290,13 @@ def _run_or_report(main: Callable[[], object], earlier: frozenset = frozenset())
     torchrun every other rank waiting in a collective until its timeout."""
     try:
         _run(main)
-    except SystemExit:  # a stop or an error, its line said: the workers go too (see below)
+    except SystemExit as e:  # a stop or an error, its line said: the workers go too (see below)
         _kill_worker_processes(earlier)
+        if stopped() is not None:
+            # the frames the signal interrupted, and what they held, go now, while the quiet
+            # hook stands (kept by the exit's context, they went at interpreter shutdown)
+            e.__context__ = None
+            gc.collect()
         raise
     except Exception as e:
         known = None
