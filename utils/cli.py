@@ -283,14 +283,14 @@ def run(main: Callable[[], object]) -> None:
 def _run_or_report(main: Callable[[], object], earlier: frozenset = frozenset()) -> int:
     """_run(main); for an error it did not turn into a message, the exit status after saying
     what happened: one line for a data-loader worker that died or out of GPU memory, else the
-    traceback (a bug), each with how to resume where main() said so. The worker processes
-    main() started are then killed (`earlier`: the host's own, from before main(), are left
-    alone): at exit, multiprocessing would SIGTERM and wait for them, and DataLoader workers
+    traceback (a bug), each with how to resume where main() said so. After any failure or stop,
+    the worker processes main() started are killed (`earlier`: the host's own, from before
+    main(), are left alone): at exit, multiprocessing would SIGTERM and wait for them, and DataLoader workers
     leave SIGTERM to the parent (data_utils.leave_signals_to_the_parent) — a hang, and under
     torchrun every other rank waiting in a collective until its timeout."""
     try:
         _run(main)
-    except SystemExit as e:  # a stop or an error, its line said: the workers go too (see below)
+    except SystemExit as e:  # a stop or an error that _run has reported
         _kill_worker_processes(earlier)
         if stopped() is not None:
             # the frames the signal interrupted, and what they held, go now, while the quiet
