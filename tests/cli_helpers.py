@@ -33,6 +33,12 @@ def run_in_process(monkeypatch, script: str, *args, cwd: Path | None = REPO) -> 
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` from the repository root, in a process of its own: its exit and output."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """A user error: exit 2, exactly one `error:` line on stderr, no traceback; returns the line."""
     assert proc.returncode == 2, proc.stdout + proc.stderr

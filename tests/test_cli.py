@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli_helpers import drop_a_signal, error_line, run_in_process, signal_after_first_checkpoint
+from tests.cli_helpers import (drop_a_signal, error_line, run_in_process, run_python,
+                               signal_after_first_checkpoint)
 from tests.test_training import script_env
 from tests.tiny_data import REPO, make_tiny_features, tiny_config
 from utils import cli, errors, io_utils
@@ -386,8 +387,7 @@ def test_what_a_stop_left_half_made_goes_quietly_before_the_exit():
             "    half = HalfMade()\n"
             "    errors.stop(errors.Terminated)\n"
             "cli.run(main)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    proc = run_python(code)
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"terminated (SIGTERM): {cli.DEFAULT_INTERRUPT_ADVICE}"]
 

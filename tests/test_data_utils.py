@@ -1,7 +1,5 @@
 """utils.data_utils: reading the feature files, datasets, padding, encoding each clip once."""
 import pickle
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -9,6 +7,7 @@ import pytest
 import torch
 
 from models.core import build_model
+from tests.cli_helpers import run_python
 from tests.tiny_data import REPO, make_tiny_features
 from utils import data_utils as du
 from utils.io_utils import load_pickle
@@ -118,8 +117,7 @@ def test_workers_are_quiet_when_their_link_to_the_stopping_parent_breaks():
             "leave_signals_to_the_parent(0)\n"
             "for e in (ConnectionResetError(104, 'reset by peer'), EOFError(), ValueError('a bug')):\n"
             "    sys.excepthook(type(e), e, None)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert "ValueError: a bug" in proc.stderr
     assert "ConnectionResetError" not in proc.stderr and "EOFError" not in proc.stderr
