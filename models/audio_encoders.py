@@ -90,20 +90,56 @@ class CNN14Encoder(nn.Module):
     def min_frames(self) -> int:
         return 2 ** (len(self.channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x`: float `[B, T, 64]` log-mels -> `[B, out_dim]` (not normalised)."""
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`x`: float `[B, T, 64]` log-mels -> `[B, out_dim]` (not normalised).
+
+        `lengths` (int `[B]`, optional): each clip's own frame count, in a batch padded beyond
+        it. The padding is then kept out of every layer (zeroed before each convolution, left out
+        of the pooling over time), so each clip gets the embedding it gets alone, up to float
+        rounding: how clips are encoded for scoring and validation. Without it (training, as
+        the baseline) the padded frames are part of the input.
+        """
         if x.dim() != 3 or x.shape[-1] != N_MELS:
             raise ValueError(f"CNN14Encoder expects [batch, frames, {N_MELS}] log-mels, got {list(x.shape)}")
         x = x.unsqueeze(1)            # [B, 1, T, F]
         x = x.transpose(1, 3)         # [B, F, T, 1]: bn0 normalises each mel bin
         x = self.bn0(x)
         x = x.transpose(1, 3)         # [B, 1, T, F]
+        if lengths is not None:
+            # alone, a clip shorter than min_frames is padded with zeros here, after bn0
+            x = zero_beyond(x, lengths)
+            lengths = lengths.clamp(min=self.min_frames)
         if x.shape[2] < self.min_frames:
             x = F.pad(x, (0, 0, 0, self.min_frames - x.shape[2]))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.cnn(x)               # [B, C, T/64, F/64]
-        x = torch.mean(x, dim=3)      # [B, C, T']
-        x = torch.amax(x, dim=2) + torch.mean(x, dim=2)  # [B, C]
+        if lengths is None:
+            x = self.cnn(x)           # [B, C, T/64, F/64]
+            x = torch.mean(x, dim=3)  # [B, C, T']
+            x = torch.amax(x, dim=2) + torch.mean(x, dim=2)  # [B, C]
+        else:
+            x, lengths = self._cnn_of_lengths(x, lengths)
+            x = torch.mean(x, dim=3)  # [B, C, T']; each clip's frames beyond lengths are 0
+            # every frame is >= 0 (ReLU, then average pooling), so the zeros leave the max alone
+            x = torch.amax(x, dim=2) + x.sum(dim=2) / lengths[:, None].to(x.dtype)  # [B, C]
         x = self.fc(x)
         return self.fc2(x)            # [B, out_dim]
+
+    def _cnn_of_lengths(self, x: torch.Tensor, lengths: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """self.cnn on `[B, 1, T, F]` whose clip b is `lengths[b]` frames long: every
+        convolution sees zeros beyond a clip's end, as the clip alone sees its zero padding ->
+        (`[B, C, T/64, F/64]` with zeros beyond each clip's end, the lengths there `[B]`)."""
+        for layer in self.cnn:
+            if isinstance(layer, nn.Conv2d):
+                x = zero_beyond(x, lengths)
+            x = layer(x)
+            if isinstance(layer, nn.AvgPool2d):  # 2x2, floor: a clip alone keeps T // 2 frames
+                lengths = lengths // 2
+        return zero_beyond(x, lengths), lengths
+
+
+def zero_beyond(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`x` `[B, C, T, F]` with the frames from `lengths[b]` on set to 0 in clip b (NaN too)."""
+    beyond = torch.arange(x.shape[2], device=x.device)[None, :] >= lengths[:, None]  # [B, T]
+    return x.masked_fill(beyond[:, None, :, None], 0.0)

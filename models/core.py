@@ -35,9 +35,11 @@ class DualEncoderModel(nn.Module):
         """E, the size of the joint space both branches map into."""
         return self.audio_enc.out_dim
 
-    def audio_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-mels `[B, T, 64]` -> unit-norm `[B, E]`."""
-        return F.normalize(self.audio_enc(x), p=2.0, dim=-1)
+    def audio_branch(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mels `[B, T, 64]` -> unit-norm `[B, E]`. `lengths` `[B]`: each clip's own frame
+        count in a padded batch, to embed each clip as it is alone (the encoder's `lengths`)."""
+        emb = self.audio_enc(x) if lengths is None else self.audio_enc(x, lengths)
+        return F.normalize(emb, p=2.0, dim=-1)
 
     def text_branch(self, x: torch.Tensor) -> torch.Tensor:
         """Table row ids `[B]` or sentence embeddings `[B, D]` -> unit-norm `[B, E]`."""

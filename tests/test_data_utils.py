@@ -130,9 +130,9 @@ def test_encode_split_shapes_each_clip_once(data, tmp_path):
     seen = []
     original = model.audio_branch
 
-    def counting(x):
+    def counting(x, lengths):
         seen.append(x.shape[0])
-        return original(x)
+        return original(x, lengths)
 
     model.audio_branch = counting
     model.train()

@@ -167,7 +167,7 @@ def test_skip_list_is_kept_by_both_steps_and_every_reader_leaves_the_clips_out(t
     assert "2 skipped clip(s) and their 10 caption(s) left out" in ds.skipped.describe("development")
     assert du.skipped_counts(tmp_path, ["development"]) == {"development": {"clips": 2, "captions": 10}}
     model = torch.nn.Module()
-    model.audio_branch = lambda x: x.mean(dim=1)  # [B, T, 64] -> [B, 64]
+    model.audio_branch = lambda x, lengths: x.mean(dim=1)  # [B, T, 64] -> [B, 64]
     model.text_branch = lambda rows: torch.zeros(len(rows), 64)
     emb = du.encode_split(model, tmp_path, "development", tid2row, batch_size=2, device="cpu")
     assert emb.fids == ds.fids and len(emb.tids) == 15 and emb.skipped == ds.skipped

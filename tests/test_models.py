@@ -71,6 +71,40 @@ def test_cnn14_forward_shapes_and_short_clips():
         enc(torch.randn(2, 100, 40))
 
 
+def _trained_looking(enc: CNN14Encoder, seed: int = 0) -> CNN14Encoder:
+    """Batch norms with statistics away from identity: bn0 then turns padding into non-zero
+    frames, as a trained encoder's does."""
+    g = torch.Generator().manual_seed(seed)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
+    return enc.eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cnn14_with_lengths_embeds_each_clip_of_a_padded_batch_as_alone(channels_last):
+    """Scoring batches clips of similar length, padded: with `lengths` each clip's embedding is
+    the one it gets alone (odd lengths, and one under the 64 frames six poolings need), whatever
+    the padding holds; without them the padding changes it."""
+    torch.manual_seed(0)
+    enc = _trained_looking(CNN14Encoder(out_dim=12, channels=SMALL)).use_channels_last(channels_last)
+    lengths = [131, 130, 97, 64, 40]
+    clips = [torch.randn(n, 64) - 4 for n in lengths]
+    batch = torch.full((len(clips), max(lengths), 64), float("nan"))  # [B, T, F]
+    for b, c in enumerate(clips):
+        batch[b, :len(c)] = c
+    with torch.no_grad():
+        alone = torch.cat([enc(c[None]) for c in clips])
+        masked = enc(batch, torch.tensor(lengths))
+        assert (masked - alone).abs().max() < 1e-5 * alone.abs().max()
+        zero_padded = torch.nan_to_num(batch, nan=0.0)
+        assert (enc(zero_padded, torch.tensor(lengths)) - alone).abs().max() < 1e-5 * alone.abs().max()
+        assert (enc(zero_padded)[:-1] - alone[:-1]).abs().max() > 1e-2  # padding, unmasked
+
+
 def test_cnn14_init():
     enc = CNN14Encoder(out_dim=5, channels=SMALL)
     assert torch.all(enc.fc2.bias == 0) and torch.all(enc.fc[1].bias == 0)
@@ -103,6 +137,9 @@ def test_dual_encoder_outputs_are_unit_norm():
     assert a.shape == t.shape == (2, 8)
     assert torch.allclose(a.norm(dim=-1), torch.ones(2)) and torch.allclose(t.norm(dim=-1), torch.ones(2))
     assert torch.allclose(model.text_branch(torch.tensor([4])), t[1:])
+    short = torch.randn(1, 64, 64)
+    padded = torch.cat([short, torch.zeros(1, 6, 64)], dim=1)
+    assert torch.allclose(model.audio_branch(padded, torch.tensor([64])), model.audio_branch(short), atol=1e-6)
 
 
 def make_cfg(repo, tmp_path, **audio):

@@ -482,32 +482,32 @@ def test_validation_workers_live_for_the_run_and_each_epoch_draws_the_global_rng
         assert torch.equal(torch.rand(3), expected)
 
 
-def test_batch_groups_join_whole_batches_up_to_a_clip_count():
-    assert du.batch_groups([[0, 1], [2], [3, 4, 5], [6]], 3) == [[[0, 1], [2]], [[3, 4, 5]], [[6]]]
-    assert du.batch_groups([[0, 1, 2, 3], [4], [5]], 2) == [[[0, 1, 2, 3]], [[4], [5]]]
-    assert du.batch_groups([], 4) == []
+def test_length_sorted_batches_go_longest_first_ties_in_order():
+    assert du.length_sorted_batches([5, 9, 5, 7, 9], 2) == [[1, 4], [3, 0], [2]]
+    assert du.length_sorted_batches([], 4) == []
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_encode_audio_runs_each_equal_length_batch_as_before_several_per_hand_over(tmp_path, workers):
-    """Workers hand over groups of batches (one hand-over per batch left the GPU waiting); the
-    model still sees exactly the equal-length batches, in order, and every clip is encoded."""
-    make_tiny_features(tmp_path / "data", frames=(64, 70))  # 12 clips, 6 lengths
+def test_encode_audio_embeds_each_clip_of_a_padded_batch_as_alone(tmp_path, workers):
+    """Clips of similar length share a batch, padded (one small batch per distinct length left
+    the GPU waiting on the host); the model gets each batch's lengths, and every clip's
+    embedding is the one it gets alone."""
+    make_tiny_features(tmp_path / "data", frames=(60, 90))  # 12 clips, one under 64 frames
     model = tiny_model().eval()
     fids = du.read_split_captions(tmp_path / "data", "development")[0]["fid"].unique().tolist()
     dataset = du.ClipDataset(tmp_path / "data", "development", fids)
-    batches = du.equal_length_batches(dataset.lengths, 4)
-    expected = [du.collate_pad([dataset[i] for i in b])[0] for b in batches]
-    assert len(du.batch_groups(batches, 4)) < len(batches)  # some groups hold several batches
+    assert dataset.lengths.min() < 64 and len(set(dataset.lengths)) > 6
     seen = []
     branch = model.audio_branch
 
-    def recording(audio):
-        seen.append(audio.clone())
-        return branch(audio)
+    def recording(audio, lengths):
+        seen.append((audio.shape, lengths.tolist()))
+        return branch(audio, lengths)
     model.audio_branch = recording
     emb = du.encode_audio(model, dataset, 4, "cpu", num_workers=workers)
-    assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
+    order = sorted(range(12), key=lambda i: -dataset.lengths[i])
+    assert seen == [((4, int(dataset.lengths[order[s]]), 64), [int(dataset.lengths[i]) for i in order[s:s + 4]])
+                    for s in (0, 4, 8)]
     with torch.no_grad():
         for c in range(len(fids)):
             assert abs(branch(dataset[c][0][None])[0].numpy() - emb[c]).max() < 1e-5
@@ -515,7 +515,7 @@ def test_encode_audio_runs_each_equal_length_batch_as_before_several_per_hand_ov
 
 def test_embeddings_copied_off_the_device_in_chunks_land_in_clip_order(tmp_path):
     """encode_audio copies embeddings back every `copy_every` batches (not per batch, which would
-    wait for the GPU each time); any chunking gives each clip its own unpadded embedding."""
+    wait for the GPU each time); any chunking gives each clip its own embedding."""
     make_tiny_features(tmp_path / "data")
     model = tiny_model().eval()
     fids = du.read_split_captions(tmp_path / "data", "development")[0]["fid"].unique().tolist()

@@ -512,20 +512,18 @@ def collate_pad(batch: Sequence[tuple], multiple: int = 0) -> tuple[torch.Tensor
     return (audio, *rest)
 
 
-def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of indices whose clips have exactly the same length (longest first).
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices in order of clip length, longest first: padded to its longest clip,
+    each batch adds little padding, which the encoder masks out (`audio_branch(x, lengths)`)."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))  # stable: ties in order
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
-    Evaluation encodes each clip without padding, so a clip's embedding never depends on
-    which other clips share its batch (zero frames are loud frames to the CNN).
-    """
-    by_length: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        by_length.setdefault(int(n), []).append(i)
-    batches = []
-    for n in sorted(by_length, reverse=True):
-        idx = by_length[n]
-        batches += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
-    return batches
+
+def collate_clips(batch: Sequence[tuple[torch.Tensor, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ClipDataset items -> (audio `[B, T_max, 64]` zero-padded, lengths `[B]`, clip ids `[B]`)."""
+    audio, ids = collate_pad(batch)
+    return audio, torch.tensor([len(x) for x, _ in batch], dtype=torch.long), ids
 
 
 # --------------------------------------------------------------------------- encoding
@@ -568,55 +566,6 @@ def inference_autocast(device: torch.device | str, amp: str = "off"):
     return autocast(torch.device(device), amp_mode(amp, torch.device(device), "eval.amp"))
 
 
-def batch_groups(batches: Sequence[list[int]], clips_per_group: int) -> list[list[list[int]]]:
-    """Consecutive batches joined into groups of at most `clips_per_group` clips (a larger batch
-    is a group of its own); the batches themselves are kept as they are."""
-    groups: list[list[list[int]]] = []
-    clips = 0
-    for batch in batches:
-        if not groups or clips + len(batch) > clips_per_group:
-            groups.append([])
-            clips = 0
-        groups[-1].append(list(batch))
-        clips += len(batch)
-    return groups
-
-
-class BatchGroups(Dataset):
-    """Item `g`: the batches of group `g` in three tensors, for a DataLoader with
-    `batch_size=None`: `(audio [sum of B*T*F], clip ids [sum of B], shapes [n, 3] (B, T, F))`;
-    `unpack_group` gives back the batches `[(audio [B, T, F], clip ids [B]), ...]`.
-
-    Whole clips make one batch per distinct length (~550 for Clotho's 1045 validation clips).
-    A worker's hand-over costs the main process per message and per tensor (~2 ms a batch on a
-    2-core CPU machine; `benchmarks/bench_training.py` times it), while the GPU waits for the
-    next batch. One flat tensor per group is also pinned and copied to the GPU in one go.
-    """
-
-    def __init__(self, dataset: Dataset, groups: list[list[list[int]]]):
-        self.dataset, self.groups = dataset, groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batches = [collate_pad([self.dataset[i] for i in batch]) for batch in self.groups[g]]
-        audio = torch.cat([a.flatten() for a, _ in batches])
-        ids = torch.cat([i for _, i in batches])
-        shapes = torch.tensor([a.shape for a, _ in batches], dtype=torch.long)
-        return audio, ids, shapes
-
-
-def unpack_group(audio: torch.Tensor, ids: torch.Tensor, shapes: torch.Tensor
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches of a `BatchGroups` item, as views of its tensors (on whatever device)."""
-    out, at, row = [], 0, 0
-    for b, t, f in shapes.tolist():
-        out.append((audio[at:at + b * t * f].view(b, t, f), ids[row:row + b]))
-        at, row = at + b * t * f, row + b
-    return out
-
-
 def leave_signals_to_the_parent(worker_id: int) -> None:
     """DataLoader `worker_init_fn`. A SIGTERM to the process group (a cluster's time limit)
     reaches the workers too, and torch's own handler there would end them with it; the parent,
@@ -641,15 +590,15 @@ def _quiet_about_a_broken_link(hook):
 
 def clip_loader(dataset: ClipDataset, batch_size: int, device, num_workers: int = 0,
                 persistent: bool = False) -> DataLoader:
-    """What encode_audio reads `dataset` with: `BatchGroups` of unpadded, equal-length batches.
-    `persistent`: its workers live on between passes, for a split encoded again and again
-    (validation, at each epoch's end), where a fork of the training process per pass would
-    cost as much as the reads it saves."""
-    groups = batch_groups(equal_length_batches(dataset.lengths, batch_size), batch_size)
+    """What encode_audio reads `dataset` with: `(audio, lengths, clip ids)` batches of clips of
+    similar length (collate_clips over length_sorted_batches). `persistent`: its workers live on
+    between passes, for a split encoded again and again (validation, at each epoch's end), where
+    a fork of the training process per pass would cost as much as the reads it saves."""
     # A kept loader seeds its workers from a generator of its own: from the global RNG, its
     # persistent workers would draw only at the first pass, a resumed run's in another epoch
     # than the uninterrupted run's, and their dropout masks would part from there on.
-    return DataLoader(BatchGroups(dataset, groups), batch_size=None, num_workers=num_workers,
+    return DataLoader(dataset, batch_sampler=length_sorted_batches(dataset.lengths, batch_size),
+                      collate_fn=collate_clips, num_workers=num_workers,
                       pin_memory=torch.device(device).type == "cuda",
                       persistent_workers=persistent and num_workers > 0,
                       generator=torch.Generator().manual_seed(0) if persistent else None,
@@ -660,9 +609,10 @@ def clip_loader(dataset: ClipDataset, batch_size: int, device, num_workers: int 
 def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, device,
                  num_workers: int = 0, amp: str = "off", copy_every: int = 256,
                  loader: DataLoader | None = None) -> np.ndarray:
-    """`model.audio_branch` on every clip of `dataset`, once, unpadded -> float32 `[C, E]`
-    (embeddings are copied off the device every `copy_every` batches). `loader`: a
-    `clip_loader` of `dataset` kept from an earlier pass (its batch size and workers apply)."""
+    """`model.audio_branch` on every clip of `dataset`, once, each embedded as it is alone (its
+    batch's padding masked out) -> float32 `[C, E]` (embeddings are copied off the device every
+    `copy_every` batches). `loader`: a `clip_loader` of `dataset` kept from an earlier pass (its
+    batch size and workers apply)."""
     device = torch.device(device)
     if loader is None:
         loader = clip_loader(dataset, batch_size, device, num_workers)
@@ -670,8 +620,7 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (clip ids [b], embeddings [b, E])
 
     def flush():
-        # one copy for many batches: a copy per batch would wait for the GPU at every batch,
-        # and whole clips make many small batches (one per distinct length)
+        # one copy for many batches: a copy per batch would wait for the GPU at every batch
         nonlocal out
         ids = torch.cat([i for i, _ in pending]).numpy()
         emb = torch.cat([e for _, e in pending]).cpu().numpy()
@@ -681,15 +630,14 @@ def encode_audio(model: torch.nn.Module, dataset: ClipDataset, batch_size: int, 
         pending.clear()
 
     with _eval_mode(model):
-        for audio, clip_ids, shapes in loader:
+        for audio, lengths, clip_ids in loader:
             raise_if_stopped()
-            audio = audio.to(device, non_blocking=True)  # the group's batches in one copy
-            for batch, ids in unpack_group(audio, clip_ids, shapes):
-                with inference_autocast(device, amp):
-                    emb = model.audio_branch(batch)
-                pending.append((ids, emb.float()))
-                if len(pending) == copy_every:
-                    flush()
+            with inference_autocast(device, amp):
+                emb = model.audio_branch(audio.to(device, non_blocking=True),
+                                         lengths.to(device, non_blocking=True))
+            pending.append((clip_ids, emb.float()))
+            if len(pending) == copy_every:
+                flush()
         if pending:
             flush()
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
@@ -720,7 +668,7 @@ def encode_split(model: torch.nn.Module, dataset_dir: str | Path, split: str,
     fids, fnames, caption_clip = _split_clips(df)
     tids = list(df["tid"])
     rows = np.array([tid2row[t] for t in tids], dtype=np.int64)
-    clips = ClipDataset(dataset_dir, split, fids) if loader is None else loader.dataset.dataset
+    clips = ClipDataset(dataset_dir, split, fids) if loader is None else loader.dataset
     if clips.fids != fids:  # the split's files were rewritten since the loader was made
         raise UserError(f"split '{split}' in {dataset_dir} changed while it was in use: its clips "
                         "are not those read before; rerun the command")

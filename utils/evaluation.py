@@ -586,20 +586,24 @@ def encode_logmels(model, feats: Sequence[np.ndarray], batch_size: int, device,
                    amp: str = "off", progress: bool = True) -> np.ndarray:
     """model.audio_branch on log-mels `[T_i, F]` -> float32 `[N, E]`, in the input order.
 
-    Clips of exactly equal length share a batch (data_utils.equal_length_batches, as scoring
-    does): padding would change the encoder's mean/max pooling, so a clip's embedding never
-    depends on its neighbours."""
-    from utils.data_utils import equal_length_batches, inference_autocast
+    Clips of similar length share a batch, padded to its longest clip with the padding masked
+    out (data_utils.length_sorted_batches, as scoring does), so a clip's embedding never depends
+    on its neighbours."""
+    from utils.data_utils import inference_autocast, length_sorted_batches
 
     model.eval()
     out = np.zeros((len(feats), model.embed_dim), dtype=np.float32)  # the joint space's E
-    batches = equal_length_batches([len(x) for x in feats], batch_size)
+    batches = length_sorted_batches([len(x) for x in feats], batch_size)
     for idx in tqdm(batches, desc="encode audio", unit="batch",
                     disable=not progress or len(batches) < 2):
         raise_if_stopped()
-        x = torch.from_numpy(np.stack([feats[i] for i in idx])).to(device)  # [B, T, F]
+        lengths = [len(feats[i]) for i in idx]
+        x = np.zeros((len(idx), max(lengths), feats[idx[0]].shape[1]), dtype=np.float32)  # [B, T, F]
+        for b, i in enumerate(idx):
+            x[b, :lengths[b]] = feats[i]
         with inference_autocast(device, amp):
-            out[idx] = model.audio_branch(x).float().cpu().numpy()
+            emb = model.audio_branch(torch.from_numpy(x).to(device), torch.tensor(lengths, device=device))
+        out[idx] = emb.float().cpu().numpy()
     return out
 
 
