@@ -29,9 +29,10 @@
             (features.workers = the machine's cores), and how far apart the two results are.
 6. busy:    where the GPU waits: main.py's training loop without its loader (whole clips, eager
             and compiled) and validation's two parts (the loss over padded batches, the clip
-            embeddings by length), each timed, then profiled (torch.profiler): the GPU's kernel
-            time against the wall time, and the host's time to queue a step. The profiles'
-            heaviest entries go to busy_profiles.txt in --work.
+            embeddings in batches whose padding the encoder masks out, as main.py computes them,
+            and one unpadded batch per distinct length, as before), each timed, then profiled
+            (torch.profiler): the GPU's kernel time against the wall time, and the host's time
+            to queue a step. The profiles' heaviest entries go to busy_profiles.txt in --work.
 
 Without --dataset, a Clotho-shaped feature set is generated in --work (1.4 GB). Refuses to run
 without CUDA (`--smoke` runs every section at toy sizes on any device, to check the script).
@@ -62,8 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import (CLOTHO_CLIPS, batch_max_lengths, loader_throughput, make_clotho_features,
-                      original_infonce)
+from benchlib import (CLOTHO_CLIPS, batch_max_lengths, embed_per_length, loader_throughput,
+                      make_clotho_features, original_infonce)
 from models.audio_encoders import DEFAULT_CHANNELS, CNN14Encoder
 from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
@@ -609,7 +610,7 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
 
     def validation():
         from utils.config import load_config
-        from utils.data_utils import encode_split
+        from utils.data_utils import ClipDataset, encode_split
         from utils.train_utils import (build_trainer, load_training_data, make_val_clip_loader, make_val_loader,
                                        validation_loss)
 
@@ -622,10 +623,13 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
         tr = build_trainer(cfg, data.table, b.device)
         loader = make_val_loader(data.val_set, cfg["training"]["batch_size"], cfg["seed"], 8, b.device)
         clips = make_val_clip_loader(cfg, b.device)  # as main.py validates
+        alone = ClipDataset(dataset_dir, cfg["data"]["val_split"], clips.dataset.fids)
         parts = {"validation loss": lambda: validation_loss(tr, loader),
                  "clip embeddings": lambda: encode_split(tr.model, dataset_dir, cfg["data"]["val_split"],
                                                          data.tid2row, cfg["eval"]["batch_size"], b.device,
-                                                         loader=clips)}
+                                                         loader=clips),
+                 "clip embeddings per length": lambda: embed_per_length(tr.model, alone,
+                                                                        cfg["eval"]["batch_size"], b.device)}
         result = {}
         try:
             for name, fn in parts.items():
@@ -644,7 +648,8 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
             release_gpu_memory()
         return result
 
-    report.section("busy", "validation (fp32): loss over padded batches, clip embeddings by length", validation)
+    report.section("busy", "validation (fp32): loss over padded batches, clip embeddings in masked batches "
+                   "(main.py) and one batch per length (before)", validation)
     report.section("busy", "training steps, whole clips, compiled (symbolic time axis)", step(True))
 
 
@@ -717,6 +722,7 @@ class Report:
                                     "host_ms_per_step", "gpu_ms_per_step", "gpu_busy_pct",
                                     "validation_loss_s", "validation_loss_gpu_busy_pct",
                                     "clip_embeddings_s", "clip_embeddings_gpu_busy_pct",
+                                    "clip_embeddings_per_length_s", "clip_embeddings_per_length_gpu_busy_pct",
                                     "cuda_speedup", "max_abs_diff") if r.get(k) is not None]
                 lines.append(f"{section:7} {name:75} " + "  ".join(
                     f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in keys))

@@ -12,11 +12,12 @@ GPU figures: benchmarks/bench_gpu.py.
    by the checkpoint (full CNN14 + Adam's state), written the old way (best.pt, then last.pt,
    each in full, before training goes on) and as main.py writes it now (copied off the model,
    then written once in the background, best.pt a hard link to the same file).
-5. Clip embeddings of a Clotho-validation-shaped split (1045 clips of 751-1501 frames: one
-   batch per distinct length), the data path alone (a model that costs nothing): the loader's
-   workers handing over each batch (the reference, as encode_audio did) against groups of
-   batches in one flat tensor (utils.data_utils.BatchGroups), and read in-process, as
-   validation does.
+5. Clip embeddings of a Clotho-validation-shaped split (1045 clips of 751-1501 frames), a narrow
+   CNN14, read in-process: one unpadded batch per distinct length (the reference, as
+   encode_audio did before) against batches of clips of similar length, padded, with the
+   padding masked out in the encoder (utils.data_utils.encode_audio now: on the CPU up to
+   CPU_BATCH_FRAMES frames a batch), and how far apart the two sets of embeddings are. On a GPU the full CNN14 is bound by the host at one small
+   batch per length (bench_gpu.py --sections busy).
 
     python benchmarks/bench_training.py [--steps 10] [--full-steps 2] [--threads N]
                                         [--loader-clips 800] [--work /tmp/bench_training]
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import loader_throughput, make_clotho_features, original_infonce
+from benchlib import embed_per_length, loader_throughput, make_clotho_features, original_infonce
 from models.audio_encoders import CNN14Encoder
 from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
@@ -151,50 +152,42 @@ def bench_checkpoint(work: Path) -> None:
           f"{held[0]:.2f} s; the write itself, once: {background:.2f} s)")
 
 
-def bench_embeddings(work: Path, workers: int = 2, repeats: int = 3) -> None:
+def bench_embeddings(work: Path, repeats: int = 3) -> None:
     import statistics
 
-    from torch.utils.data import DataLoader
+    import numpy as np
 
-    from utils.data_utils import (ClipDataset, collate_pad, encode_audio, equal_length_batches,
-                                  read_text_csv)
+    from utils.data_utils import ClipDataset, clip_batches, encode_audio, read_text_csv
 
     root = work / "clotho_validation_shaped"
     if not (root / "sbert_embeds.pkl").exists():
         make_clotho_features(root, {"validation": 1045}, embed_dim=16)
     fids = list(dict.fromkeys(read_text_csv(root, "validation")["fid"]))
+    torch.manual_seed(0)
+    model = DualEncoderModel(CNN14Encoder(300, SMALL), SentBERTBaseEncoder(16, 300)).eval()
 
-    class Free(torch.nn.Module):  # only the data path is timed
-        def audio_branch(self, audio):
-            return audio[:, 0, :]  # (B, 64)
+    def per_length() -> np.ndarray:
+        return embed_per_length(model, ClipDataset(root, "validation", fids), 32, "cpu")
 
-    def per_batch():
-        dataset = ClipDataset(root, "validation", fids)
-        loader = DataLoader(dataset, batch_sampler=equal_length_batches(dataset.lengths, 32),
-                            collate_fn=collate_pad, num_workers=workers)
-        model = Free()
-        for audio, _ in loader:
-            model.audio_branch(audio)
+    def masked() -> np.ndarray:
+        return encode_audio(model, ClipDataset(root, "validation", fids), 32, "cpu")
 
-    def grouped(n):
-        return lambda: encode_audio(Free(), ClipDataset(root, "validation", fids), 32, "cpu", n)
-
-    runs = {"reference": per_batch, "grouped": grouped(workers), "in-process": grouped(0)}
-    times = {name: [] for name in runs}
-    for _ in range(repeats):  # alternating, so drifts of the machine hit all three alike
+    runs = {"reference": per_length, "masked": masked}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    kept: dict[str, np.ndarray] = {}
+    for _ in range(repeats):  # alternating, so drifts of the machine hit both alike
         for name, fn in runs.items():
             start = time.perf_counter()
-            fn()
+            kept[name] = fn()
             times[name].append(time.perf_counter() - start)
     t = {name: statistics.median(v) for name, v in times.items()}
-    batches = len(equal_length_batches(ClipDataset(root, "validation", fids).lengths, 32))
-    print(f"clip embeddings, 1045 Clotho-shaped clips ({batches} equal-length batches), data path only, "
-          f"median of {repeats}")
-    print(f"  {workers} workers, a hand-over per batch        {t['reference']:6.2f} s")
-    print(f"  {workers} workers, groups in one flat tensor    {t['grouped']:6.2f} s "
-          f"({t['reference'] / t['grouped']:.2f}x)")
-    print(f"  in-process (validation)                {t['in-process']:6.2f} s "
-          f"({t['reference'] / t['in-process']:.2f}x)")
+    lengths = ClipDataset(root, "validation", fids).lengths
+    print(f"clip embeddings, 1045 Clotho-shaped clips, CNN14 {SMALL}, read in-process, median of {repeats}")
+    print(f"  one unpadded batch per length ({len(set(lengths.tolist()))} batches)   {t['reference']:6.2f} s")
+    masked_batches = len(clip_batches(lengths, 32, "cpu"))
+    print(f"  eval.batch_size 32, padding masked out ({masked_batches} batches)   {t['masked']:6.2f} s "
+          f"({t['reference'] / t['masked']:.2f}x); largest difference between the embeddings "
+          f"{np.abs(kept['reference'] - kept['masked']).max():.1e}")
 
 
 def main() -> None:

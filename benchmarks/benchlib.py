@@ -42,6 +42,30 @@ def original_infonce(audio: torch.Tensor, text: torch.Tensor, fids: list, temper
     return loss / n
 
 
+@torch.no_grad()
+def embed_per_length(model, dataset, batch_size: int, device) -> np.ndarray:
+    """The clip embeddings as encode_audio computed them before padded batches were masked
+    (the reference): unpadded batches of clips of exactly the same length, one or more per
+    distinct length (Clotho's 1045 validation clips: 581), each clip read in this process.
+    `dataset`: a utils.data_utils.ClipDataset -> float32 `[C, E]`."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(dataset.lengths):
+        by_length.setdefault(int(n), []).append(i)
+    was_training = model.training
+    model.eval()
+    out = []
+    for idx in by_length.values():
+        for s in range(0, len(idx), batch_size):
+            part = idx[s:s + batch_size]
+            audio = torch.stack([dataset[i][0] for i in part]).to(device)  # [B, T, 64]
+            out.append((part, model.audio_branch(audio).float()))
+    model.train(was_training)
+    emb = np.empty((len(dataset), out[0][1].shape[1]), dtype=np.float32)
+    for part, e in out:
+        emb[part] = e.cpu().numpy()
+    return emb
+
+
 def batch_max_lengths(rng: np.random.Generator, steps: int, batch: int = 32) -> list[int]:
     """The padded length of `steps` batches of whole clips: the longest of `batch` lengths drawn
     uniformly from Clotho's 751-1501 frames (what collate_pad gives a shuffled epoch)."""

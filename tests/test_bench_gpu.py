@@ -210,8 +210,10 @@ def test_busy_section_times_the_loop_and_validation_and_keeps_the_profiles(bench
     assert step["steps"] == 6 and 0 < step["host_ms_per_step"] <= step["ms_per_step"]
     assert step["gpu_busy_pct"] == 0  # no CUDA kernels on the CPU
     assert validation["validation_loss_s"] > 0 and validation["clip_embeddings_s"] > 0
+    assert validation["clip_embeddings_per_length_s"] > 0
     profiles = (tmp_path / "busy_profiles.txt").read_text()
-    for title in ("training steps, eager", "validation, validation loss", "validation, clip embeddings"):
+    for title in ("training steps, eager", "validation, validation loss", "validation, clip embeddings",
+                  "validation, clip embeddings per length"):
         assert f"## {title}, by self_cpu_time_total" in profiles
     assert "host_ms_per_step" in report.table()
 

@@ -126,3 +126,12 @@ def test_bench_preprocessing_reads_captions_from_the_configured_dataset():
     cfg = load_config(REPO / "conf.yaml")
     assert bench["default_captions_csv"]() == (
         Path(cfg["paths"]["dataset_dir"]) / "clotho_captions_development.csv")
+
+
+def test_the_cpu_frame_budget_of_clip_batches_is_stated_as_it_is():
+    from utils.data_utils import CPU_BATCH_FRAMES
+
+    conf = (REPO / "conf.yaml").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"stops at {CPU_BATCH_FRAMES} frames" in " ".join(conf.replace("#", " ").split())
+    assert f"stops at {CPU_BATCH_FRAMES} frames" in " ".join(readme.split())

@@ -485,6 +485,16 @@ def test_validation_workers_live_for_the_run_and_each_epoch_draws_the_global_rng
 def test_length_sorted_batches_go_longest_first_ties_in_order():
     assert du.length_sorted_batches([5, 9, 5, 7, 9], 2) == [[1, 4], [3, 0], [2]]
     assert du.length_sorted_batches([], 4) == []
+    # a frame budget (padded frames): a clip over it alone, then as many as fit
+    assert du.length_sorted_batches([10, 4, 4, 4, 30], 3, max_frames=12) == [[4], [0], [1, 2, 3]]
+
+
+def test_clip_batches_on_the_cpu_stop_at_a_frame_budget_not_on_a_gpu():
+    """Long clips in large batches are slower on the CPU (they leave the caches): there a batch
+    of 30-s clips holds 4; a GPU takes eval.batch_size of them."""
+    assert [len(b) for b in du.clip_batches([1501] * 9, 32, "cpu")] == [4, 4, 1]
+    assert [len(b) for b in du.clip_batches([1501] * 9, 32, torch.device("cuda"))] == [9]
+    assert [len(b) for b in du.clip_batches([150] * 40, 32, "cpu")] == [32, 8]  # short clips
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -511,6 +521,20 @@ def test_encode_audio_embeds_each_clip_of_a_padded_batch_as_alone(tmp_path, work
     with torch.no_grad():
         for c in range(len(fids)):
             assert abs(branch(dataset[c][0][None])[0].numpy() - emb[c]).max() < 1e-5
+
+
+def test_encode_logmels_embeds_each_file_as_alone_in_input_order():
+    """query.py's path (log-mels of wav files in memory): batched by length, padding masked out,
+    results in the order given."""
+    from utils.evaluation import encode_logmels
+
+    model = tiny_model().eval()
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(n, 64)).astype(np.float32) - 4 for n in (70, 131, 40, 131, 99)]
+    emb = encode_logmels(model, feats, 3, "cpu", progress=False)
+    with torch.no_grad():
+        alone = np.stack([model.audio_branch(torch.from_numpy(x)[None])[0].numpy() for x in feats])
+    assert emb.shape == (5, 8) and np.abs(emb - alone).max() < 1e-5
 
 
 def test_embeddings_copied_off_the_device_in_chunks_land_in_clip_order(tmp_path):

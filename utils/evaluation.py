@@ -587,13 +587,13 @@ def encode_logmels(model, feats: Sequence[np.ndarray], batch_size: int, device,
     """model.audio_branch on log-mels `[T_i, F]` -> float32 `[N, E]`, in the input order.
 
     Clips of similar length share a batch, padded to its longest clip with the padding masked
-    out (data_utils.length_sorted_batches, as scoring does), so a clip's embedding never depends
-    on its neighbours."""
-    from utils.data_utils import inference_autocast, length_sorted_batches
+    out (data_utils.clip_batches, as scoring does), so a clip's embedding never depends on its
+    neighbours."""
+    from utils.data_utils import clip_batches, inference_autocast
 
     model.eval()
     out = np.zeros((len(feats), model.embed_dim), dtype=np.float32)  # the joint space's E
-    batches = length_sorted_batches([len(x) for x in feats], batch_size)
+    batches = clip_batches([len(x) for x in feats], batch_size, device)
     for idx in tqdm(batches, desc="encode audio", unit="batch",
                     disable=not progress or len(batches) < 2):
         raise_if_stopped()

@@ -307,10 +307,10 @@ def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, devic
 
 
 def make_val_clip_loader(cfg: dict, device) -> DataLoader:
-    """The validation clips for their embeddings at each epoch's end, one equal-length batch
-    group at a time. One worker, living for the run, reads them while this process launches the
-    GPU's work: on an H200 that part of validation was bound by this process (43 % GPU busy),
-    0.4 s of its 1.7 s reading the clips. With training.num_workers 0 this process reads them."""
+    """The validation clips for their embeddings at each epoch's end (clip_loader's batches). One
+    worker, living for the run, reads them while this process launches the GPU's work (on an
+    H200, read in this process, they took 0.4 s of the 1.7 s that part of validation took when
+    it ran a batch per distinct length). With training.num_workers 0 this process reads them."""
     workers = min(cfg["training"]["num_workers"], 1)
     return split_clip_loader(features_dir(cfg), cfg["data"]["val_split"], cfg["eval"]["batch_size"],
                              device, workers)
@@ -753,9 +753,9 @@ def validate(tr: Trainer, cfg: dict, tid2row: dict, val_loader: DataLoader,
              clip_loader: DataLoader | None = None) -> dict:
     """{val_loss, val_t2a_mAP@10, val_t2a_R@1, val_t2a_R@5, val_t2a_R@10} on data.val_split.
     `clip_loader`: make_val_clip_loader's, kept for the run (else the clips are read here)."""
-    # Validation encodes whole clips, one batch per distinct length (~560 shapes for Clotho's
-    # validation split, and ~45 more for the loss's batches, each padded to its longest clip):
-    # with the autotuner that fit() turns on for padded or cropped training, every one would be
+    # Validation's batches come in ~80 lengths for Clotho's validation split (its clips, ~33
+    # batches of similar length, and the loss's batches, each padded to its longest clip): with
+    # the autotuner that fit() turns on for padded or cropped training, every one would be
     # timed anew (on an H200 a training step paid ~4 s for each new length: the README's
     # lengths table, padded to x16)
     with cudnn_autotuner(False):
