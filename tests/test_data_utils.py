@@ -147,7 +147,7 @@ def test_encode_split_shapes_each_clip_once(data, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb.audio, axis=1), 1, atol=1e-5)
     rel = du.relevance(emb)
     assert rel.shape == (30, 6) and rel.sum() == 30 and rel[7, 1]
-    # unpadded: a clip's embedding is the one it gets when encoded alone
+    # padding masked out: a clip's embedding is the one it gets when encoded alone
     model.eval()
     with h5py.File(d / "validation_audio_logmels.hdf5", "r") as h5:
         alone = original(torch.from_numpy(h5[emb.fids[2]][()])[None]).detach().numpy()
