@@ -95,8 +95,9 @@ class CNN14Encoder(nn.Module):
 
         `lengths` (int `[B]`, optional): each clip's own frame count, in a batch padded beyond
         it. The padding is then kept out of every layer (zeroed before each convolution, left out
-        of the pooling over time), so each clip gets the embedding it gets alone, up to float
-        rounding: how clips are encoded for scoring and validation. Without it (training, as
+        of the pooling over time), so in eval mode each clip gets the embedding it gets alone, up
+        to float rounding: how clips are encoded for scoring and validation. (In training mode
+        batch norm's statistics span the batch whatever the lengths.) Without it (training, as
         the baseline) the padded frames are part of the input.
         """
         if x.dim() != 3 or x.shape[-1] != N_MELS:
