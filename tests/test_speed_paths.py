@@ -489,12 +489,15 @@ def test_length_sorted_batches_go_longest_first_ties_in_order():
     assert du.length_sorted_batches([10, 4, 4, 4, 30], 3, max_frames=12) == [[4], [0], [1, 2, 3]]
 
 
-def test_clip_batches_on_the_cpu_stop_at_a_frame_budget_not_on_a_gpu():
+def test_clip_batches_stop_at_a_frame_budget_small_on_the_cpu():
     """Long clips in large batches are slower on the CPU (they leave the caches): there a batch
-    of 30-s clips holds 4; a GPU takes eval.batch_size of them."""
+    of 30-s clips holds 4; a GPU takes eval.batch_size of them, and fewer of long recordings,
+    whose batch would not fit its memory."""
     assert [len(b) for b in du.clip_batches([1501] * 9, 32, "cpu")] == [4, 4, 1]
-    assert [len(b) for b in du.clip_batches([1501] * 9, 32, torch.device("cuda"))] == [9]
     assert [len(b) for b in du.clip_batches([150] * 40, 32, "cpu")] == [32, 8]  # short clips
+    gpu = torch.device("cuda")
+    assert [len(b) for b in du.clip_batches([1501] * 40, 32, gpu)] == [32, 8]
+    assert [len(b) for b in du.clip_batches([20_000] * 3 + [100_000], 32, gpu)] == [1, 2, 1]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -512,11 +512,14 @@ def collate_pad(batch: Sequence[tuple], multiple: int = 0) -> tuple[torch.Tensor
     return (audio, *rest)
 
 
-# On the CPU a larger batch of long clips is slower (its activations leave the caches): the full
-# CNN14 on 32 clips of 15-30 s took 7.9 s in batches of 4, 11.2 s in one batch of 32; on clips of
-# 3-4 s, batches of 32 were the fastest (2-core CPU machine). A batch there stops at this many
-# frames, 4 Clotho clips of 30 s.
+# The most frames a batch of clips holds once padded, when clips are embedded. On the CPU a
+# larger batch of long clips is slower (its activations leave the caches): the full CNN14 on 32
+# clips of 15-30 s took 7.9 s in batches of 4, 11.2 s in one batch of 32; on clips of 3-4 s,
+# batches of 32 were the fastest (2-core CPU machine): 4 Clotho clips of 30 s. On a GPU the
+# bound is memory: 32 clips of 30 s, a training batch (CNN14 in fp32 peaked at 2.4 GB on them);
+# long recordings (query.py on a folder) go fewer to a batch, and a very long one alone.
 CPU_BATCH_FRAMES = 6144
+GPU_BATCH_FRAMES = 32 * 1536
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_frames: int = 0
@@ -536,10 +539,10 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_frames: i
 
 
 def clip_batches(lengths: Sequence[int], batch_size: int, device) -> list[list[int]]:
-    """How clips of these lengths are batched to be embedded on `device` (length_sorted_batches;
-    on the CPU at most CPU_BATCH_FRAMES frames a batch)."""
+    """How clips of these lengths are batched to be embedded on `device` (length_sorted_batches,
+    at most CPU_BATCH_FRAMES or GPU_BATCH_FRAMES frames a batch)."""
     cpu = torch.device(device).type == "cpu"
-    return length_sorted_batches(lengths, batch_size, CPU_BATCH_FRAMES if cpu else 0)
+    return length_sorted_batches(lengths, batch_size, CPU_BATCH_FRAMES if cpu else GPU_BATCH_FRAMES)
 
 
 def collate_clips(batch: Sequence[tuple[torch.Tensor, int]]
