@@ -70,6 +70,7 @@ from models.core import DualEncoderModel
 from models.text_encoders import SentBERTBaseEncoder
 from utils.compiling import SYMBOLIC_TIME_OPTIONS, allow_symbolic_time
 from utils.criterion_utils import LogSoftmaxLoss
+from utils.devices import read_later
 from utils.dist_utils import DistContext
 from utils.io_utils import atomic_write_text
 from utils.train_utils import Trainer, compiled_graphs, train_step
@@ -560,20 +561,22 @@ def profiled(b: Bench, fn):
     return prof
 
 
-def busy_loop(b: Bench, tr: Trainer, batches: list[tuple]) -> tuple[float, float]:
-    """main.py's loop without its loader: step k's loss is read once step k+1 is queued.
-    -> (wall s, host s spent queueing the steps: the copies and train_step calls)."""
+def busy_loop(b: Bench, tr: Trainer, batches: list[tuple], reader=read_later) -> tuple[float, float]:
+    """main.py's loop without its loader: step k's loss is read once step k+1 is queued, without
+    waiting for step k+1 (read_later; `reader=lambda t: t.item`: as main.py read it before, waiting
+    for step k+1 too). -> (wall s, host s spent queueing the steps: the copies and train_step
+    calls)."""
     ctx, pending, host = DistContext(rank=1), None, 0.0
     b.sync()
     start = time.perf_counter()
     for batch in batches:
         t0 = time.perf_counter()
-        loss = train_step(tr, *on_device(b, batch, train_step), ctx)
+        loss = reader(train_step(tr, *on_device(b, batch, train_step), ctx))
         host += time.perf_counter() - t0
         if pending is not None:
-            pending.item()
+            pending()
         pending = loss
-    pending.item()
+    pending()
     b.sync()
     return time.perf_counter() - start, host
 
@@ -595,10 +598,13 @@ def bench_busy(b: Bench, report, dataset_dir: Path, work: Path) -> None:
             try:
                 busy_loop(b, tr, batches)  # new lengths (and the compilation) before the clock
                 wall, host = busy_loop(b, tr, batches)
+                wall_item, _ = busy_loop(b, tr, batches, reader=lambda t: t.item)
                 prof = profiled(b, lambda: busy_loop(b, tr, batches))
                 profile_table(prof, f"training steps, {'compiled' if compile_ else 'eager'}", tables)
                 gpu = kernel_ms(prof) / steps
-                return {"steps": steps, "ms_per_step": 1e3 * wall / steps, "host_ms_per_step": 1e3 * host / steps,
+                return {"steps": steps, "ms_per_step": 1e3 * wall / steps,
+                        "ms_per_step_loss_read_by_item": 1e3 * wall_item / steps,
+                        "host_ms_per_step": 1e3 * host / steps,
                         "gpu_ms_per_step": gpu, "gpu_busy_pct": 100 * gpu / (1e3 * wall / steps),
                         "compiled": tr.compiled, "eager_steps": tr.eager_steps if compile_ else None}
             finally:
@@ -719,7 +725,8 @@ class Report:
                                     "epoch2_data_wait_s", "epoch2_line_to_line_s", "gpu_util_epoch2_pct",
                                     "gpu_util_epoch2_train_pct", "gpu_util_epoch2_rest_pct",
                                     "compiled_graphs", "eager_steps", "gpu_util_missing", "cpu_s", "cuda_s",
-                                    "host_ms_per_step", "gpu_ms_per_step", "gpu_busy_pct",
+                                    "ms_per_step_loss_read_by_item", "host_ms_per_step", "gpu_ms_per_step",
+                                    "gpu_busy_pct",
                                     "validation_loss_s", "validation_loss_gpu_busy_pct",
                                     "clip_embeddings_s", "clip_embeddings_gpu_busy_pct",
                                     "clip_embeddings_per_length_s", "clip_embeddings_per_length_gpu_busy_pct",

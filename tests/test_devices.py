@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from utils.devices import resolve_device
+from utils.devices import read_later, resolve_device
 from utils.errors import UserError
 
 
@@ -42,3 +42,25 @@ def test_amp_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch
             amp_mode("bf16", cuda)
         with pytest.raises(UserError, match="'eval.amp' is bf16 but this GPU"):
             inference_autocast(cuda, "bf16")
+
+
+def test_read_later_on_the_cpu_reads_the_value():
+    assert read_later(torch.tensor(2.5) * 2)() == 5.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_read_later_waits_for_its_own_value_only():
+    """The training loop reads step k's loss after queueing step k+1: the read must not wait for
+    step k+1 (a GPU sleep stands in for it), as .item() does."""
+    stream = torch.cuda.current_stream()
+    value = torch.full((), 3.0, device="cuda") * 2
+    read = read_later(value)
+    torch.cuda._sleep(1 << 31)  # ~1 s of the GPU's clock, queued after the value
+    assert read() == 6.0
+    assert not stream.query()  # the later work still runs
+    torch.cuda.synchronize()
+
+    value = torch.full((), 3.0, device="cuda") * 2
+    torch.cuda._sleep(1 << 31)
+    assert value.item() == 6.0
+    assert stream.query()  # .item() waited for everything queued before it

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from models.audio_encoders import CNN14Encoder
+from models.audio_encoders import CNN14Encoder, zero_beyond
 from models.core import DualEncoderModel, build_model, load_audio_encoder_weights
 from models.text_encoders import SentBERTBaseEncoder
 from utils.errors import UserError
@@ -103,6 +103,17 @@ def test_cnn14_with_lengths_embeds_each_clip_of_a_padded_batch_as_alone(channels
         zero_padded = torch.nan_to_num(batch, nan=0.0)
         assert (enc(zero_padded, torch.tensor(lengths)) - alone).abs().max() < 1e-5 * alone.abs().max()
         assert (enc(zero_padded)[:-1] - alone[:-1]).abs().max() > 1e-2  # padding, unmasked
+
+
+def test_zero_beyond_keeps_the_memory_format_and_clears_nan():
+    """A channels_last batch stays channels_last: otherwise each masked convolution on a GPU
+    converts its input and output between the layouts (a quarter of the GPU's time)."""
+    x = torch.randn(2, 3, 5, 4).to(memory_format=torch.channels_last)
+    x[0, :, 3:] = float("nan")
+    out = zero_beyond(x, torch.tensor([3, 5]))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out[0, :, 3:], torch.zeros(3, 2, 4)) and torch.equal(out[:, :, :3], x[:, :, :3])
+    assert torch.equal(out[1], x[1])
 
 
 def test_cnn14_init():

@@ -618,6 +618,15 @@ def test_validation_clips_read_by_one_worker_for_the_run_give_the_same_metrics(t
                                    torch.device("cpu")).num_workers == 0
 
 
+@pytest.mark.parametrize("num_workers,device,expected", [(8, "cpu", 1), (8, "cuda", 4), (2, "cuda", 2),
+                                                         (0, "cuda", 0)])
+def test_validation_clips_are_read_by_more_workers_for_a_gpu(tmp_path, num_workers, device, expected):
+    """On a GPU one worker was what the clip embeddings waited for; on the CPU the model is."""
+    make_tiny_features(tmp_path / "data")
+    cfg = load_config(tiny_config(tmp_path), [f"training.num_workers={num_workers}"])
+    assert tu.make_val_clip_loader(cfg, torch.device(device)).num_workers == expected
+
+
 def test_a_kept_clip_loader_of_other_clips_is_refused(tmp_path):
     """A split rewritten while a run holds its clip loader: a clear error, not wrong metrics."""
     make_tiny_features(tmp_path / "data")

@@ -1,6 +1,7 @@
 """One rule for every `device` key in the config (features, sbert, training, eval), and one
 for every `amp` key (training.amp, eval.amp)."""
 import contextlib
+from typing import Callable
 
 from utils.errors import UserError
 
@@ -55,3 +56,24 @@ def autocast(device, amp: str):
 
     device_type = getattr(device, "type", str(device).split(":")[0])
     return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def read_later(value) -> Callable[[], float]:
+    """Start copying the one-element tensor `value` to the host -> a function that returns it as
+    a float, waiting for the work queued up to now only. On CUDA `value.item()` would wait for
+    everything queued before the call, so a training loop that reads step k's loss after
+    queueing step k+1 waited for step k+1 too, and the GPU sat idle while the next step was
+    being queued (on an H200, compiled: 22.3 ms a step for 19.5 ms of kernels)."""
+    import torch
+
+    if value.device.type != "cuda":
+        return value.item
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value.detach(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> float:
+        copied.synchronize()
+        return host.item()
+    return read

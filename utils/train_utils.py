@@ -40,7 +40,7 @@ from utils.data_utils import (CaptionDataset, check_features_found, check_senten
                               inference_autocast, leave_signals_to_the_parent, load_text_table,
                               logmel_path, read_text_digests, recorded_sentence_model, relevance,
                               split_clip_loader)
-from utils.devices import amp_mode, autocast, resolve_device
+from utils.devices import amp_mode, autocast, read_later, resolve_device
 from utils.dist_utils import (DistContext, gather, gather_objects, gather_with_grad, launched_with_torchrun,
                               on_master, sync_buffers, weights_checksum, wrap_ddp)
 from utils.errors import UserError, raise_if_stopped
@@ -306,12 +306,16 @@ def make_val_loader(dataset, batch_size: int, seed: int, num_workers: int, devic
                       worker_init_fn=leave_signals_to_the_parent)
 
 
+# worker processes that read the validation clips for their embeddings, at most
+VAL_CLIP_WORKERS = {"cuda": 4, "cpu": 1}
+
+
 def make_val_clip_loader(cfg: dict, device) -> DataLoader:
-    """The validation clips for their embeddings at each epoch's end (clip_loader's batches). One
-    worker, living for the run, reads them while this process launches the GPU's work (on an
-    H200, read in this process, they took 0.4 s of the 1.7 s that part of validation took when
-    it ran a batch per distinct length). With training.num_workers 0 this process reads them."""
-    workers = min(cfg["training"]["num_workers"], 1)
+    """The validation clips for their embeddings at each epoch's end (clip_loader's batches).
+    Workers living for the run (VAL_CLIP_WORKERS, at most training.num_workers; 0: this process)
+    read them while this process launches the model's work. On a GPU one worker was what the
+    embeddings waited for (an H200: 0.32 s of the 0.70 s they took); on the CPU the model is."""
+    workers = min(cfg["training"]["num_workers"], VAL_CLIP_WORKERS[torch.device(device).type])
     return split_clip_loader(features_dir(cfg), cfg["data"]["val_split"], cfg["eval"]["batch_size"],
                              device, workers)
 
@@ -674,9 +678,9 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not ctx.is_master, leave=False,
                dynamic_ncols=True)
 
-    def account(step: int, loss: torch.Tensor, audio: torch.Tensor, clips: torch.Tensor) -> None:
+    def account(step: int, loss: Callable[[], float], audio: torch.Tensor, clips: torch.Tensor) -> None:
         nonlocal total, n, window, captions
-        value = loss.item()  # waits for this step only: the next one is already queued
+        value = loss()  # waits for this step only: the next one is already queued
         if not math.isfinite(value):
             # the loss is the global batch's: every rank is here, and each sees its share only
             fids = nonfinite_clips(audio, clips, loader.dataset)
@@ -690,10 +694,11 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
                     "train/lr": tr.lr})
             window = []
 
-    # Each step's loss is read after the next step is queued: reading it at once would make the
-    # GPU wait, idle, for the CPU to load and launch every next step. A NaN still stops the run
-    # at its own step (one more step runs on the spoilt weights; nothing is saved).
-    pending = None  # (step, loss, audio, clips) of the step whose loss is not read yet
+    # Each step's loss is read after the next step is queued, and without waiting for that one
+    # (read_later): reading it at once, or with .item(), would leave the GPU idle while the CPU
+    # loads and launches every next step. A NaN still stops the run at its own step (one more
+    # step runs on the spoilt weights; nothing is saved).
+    pending = None  # (step, its loss's reader, audio, clips) of the step whose loss is not read yet
     batches = iter(bar)
     for step in itertools.count(1):
         t0 = time.perf_counter()
@@ -708,7 +713,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, epoch: int, ctx: DistContex
         if tr.compiled and not tr.compile_checked and ctx.is_master:
             tqdm.write(compile_note(tr))
         graphs = compiled_graphs() if tr.compiled else 0
-        loss = train_step(tr, audio, rows, clips, ctx)
+        loss = read_later(train_step(tr, audio, rows, clips, ctx))
         if tr.compiled and compiled_graphs() != graphs:
             # the bar's clock skips a graph's build: counted as a step, it made the bar promise
             # hours (7:38:50 after the first step of a Clotho epoch on an H200)
